@@ -1,0 +1,71 @@
+"""Data sets selected by a spec string everywhere on the CLI.
+
+==================  =====================================================================
+``att:PATH``        AT&T/ORL faces (``s1..s40/1..10.pgm``), split 7 train / 3 test per person
+``folder:PATH``     any one-folder-per-identity image tree, grey, resized (``size``)
+``olivetti``        scikit-learn's Olivetti faces from its local cache (no download here)
+``digits``          scikit-learn's bundled digits: the embedded default image set
+``steak:PATH``      FiveThirtyEight steak survey (sensitive: ever cheated)
+``gss:PATH``        GSS extract folder or file (sensitive: ``xmovie``; target ``hapmar``)
+``fair``            statsmodels' bundled Fair affairs survey: the embedded default survey
+==================  =====================================================================
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mlinvert.data.base import ImageDataset, Split, per_class_split, rng_from
+from mlinvert.data.images import load_att, load_digits, load_folder, load_olivetti
+from mlinvert.errors import DataError
+
+if TYPE_CHECKING:
+    from mlinvert.data.surveys import SurveyDataset
+
+    Dataset = ImageDataset | SurveyDataset
+
+SPECS = ("att:PATH", "folder:PATH", "olivetti", "digits", "steak:PATH", "gss:PATH", "fair")
+
+
+def load(
+    spec: str, *, seed: int = 0, size: tuple[int, int] | None = None
+) -> ImageDataset | SurveyDataset:
+    """Load the data set named by ``spec`` (see the module docstring for the forms)."""
+    kind, _, arg = spec.partition(":")
+    kind = kind.strip().lower()
+    needs_path = {"att", "folder", "steak", "gss"}
+    if kind in needs_path and not arg:
+        raise DataError(f"data spec {spec!r} needs a path: write {kind}:PATH")
+    if kind == "att":
+        return load_att(arg, seed=seed)
+    if kind == "folder":
+        return load_folder(arg, seed=seed) if size is None else load_folder(
+            arg, seed=seed, size=size
+        )
+    if kind == "olivetti":
+        return load_olivetti(data_home=arg or None, seed=seed)
+    if kind == "digits":
+        return load_digits(seed=seed)
+    if kind in {"steak", "gss", "fair"}:
+        from mlinvert.data import surveys
+
+        if kind == "steak":
+            return surveys.load_steak(arg, seed=seed)
+        if kind == "gss":
+            return surveys.load_gss(arg, seed=seed)
+        return surveys.load_fair(seed=seed)
+    raise DataError(f"unknown data spec {spec!r}; use one of: {', '.join(SPECS)}")
+
+
+__all__ = [
+    "SPECS",
+    "ImageDataset",
+    "Split",
+    "load",
+    "load_att",
+    "load_digits",
+    "load_folder",
+    "load_olivetti",
+    "per_class_split",
+    "rng_from",
+]

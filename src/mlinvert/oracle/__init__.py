@@ -1,0 +1,6 @@
+"""Oracles: how an attack reaches a model (in process, over HTTP, wrapped)."""
+
+from mlinvert.oracle.base import GradientOracle, Oracle, OracleInfo, Response
+from mlinvert.oracle.local import LocalOracle, WhiteBoxOracle
+
+__all__ = ["GradientOracle", "LocalOracle", "Oracle", "OracleInfo", "Response", "WhiteBoxOracle"]
