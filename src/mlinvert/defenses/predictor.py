@@ -14,7 +14,7 @@ import numpy as np
 from mlinvert.defenses.base import Guard, OutputPolicy
 from mlinvert.errors import InputTooLarge, QueryRejected
 from mlinvert.oracle.base import OracleInfo, Response
-from mlinvert.targets.base import Confident, Target
+from mlinvert.targets.base import Confident, Tabular, Target
 
 
 class FullScores:
@@ -81,6 +81,8 @@ class Predictor:
                 f"batch of {x.shape[0]} inputs exceeds the limit of {self.max_batch}; "
                 "split it into smaller batches"
             )
+        if isinstance(self.model, Tabular):
+            return self.model.check_input(x)
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
             raise QueryRejected(f"inputs must be numbers, got dtype {x.dtype}")
         x = x.astype(np.float32, copy=False)

@@ -55,3 +55,24 @@ def card_base(model: Any) -> dict[str, Any]:
         "class_names": list(model.class_names_),
         "input_shape": list(model.input_shape_),
     }
+
+
+@runtime_checkable
+class Tabular(Protocol):
+    """A target on named survey features (trees); inputs are encoded rows.
+
+    ``encode_records`` turns JSON-style records (``{feature: value}``) into the encoded
+    float array the model takes, raising QueryRejected that names the field on an
+    unknown field, a missing field, an unknown category or a wrong type.
+    ``check_input`` validates an already encoded batch (raising QueryRejected).
+    """
+
+    feature_names_: tuple[str, ...]
+
+    def encode_records(self, records: list[dict[str, Any]]) -> np.ndarray:
+        """Encode records; QueryRejected names the offending field."""
+        ...
+
+    def check_input(self, X: np.ndarray) -> np.ndarray:
+        """Validate an encoded batch and return it as float32."""
+        ...
