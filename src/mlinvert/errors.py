@@ -35,6 +35,10 @@ class QueryRejected(OracleError):
     """The input was refused as malformed (wrong shape, NaN, out of range, ...)."""
 
 
+class BadRequest(QueryRejected):
+    """The request itself is malformed (undecodable JSON, bad base64, wrong fields)."""
+
+
 class InputTooLarge(QueryRejected):
     """A batch or request body exceeds the configured limit."""
 
