@@ -1,0 +1,172 @@
+"""Matplotlib figures of an audit, returned as PNG bytes (Agg backend, no display)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+
+from mlinvert.report.summary import API_ATTACKS, Cell, cells, utility_of
+
+_MARKERS = {"whitebox": "s", "blackbox": "o", "label-only": "^"}
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=96, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _colours(defenses: Sequence[str]) -> dict[str, Any]:
+    cmap = plt.get_cmap("tab10")
+    return {d: cmap(i % 10) for i, d in enumerate(defenses)}
+
+
+def accuracy_vs_queries(results: dict[str, Any]) -> bytes:
+    """Attack accuracy (identity and recovered) against median queries, per defence.
+
+    One point per (target, attack, defence); marker = attack, colour = defence.
+    """
+    cs = cells(results.get("records", []))
+    defenses = list(dict.fromkeys(c.defense for c in cs))
+    colour = _colours(defenses)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True, sharey=True)
+    panels = (
+        ("eval_top1", "identity: evaluation-model top-1"),
+        ("recovered", "recovered: identity AND likeness"),
+    )
+    for ax, (field, title) in zip(axes, panels, strict=True):
+        for c in cs:
+            q = max(c.median_queries or 0.0, 1.0)
+            ax.scatter(
+                q,
+                100 * float(getattr(c, field)),
+                marker=_MARKERS.get(c.attack, "D"),
+                color=colour[c.defense],
+                edgecolors="black" if c.target_model == cs[0].target_model else "none",
+                s=55,
+                alpha=0.85,
+            )
+        ax.set_xscale("log")
+        ax.set_ylim(-5, 105)
+        ax.set_xlabel("median queries per attacked person (log)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("attack accuracy (%)")
+    _legend(fig, defenses, colour, {c.attack for c in cs})
+    return _png(fig)
+
+
+def _legend(
+    fig: Figure, defenses: Sequence[str], colour: dict[str, Any], attacks: set[str]
+) -> None:
+    handles = [
+        plt.Line2D([], [], marker="o", linestyle="", color=colour[d], label=d) for d in defenses
+    ]
+    handles += [
+        plt.Line2D([], [], marker=_MARKERS.get(a, "D"), linestyle="", color="grey", label=a)
+        for a in sorted(attacks)
+    ]
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+
+
+def privacy_utility(results: dict[str, Any]) -> bytes:
+    """Strongest API attack's accuracy against each defence's utility for honest users.
+
+    Left: calibration error of the returned scores (lower is better for users); right:
+    top-k usability. One point per (target, defence), labelled with the defence.
+    """
+    cs = cells(results.get("records", []))
+    by_key: dict[tuple[str, str], list[Cell]] = {}
+    for c in cs:
+        if c.attack in API_ATTACKS:
+            by_key.setdefault((c.target_model, c.defense), []).append(c)
+    defenses = list(dict.fromkeys(d for _, d in by_key))
+    colour = _colours(defenses)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    panels = (("ece", "calibration error of returned scores (ECE)"), ("topk_accuracy", "top-k"))
+    for ax, (field, xlabel) in zip(axes, panels, strict=True):
+        for (target, defense), group in by_key.items():
+            util = utility_of(results, target, defense)
+            x = util.get(field)
+            if x is None:
+                continue
+            best = max(group, key=lambda c: (c.recovered, c.eval_top1))
+            y = 100 * best.eval_top1
+            ax.scatter(x * (100 if field != "ece" else 1), y, color=colour[defense], s=60)
+            ax.annotate(
+                f"{defense} ({target})",
+                (x * (100 if field != "ece" else 1), y),
+                fontsize=7,
+                xytext=(4, 3),
+                textcoords="offset points",
+            )
+        if field == "topk_accuracy":
+            k = next(
+                (
+                    utility_of(results, t, d).get("k")
+                    for t, d in by_key
+                    if utility_of(results, t, d).get("k")
+                ),
+                3,
+            )
+            xlabel = f"top-{k} usability for honest users (% test rows, true class in top {k})"
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.set_ylim(-5, 105)
+    axes[0].set_ylabel("strongest API attack: evaluation top-1 (%)")
+    fig.suptitle("privacy–utility trade-off (lower and to the good side is better)", fontsize=10)
+    handles = [
+        plt.Line2D([], [], marker="o", linestyle="", color=colour[d], label=d) for d in defenses
+    ]
+    if handles:
+        fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    return _png(fig)
+
+
+def image_grid(
+    columns: Sequence[str],
+    rows: Sequence[tuple[str, Sequence[np.ndarray | None], Sequence[bool]]],
+    *,
+    title: str = "",
+) -> bytes:
+    """A labelled grid: one column per person, one row per image source.
+
+    ``rows`` holds ``(row title, images, highlight)``; a highlighted cell gets a green
+    frame (used for *recovered* reconstructions), a missing image shows as a blank cell.
+    """
+    n_cols = max(len(columns), 1)
+    n_rows = max(len(rows), 1)
+    fig, axes = plt.subplots(
+        n_rows, n_cols, figsize=(1.05 * n_cols + 1.6, 1.2 * n_rows + 0.4), squeeze=False
+    )
+    for i, (row_title, images, marks) in enumerate(rows):
+        for j in range(n_cols):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            img = images[j] if j < len(images) else None
+            if img is not None:
+                ax.imshow(np.clip(img, 0, 1), cmap="gray", vmin=0, vmax=1)
+            else:
+                ax.text(0.5, 0.5, "—", ha="center", va="center", transform=ax.transAxes)
+            mark = j < len(marks) and marks[j]
+            for spine in ax.spines.values():
+                spine.set_color("#1a9850" if mark else "#bbbbbb")
+                spine.set_linewidth(3 if mark else 0.8)
+            if i == 0 and j < len(columns):
+                ax.set_title(columns[j], fontsize=7)
+            if j == 0:
+                ax.set_ylabel(row_title, fontsize=7, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _png(fig)

@@ -1,0 +1,275 @@
+"""Aggregate audit records and turn them into plain-words verdicts.
+
+Everything here is a pure function of the ``results.json`` document (see
+``docs/results-schema.md``), so a report can be re-rendered from a saved run.
+A failed or skipped attack counts as *not recovered* in every rate: the attacker got
+nothing out of the API.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+#: Attacks that only see the prediction API (the threat an output defence addresses).
+API_ATTACKS = ("blackbox", "label-only")
+
+ATTACK_TITLES = {
+    "whitebox": "White-box MI-Face (attacker holds the model)",
+    "blackbox": "Black-box MI-Face (scores through the API)",
+    "label-only": "Label-only inversion (labels through the API)",
+}
+
+
+def attack_title(name: str) -> str:
+    """Human title of an attack name."""
+    return ATTACK_TITLES.get(name, name)
+
+
+def _rate(records: Sequence[dict[str, Any]], key: str) -> float:
+    if not records:
+        return 0.0
+    return sum(1 for r in records if r.get(key) is True) / len(records)
+
+
+def _mean(values: Iterable[Any]) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+def _median(values: Iterable[Any]) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cell:
+    """One attack × defence × target summary (rates in [0, 1])."""
+
+    attack: str
+    defense: str
+    target_model: str
+    n: int
+    eval_top1: float
+    eval_top5: float
+    lineup: float
+    pixel_nn: float
+    recovered: float
+    likeness: float | None
+    ssim: float | None
+    feature_distance: float | None
+    median_queries: float | None
+    median_seconds: float | None
+    statuses: dict[str, int]
+
+    @property
+    def status_text(self) -> str:
+        """Status counts as ``succeeded 9, rate_limited 1``."""
+        return ", ".join(f"{k} {v}" for k, v in sorted(self.statuses.items()))
+
+
+def cells(records: Sequence[dict[str, Any]]) -> list[Cell]:
+    """One :class:`Cell` per (target, attack, defence), in first-seen order."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["target_model"], r["attack"], r["defense"]), []).append(r)
+    out = []
+    for (target, attack, defense), rs in groups.items():
+        statuses: dict[str, int] = {}
+        for r in rs:
+            statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+        out.append(
+            Cell(
+                attack=attack,
+                defense=defense,
+                target_model=target,
+                n=len(rs),
+                eval_top1=_rate(rs, "eval_top1"),
+                eval_top5=_rate(rs, "eval_top5"),
+                lineup=_rate(rs, "lineup_correct"),
+                pixel_nn=_rate(rs, "pixel_nn_correct"),
+                recovered=_rate(rs, "recovered"),
+                likeness=_mean(r.get("likeness") for r in rs),
+                ssim=_mean(r.get("ssim") for r in rs),
+                feature_distance=_mean(r.get("feature_distance") for r in rs),
+                median_queries=_median(r.get("n_queries") for r in rs),
+                median_seconds=_median(r.get("seconds") for r in rs),
+                statuses=statuses,
+            )
+        )
+    return out
+
+
+def utility_of(results: dict[str, Any], target: str, defense: str) -> dict[str, Any]:
+    """The utility block of ``defense`` on ``target`` (empty if not measured)."""
+    return dict(results.get("utility", {}).get(target, {}).get(defense, {}))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Verdict:
+    """The plain-words judgement of one defence on one target."""
+
+    defense: str
+    target_model: str
+    level: str  # "exposed", "identity leaks", "mitigated", "not measured"
+    headline: str
+    details: list[str]
+    api_identity: float
+    api_recovered: float
+    api_lineup: float
+    api_queries: float | None
+    accuracy: float | None
+    accuracy_cost: float | None
+    ece: float | None
+    topk: float | None
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f} %"
+
+
+def _queries(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:,.0f}"
+
+
+def verdicts(results: dict[str, Any]) -> list[Verdict]:
+    """A verdict per (target, defence), judged on the strongest API attack.
+
+    Levels: ``exposed`` when the API attacker *recovers* faces (identity and likeness
+    both above the thresholds) for at least ``thresholds.exposed_rate`` of the people;
+    ``identity leaks`` when the reconstructions point to the right person clearly above
+    chance (``thresholds.identity_rate``) without looking like them; ``mitigated``
+    otherwise.
+    """
+    th = results.get("thresholds", {})
+    exposed_rate = float(th.get("exposed_rate", 0.2))
+    identity_rate = float(th.get("identity_rate", 0.3))
+    n_classes = int(results.get("dataset", {}).get("n_classes", 0)) or None
+    chance = 1.0 / n_classes if n_classes else None
+    all_cells = cells(results.get("records", []))
+    by_key = {(c.target_model, c.attack, c.defense): c for c in all_cells}
+    targets = list(dict.fromkeys(c.target_model for c in all_cells))
+    defenses = [d["name"] for d in results.get("defenses", [])] or list(
+        dict.fromkeys(c.defense for c in all_cells)
+    )
+    out: list[Verdict] = []
+    for target in targets:
+        base_util = utility_of(results, target, "none")
+        for defense in defenses:
+            api = [by_key[k] for a in API_ATTACKS if (k := (target, a, defense)) in by_key]
+            white = by_key.get((target, "whitebox", defense))
+            util = utility_of(results, target, defense)
+            acc = util.get("accuracy")
+            base_acc = base_util.get("accuracy")
+            cost = None if acc is None or base_acc is None else base_acc - acc
+            if not api and white is None:
+                continue
+            details: list[str] = []
+            if api:
+                best = max(api, key=lambda c: (c.recovered, c.eval_top1, c.lineup))
+                level = (
+                    "exposed"
+                    if best.recovered >= exposed_rate
+                    else "identity leaks"
+                    if best.eval_top1 >= identity_rate
+                    and (chance is None or best.eval_top1 >= 2 * chance)
+                    else "mitigated"
+                )
+                words = {
+                    "exposed": "an outsider recovers recognisable private faces through the API",
+                    "identity leaks": "reconstructions point to the right person but do not "
+                    "look like them (classifier templates, not faces)",
+                    "mitigated": "the API attacks recover neither identity nor likeness "
+                    "clearly above chance",
+                }[level]
+                headline = f"{defense}: {words}."
+                for c in api:
+                    details.append(
+                        f"{attack_title(c.attack)}: recovered {_pct(c.recovered)} of "
+                        f"{c.n} people; evaluation-model top-1 {_pct(c.eval_top1)}, top-5 "
+                        f"{_pct(c.eval_top5)}; lineup {_pct(c.lineup)} (chance 20 %); "
+                        f"median {_queries(c.median_queries)} queries ({c.status_text})."
+                    )
+                api_identity, api_recovered, api_lineup = (
+                    best.eval_top1,
+                    best.recovered,
+                    best.lineup,
+                )
+                api_queries = best.median_queries
+            else:
+                level, headline = "not measured", f"{defense}: no API attack was run."
+                api_identity = api_recovered = api_lineup = 0.0
+                api_queries = None
+            if white is not None:
+                details.append(
+                    f"{attack_title('whitebox')}: recovered {_pct(white.recovered)}, "
+                    f"top-1 {_pct(white.eval_top1)} — output defences do not reach an "
+                    "attacker who holds the weights."
+                )
+            if util:
+                parts = [f"served accuracy {_pct(acc)}"]
+                if cost is not None:
+                    parts.append(f"{100 * cost:+.1f} points vs none".replace("+-", "-"))
+                if util.get("ece") is not None:
+                    parts.append(f"calibration error {util['ece']:.3f}")
+                if util.get("topk_accuracy") is not None:
+                    parts.append(f"top-{util.get('k', 3)} usability {_pct(util['topk_accuracy'])}")
+                if util.get("rate_limit"):
+                    parts.append(f"honest clients limited to {util['rate_limit']} per account")
+                details.append("Utility for honest users: " + ", ".join(parts) + ".")
+            out.append(
+                Verdict(
+                    defense=defense,
+                    target_model=target,
+                    level=level,
+                    headline=headline,
+                    details=details,
+                    api_identity=api_identity,
+                    api_recovered=api_recovered,
+                    api_lineup=api_lineup,
+                    api_queries=api_queries,
+                    accuracy=acc,
+                    accuracy_cost=cost,
+                    ece=util.get("ece"),
+                    topk=util.get("topk_accuracy"),
+                )
+            )
+    return out
+
+
+def recommendations(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]:
+    """Recommended settings, derived from the measured verdicts."""
+    recs: list[str] = []
+    max_cost = float(results.get("thresholds", {}).get("max_accuracy_cost", 0.01))
+    for target in dict.fromkeys(v.target_model for v in vs):
+        mine = [v for v in vs if v.target_model == target and v.level != "not measured"]
+        if not mine:
+            continue
+        cheap = [v for v in mine if v.accuracy_cost is None or v.accuracy_cost <= max_cost]
+        pool = cheap or mine
+        best = min(
+            pool,
+            key=lambda v: (v.api_recovered, v.api_identity, v.api_lineup, -(v.topk or 0.0)),
+        )
+        none = next((v for v in mine if v.defense == "none"), None)
+        line = (
+            f"{target}: serve with '{best.defense}' — the strongest API attack recovered "
+            f"{_pct(best.api_recovered)} (top-1 {_pct(best.api_identity)})"
+        )
+        if none is not None and best.defense != "none":
+            line += f" instead of {_pct(none.api_recovered)} (top-1 {_pct(none.api_identity)})"
+        if best.accuracy_cost is not None:
+            line += f", at an accuracy cost of {100 * best.accuracy_cost:.1f} points"
+        recs.append(line + ".")
+    if recs:
+        recs.append(
+            "Add a per-account rate limit on top: it caps what one key can spend on a "
+            "query-hungry black-box search, at no cost to accuracy for ordinary clients."
+        )
+        recs.append(
+            "Keep the weights private: the white-box attack is unaffected by every output "
+            "defence, so a leaked or downloadable model gives the faces away."
+        )
+    return recs

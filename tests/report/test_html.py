@@ -1,0 +1,83 @@
+"""The report renders from records alone and opens cleanly in a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from mlinvert.errors import DataError
+from mlinvert.report.html import render_report
+from mlinvert.report.summary import cells, recommendations, verdicts
+
+from .conftest import check_page, make_results
+
+
+def test_verdicts_follow_the_records(tmp_path: Path) -> None:
+    doc = make_results(tmp_path)
+    vs = {(v.target_model, v.defense): v for v in verdicts(doc)}
+    assert vs[("softmax", "none")].level == "exposed"
+    assert vs[("softmax", "labels")].level == "mitigated"
+    assert vs[("softmax", "none")].api_recovered == pytest.approx(0.75)
+    recs = recommendations(doc, list(vs.values()))
+    assert any("serve with 'round:1'" in r or "serve with 'labels'" in r for r in recs)
+    cell = next(c for c in cells(doc["records"]) if (c.attack, c.defense) == ("blackbox", "labels"))
+    assert cell.eval_top1 == 0 and cell.n == 4
+
+
+def test_report_is_self_contained(tmp_path: Path) -> None:
+    make_results(tmp_path)
+    html = render_report(tmp_path).read_text()
+    srcs = re.findall(r'<img[^>]+src="([^"]+)"', html)
+    assert len(srcs) >= 2 + 6 + 1  # two plots, a grid per target x attack, references
+    assert all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "ML03" in html and "AML.T0024" in html
+    assert "mlinvert audit --out runs/x" in html
+    # a noise-only cell is never called recovered: labels defence verdict says mitigated
+    assert "mitigated" in html
+
+
+def test_partial_run_is_flagged(tmp_path: Path) -> None:
+    make_results(tmp_path, status="interrupted")
+    assert "--resume" in render_report(tmp_path).read_text()
+
+
+def test_missing_results_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"no results\.json"):
+        render_report(tmp_path)
+    (tmp_path / "results.json").write_text("{broken")
+    with pytest.raises(DataError, match="not valid JSON"):
+        render_report(tmp_path)
+
+
+@pytest.mark.browser
+def test_report_opens_in_headless_chromium(tmp_path: Path) -> None:
+    make_results(tmp_path / "run")
+    page = render_report(tmp_path / "run")
+    shot = tmp_path / "run" / "screenshot.png"
+    seen = check_page(page, tmp_path, screenshot=shot)
+    assert seen.ready, seen.stderr[-2000:]
+    assert seen.images_total >= 9
+    assert seen.images_broken == 0
+    assert seen.errors == 0
+    assert "Uncaught" not in seen.stderr
+    assert shot.exists() and shot.stat().st_size > 10_000
+
+
+@pytest.mark.browser
+def test_browser_check_detects_a_broken_image(tmp_path: Path) -> None:
+    make_results(tmp_path / "run")
+    page = render_report(tmp_path / "run")
+    html = page.read_text().replace("data:image/png;base64,", "data:image/png;base64,AAAA", 1)
+    page.write_text(html)
+    seen = check_page(page, tmp_path)
+    assert seen.ready
+    assert seen.images_broken == 1
+    assert seen.errors >= 1
+
+
+def test_results_document_round_trips_as_json(tmp_path: Path) -> None:
+    doc = make_results(tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text()) == doc
