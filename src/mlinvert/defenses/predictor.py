@@ -12,19 +12,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from mlinvert.defenses.base import Guard, OutputPolicy
+from mlinvert.defenses.policies import FullScores
 from mlinvert.errors import InputTooLarge, QueryRejected
 from mlinvert.oracle.base import OracleInfo, Response
 from mlinvert.targets.base import Confident, Tabular, Target
-
-
-class FullScores:
-    """Return every class score unchanged (no output defence)."""
-
-    name = "full"
-    carries = "probs"
-
-    def __call__(self, probs: np.ndarray) -> np.ndarray | None:
-        return probs
 
 
 class Predictor:
@@ -101,7 +92,9 @@ class Predictor:
         for guard in self.guards:
             guard.check(account, x, now)
         raw = np.asarray(self.model.predict_proba(x), dtype=np.float64)
-        labels = np.asarray(self.model.classes_)[raw.argmax(axis=1)].astype(np.int64)
+        index = raw.argmax(axis=1)
+        labels = np.asarray(self.model.classes_)[index].astype(np.int64)
+        names = self.model.class_names_
         probs = self.policy(raw)
         confidence = None
         if isinstance(self.model, Confident) and probs is not None:
@@ -109,4 +102,9 @@ class Predictor:
             confidence = None if shaped is None else shaped[:, 0]
         for guard in self.guards:
             guard.observe(account, x, now)
-        return Response(labels=labels, probs=probs, confidence=confidence)
+        return Response(
+            labels=labels,
+            probs=probs,
+            confidence=confidence,
+            label_names=tuple(str(names[i]) for i in index),
+        )

@@ -39,12 +39,14 @@ class Response:
 
     ``labels`` int64 ``(n,)`` always; ``probs`` float64 ``(n, k)`` as the output policy
     allows (zeros where a top-k policy withheld a class) or ``None`` for labels only;
-    ``confidence`` ``(n,)`` for models that answer one confidence per row (trees).
+    ``confidence`` ``(n,)`` for models that answer one confidence per row (trees);
+    ``label_names`` the class name of each label, when the answering side knows it.
     """
 
     labels: np.ndarray
     probs: np.ndarray | None = None
     confidence: np.ndarray | None = None
+    label_names: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

@@ -1,0 +1,471 @@
+"""The FastAPI prediction service, built by :func:`create_app` (no module-level app).
+
+The route does HTTP only: authentication, body limits, decoding and the query log.
+Every defence runs inside the :class:`~mlinvert.defenses.Predictor`, the same object
+a :class:`~mlinvert.oracle.LocalOracle` calls.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from mlinvert import __version__
+from mlinvert.defenses.policies import parse_policy
+from mlinvert.defenses.predictor import Predictor
+from mlinvert.defenses.ratelimit import BucketStore, MemoryBuckets, RateLimiter, RedisBuckets
+from mlinvert.errors import (
+    BadRequest,
+    InputTooLarge,
+    MlinvertError,
+    QueryRejected,
+    Unauthorized,
+    UnknownModel,
+)
+from mlinvert.service.errors import error_body, error_response, status_of
+from mlinvert.service.metrics import Metrics
+from mlinvert.service.schemas import (
+    ErrorBody,
+    Health,
+    ModelInfo,
+    ModelList,
+    PredictRequest,
+    PredictResponse,
+)
+from mlinvert.service.settings import ServiceSettings
+from mlinvert.service.store import Store, input_digests
+from mlinvert.targets.base import Tabular, Target
+
+log = logging.getLogger(__name__)
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in (
+        (400, "Undecodable request body (JSON, base64)"),
+        (401, "Missing, malformed, unknown or revoked API key"),
+        (403, "Account blocked"),
+        (404, "Unknown model"),
+        (413, "Batch or body over the limit"),
+        (422, "Input refused: wrong shape, dtype, NaN/inf, out of [0, 1], unknown field"),
+        (429, "Rate limit reached; see Retry-After"),
+    )
+}
+
+
+def build_predictors(
+    models: Mapping[str, Target],
+    settings: ServiceSettings,
+    *,
+    bucket_store: BucketStore | None = None,
+) -> dict[str, Predictor]:
+    """Wrap each model in a Predictor with the settings' policy and one shared rate limiter.
+
+    One :class:`RateLimiter` serves every model, so an account has one budget; its
+    buckets live in Redis when ``settings.redis_url`` is set. The clock is wall time,
+    which every process sharing Redis agrees on.
+    """
+    guards = []
+    if settings.rate_limit is not None:
+        if bucket_store is None:
+            bucket_store = (
+                RedisBuckets(settings.redis_url) if settings.redis_url else MemoryBuckets()
+            )
+        guards.append(RateLimiter(settings.rate_limit, bucket_store))
+    return {
+        name: Predictor(
+            model,
+            name=name,
+            policy=parse_policy(settings.policy),
+            guards=guards,
+            max_batch=settings.max_batch,
+            clock=time.time,
+        )
+        for name, model in models.items()
+    }
+
+
+def _max_batch(predictor: Predictor) -> int:
+    limit = predictor.max_batch
+    for guard in predictor.guards:
+        if isinstance(guard, RateLimiter):
+            limit = min(limit, guard.rate.count)
+    return limit
+
+
+def _model_info(predictor: Predictor) -> ModelInfo:
+    info = predictor.info
+    rate = next((str(g.rate) for g in predictor.guards if isinstance(g, RateLimiter)), None)
+    model = predictor.model
+    return ModelInfo(
+        name=info.model,
+        kind=info.kind,
+        input_shape=list(info.input_shape),
+        class_names=list(info.class_names),
+        policy=info.policy,
+        carries=info.carries,
+        max_batch=_max_batch(predictor),
+        rate_limit=rate,
+        feature_names=list(model.feature_names_) if isinstance(model, Tabular) else None,
+    )
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def decode_batch(request: PredictRequest, predictor: Predictor) -> np.ndarray:
+    """Turn one of ``inputs`` / ``binary`` / ``records`` into the array the model takes."""
+    given = [f for f in ("inputs", "binary", "records") if getattr(request, f) is not None]
+    if len(given) != 1:
+        raise QueryRejected(
+            "send exactly one of 'inputs' (nested lists), 'binary' (base64 array with dtype "
+            f"and shape) or 'records' (survey records); got {given or 'none'}"
+        )
+    limit = predictor.max_batch
+    if request.inputs is not None:
+        if len(request.inputs) > limit:
+            raise InputTooLarge(
+                f"batch of {len(request.inputs)} inputs exceeds the limit of {limit}; "
+                "split it into smaller batches"
+            )
+        try:
+            x = np.asarray(request.inputs)
+        except (ValueError, TypeError, OverflowError):
+            raise QueryRejected(
+                "inputs are ragged or not numbers: every input must be nested lists of numbers "
+                f"shaped {tuple(predictor.model.input_shape_)}"
+            ) from None
+        if x.dtype.kind not in "fiu":
+            what = {"b": "booleans", "U": "strings", "S": "strings"}.get(
+                x.dtype.kind, "values that are not all numbers"
+            )
+            raise QueryRejected(f"inputs must be numbers, got {what}")
+        return x
+    if request.binary is not None:
+        b = request.binary
+        if b.shape[0] > limit:
+            raise InputTooLarge(
+                f"batch of {b.shape[0]} inputs exceeds the limit of {limit}; "
+                "split it into smaller batches"
+            )
+        try:
+            raw = base64.b64decode(b.data, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequest("binary.data is not valid base64") from None
+        dtype = np.dtype("<f4") if b.dtype == "float32" else np.dtype(np.uint8)
+        expected = math.prod(b.shape) * dtype.itemsize
+        if len(raw) != expected:
+            raise QueryRejected(
+                f"binary.data holds {len(raw)} bytes but shape {b.shape} of {b.dtype} needs "
+                f"{expected}"
+            )
+        array = np.frombuffer(raw, dtype=dtype).reshape(b.shape)
+        if b.dtype == "uint8":
+            return array.astype(np.float32) / np.float32(255.0)
+        return array.astype(np.float32)
+    records = request.records or []
+    model = predictor.model
+    if not isinstance(model, Tabular):
+        raise QueryRejected(
+            f"model {predictor.name!r} ({model.kind}) takes arrays: send 'inputs' or 'binary', "
+            "not 'records'"
+        )
+    if len(records) > limit:
+        raise InputTooLarge(
+            f"batch of {len(records)} records exceeds the limit of {limit}; "
+            "split it into smaller batches"
+        )
+    try:
+        return np.asarray(model.encode_records(list(records)))
+    except MlinvertError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise QueryRejected(f"records could not be encoded: {exc}") from None
+
+
+@dataclass
+class _Outcome:
+    status: int
+    body: bytes | None = None
+    error: MlinvertError | None = None
+
+
+class _PredictHandler:
+    """The synchronous part of a prediction request (runs in the thread pool)."""
+
+    def __init__(self, predictors: Mapping[str, Predictor], store: Store, metrics: Metrics) -> None:
+        self.predictors = predictors
+        self.store = store
+        self.metrics = metrics
+
+    def __call__(
+        self,
+        name: str,
+        key: str | None,
+        key_problem: str | None,
+        body: bytes | None,
+        body_size: int,
+        max_body: int,
+        started: float,
+    ) -> _Outcome:
+        account: str | None = None
+        x: np.ndarray | None = None
+        n_inputs = 0
+        try:
+            if key_problem is not None:
+                raise Unauthorized(key_problem)
+            try:
+                account = self.store.authenticate(key)
+            except Unauthorized:
+                account = self.store.key_account(key)
+                raise
+            predictor = self.predictors.get(name)
+            if predictor is None:
+                raise UnknownModel(
+                    f"no model named {name!r}; served: {', '.join(sorted(self.predictors))} "
+                    "(GET /v1/models lists them)"
+                )
+            if body is None:
+                raise InputTooLarge(
+                    f"request body of {body_size} bytes exceeds the limit of {max_body} bytes; "
+                    "send smaller batches or the binary encoding"
+                )
+            try:
+                payload = json.loads(body)
+            except (ValueError, RecursionError):
+                raise BadRequest("request body is not valid JSON (UTF-8)") from None
+            try:
+                request = PredictRequest.model_validate(payload)
+            except ValidationError as exc:
+                raise QueryRejected(f"bad request body: {_validation_message(exc)}") from None
+            x = decode_batch(request, predictor)
+            n_inputs = int(x.shape[0]) if x.ndim else 0
+            response = predictor.predict(x, account=account)
+        except MlinvertError as exc:
+            status = status_of(exc)
+            digests = _safe_digests(x)
+            self.store.log_query(
+                account=account,
+                model=name[:200],
+                n_inputs=n_inputs,
+                outcome=type(exc).__name__,
+                status=status,
+                detail=str(exc),
+                digests=digests,
+            )
+            self.metrics.observe(
+                model=name[:200] if name in self.predictors else "-",
+                status=status,
+                n_inputs=n_inputs,
+                reason=type(exc).__name__,
+                seconds=time.perf_counter() - started,
+            )
+            return _Outcome(status, error=exc)
+        assert account is not None and x is not None  # set on the success path
+        self.store.log_query(
+            account=account,
+            model=name,
+            n_inputs=n_inputs,
+            outcome="ok",
+            status=200,
+            digests=input_digests(np.asarray(x, dtype=np.float32)),
+        )
+        probs = None if response.probs is None else response.probs.tolist()
+        conf = None if response.confidence is None else response.confidence.tolist()
+        names = response.label_names or tuple(str(v) for v in response.labels)
+        predictions = [
+            {
+                "label": label,
+                "label_name": names[i],
+                "scores": None if probs is None else probs[i],
+                "confidence": None if conf is None else conf[i],
+            }
+            for i, label in enumerate(response.labels.tolist())
+        ]
+        info = predictor.info
+        body_out = json.dumps(
+            {
+                "model": name,
+                "policy": info.policy,
+                "carries": info.carries,
+                "predictions": predictions,
+            },
+            allow_nan=False,
+        ).encode()
+        self.metrics.observe(
+            model=name,
+            status=200,
+            n_inputs=n_inputs,
+            reason=None,
+            seconds=time.perf_counter() - started,
+        )
+        return _Outcome(200, body=body_out)
+
+
+def _safe_digests(x: np.ndarray | None) -> tuple[str, ...]:
+    if x is None or x.dtype.kind not in "fiu" or x.ndim == 0:
+        return ()
+    return input_digests(x)
+
+
+def _key_from(
+    request: Request, bearer: HTTPAuthorizationCredentials | None, api_key: str | None
+) -> tuple[str | None, str | None]:
+    """The presented key, or a reason why the credentials are malformed."""
+    header = request.headers.get("authorization")
+    if header is not None and bearer is None:
+        return None, "malformed Authorization header: expected 'Authorization: Bearer <key>'"
+    if bearer is not None:
+        return bearer.credentials.strip(), None
+    return (api_key.strip() if api_key else None), None
+
+
+def create_app(
+    settings: ServiceSettings,
+    predictors: Mapping[str, Predictor] | Sequence[Predictor],
+    *,
+    store: Store | None = None,
+    metrics: Metrics | None = None,
+) -> FastAPI:
+    """Build the prediction service for ``predictors`` (a mapping or a list, keyed by name)."""
+    if not isinstance(predictors, Mapping):
+        predictors = {p.name: p for p in predictors}
+    predictors = dict(predictors)
+    store = store if store is not None else Store(settings.db)
+    metrics = metrics if metrics is not None else Metrics()
+    handler = _PredictHandler(predictors, store, metrics)
+    max_body = settings.max_body_bytes
+
+    app = FastAPI(
+        title="mlinvert prediction service",
+        version=__version__,
+        description="A model behind an MLaaS-style API with output defences, API keys, "
+        "rate limits and a query log.",
+    )
+    app.state.settings = settings
+    app.state.store = store
+    app.state.metrics = metrics
+    app.state.predictors = predictors
+    bearer_scheme = HTTPBearer(auto_error=False, description="Authorization: Bearer <key>")
+    key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: <key>")
+
+    @app.exception_handler(MlinvertError)
+    async def _mlinvert_error(request: Request, exc: MlinvertError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        msg = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        return JSONResponse(error_body("QueryRejected", 422, msg), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return JSONResponse(
+            error_body("HTTPError", exc.status_code, str(exc.detail)),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, exc: Exception) -> Response:
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return JSONResponse(
+            error_body("InternalError", 500, "internal error; see the service log"),
+            status_code=500,
+        )
+
+    @app.get("/healthz", response_model=Health, tags=["service"])
+    def healthz() -> Health:
+        """Liveness: the service answers and which models it serves."""
+        return Health(status="ok", models=sorted(predictors))
+
+    @app.get("/metrics", response_class=PlainTextResponse, tags=["service"])
+    def prometheus() -> PlainTextResponse:
+        """Prometheus text metrics: requests, inputs, rejections by reason, latency."""
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", response_model=ModelList, tags=["models"])
+    def list_models() -> ModelList:
+        """Every served model: kind, input shape, classes, the active policy and limits."""
+        return ModelList(models=[_model_info(p) for p in predictors.values()])
+
+    @app.post(
+        "/v1/models/{name}/predict",
+        response_model=PredictResponse,
+        responses=_ERRORS,
+        tags=["models"],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}
+                },
+            }
+        },
+    )
+    async def predict(
+        name: str,
+        request: Request,
+        bearer: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
+        api_key: str | None = Depends(key_scheme),
+    ) -> Response:
+        """Answer a batch (``inputs``, ``binary`` or ``records``) as the policy allows."""
+        started = time.perf_counter()
+        key, key_problem = _key_from(request, bearer, api_key)
+        declared = request.headers.get("content-length", "")
+        size = int(declared) if declared.isdigit() else 0
+        chunks: list[bytes] = []
+        if size <= 8 * max_body:  # drain a moderately oversized body so the client reads 413
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > 8 * max_body:
+                    break
+                if size <= max_body:
+                    chunks.append(chunk)
+        body = b"".join(chunks) if size <= max_body else None
+        outcome = await run_in_threadpool(
+            handler, name, key, key_problem, body, size, max_body, started
+        )
+        if outcome.error is not None:
+            return error_response(outcome.error)
+        return Response(outcome.body, media_type="application/json")
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            extra = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(extra.pop("$defs", {}))
+            components["PredictRequest"] = extra
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

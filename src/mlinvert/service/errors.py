@@ -1,0 +1,58 @@
+"""The one table mapping MlinvertError classes to HTTP status codes, and the JSON body."""
+
+from __future__ import annotations
+
+import math
+
+from starlette.responses import JSONResponse
+
+from mlinvert.errors import (
+    BadRequest,
+    Blocked,
+    ConfigError,
+    InputTooLarge,
+    MlinvertError,
+    QueryRejected,
+    RateLimited,
+    Unauthorized,
+    UnknownModel,
+)
+
+#: First match wins, so subclasses come before their bases.
+ERROR_TABLE: tuple[tuple[type[MlinvertError], int], ...] = (
+    (Unauthorized, 401),
+    (Blocked, 403),
+    (UnknownModel, 404),
+    (InputTooLarge, 413),
+    (BadRequest, 400),
+    (QueryRejected, 422),
+    (RateLimited, 429),
+    (ConfigError, 422),
+    (MlinvertError, 422),
+)
+
+
+def status_of(exc: MlinvertError) -> int:
+    """The HTTP status code for an error (see ERROR_TABLE)."""
+    for cls, status in ERROR_TABLE:
+        if isinstance(exc, cls):
+            return status
+    return 422  # pragma: no cover - MlinvertError is the last row
+
+
+def error_body(kind: str, status: int, message: str) -> dict[str, object]:
+    """The JSON error document every 4xx/5xx answer carries."""
+    return {"error": {"type": kind, "status": status, "message": message}}
+
+
+def error_response(exc: MlinvertError) -> JSONResponse:
+    """JSON error response for ``exc``; 429 carries ``Retry-After`` (whole seconds)."""
+    status = status_of(exc)
+    body = error_body(type(exc).__name__, status, str(exc))
+    headers = {}
+    if isinstance(exc, RateLimited):
+        body["error"]["retry_after"] = exc.retry_after  # type: ignore[index]
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = 'Bearer realm="mlinvert"'
+    return JSONResponse(body, status_code=status, headers=headers)

@@ -1,0 +1,111 @@
+"""Request and response documents of the prediction API (pydantic, for validation + OpenAPI)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+
+NestedNumbers = Annotated[
+    list[Any],
+    WithJsonSchema(
+        {
+            "type": "array",
+            "description": "A batch of inputs as nested lists of numbers in [0, 1], "
+            "shaped (n, *input_shape); encoded survey rows for tabular models.",
+            "items": {},
+        }
+    ),
+]
+
+Scalar = str | float | int | bool | None
+
+
+class BinaryArray(BaseModel):
+    """A batch as base64 of a C-ordered little-endian float32 or uint8 array."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: Literal["float32", "uint8"] = Field(
+        description="float32 values in [0, 1], or uint8 pixels (divided by 255)"
+    )
+    shape: list[Annotated[int, Field(ge=0)]] = Field(
+        min_length=1, max_length=8, description="(n, *input_shape)"
+    )
+    data: str = Field(description="base64 of the raw array bytes")
+
+
+class PredictRequest(BaseModel):
+    """Exactly one of ``inputs``, ``binary`` or ``records``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: NestedNumbers | None = None
+    binary: BinaryArray | None = None
+    records: list[dict[str, Scalar]] | None = Field(
+        default=None, description="survey records {feature: value} for tabular models"
+    )
+
+
+class Prediction(BaseModel):
+    """The answer for one input, as the output policy allows."""
+
+    label: int
+    label_name: str
+    scores: list[float] | None = Field(
+        default=None, description="per-class scores (null when the policy answers labels only)"
+    )
+    confidence: float | None = Field(
+        default=None, description="confidence of the label (tree models, BigML-style)"
+    )
+
+
+class PredictResponse(BaseModel):
+    """Answers for a batch, in input order."""
+
+    model: str
+    policy: str
+    carries: str
+    predictions: list[Prediction]
+
+
+class ModelInfo(BaseModel):
+    """What the API tells its callers about a served model."""
+
+    name: str
+    kind: str
+    input_shape: list[int]
+    class_names: list[str]
+    policy: str
+    carries: str
+    max_batch: int
+    rate_limit: str | None
+    feature_names: list[str] | None = None
+
+
+class ModelList(BaseModel):
+    """All served models."""
+
+    models: list[ModelInfo]
+
+
+class Health(BaseModel):
+    """Liveness answer."""
+
+    status: str
+    models: list[str]
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong, and how to fix it."""
+
+    type: str
+    status: int
+    message: str
+    retry_after: float | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error answer."""
+
+    error: ErrorDetail

@@ -1,0 +1,85 @@
+"""Service settings: flags or ``MLINVERT_*`` environment variables, validated once."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from mlinvert.defenses.policies import parse_policy
+from mlinvert.defenses.ratelimit import parse_rate
+from mlinvert.errors import ConfigError
+
+ENV_PREFIX = "MLINVERT_"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceSettings:
+    """Everything the prediction service needs besides its models.
+
+    Environment names are ``MLINVERT_`` + the upper-cased field: ``MLINVERT_DB``,
+    ``MLINVERT_POLICY``, ``MLINVERT_RATE_LIMIT``, ``MLINVERT_REDIS_URL``,
+    ``MLINVERT_MAX_BATCH``, ``MLINVERT_MAX_BODY_BYTES``, ``MLINVERT_HOST``,
+    ``MLINVERT_PORT``, ``MLINVERT_MODELS`` (model folders, ``NAME=DIR`` or ``DIR``,
+    separated by ``os.pathsep``).
+    """
+
+    db: Path
+    policy: str = "full"
+    rate_limit: str | None = None
+    redis_url: str | None = None
+    max_batch: int = 256
+    max_body_bytes: int = 64 * 2**20
+    host: str = "127.0.0.1"
+    port: int = 8000
+    models: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "db", Path(self.db))
+        parse_policy(self.policy)
+        if self.rate_limit is not None:
+            parse_rate(self.rate_limit)
+        if self.redis_url is not None and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ConfigError(
+                f"redis URL {self.redis_url!r} must start with redis://, rediss:// or unix://, "
+                "e.g. redis://127.0.0.1:6379/0"
+            )
+        if self.max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_body_bytes < 1024:
+            raise ConfigError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> ServiceSettings:
+        """Read ``MLINVERT_*`` variables; keyword ``overrides`` (flags) win when not None."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            if f.name in ("max_batch", "max_body_bytes", "port"):
+                try:
+                    values[f.name] = int(raw)
+                except ValueError:
+                    raise ConfigError(
+                        f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not an integer"
+                    ) from None
+            elif f.name == "models":
+                values[f.name] = tuple(p for p in raw.split(os.pathsep) if p)
+            else:
+                values[f.name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if "db" not in values:
+            raise ConfigError(
+                "the service needs an account database: pass --db PATH or set MLINVERT_DB"
+            )
+        return cls(**values)

@@ -1,0 +1,249 @@
+"""Accounts, hashed API keys and the durable per-account query log (SQLite, WAL).
+
+Keys are ``mli_`` + 43 URL-safe characters (256 random bits); only their SHA-256 is
+stored, so the database never holds a usable key. Every prediction request, admitted
+or refused, is logged with its outcome and a digest per input: the record an
+investigator (or the query detector) reads later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mlinvert.errors import ConfigError, Unauthorized
+
+KEY_PATTERN = re.compile(r"^mli_[A-Za-z0-9_-]{43}$")
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    id INTEGER PRIMARY KEY,
+    account TEXT NOT NULL,
+    key_id TEXT NOT NULL UNIQUE,
+    key_hash TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL,
+    revoked REAL
+);
+CREATE INDEX IF NOT EXISTS keys_account ON keys(account);
+CREATE TABLE IF NOT EXISTS queries (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    account TEXT,
+    model TEXT,
+    n_inputs INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    detail TEXT NOT NULL,
+    digests TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS queries_account_ts ON queries(account, ts);
+"""
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """One API key as stored (never the key itself)."""
+
+    account: str
+    key_id: str
+    created: float
+    revoked: float | None
+
+
+@dataclass(frozen=True)
+class QueryRecord:
+    """One logged prediction request."""
+
+    ts: float
+    account: str | None
+    model: str | None
+    n_inputs: int
+    outcome: str
+    status: int
+    detail: str
+    digests: tuple[str, ...]
+
+
+def hash_key(key: str) -> str:
+    """SHA-256 hex digest of an API key (keys are high-entropy, so no salt is needed)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def input_digests(x: np.ndarray) -> tuple[str, ...]:
+    """One 128-bit SHA-256 digest per input row of its float32 bytes."""
+    if x.ndim == 0 or x.shape[0] == 0:
+        return ()
+    rows = np.ascontiguousarray(x.reshape(x.shape[0], -1), dtype=np.float32)
+    return tuple(hashlib.sha256(row.tobytes()).hexdigest()[:32] for row in rows)
+
+
+class Store:
+    """The service database: one SQLite file in WAL mode, safe across threads and processes."""
+
+    def __init__(self, path: Path | str, *, synchronous: str = "FULL") -> None:
+        self.path = Path(path)
+        if synchronous not in ("OFF", "NORMAL", "FULL"):
+            raise ConfigError(f"synchronous must be OFF, NORMAL or FULL, got {synchronous!r}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(
+            self.path, check_same_thread=False, isolation_level=None, timeout=30.0
+        )
+        self._lock = threading.Lock()
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute(f"PRAGMA synchronous={synchronous}")
+            self._conn.execute("PRAGMA busy_timeout=30000")
+            self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    # accounts -----------------------------------------------------------------
+    def create_key(self, account: str) -> tuple[str, KeyRecord]:
+        """Create a key for ``account`` (the account appears with its first key).
+
+        Returns the key (shown once, never stored) and its record.
+        """
+        if not _NAME_PATTERN.match(account):
+            raise ConfigError(
+                f"account name {account!r} must be 1-64 characters of letters, digits, "
+                "'_', '.', '@' or '-', starting with a letter or digit"
+            )
+        key = "mli_" + secrets.token_urlsafe(32)
+        record = KeyRecord(account=account, key_id=key[4:12], created=time.time(), revoked=None)
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO keys(account, key_id, key_hash, created) VALUES (?, ?, ?, ?)",
+                (account, record.key_id, hash_key(key), record.created),
+            )
+        return key, record
+
+    def list_keys(self) -> list[KeyRecord]:
+        """Every key ever created, oldest first."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT account, key_id, created, revoked FROM keys ORDER BY id"
+            ).fetchall()
+        return [KeyRecord(*row) for row in rows]
+
+    def revoke(self, name: str) -> int:
+        """Revoke every active key of account ``name``, or the key whose id is ``name``.
+
+        Returns how many keys were revoked; ConfigError if none matched.
+        """
+        with self._tx() as conn:
+            cur = conn.execute(
+                "UPDATE keys SET revoked = ? WHERE revoked IS NULL AND (account = ? OR key_id = ?)",
+                (time.time(), name, name),
+            )
+            count = cur.rowcount
+        if count == 0:
+            raise ConfigError(
+                f"no active key for account or key id {name!r}; see `mlinvert keys list`"
+            )
+        return count
+
+    def authenticate(self, key: str | None) -> str:
+        """Return the account of a valid, active key or raise Unauthorized saying why."""
+        if not key:
+            raise Unauthorized(
+                "no API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>' "
+                "(create one with `mlinvert keys create NAME`)"
+            )
+        if not KEY_PATTERN.match(key):
+            raise Unauthorized(
+                "malformed API key: expected 'mli_' followed by 43 URL-safe characters"
+            )
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT account, revoked FROM keys WHERE key_hash = ?", (hash_key(key),)
+            ).fetchone()
+        if row is None:
+            raise Unauthorized(
+                "unknown API key: check it or create one with `mlinvert keys create`"
+            )
+        if row[1] is not None:
+            raise Unauthorized(f"the API key of account {row[0]!r} was revoked; ask for a new one")
+        return str(row[0])
+
+    def key_account(self, key: str | None) -> str | None:
+        """The account a (possibly revoked) key belongs to, for logging refusals."""
+        if not key or not KEY_PATTERN.match(key):
+            return None
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT account FROM keys WHERE key_hash = ?", (hash_key(key),)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    # query log ----------------------------------------------------------------
+    def log_query(
+        self,
+        *,
+        account: str | None,
+        model: str | None,
+        n_inputs: int,
+        outcome: str,
+        status: int,
+        detail: str = "",
+        digests: Sequence[str] = (),
+        ts: float | None = None,
+    ) -> None:
+        """Append one request to the query log (committed before the answer leaves)."""
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO queries(ts, account, model, n_inputs, outcome, status, detail,"
+                " digests) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    time.time() if ts is None else ts,
+                    account,
+                    model,
+                    n_inputs,
+                    outcome,
+                    status,
+                    detail[:2000],
+                    " ".join(digests),
+                ),
+            )
+
+    def queries(self, account: str | None = None, *, limit: int | None = None) -> list[QueryRecord]:
+        """Logged requests, oldest first (of one account if given; the last ``limit``)."""
+        sql = "SELECT ts, account, model, n_inputs, outcome, status, detail, digests FROM queries"
+        args: list[object] = []
+        if account is not None:
+            sql += " WHERE account = ?"
+            args.append(account)
+        sql += " ORDER BY id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        with self._lock:
+            rows = self._conn.execute(sql, args).fetchall()
+        return [
+            QueryRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], tuple(r[7].split()))
+            for r in reversed(rows)
+        ]

@@ -1,0 +1,46 @@
+"""Fixtures for the service tests: toy targets, an account database, an in-process app."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from toys import ToySoftmax, ToyTabular
+
+from mlinvert.service import ServiceSettings, Store, build_predictors, create_app
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path / "service.db")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def api_key(store: Store) -> str:
+    key, _ = store.create_key("alice")
+    return key
+
+
+def make_client(
+    store: Store,
+    *,
+    policy: str = "full",
+    rate_limit: str | None = None,
+    max_batch: int = 32,
+    max_body_bytes: int = 2**20,
+) -> TestClient:
+    """A test client on the in-process ASGI app (no sockets)."""
+    settings = ServiceSettings(
+        db=store.path,
+        policy=policy,
+        rate_limit=rate_limit,
+        max_batch=max_batch,
+        max_body_bytes=max_body_bytes,
+    )
+    predictors = build_predictors({"faces": ToySoftmax(), "survey": ToyTabular()}, settings)
+    app = create_app(settings, predictors, store=store)
+    return TestClient(app)
