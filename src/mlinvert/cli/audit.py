@@ -1,0 +1,169 @@
+"""``mlinvert audit``: attack a model under every defence and write an HTML report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from mlinvert.cli.common import console, out
+from mlinvert.errors import ConfigError
+
+
+def _split(value: str | None, what: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not items:
+        raise ConfigError(f"--{what} is empty; give a comma-separated list")
+    return items
+
+
+class _Display:
+    """Rich progress: a stage spinner, the audit bar and the current attack's queries."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.stage = progress.add_task("starting", total=None)
+        self.audit: Any = None
+        self.attack: Any = None
+
+    def __call__(self, kind: str, data: dict[str, Any]) -> None:
+        p = self.progress
+        if kind == "stage":
+            p.update(self.stage, description=str(data["name"]))
+        elif kind == "plan":
+            self.audit = p.add_task("attack runs", total=data["total"], completed=data["done"])
+        elif kind == "attack_progress":
+            if self.attack is None:
+                self.attack = p.add_task("queries of this attack", total=None)
+            p.update(self.attack, completed=data["queries"], total=data["budget"])
+        elif kind == "record":
+            if self.audit is not None:
+                p.advance(self.audit)
+            p.update(
+                self.stage,
+                description=f"{data['target_model']} · {data['defense']} · {data['attack']} · "
+                f"{data['label_name']}: {data['status']}",
+            )
+            if self.attack is not None:
+                p.reset(self.attack, total=None)
+
+
+def _summary(index: Path) -> None:
+    from mlinvert.report.html import load_results
+    from mlinvert.report.summary import verdicts
+
+    results = load_results(index.parent)
+    table = Table(title="model inversion audit: verdict per defence (strongest API attack)")
+    for col in (
+        "target",
+        "defence",
+        "verdict",
+        "recovered",
+        "eval top-1",
+        "lineup",
+        "median queries",
+        "served acc.",
+    ):
+        table.add_column(
+            col, justify="left" if col in ("target", "defence", "verdict") else "right"
+        )
+    for v in verdicts(results):
+        colour = {"exposed": "red", "identity leaks": "yellow", "mitigated": "green"}.get(
+            v.level, "white"
+        )
+        table.add_row(
+            v.target_model,
+            v.defense,
+            f"[{colour}]{v.level}[/]",
+            f"{100 * v.api_recovered:.0f} %",
+            f"{100 * v.api_identity:.0f} %",
+            f"{100 * v.api_lineup:.0f} %",
+            "n/a" if v.api_queries is None else f"{v.api_queries:,.0f}",
+            "n/a" if v.accuracy is None else f"{100 * v.accuracy:.1f} %",
+        )
+    out.print(table)
+
+
+def audit(
+    data: str = typer.Option(
+        "digits",
+        "--data",
+        help="Data spec: digits (default), att:PATH, folder:PATH, olivetti; "
+        "survey specs steak:PATH, gss:PATH, fair run the decision-tree audit.",
+    ),
+    model: Path | None = typer.Option(
+        None, "--model", help="Audit an existing trained model folder instead of training."
+    ),
+    targets: str = typer.Option(
+        "softmax,mlp", "--targets", help="Target kinds to train (comma-separated)."
+    ),
+    attacks: str | None = typer.Option(
+        None, "--attacks", help="Subset of whitebox,blackbox,label-only (default: all)."
+    ),
+    defenses: str | None = typer.Option(
+        None,
+        "--defenses",
+        help="Comma-separated defences, e.g. none,round:2,top:1,labels,rate:500/hour "
+        "(default: none, round:3, round:2, round:1, top:1, labels, a rate limit).",
+    ),
+    labels: int | None = typer.Option(
+        None, "--labels", help="Attack only the first N classes (default: every class)."
+    ),
+    budget: int | None = typer.Option(
+        None, "--budget", help="API queries per attack per person (default: preset by size)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of training, attacks and evaluation."),
+    out_dir: Path = typer.Option(Path("runs/audit"), "--out", help="Output folder."),
+    in_process: bool = typer.Option(
+        False, "--in-process", help="Query through LocalOracle instead of the HTTP service."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue a partial run in --out."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny training settings (smoke tests)."),
+) -> None:
+    """Attack the model under every defence, measure, and write DIR/index.html."""
+    from mlinvert.evaluation.audit import ATTACKS, AuditConfig, command_line, run_audit
+
+    config = AuditConfig(
+        data=data,
+        model_dir=model,
+        targets=_split(targets, "targets") or (),
+        attacks=_split(attacks, "attacks") or ATTACKS,
+        defenses=_split(defenses, "defenses"),
+        labels=labels,
+        budget=budget,
+        seed=seed,
+        out=out_dir,
+        in_process=in_process,
+        resume=resume,
+        quick=quick,
+        command=command_line(),
+    )
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        index = run_audit(config, events=_Display(progress))
+    _summary(index)
+    console.print(f"report: [bold]{index}[/]  (results: {index.parent / 'results.json'})")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``audit`` to the CLI."""
+    app.command("audit")(audit)

@@ -1,0 +1,837 @@
+"""The audit: attack a model under every defence, measure, write ``results.json``.
+
+For each target model and each defence of the matrix (none; rounding to 3, 2 and 1
+decimals; top-1 score only; labels only; a per-account rate limit) the audit runs the
+attack suite on every attacked person — white-box MI-Face (the attacker holds the
+weights), black-box MI-Face and label-only inversion (both through the prediction API
+with a fresh API key) — judges each reconstruction on both axes (identity and
+likeness, :class:`~mlinvert.evaluation.faces.FaceJudge`), measures what each defence
+costs honest users, and writes every record to ``results.json`` as soon as it exists
+(atomic rewrite), so an interrupted run leaves a valid partial file that ``resume``
+continues. The schema is documented in ``docs/results-schema.md``.
+
+Threat mapping: OWASP ML03:2023 (Model Inversion), MITRE ATLAS AML.T0024.001 (Invert
+ML Model via the inference API). Attacks after Fredrikson, Jha, Ristenpart, CCS 2015.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import platform
+import re
+import shlex
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlinvert.data.base import ImageDataset
+from mlinvert.errors import ConfigError, DataError, MlinvertError
+from mlinvert.oracle.base import Response
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "mlinvert-audit/1"
+ATTACKS = ("whitebox", "blackbox", "label-only")
+#: Output-policy part of the default defence matrix; the rate limit is added per budget.
+DEFAULT_POLICIES = ("none", "round:3", "round:2", "round:1", "top:1", "labels")
+#: A reconstruction counts as *recovered* when the evaluation model's top-1 is right AND
+#: its likeness reaches this value (see docs/results-schema.md, "recovered").
+LIKENESS_THRESHOLD = 0.5
+TOPK = 3
+
+Event = Callable[[str, dict[str, Any]], None]
+
+
+def _no_event(kind: str, data: dict[str, Any]) -> None:
+    """Default event sink: log at debug level."""
+    log.debug("%s %s", kind, data)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Defense:
+    """One row of the defence matrix: an output policy and an optional rate limit.
+
+    ``name`` is the spec the user wrote (``none``, ``round:2``, ``rate:500/hour``,
+    ``round:2+rate:500/hour``); ``policy`` is a :func:`mlinvert.defenses.parse_policy`
+    spec, ``rate`` a :func:`mlinvert.defenses.ratelimit.parse_rate` spec or ``None``.
+    """
+
+    name: str
+    policy: str = "full"
+    rate: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> Defense:
+        """Parse ``none`` | POLICY | ``rate:N/PERIOD`` | POLICY``+rate:N/PERIOD``."""
+        from mlinvert.defenses.policies import parse_policy
+        from mlinvert.defenses.ratelimit import parse_rate
+
+        spec = spec.strip()
+        if not spec:
+            raise ConfigError("empty defence spec; use e.g. none, round:2, labels, rate:500/hour")
+        policy_parts, rate = [], None
+        for part in spec.split("+"):
+            part = part.strip()
+            if part.startswith("rate:"):
+                if rate is not None:
+                    raise ConfigError(f"defence {spec!r} has two rate limits; keep one")
+                rate = part.removeprefix("rate:")
+                parse_rate(rate)
+            elif part not in ("none", "full"):
+                policy_parts.append(part)
+        policy = "+".join(policy_parts) or "full"
+        parse_policy(policy)
+        return cls(name=spec, policy=policy, rate=rate)
+
+    @property
+    def slug(self) -> str:
+        """File-name-safe form of ``name``."""
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", self.name)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditConfig:
+    """Everything one audit run needs; serialised into ``results.json``.
+
+    ``data`` is a :func:`mlinvert.data.load` spec; ``model_dir`` audits an existing model
+    folder instead of training ``targets``; ``labels`` attacks the first N classes
+    (``None``: all); ``budget`` caps the API queries of one black-box or label-only
+    attack on one person (``None``: the preset for the image size); ``defenses``
+    ``None`` means the default matrix, whose rate limit is a quarter of the budget per
+    hour (so it visibly stops the black-box attack). ``quick`` trains tiny models
+    (tests). ``in_process`` uses LocalOracle through the same Predictor instead of the
+    real HTTP service.
+    """
+
+    data: str = "digits"
+    model_dir: Path | None = None
+    targets: tuple[str, ...] = ("softmax", "mlp")
+    attacks: tuple[str, ...] = ATTACKS
+    defenses: tuple[str, ...] | None = None
+    labels: int | None = None
+    budget: int | None = None
+    seed: int = 0
+    out: Path = Path("runs/audit")
+    in_process: bool = False
+    resume: bool = False
+    quick: bool = False
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        if self.model_dir is not None:
+            object.__setattr__(self, "model_dir", Path(self.model_dir))
+        object.__setattr__(self, "out", Path(self.out))
+        unknown = [a for a in self.attacks if a not in ATTACKS]
+        if unknown or not self.attacks:
+            raise ConfigError(
+                f"unknown attack(s) {unknown or '(none given)'}; choose from {', '.join(ATTACKS)}"
+            )
+        if len(set(self.attacks)) != len(self.attacks):
+            raise ConfigError(f"attacks listed twice: {', '.join(self.attacks)}")
+        if not self.targets and self.model_dir is None:
+            raise ConfigError("no target model: give target kinds or --model DIR")
+        if self.labels is not None and self.labels < 1:
+            raise ConfigError(f"--labels must be >= 1, got {self.labels}")
+        if self.budget is not None and self.budget < 10:
+            raise ConfigError(f"--budget must be at least 10 queries per person, got {self.budget}")
+        if self.defenses is not None:
+            if not self.defenses:
+                raise ConfigError("empty defence list; use e.g. none,round:2,labels")
+            names = [Defense.parse(d).name for d in self.defenses]
+            if len(set(names)) != len(names):
+                raise ConfigError(f"defences listed twice: {', '.join(names)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (paths as strings)."""
+        d = asdict(self)
+        d["model_dir"] = None if self.model_dir is None else str(self.model_dir)
+        d["out"] = str(self.out)
+        d["targets"] = list(self.targets)
+        d["attacks"] = list(self.attacks)
+        d["defenses"] = None if self.defenses is None else list(self.defenses)
+        return d
+
+
+# --------------------------------------------------------------------------- presets
+@dataclass(frozen=True, kw_only=True)
+class Preset:
+    """Attack settings chosen for an image size (documented in BENCHMARKS.md)."""
+
+    budget: int
+    whitebox_iters: int
+    blackbox_iters: int
+    nes_samples: int
+    space: str  # a mlinvert.attacks.spaces.parse_space spec
+
+
+def preset_for(shape: tuple[int, int], quick: bool) -> Preset:
+    """Small images (digits) search pixels; faces search a low-frequency DCT space."""
+    pixels = shape[0] * shape[1]
+    if pixels <= 1024:
+        p = Preset(
+            budget=4000, whitebox_iters=200, blackbox_iters=200, nes_samples=10, space="pixel"
+        )
+    else:
+        p = Preset(
+            budget=3000, whitebox_iters=300, blackbox_iters=150, nes_samples=10, space="dct:8"
+        )
+    if quick:
+        p = Preset(
+            budget=min(p.budget, 600),
+            whitebox_iters=60,
+            blackbox_iters=30,
+            nes_samples=p.nes_samples,
+            space=p.space,
+        )
+    return p
+
+
+# --------------------------------------------------------------------------- utility
+def expected_calibration_error(conf: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
+    """ECE: mean |accuracy - confidence| over equal-width confidence bins, bin-weighted."""
+    conf = np.asarray(conf, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    idx = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+def served_utility(
+    responses: Response, y: np.ndarray, n_classes: int, *, k: int = TOPK
+) -> dict[str, Any]:
+    """What honest users get from a defended API on held-out rows ``y``.
+
+    ``accuracy``: the served label; ``ece``: calibration error of the returned score of
+    the served label (a labels-only answer is read as confidence 1, as a client must);
+    ``topk_accuracy``: true class among the ``k`` highest returned scores, ties broken
+    against the user (withheld classes are not ranked above anything).
+    """
+    y = np.asarray(y, dtype=np.int64)
+    labels = np.asarray(responses.labels, dtype=np.int64)
+    correct = labels == y
+    if responses.probs is None:
+        scores = np.zeros((len(y), n_classes))
+        scores[np.arange(len(y)), labels] = 1.0
+        carries = "label"
+    else:
+        scores = np.asarray(responses.probs, dtype=np.float64)
+        carries = "probs"
+    conf = scores[np.arange(len(y)), labels]
+    true_score = scores[np.arange(len(y)), y]
+    ahead = (scores >= true_score[:, None]).sum(axis=1) - 1  # others tying or beating y
+    k = min(k, n_classes)
+    return {
+        "accuracy": float(correct.mean()),
+        "ece": expected_calibration_error(conf, correct),
+        "topk_accuracy": float(((ahead < k) & (true_score > 0)).mean()),
+        "k": k,
+        "carries": carries,
+        "n_test": len(y),
+    }
+
+
+# --------------------------------------------------------------------------- results file
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python, the platform and the packages that shape the numbers."""
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("mlinvert", "numpy", "torch", "scikit-learn", "scikit-image", "fastapi"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[pkg] = metadata.version(pkg)
+    return out
+
+
+RecordKey = tuple[str, str, str, int]
+
+
+def record_key(r: dict[str, Any]) -> RecordKey:
+    """The identity of a record: (attack, defense, target_model, label)."""
+    return (str(r["attack"]), str(r["defense"]), str(r["target_model"]), int(r["label"]))
+
+
+#: Config fields that must match for ``--resume`` to continue a run.
+_RESUME_FIELDS = ("data", "model_dir", "targets", "seed", "quick", "budget")
+
+
+class ResultsFile:
+    """``DIR/results.json``, rewritten atomically after every change."""
+
+    def __init__(self, out: Path, config: AuditConfig) -> None:
+        self.path = out / "results.json"
+        self.out = out
+        fresh: dict[str, Any] = {
+            "schema": SCHEMA,
+            "status": "running",
+            "started": _now(),
+            "updated": _now(),
+            "finished": None,
+            "command": config.command,
+            "seed": config.seed,
+            "versions": versions(),
+            "config": config.to_dict(),
+            "dataset": {},
+            "thresholds": {
+                "likeness": LIKENESS_THRESHOLD,
+                "likeness_doc": "FaceJudge likeness score in [0, 1]",
+                "exposed_rate": 0.2,
+                "identity_rate": 0.3,
+                "max_accuracy_cost": 0.01,
+            },
+            "targets": {},
+            "evaluation_model": {},
+            "defenses": [],
+            "utility": {},
+            "private_images": {},
+            "references": [],
+            "records": [],
+            "tree_audit": None,
+        }
+        if self.path.exists():
+            try:
+                old = json.loads(self.path.read_text())
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{self.path} is not valid JSON ({exc}); delete it or use another --out"
+                ) from exc
+            if not config.resume:
+                raise ConfigError(
+                    f"{self.path} already holds an audit ({len(old.get('records', []))} "
+                    "records); pass --resume to continue it or choose another --out"
+                )
+            if old.get("schema") != SCHEMA:
+                raise DataError(f"{self.path} has schema {old.get('schema')!r}, not {SCHEMA}")
+            new_cfg, old_cfg = config.to_dict(), old.get("config", {})
+            diff = [f for f in _RESUME_FIELDS if old_cfg.get(f) != new_cfg.get(f)]
+            if diff:
+                changes = ", ".join(f"{f}: {old_cfg.get(f)!r} -> {new_cfg.get(f)!r}" for f in diff)
+                raise ConfigError(
+                    f"cannot resume {self.path}: the run used different settings ({changes}); "
+                    "resume with the same flags or choose another --out"
+                )
+            old.update(
+                status="running",
+                updated=_now(),
+                command=config.command or old.get("command", ""),
+                config=new_cfg,
+            )
+            self.doc = old
+        else:
+            if config.resume:
+                log.info("nothing to resume in %s; starting a new audit", out)
+            self.doc = fresh
+        self.done: dict[RecordKey, dict[str, Any]] = {record_key(r): r for r in self.doc["records"]}
+
+    def save(self) -> None:
+        """Atomic rewrite (write a temporary file, then rename over the old one)."""
+        self.doc["updated"] = _now()
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.doc, indent=1, allow_nan=False) + "\n")
+        tmp.replace(self.path)
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Append (or replace) one record and persist at once."""
+        key = record_key(record)
+        if key in self.done:
+            self.doc["records"] = [r for r in self.doc["records"] if record_key(r) != key]
+        self.doc["records"].append(record)
+        self.done[key] = record
+        self.save()
+
+
+def save_png(path: Path, image: np.ndarray) -> None:
+    """Store a float image in [0, 1] as an 8-bit grey PNG."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = (np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    Image.fromarray(arr, mode="L").save(path)
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe scalar: numpy -> python, NaN/inf -> None."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+# --------------------------------------------------------------------------- the run
+@dataclass
+class _Target:
+    name: str
+    model: Any
+    card: dict[str, Any]
+    folder: Path
+
+
+@dataclass
+class _Context:
+    config: AuditConfig
+    results: ResultsFile
+    dataset: ImageDataset
+    preset: Preset
+    targets: list[_Target]
+    judge: Any
+    labels: list[int]
+    defenses: list[Defense]
+    events: Event
+    whitebox_cache: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+
+
+def resolve_defenses(config: AuditConfig, budget: int) -> list[Defense]:
+    """The defence matrix: the user's list, or the default with a visible rate limit."""
+    if config.defenses is not None:
+        return [Defense.parse(d) for d in config.defenses]
+    rate = max(budget // 4, 10)
+    return [Defense.parse(d) for d in (*DEFAULT_POLICIES, f"rate:{rate}/hour")]
+
+
+def run_audit(config: AuditConfig, *, events: Event | None = None) -> Path:
+    """Run the audit described by ``config``; return the path of ``index.html``.
+
+    ``events(kind, data)`` receives progress (``stage``, ``plan``, ``record``,
+    ``attack_progress``) for a progress display. Ctrl-C (KeyboardInterrupt) marks the
+    run ``interrupted``, renders the partial report and re-raises.
+    """
+    from mlinvert.data import load
+    from mlinvert.report.html import render_report
+
+    emit = events or _no_event
+    out = config.out
+    results = ResultsFile(out, config)
+    results.save()
+    try:
+        emit("stage", {"name": f"loading data {config.data}"})
+        dataset = load(config.data, seed=config.seed)
+        if not isinstance(dataset, ImageDataset):
+            _run_tree(config, results, dataset, emit)
+        else:
+            _run_faces(config, results, dataset, emit)
+        results.doc["status"] = "complete"
+        results.doc["finished"] = _now()
+    except KeyboardInterrupt:
+        results.doc["status"] = "interrupted"
+        results.save()
+        with contextlib.suppress(MlinvertError, OSError, ValueError):
+            render_report(out)
+        raise
+    except BaseException:
+        results.doc["status"] = "failed"
+        results.save()
+        raise
+    results.save()
+    emit("stage", {"name": "rendering the report"})
+    return render_report(out)
+
+
+def _run_tree(config: AuditConfig, results: ResultsFile, dataset: Any, emit: Event) -> None:
+    """Survey data: the decision-tree attribute-inversion audit, as one table."""
+    from mlinvert.evaluation.trees import run_tree_audit
+
+    emit("stage", {"name": f"decision-tree audit on {config.data}"})
+    table = run_tree_audit(dataset, seed=config.seed)
+    results.doc["dataset"] = {"spec": config.data, "kind": "survey"}
+    results.doc["tree_audit"] = _tree_table(table)
+
+
+def _tree_table(table: Any) -> dict[str, Any]:
+    """Normalise the tree audit's table to ``{title, columns, rows, notes}``."""
+    if hasattr(table, "to_dict") and not isinstance(table, dict):
+        table = table.to_dict()
+    if isinstance(table, dict) and "columns" in table and "rows" in table:
+        return {
+            "title": table.get("title", ""),
+            "columns": [str(c) for c in table["columns"]],
+            "rows": [[_clean(v) for v in row] for row in table["rows"]],
+            "notes": list(table.get("notes", [])),
+        }
+    raise DataError(f"unexpected tree audit result {type(table).__name__}; expected a table")
+
+
+def _load_or_train(
+    ctx_out: Path, kind: str, dataset: ImageDataset, config: AuditConfig, emit: Event
+) -> _Target:
+    from mlinvert.targets import io
+    from mlinvert.targets.training import train_target
+
+    folder = ctx_out / "models" / kind
+    if (folder / "model.json").exists():
+        emit("stage", {"name": f"loading {kind} from {folder}"})
+        model = io.load(folder)
+        card = json.loads((folder / "model.json").read_text())
+        return _Target(name=kind, model=model, card=card, folder=folder)
+    emit("stage", {"name": f"training {kind}"})
+    trained = train_target(dataset, kind, seed=config.seed, quick=config.quick)
+    io.save(trained.model, folder, card=trained.card)
+    card = json.loads((folder / "model.json").read_text())
+    return _Target(name=kind, model=trained.model, card=card, folder=folder)
+
+
+def _test_accuracy(model: Any, dataset: ImageDataset) -> float:
+    x, y = dataset.test()
+    return float((np.asarray(model.predict(x)) == y).mean())
+
+
+def _run_faces(
+    config: AuditConfig, results: ResultsFile, dataset: ImageDataset, emit: Event
+) -> None:
+    from mlinvert.evaluation.faces import FaceJudge
+
+    out = config.out
+    preset = preset_for(dataset.image_shape, config.quick)
+    budget = config.budget or preset.budget
+    defenses = resolve_defenses(config, budget)
+    labels = list(range(min(config.labels or dataset.n_classes, dataset.n_classes)))
+    doc = results.doc
+    doc["dataset"] = {
+        "spec": config.data,
+        "kind": "image",
+        "n_classes": dataset.n_classes,
+        "class_names": list(dataset.class_names),
+        "image_shape": list(dataset.image_shape),
+        "n_train": int(dataset.split.train.size),
+        "n_test": int(dataset.split.test.size),
+        "split_rule": dataset.split.rule,
+        "attacked_labels": labels,
+    }
+    doc["defenses"] = [asdict(d) for d in defenses]
+    doc["budget"] = budget
+    doc["preset"] = asdict(preset)
+
+    targets: list[_Target] = []
+    if config.model_dir is not None:
+        from mlinvert.targets import io
+
+        emit("stage", {"name": f"loading {config.model_dir}"})
+        model = io.load(config.model_dir)
+        card = json.loads((Path(config.model_dir) / "model.json").read_text())
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(config.model_dir).name) or model.kind
+        targets.append(_Target(name=name, model=model, card=card, folder=Path(config.model_dir)))
+    else:
+        targets.extend(_load_or_train(out, k, dataset, config, emit) for k in config.targets)
+    for t in targets:
+        if tuple(t.model.input_shape_) != dataset.image_shape:
+            raise DataError(
+                f"model {t.name} takes images {tuple(t.model.input_shape_)}, the data "
+                f"{config.data} has {dataset.image_shape}; pass the --data it was trained on"
+            )
+        doc["targets"][t.name] = {
+            "kind": t.model.kind,
+            "test_accuracy": _test_accuracy(t.model, dataset),
+            "model_dir": str(t.folder),
+        }
+    evaluator = _load_or_train(out, "evaluation", dataset, config, emit)
+    doc["evaluation_model"] = {
+        "kind": "evaluation",
+        "test_accuracy": _test_accuracy(evaluator.model, dataset),
+        "model_dir": str(evaluator.folder),
+    }
+    results.save()
+
+    emit("stage", {"name": "fitting the judge (evaluation model, lineup, references)"})
+    judge = FaceJudge.fit(dataset, evaluator.model, seed=config.seed)
+    _references(judge, labels, config.seed, results)
+    _private_photos(dataset, labels, results)
+    _utilities(targets, defenses, dataset, results)
+    results.save()
+
+    ctx = _Context(
+        config=config,
+        results=results,
+        dataset=dataset,
+        preset=preset,
+        targets=targets,
+        judge=judge,
+        labels=labels,
+        defenses=defenses,
+        events=emit,
+    )
+    plan = [
+        (a, d.name, t.name, lab)
+        for d in defenses
+        for t in targets
+        for a in config.attacks
+        for lab in labels
+    ]
+    done = sum(1 for k in plan if k in results.done)
+    emit("plan", {"total": len(plan), "done": done})
+    for defense in defenses:
+        todo = [k for k in plan if k[1] == defense.name and k not in results.done]
+        if not todo:
+            continue
+        with _serve(ctx, defense) as oracles:
+            for attack, _, target_name, label in todo:
+                target = next(t for t in targets if t.name == target_name)
+                record = _attack_one(ctx, attack, defense, target, label, oracles)
+                results.add(record)
+                emit("record", record)
+
+
+# --------------------------------------------------------------------------- pieces
+def _references(judge: Any, labels: list[int], seed: int, results: ResultsFile) -> None:
+    """Score FaceJudge's reference images (grey, noise, noise template, held-out photo)
+    for every attacked person; keep the rates and one example image each."""
+    from mlinvert.evaluation.faces import FaceJudge
+
+    y = np.asarray(labels, dtype=np.int64)
+    out = []
+    for name, images in judge.reference_points(y, seed=seed).items():
+        scores = judge.score(images, y)
+        for s in scores:
+            s["recovered"] = _recovered(s)
+        summary = FaceJudge.summary(scores)
+        rel = f"images/references/{re.sub(r'[^A-Za-z0-9]+', '_', name)}.png"
+        save_png(results.out / rel, np.asarray(images[0]))
+        out.append(
+            {
+                "name": name.replace("_", " "),
+                "n": len(scores),
+                **{k: _clean(v) for k, v in summary.items() if k != "n"},
+                "recovered": sum(s["recovered"] for s in scores) / max(len(scores), 1),
+                "image": rel,
+                "image_label": int(y[0]),
+            }
+        )
+    results.doc["references"] = out
+
+
+def _private_photos(dataset: ImageDataset, labels: list[int], results: ResultsFile) -> None:
+    x, y = dataset.train()
+    for lab in labels:
+        rows = np.flatnonzero(y == lab)
+        if rows.size:
+            rel = f"images/private/{lab}.png"
+            save_png(results.out / rel, x[rows[0]])
+            results.doc["private_images"][str(lab)] = rel
+
+
+def _utilities(
+    targets: list[_Target], defenses: list[Defense], dataset: ImageDataset, results: ResultsFile
+) -> None:
+    from mlinvert.defenses.policies import parse_policy
+    from mlinvert.defenses.predictor import Predictor
+
+    x, y = dataset.test()
+    for t in targets:
+        per: dict[str, Any] = {}
+        for d in defenses:
+            predictor = Predictor(
+                t.model, name=t.name, policy=parse_policy(d.policy), max_batch=max(len(x), 1)
+            )
+            util = served_utility(
+                predictor.predict(x, account="utility"), y, len(t.model.class_names_)
+            )
+            util["policy"] = d.policy
+            util["rate_limit"] = d.rate
+            per[d.name] = util
+        results.doc["utility"][t.name] = per
+
+
+def _recovered(metrics: dict[str, Any]) -> bool:
+    like = metrics.get("likeness")
+    return (
+        bool(metrics.get("eval_top1")) and like is not None and float(like) >= (LIKENESS_THRESHOLD)
+    )
+
+
+@contextlib.contextmanager
+def _serve(ctx: _Context, defense: Defense) -> Iterator[dict[tuple[str, str], Any]]:
+    """Oracles per (target, attack) for ``defense``: HTTP service or in process.
+
+    Every API attack gets its own fresh account (API key); the white-box attacker gets
+    the model itself (no API, so no output policy and no rate limit apply).
+    """
+    from mlinvert.defenses.policies import parse_policy
+    from mlinvert.defenses.predictor import Predictor
+    from mlinvert.oracle.local import LocalOracle
+
+    api_attacks = [a for a in ctx.config.attacks if a != "whitebox"]
+    if ctx.config.in_process or not api_attacks:
+        guards = []
+        if defense.rate is not None:
+            from mlinvert.defenses.ratelimit import RateLimiter
+
+            guards.append(RateLimiter(defense.rate))
+        oracles: dict[tuple[str, str], Any] = {}
+        for t in ctx.targets:
+            predictor = Predictor(
+                t.model, name=t.name, policy=parse_policy(defense.policy), guards=guards
+            )
+            for a in api_attacks:
+                oracles[(t.name, a)] = LocalOracle(predictor, account=f"{defense.slug}-{a}")
+        yield oracles
+        return
+    from mlinvert.oracle.http import HttpOracle
+    from mlinvert.service.runner import ServiceProcess
+    from mlinvert.service.store import Store
+
+    ctx.events("stage", {"name": f"starting the service with defence {defense.name}"})
+    db = ctx.results.out / "service" / f"{defense.slug}.sqlite3"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    store = Store(db)
+    try:
+        keys = {
+            (t.name, a): store.create_key(f"audit-{defense.slug}-{t.name}-{a}")[0]
+            for t in ctx.targets
+            for a in api_attacks
+        }
+    finally:
+        store.close()
+    with ServiceProcess(
+        [f"{t.name}={t.folder}" for t in ctx.targets],
+        db=db,
+        policy=defense.policy,
+        rate_limit=defense.rate,
+    ) as service:
+        oracles = {
+            (name, a): HttpOracle(service.model_url(name), key, max_wait=0.0)
+            for (name, a), key in keys.items()
+        }
+        try:
+            yield oracles
+        finally:
+            for o in oracles.values():
+                o.close()
+
+
+def _build_attack(ctx: _Context, attack: str) -> Any:
+    from mlinvert.attacks import LabelOnly, LabelOnlyConfig, MIFace, MIFaceConfig
+    from mlinvert.attacks.gradients import NES, Exact
+    from mlinvert.attacks.spaces import parse_space
+
+    p = ctx.preset
+    if attack == "whitebox":
+        return MIFace(MIFaceConfig.improved(max_iter=p.whitebox_iters), gradient=Exact())
+    if attack == "blackbox":
+        return MIFace(
+            MIFaceConfig.improved(max_iter=p.blackbox_iters),
+            gradient=NES(samples=p.nes_samples),
+            space=parse_space(p.space),
+        )
+    return LabelOnly(LabelOnlyConfig())
+
+
+def _attack_one(
+    ctx: _Context,
+    attack: str,
+    defense: Defense,
+    target: _Target,
+    label: int,
+    oracles: dict[tuple[str, str], Any],
+) -> dict[str, Any]:
+    """Run one attack on one person under one defence and judge it: one record."""
+    from mlinvert.defenses.predictor import Predictor
+    from mlinvert.oracle.local import WhiteBoxOracle
+
+    base = {
+        "attack": attack,
+        "defense": defense.name,
+        "target_model": target.name,
+        "label": label,
+        "label_name": ctx.dataset.class_names[label],
+        "seed": ctx.config.seed,
+    }
+    util = ctx.results.doc["utility"][target.name][defense.name]
+    if attack == "whitebox":
+        cached = ctx.whitebox_cache.get((target.name, label)) or next(
+            (
+                r
+                for r in ctx.results.doc["records"]
+                if (r["attack"], r["target_model"], r["label"]) == ("whitebox", target.name, label)
+            ),
+            None,
+        )
+        if cached is not None:
+            return {**cached, **base, "utility": util, "channel": "model weights (shared run)"}
+        oracle: Any = WhiteBoxOracle(Predictor(target.model, name=target.name))
+        channel = "model weights"
+        budget = None
+    else:
+        oracle = oracles[(target.name, attack)]
+        channel = "in-process API" if ctx.config.in_process else "HTTP API"
+        budget = ctx.results.doc["budget"]
+
+    def progress(ev: Any) -> None:
+        ctx.events(
+            "attack_progress",
+            {"queries": ev.n_queries, "budget": budget, "confidence": ev.best_confidence},
+        )
+
+    record: dict[str, Any] = {**base, "channel": channel}
+    try:
+        result = _build_attack(ctx, attack).run(
+            oracle, label, seed=ctx.config.seed, budget=budget, progress=progress
+        )
+    except MlinvertError as exc:
+        # e.g. MI-Face against a labels-only API: the attacker gets nothing out
+        record.update(
+            status="failed",
+            error=str(exc),
+            n_queries=0,
+            seconds=0.0,
+            image=None,
+            target_confidence=None,
+            recovered=False,
+            utility=util,
+            **dict.fromkeys(_METRICS),
+        )
+        return record
+    image = result.reconstructions[0]
+    rel = f"images/{target.name}/{attack}/{defense.slug}/{label}.png"
+    save_png(ctx.results.out / rel, image)
+    scores = ctx.judge.score(result.reconstructions[:1], np.asarray([label]))[0]
+    metrics = {k: _clean(scores.get(k)) for k in _METRICS}
+    conf = float(result.confidence[0]) if len(result.confidence) else float("nan")
+    record.update(
+        status=result.status,
+        error=(result.per_label[0].get("message") or None) if result.per_label else None,
+        n_queries=int(result.n_queries),
+        seconds=round(float(result.elapsed_s), 4),
+        image=rel,
+        target_confidence=_clean(conf),
+        **metrics,
+    )
+    record["recovered"] = _recovered(record)
+    record["utility"] = util
+    if attack == "whitebox":
+        ctx.whitebox_cache[(target.name, label)] = {
+            k: v for k, v in record.items() if k not in ("defense", "utility")
+        }
+    return record
+
+
+_METRICS = (
+    "eval_top1",
+    "eval_top5",
+    "likeness",
+    "lineup_correct",
+    "pixel_nn_correct",
+    "ssim",
+    "mse",
+    "feature_distance",
+    "eigen_nn_correct",
+)
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as typed (for the report's reproduce section)."""
+    args = sys.argv[1:] if argv is None else argv
+    return shlex.join(["mlinvert", *args])
