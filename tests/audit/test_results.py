@@ -1,0 +1,95 @@
+"""Pure pieces of the audit: defence specs, utility measures, the results file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlinvert.errors import ConfigError
+from mlinvert.evaluation.audit import (
+    AuditConfig,
+    Defense,
+    ResultsFile,
+    expected_calibration_error,
+    resolve_defenses,
+    served_utility,
+)
+from mlinvert.oracle.base import Response
+
+
+def test_defense_specs() -> None:
+    assert Defense.parse("none") == Defense(name="none", policy="full", rate=None)
+    d = Defense.parse("round:2+rate:100/hour")
+    assert (d.policy, d.rate, d.slug) == ("round:2", "100/hour", "round_2_rate_100_hour")
+    with pytest.raises(ConfigError):
+        Defense.parse("round:two")
+    with pytest.raises(ConfigError):
+        Defense.parse("rate:fast")
+
+
+def test_default_matrix_has_a_rate_limit_below_the_budget() -> None:
+    names = [d.name for d in resolve_defenses(AuditConfig(), budget=4000)]
+    assert names == ["none", "round:3", "round:2", "round:1", "top:1", "labels", "rate:1000/hour"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"attacks": ("whitebox", "nope")}, "unknown attack"),
+        ({"labels": 0}, "--labels"),
+        ({"budget": 3}, "--budget"),
+        ({"defenses": ("none", "none")}, "twice"),
+        ({"targets": ()}, "no target"),
+    ],
+)
+def test_bad_config_is_refused(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        AuditConfig(**kwargs)
+
+
+def test_ece_and_utility() -> None:
+    assert expected_calibration_error(np.array([1.0, 1.0]), np.array([1, 1])) == 0.0
+    assert expected_calibration_error(np.array([0.9, 0.9]), np.array([0, 0])) == pytest.approx(0.9)
+    probs = np.array([[0.7, 0.2, 0.1, 0.0], [0.1, 0.5, 0.4, 0.0], [0.6, 0.3, 0.1, 0.0]])
+    y = np.array([0, 2, 1])
+    full = served_utility(Response(labels=probs.argmax(1), probs=probs), y, 4, k=2)
+    assert full["accuracy"] == pytest.approx(1 / 3)
+    assert full["topk_accuracy"] == 1.0
+    top1 = probs * (probs == probs.max(1, keepdims=True))
+    cut = served_utility(Response(labels=probs.argmax(1), probs=top1), y, 4, k=2)
+    assert cut["topk_accuracy"] == pytest.approx(1 / 3)  # withheld scores never rank
+    labels = served_utility(Response(labels=probs.argmax(1)), y, 4, k=2)
+    assert labels["carries"] == "label" and labels["ece"] == pytest.approx(2 / 3)
+
+
+def _record(label: int) -> dict:
+    return {
+        "attack": "blackbox",
+        "defense": "none",
+        "target_model": "softmax",
+        "label": label,
+        "status": "succeeded",
+    }
+
+
+def test_results_file_is_rewritten_after_every_record(tmp_path: Path) -> None:
+    cfg = AuditConfig(out=tmp_path, seed=3)
+    rf = ResultsFile(tmp_path, cfg)
+    rf.save()
+    for lab in range(3):
+        rf.add(_record(lab))
+        on_disk = json.loads((tmp_path / "results.json").read_text())
+        assert len(on_disk["records"]) == lab + 1
+    assert not (tmp_path / "results.json.tmp").exists()
+    # a second run without --resume refuses to overwrite
+    with pytest.raises(ConfigError, match="--resume"):
+        ResultsFile(tmp_path, cfg)
+    # resume keeps the records and knows what is done
+    again = ResultsFile(tmp_path, AuditConfig(out=tmp_path, seed=3, resume=True))
+    assert set(again.done) == {("blackbox", "none", "softmax", lab) for lab in range(3)}
+    # resume with other settings is refused, naming the difference
+    with pytest.raises(ConfigError, match="seed"):
+        ResultsFile(tmp_path, AuditConfig(out=tmp_path, seed=4, resume=True))
