@@ -162,24 +162,30 @@ def encode_records(
     out = np.empty((len(records), len(names)), dtype=np.float32)
     for i, record in enumerate(records):
         if not isinstance(record, dict):
-            raise error(f"record {i}: expected an object of named answers, got "
-                        f"{type(record).__name__}")
+            raise error(
+                f"record {i}: expected an object of named answers, got {type(record).__name__}"
+            )
         unknown = sorted(set(record) - set(names))
         if unknown:
-            raise error(f"record {i}: unknown field {unknown[0]!r}; fields are: "
-                        f"{', '.join(names)}")
+            raise error(f"record {i}: unknown field {unknown[0]!r}; fields are: {', '.join(names)}")
         for j, name in enumerate(names):
             if name not in record:
-                raise error(f"record {i}: missing field {name!r}; every record needs all of: "
-                            f"{', '.join(names)}")
+                raise error(
+                    f"record {i}: missing field {name!r}; every record needs all of: "
+                    f"{', '.join(names)}"
+                )
             value = record[name]
             if isinstance(value, bool) or not isinstance(value, str | int | float):
-                raise error(f"record {i}: field {name!r} must be a string category, got "
-                            f"{type(value).__name__} {value!r}")
+                raise error(
+                    f"record {i}: field {name!r} must be a string category, got "
+                    f"{type(value).__name__} {value!r}"
+                )
             key = value if isinstance(value, str) else _number_name(value)
             if key not in index[j]:
-                raise error(f"record {i}: field {name!r} has unknown category {value!r}; "
-                            f"expected one of: {', '.join(domains[j])}")
+                raise error(
+                    f"record {i}: field {name!r} has unknown category {value!r}; "
+                    f"expected one of: {', '.join(domains[j])}"
+                )
             out[i, j] = index[j][key]
     return out
 
@@ -202,15 +208,16 @@ def _encode_column(values: pd.Series, domain: tuple[str, ...], column: str) -> n
     index = {c: k for k, c in enumerate(domain)}
     bad = sorted(set(values) - set(index))
     if bad:
-        raise DataError(f"column {column!r} has unexpected values {bad[:5]}; "
-                        f"expected one of {list(domain)}")
+        raise DataError(
+            f"column {column!r} has unexpected values {bad[:5]}; expected one of {list(domain)}"
+        )
     return values.map(index).to_numpy(dtype=np.float32)
 
 
 def _random_split(n: int, seed: int, rng_seed: Seed) -> Split:
     rng = rng_from(rng_seed)
     order = rng.permutation(n)
-    k = int(round(MEMBER_FRACTION * n))
+    k = round(MEMBER_FRACTION * n)
     return Split(
         train=np.sort(order[:k]).astype(np.int64),
         test=np.sort(order[k:]).astype(np.int64),
@@ -255,27 +262,48 @@ STEAK_COLUMNS: tuple[tuple[str, str, tuple[str, ...], bool], ...] = (
     (
         "income",
         "Household Income",
-        ("$0 - $24,999", "$25,000 - $49,999", "$50,000 - $99,999", "$100,000 - $149,999",
-         "$150,000+"),
+        (
+            "$0 - $24,999",
+            "$25,000 - $49,999",
+            "$50,000 - $99,999",
+            "$100,000 - $149,999",
+            "$150,000+",
+        ),
         True,
     ),
     (
         "education",
         "Education",
-        ("Less than high school degree", "High school degree",
-         "Some college or Associate degree", "Bachelor degree", "Graduate degree"),
+        (
+            "Less than high school degree",
+            "High school degree",
+            "Some college or Associate degree",
+            "Bachelor degree",
+            "Graduate degree",
+        ),
         True,
     ),
     (
         "location",
         "Location (Census Region)",
-        ("New England", "Middle Atlantic", "East North Central", "West North Central",
-         "South Atlantic", "East South Central", "West South Central", "Mountain", "Pacific"),
+        (
+            "New England",
+            "Middle Atlantic",
+            "East North Central",
+            "West North Central",
+            "South Atlantic",
+            "East South Central",
+            "West South Central",
+            "Mountain",
+            "Pacific",
+        ),
         False,
     ),
 )
-STEAK_TARGET = ("How do you like your steak prepared?",
-                ("Rare", "Medium rare", "Medium", "Medium Well", "Well"))
+STEAK_TARGET = (
+    "How do you like your steak prepared?",
+    ("Rare", "Medium rare", "Medium", "Medium Well", "Well"),
+)
 
 
 def load_steak(path: str, *, seed: Seed = 0) -> SurveyDataset:
@@ -294,8 +322,10 @@ def load_steak(path: str, *, seed: Seed = 0) -> SurveyDataset:
     for short, prefix, _, _ in STEAK_COLUMNS:
         hits = [c for c in frame.columns if c.startswith(prefix)]
         if not hits:
-            raise DataError(f"{str(file)!r} has no column for {prefix!r} ({short}); "
-                            "is it the FiveThirtyEight steak-risk-survey.csv?")
+            raise DataError(
+                f"{str(file)!r} has no column for {prefix!r} ({short}); "
+                "is it the FiveThirtyEight steak-risk-survey.csv?"
+            )
         by_prefix[short] = hits[0]
     _need_columns(frame, [STEAK_TARGET[0]], file)
     n_all = len(frame)
@@ -328,20 +358,49 @@ def load_steak(path: str, *, seed: Seed = 0) -> SurveyDataset:
         sensitive="cheated",
         sensitive_positive=1,
         split=_random_split(len(frame), _seed_int(seed), seed),
-        meta={"source": str(file), "rows_in_file": n_all,
-              "dropped": {"missing target or sensitive answer": int(n_all - len(frame))},
-              "missing_rule": "target/sensitive missing: row dropped; other: category 'missing'"},
+        meta={
+            "source": str(file),
+            "rows_in_file": n_all,
+            "dropped": {"missing target or sensitive answer": int(n_all - len(frame))},
+            "missing_rule": "target/sensitive missing: row dropped; other: category 'missing'",
+        },
     )
 
 
 # --------------------------------------------------------------------------- GSS
 
 GSS_FILES = ("GSS_15235.csv", "GSS_5079.csv")
-GSS_COLUMNS = ("year", "marital", "divorce", "childs", "age", "educ", "sex", "race", "relig",
-               "xmovie", "pornlaw", "hapmar")
-GSS_RELIG = ("protestant", "catholic", "jewish", "none", "other", "buddhism", "hinduism",
-             "othereastern", "muslim", "orthodoxchristian", "christian", "nativeamerican",
-             "internondenominational", "dontknow", MISSING)
+GSS_COLUMNS = (
+    "year",
+    "marital",
+    "divorce",
+    "childs",
+    "age",
+    "educ",
+    "sex",
+    "race",
+    "relig",
+    "xmovie",
+    "pornlaw",
+    "hapmar",
+)
+GSS_RELIG = (
+    "protestant",
+    "catholic",
+    "jewish",
+    "none",
+    "other",
+    "buddhism",
+    "hinduism",
+    "othereastern",
+    "muslim",
+    "orthodoxchristian",
+    "christian",
+    "nativeamerican",
+    "internondenominational",
+    "dontknow",
+    MISSING,
+)
 
 
 def _bin(edges: Sequence[tuple[int, int, str]], missing: set[int]) -> Callable[[str], str]:
@@ -362,13 +421,32 @@ def _bin(edges: Sequence[tuple[int, int, str]], missing: set[int]) -> Callable[[
 
 # Bins (inclusive) and GSS no-answer codes of the numeric columns.
 GSS_BINS: dict[str, tuple[tuple[tuple[int, int, str], ...], set[int]]] = {
-    "year": (((1970, 1979, "1970s"), (1980, 1989, "1980s"), (1990, 1999, "1990s"),
-              (2000, 2009, "2000s"), (2010, 2019, "2010s")), set()),
-    "childs": (tuple((k, k, str(k)) for k in range(4)) + ((4, 8, "4+"),), {9}),
-    "age": (((18, 29, "18-29"), (30, 39, "30-39"), (40, 49, "40-49"), (50, 59, "50-59"),
-             (60, 69, "60-69"), (70, 89, "70+")), {99}),
-    "educ": (((0, 11, "0-11"), (12, 12, "12"), (13, 15, "13-15"), (16, 16, "16"),
-              (17, 20, "17-20")), {98, 99}),
+    "year": (
+        (
+            (1970, 1979, "1970s"),
+            (1980, 1989, "1980s"),
+            (1990, 1999, "1990s"),
+            (2000, 2009, "2000s"),
+            (2010, 2019, "2010s"),
+        ),
+        set(),
+    ),
+    "childs": ((*tuple((k, k, str(k)) for k in range(4)), (4, 8, "4+")), {9}),
+    "age": (
+        (
+            (18, 29, "18-29"),
+            (30, 39, "30-39"),
+            (40, 49, "40-49"),
+            (50, 59, "50-59"),
+            (60, 69, "60-69"),
+            (70, 89, "70+"),
+        ),
+        {99},
+    ),
+    "educ": (
+        ((0, 11, "0-11"), (12, 12, "12"), (13, 15, "13-15"), (16, 16, "16"), (17, 20, "17-20")),
+        {98, 99},
+    ),
 }
 GSS_TEXT: dict[str, tuple[str, ...]] = {
     "marital": ("married", "separated"),
@@ -435,16 +513,26 @@ def load_gss(path: str, *, seed: Seed = 0) -> SurveyDataset:
             seed=_seed_int(seed),
             rule="members GSS_15235.csv, non-members GSS_5079.csv (fixed)",
         ),
-        meta={"source": str(folder), "dropped": {},
-              "missing_rule": "codes childs 9, age 99, educ 98/99, 'noanswer' -> 'missing'",
-              "bins": {k: [label for _, _, label in v[0]] for k, v in GSS_BINS.items()}},
+        meta={
+            "source": str(folder),
+            "dropped": {},
+            "missing_rule": "codes childs 9, age 99, educ 98/99, 'noanswer' -> 'missing'",
+            "bins": {k: [label for _, _, label in v[0]] for k, v in GSS_BINS.items()},
+        },
     )
 
 
 # --------------------------------------------------------------------------- fair
 
-FAIR_FEATURES = ("age", "yrs_married", "children", "religious", "educ", "occupation",
-                 "occupation_husb")
+FAIR_FEATURES = (
+    "age",
+    "yrs_married",
+    "children",
+    "religious",
+    "educ",
+    "occupation",
+    "occupation_husb",
+)
 FAIR_TARGET = ("very poor", "poor", "fair", "good", "very good")
 
 
