@@ -1,0 +1,356 @@
+"""Search spaces for MI-Face: where the attack moves, and how a point becomes an image.
+
+Every space is linear before clipping: ``x = clip(offset + B z, 0, 1)``. An attack
+works on ``z``; gradient sources estimate the gradient with respect to ``z``.
+
+- :class:`Pixel` – the paper's raw pixels (Fredrikson et al., CCS 2015).
+- :class:`LowRes` – a coarse grid upsampled bilinearly (data free, few dimensions).
+- :class:`DCT` – the ``k x k`` lowest-frequency DCT coefficients (data free).
+- :class:`PCAPrior` – "eigenfaces" learned by the attacker from auxiliary public
+  images of *other* people; whitened, so the prior is ``z ~ N(0, I)`` around the
+  auxiliary mean face.
+
+A space is configured without the image shape; :meth:`Space.bind` returns a copy for
+one input shape (the attack calls it with the oracle's ``info.input_shape``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from scipy.fft import idctn
+
+from mlinvert.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class Space:
+    """A linear search space ``x = clip(offset + B z)``; ``B is None`` means identity."""
+
+    name = "space"
+
+    def __init__(self) -> None:
+        self.shape: tuple[int, int] | None = None
+        self._basis: np.ndarray | None = None  # (n_pixels, dim) float64
+        self._offset: np.ndarray | None = None  # (n_pixels,)
+
+    # -- set-up ---------------------------------------------------------------
+    def bind(self, shape: tuple[int, ...]) -> Space:
+        """This space for images of ``shape`` = (h, w) (a bound copy)."""
+        if len(shape) != 2:
+            raise ConfigError(
+                f"{type(self).__name__} searches grey images (h, w); the target takes {shape}"
+            )
+        h, w = int(shape[0]), int(shape[1])
+        if self.shape == (h, w):
+            return self
+        bound = self._copy()
+        bound.shape = (h, w)
+        bound._build(h, w)
+        return bound
+
+    def _copy(self) -> Space:
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def _build(self, h: int, w: int) -> None:
+        raise NotImplementedError
+
+    def _need(self) -> tuple[int, int]:
+        if self.shape is None:
+            raise ConfigError(f"{self.name} space is not bound to an image shape; call bind()")
+        return self.shape
+
+    # -- geometry -------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        """Number of coordinates of ``z``."""
+        h, w = self._need()
+        return h * w if self._basis is None else int(self._basis.shape[1])
+
+    @property
+    def pixel_scale(self) -> float:
+        """RMS pixel change for a unit step along a typical coordinate."""
+        h, w = self._need()
+        if self._basis is None:
+            return 1.0
+        return float(np.sqrt((self._basis**2).sum(axis=0).mean() / (h * w)))
+
+    def raw(self, z: np.ndarray) -> np.ndarray:
+        """``offset + B z`` before clipping, ``(n, h, w)`` for ``z`` of shape ``(n, dim)``."""
+        h, w = self._need()
+        z = np.atleast_2d(np.asarray(z, dtype=np.float64))
+        flat = z if self._basis is None else z @ self._basis.T
+        if self._offset is not None:
+            flat = flat + self._offset
+        return flat.reshape(z.shape[0], h, w)
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """Images ``(n, h, w)`` float32 in [0, 1] for points ``z`` ``(n, dim)``."""
+        return np.clip(self.raw(z), 0.0, 1.0).astype(np.float32)
+
+    def pullback(self, z: np.ndarray, grad_x: np.ndarray) -> np.ndarray:
+        """``d f / d z`` from ``d f / d x`` at ``z`` for an objective ``f`` to *maximise*.
+
+        A clipped pixel contributes only when ascent would move it back into [0, 1]
+        (so a search can leave a black or white start).
+        """
+        z = np.atleast_2d(np.asarray(z, dtype=np.float64))
+        raw = self.raw(z).reshape(z.shape[0], -1)
+        g = np.asarray(grad_x, dtype=np.float64).reshape(z.shape[0], -1)
+        g = g * (((raw > 0.0) | (g > 0)) & ((raw < 1.0) | (g < 0)))
+        return g if self._basis is None else g @ self._basis
+
+    def push(self, grad_x: np.ndarray) -> np.ndarray:
+        """``B^T g`` without the clip mask (for prior terms computed on the image)."""
+        g = np.asarray(grad_x, dtype=np.float64).reshape(np.shape(grad_x)[0], -1)
+        return g if self._basis is None else g @ self._basis
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """Least-squares ``z`` whose decoding is closest to images ``x`` ``(n, h, w)``."""
+        h, w = self._need()
+        flat = np.asarray(x, dtype=np.float64).reshape(-1, h * w)
+        if self._offset is not None:
+            flat = flat - self._offset
+        if self._basis is None:
+            return flat
+        z, *_ = np.linalg.lstsq(self._basis, flat.T, rcond=None)
+        return np.asarray(z.T)
+
+    def project(self, z: np.ndarray) -> np.ndarray:
+        """Process step after each update (identity; pixel-valued spaces clip to [0, 1])."""
+        return z
+
+    def prior_center(self) -> np.ndarray:
+        """The point the prior-distance term pulls towards (a flat grey image by default)."""
+        h, w = self._need()
+        return self.encode(np.full((1, h, w), 0.5))[0]
+
+    def prior_sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Random points ``(n, dim)`` from the space's prior (for label-only starts)."""
+        h, w = self._need()
+        coarse = rng.uniform(0.0, 1.0, size=(n, max(h // 8, 2), max(w // 8, 2)))
+        from skimage.transform import resize
+
+        imgs = np.stack([resize(c, (h, w), order=1) for c in coarse])
+        return self.encode(imgs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form for result configs."""
+        return {"name": self.name}
+
+
+class Pixel(Space):
+    """The raw pixels (the paper's search space): ``dim = h * w``."""
+
+    name = "pixel"
+
+    def _build(self, h: int, w: int) -> None:
+        self._basis = None
+        self._offset = None
+
+    def project(self, z: np.ndarray) -> np.ndarray:
+        """Clip the pixels to [0, 1] (the paper's Process for raw images)."""
+        return np.clip(z, 0.0, 1.0)
+
+
+def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """``(n_out, n_in)`` matrix of 1-d linear interpolation (align corners)."""
+    m = np.zeros((n_out, n_in))
+    if n_in == 1:
+        m[:, 0] = 1.0
+        return m
+    pos = np.linspace(0.0, n_in - 1.0, n_out)
+    lo = np.minimum(np.floor(pos).astype(int), n_in - 2)
+    frac = pos - lo
+    m[np.arange(n_out), lo] = 1.0 - frac
+    m[np.arange(n_out), lo + 1] = frac
+    return m
+
+
+class LowRes(Space):
+    """A ``(h, w)`` low-resolution grid upsampled bilinearly to the input size."""
+
+    name = "lowres"
+
+    def __init__(self, h: int = 28, w: int = 23) -> None:
+        super().__init__()
+        if h < 1 or w < 1:
+            raise ConfigError(f"LowRes grid must be at least 1x1, got {h}x{w}")
+        self.grid = (int(h), int(w))
+
+    def _build(self, h: int, w: int) -> None:
+        gh, gw = self.grid
+        if gh > h or gw > w:
+            raise ConfigError(f"LowRes grid {gh}x{gw} is larger than the image {h}x{w}")
+        self._basis = np.kron(bilinear_matrix(h, gh), bilinear_matrix(w, gw))
+        self._offset = None
+
+    def project(self, z: np.ndarray) -> np.ndarray:
+        """Clip the grid to [0, 1] (bilinear upsampling then stays in range)."""
+        return np.clip(z, 0.0, 1.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"name": self.name, "h": self.grid[0], "w": self.grid[1]}
+
+
+class DCT(Space):
+    """The ``k x k`` lowest-frequency 2-d DCT-II coefficients (orthonormal basis).
+
+    Columns are scaled to unit RMS per pixel, so a unit step in one coefficient is a
+    cosine pattern of amplitude about 1.
+    """
+
+    name = "dct"
+
+    def __init__(self, k: int = 16) -> None:
+        super().__init__()
+        if k < 1:
+            raise ConfigError(f"DCT needs k >= 1 coefficients per axis, got {k}")
+        self.k = int(k)
+
+    def _build(self, h: int, w: int) -> None:
+        kh, kw = min(self.k, h), min(self.k, w)
+        cols = []
+        for i in range(kh):
+            for j in range(kw):
+                coef = np.zeros((h, w))
+                coef[i, j] = 1.0
+                cols.append(idctn(coef, norm="ortho").ravel())
+        basis = np.stack(cols, axis=1)
+        self._basis = basis * np.sqrt(h * w)
+        self._offset = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"name": self.name, "k": self.k}
+
+
+class PCAPrior(Space):
+    """Eigenfaces from the attacker's auxiliary images of other people (whitened).
+
+    ``aux`` ``(m, h', w')`` in [0, 1] is resized to the target's input shape when bound.
+    ``z ~ N(0, I)`` is the prior; ``z = 0`` is the auxiliary mean face. ``private``
+    (optional) are images the attacker must not use: binding refuses aux images that
+    coincide with any of them (exact or near-exact duplicates), so a benchmark cannot
+    leak the target's training photos into the prior by mistake.
+    """
+
+    name = "pca"
+
+    def __init__(
+        self,
+        aux: np.ndarray,
+        k: int = 60,
+        *,
+        private: np.ndarray | None = None,
+        source: str = "aux",
+    ) -> None:
+        super().__init__()
+        aux = np.asarray(aux, dtype=np.float64)
+        if aux.ndim != 3 or aux.shape[0] < 3:
+            raise ConfigError(
+                f"PCAPrior needs auxiliary images (m, h, w) with m >= 3, got {aux.shape}"
+            )
+        if not np.isfinite(aux).all() or aux.min() < 0.0 or aux.max() > 1.0:
+            raise ConfigError("PCAPrior auxiliary images must be finite values in [0, 1]")
+        if k < 1:
+            raise ConfigError(f"PCAPrior needs k >= 1 components, got {k}")
+        self.aux = aux
+        self.k = int(k)
+        self.private = None if private is None else np.asarray(private, dtype=np.float64)
+        self.source = source
+
+    def _build(self, h: int, w: int) -> None:
+        from skimage.transform import resize
+
+        aux = self.aux
+        if aux.shape[1:] != (h, w):
+            aux = np.stack([resize(a, (h, w), order=1, anti_aliasing=True) for a in aux])
+        if self.private is not None:
+            check_disjoint(aux, self.private)
+        flat = aux.reshape(aux.shape[0], -1)
+        mean = flat.mean(axis=0)
+        _, s, vt = np.linalg.svd(flat - mean, full_matrices=False)
+        k = min(self.k, int((s > 1e-8 * s[0]).sum()))
+        if k < self.k:
+            log.warning(
+                "PCAPrior: only %d usable components from %d aux images (asked %d)",
+                k,
+                aux.shape[0],
+                self.k,
+            )
+        std = s[:k] / np.sqrt(max(aux.shape[0] - 1, 1))
+        self._basis = (vt[:k] * std[:, None]).T
+        self._offset = mean
+        self.explained = float((s[:k] ** 2).sum() / (s**2).sum())
+
+    def prior_center(self) -> np.ndarray:
+        """The auxiliary mean face (``z = 0``)."""
+        return np.zeros(self.dim)
+
+    def prior_sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Draws from the Gaussian prior ``N(0, I)``."""
+        return rng.standard_normal((n, self.dim))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (the aux images themselves are not stored)."""
+        return {
+            "name": self.name,
+            "k": self.k,
+            "n_aux": int(self.aux.shape[0]),
+            "source": self.source,
+        }
+
+
+def check_disjoint(aux: np.ndarray, private: np.ndarray, *, tol: float = 1e-3) -> None:
+    """Raise ConfigError if any auxiliary image equals a private image (mean abs diff)."""
+    a = np.asarray(aux, dtype=np.float64).reshape(aux.shape[0], -1)
+    p = np.asarray(private, dtype=np.float64)
+    if p.shape[1:] != aux.shape[1:]:
+        from skimage.transform import resize
+
+        p = np.stack([resize(im, aux.shape[1:], order=1, anti_aliasing=True) for im in p])
+    p = p.reshape(p.shape[0], -1)
+    for i in range(0, a.shape[0], 64):
+        d = np.abs(a[i : i + 64, None, :] - p[None, :, :]).mean(axis=2)
+        hit = np.argwhere(d < tol)
+        if hit.size:
+            ai, pi = int(hit[0, 0]) + i, int(hit[0, 1])
+            raise ConfigError(
+                f"auxiliary image {ai} coincides with private training image {pi}: the "
+                "attacker's prior must come from other people's public images; remove the "
+                "target's training photos from the auxiliary set"
+            )
+
+
+def parse_space(spec: str, *, aux: np.ndarray | None = None) -> Space:
+    """Build a space from a CLI spec: ``pixel``, ``lowres:28x23``, ``dct:16``, ``pca[:K]``.
+
+    ``pca`` needs the auxiliary images ``aux`` (loaded by the caller).
+    """
+    name, _, arg = spec.partition(":")
+    name = name.strip().lower()
+    try:
+        if name == "pixel" and not arg:
+            return Pixel()
+        if name == "lowres":
+            h, _, w = (arg or "28x23").lower().partition("x")
+            return LowRes(int(h), int(w))
+        if name == "dct":
+            return DCT(int(arg or 16))
+        if name == "pca":
+            if aux is None:
+                raise ConfigError("space 'pca' needs auxiliary images of other people (--aux)")
+            return PCAPrior(aux, int(arg or 60))
+    except ValueError as exc:
+        raise ConfigError(f"cannot read space spec {spec!r}: {exc}") from exc
+    raise ConfigError(
+        f"unknown search space {spec!r}; use pixel, lowres:HxW (e.g. lowres:28x23), dct:K "
+        "or pca:K (with auxiliary images)"
+    )

@@ -1,0 +1,179 @@
+"""Oracle wrappers that keep the Oracle interface and stack (Foolbox habit).
+
+``Budgeted`` refuses a batch that would exceed an attacker-side budget, ``Recording``
+keeps every query and answer, ``Cached`` answers repeated inputs without asking the
+wrapped oracle again. Counting stays in the base oracle: ``n_queries`` of a wrapper is
+the wrapped oracle's count, so a stack reports the queries that really reached the API.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+
+from mlinvert.errors import BudgetExhausted, ConfigError, GradientUnavailable
+from mlinvert.oracle.base import Oracle, OracleInfo, Response
+
+
+class _Wrapper:
+    """Delegate ``info``, ``n_queries`` and ``class_gradient`` to the wrapped oracle."""
+
+    def __init__(self, oracle: Oracle) -> None:
+        self.inner = oracle
+
+    @property
+    def info(self) -> OracleInfo:
+        """The wrapped oracle's info."""
+        return self.inner.info
+
+    @property
+    def n_queries(self) -> int:
+        """Inputs the base oracle answered (wrappers never count themselves)."""
+        return self.inner.n_queries
+
+    def class_gradient(self, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Pass a white-box gradient request through (GradientUnavailable if absent)."""
+        grad = getattr(self.inner, "class_gradient", None)
+        if grad is None:
+            raise GradientUnavailable(
+                f"oracle {type(self.inner).__name__} answers predictions only; a white-box "
+                "gradient needs a WhiteBoxOracle over a local differentiable model, or use a "
+                "black-box gradient source (FiniteDifferences, NES, SPSA)"
+            )
+        return np.asarray(grad(x, labels))
+
+    def query(self, x: np.ndarray) -> Response:
+        """Answer a batch through the wrapped oracle."""
+        return self.inner.query(x)
+
+
+def has_gradient(oracle: Oracle) -> bool:
+    """True when ``oracle`` (through any wrappers) can answer ``class_gradient``."""
+    while isinstance(oracle, _Wrapper):
+        oracle = oracle.inner
+    return callable(getattr(oracle, "class_gradient", None))
+
+
+class Budgeted(_Wrapper):
+    """Refuse (BudgetExhausted) any batch that would take the count past ``budget``.
+
+    The refused batch is not sent at all, so no answer is paid for and lost. ``spent``
+    counts from the wrapper's creation; ``already_spent`` accounts for queries paid
+    before (a resumed attack passes its earlier count).
+    """
+
+    def __init__(self, oracle: Oracle, budget: int, *, already_spent: int = 0) -> None:
+        if budget < 1:
+            raise ConfigError(f"query budget must be >= 1, got {budget}")
+        super().__init__(oracle)
+        self.budget = int(budget)
+        self._start = oracle.n_queries - int(already_spent)
+
+    @property
+    def spent(self) -> int:
+        """Queries counted against the budget so far."""
+        return self.inner.n_queries - self._start
+
+    @property
+    def remaining(self) -> int:
+        """Queries still allowed."""
+        return max(self.budget - self.spent, 0)
+
+    def _charge(self, n: int) -> None:
+        if n > self.remaining:
+            raise BudgetExhausted(
+                f"query budget of {self.budget} reached ({self.spent} spent, a batch of {n} "
+                "refused); raise --budget or resume from the checkpoint with a larger budget"
+            )
+
+    def query(self, x: np.ndarray) -> Response:
+        """Answer ``x`` if the whole batch fits in the remaining budget."""
+        self._charge(int(np.shape(x)[0]))
+        return self.inner.query(x)
+
+    def class_gradient(self, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """A white-box gradient costs one query per input, like the base oracle counts it."""
+        self._charge(int(np.shape(x)[0]))
+        return super().class_gradient(x, labels)
+
+
+class Recording(_Wrapper):
+    """Keep every input sent and every answer received (in order)."""
+
+    def __init__(self, oracle: Oracle) -> None:
+        super().__init__(oracle)
+        self.inputs: list[np.ndarray] = []
+        self.responses: list[Response] = []
+
+    def query(self, x: np.ndarray) -> Response:
+        """Forward ``x`` and record the batch and its answer."""
+        response = self.inner.query(x)
+        self.inputs.append(np.array(x, dtype=np.float32, copy=True))
+        self.responses.append(response)
+        return response
+
+    def all_inputs(self) -> np.ndarray:
+        """Every input row sent so far, stacked ``(n, *shape)``."""
+        if not self.inputs:
+            return np.zeros((0, *self.info.input_shape), dtype=np.float32)
+        return np.concatenate(self.inputs)
+
+    def fingerprints(self) -> list[str]:
+        """One content hash per input row (to compare two runs' queries)."""
+        return [row_key(row) for row in self.all_inputs()]
+
+
+def row_key(row: np.ndarray) -> str:
+    """Hash of one float32 input row (exact content)."""
+    return hashlib.blake2b(
+        np.ascontiguousarray(row, dtype=np.float32).tobytes(), digest_size=16
+    ).hexdigest()
+
+
+class Cached(_Wrapper):
+    """Answer inputs seen before from memory; only new rows reach the wrapped oracle.
+
+    Rows are matched by exact float32 content. ``hits`` counts rows answered from the
+    cache. Answers are deterministic only if the oracle's are (a noisy policy's first
+    answer is reused).
+    """
+
+    def __init__(self, oracle: Oracle, *, max_entries: int = 1_000_000) -> None:
+        super().__init__(oracle)
+        self.max_entries = max_entries
+        self.hits = 0
+        self._store: dict[str, tuple[int, Any, Any]] = {}
+
+    def query(self, x: np.ndarray) -> Response:
+        """Answer ``x``, asking the wrapped oracle only for unseen rows (one batch)."""
+        x = np.asarray(x, dtype=np.float32)
+        keys = [row_key(row) for row in x]
+        missing: list[int] = []
+        seen: dict[str, int] = {}
+        for i, key in enumerate(keys):
+            if key not in self._store and key not in seen:
+                seen[key] = i
+                missing.append(i)
+        fresh: dict[str, tuple[int, Any, Any]] = {}
+        if missing:
+            answer = self.inner.query(x[missing])
+            for j, i in enumerate(missing):
+                fresh[keys[i]] = (
+                    int(answer.labels[j]),
+                    None if answer.probs is None else answer.probs[j].copy(),
+                    None if answer.confidence is None else float(answer.confidence[j]),
+                )
+        self.hits += len(keys) - len(missing)
+        rows = [fresh[k] if k in fresh else self._store[k] for k in keys]
+        for key, row in fresh.items():
+            if len(self._store) >= self.max_entries:
+                self._store.pop(next(iter(self._store)))
+            self._store[key] = row
+        labels = np.asarray([r[0] for r in rows], dtype=np.int64)
+        probs = None if rows[0][1] is None else np.stack([r[1] for r in rows])
+        confidence = (
+            None if rows[0][2] is None else np.asarray([r[2] for r in rows], dtype=np.float64)
+        )
+        return Response(labels=labels, probs=probs, confidence=confidence)

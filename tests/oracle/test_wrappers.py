@@ -1,0 +1,107 @@
+"""Budgeted, Recording and Cached keep the Oracle interface; counting stays in the base."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mlinvert.data import load
+from mlinvert.defenses import Predictor
+from mlinvert.errors import BudgetExhausted, ConfigError, GradientUnavailable
+from mlinvert.oracle import LocalOracle, Oracle
+from mlinvert.oracle.wrappers import Budgeted, Cached, Recording, has_gradient
+
+
+class _Mean:
+    """A fixed 3-class model on 4x4 images: scores from the image mean."""
+
+    kind = "toy"
+    classes_ = np.arange(3)
+    class_names_ = ("a", "b", "c")
+    input_shape_ = (4, 4)
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        m = np.asarray(X).reshape(len(X), -1).mean(axis=1)
+        logits = np.stack([m, 1 - m, 0.5 * np.ones_like(m)], axis=1) * 4
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.predict_proba(X).argmax(axis=1)
+
+
+@pytest.fixture()
+def base() -> LocalOracle:
+    return LocalOracle(Predictor(_Mean(), name="mean"))
+
+
+def _batch(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(size=(n, 4, 4)).astype(np.float32)
+
+
+def test_budget_refuses_whole_batch_before_exceeding(base: LocalOracle) -> None:
+    oracle = Budgeted(base, 10)
+    assert isinstance(oracle, Oracle)
+    oracle.query(_batch(6))
+    with pytest.raises(BudgetExhausted, match="budget of 10"):
+        oracle.query(_batch(5))
+    assert base.n_queries == 6  # refused batch never reached the model
+    oracle.query(_batch(4))
+    assert oracle.n_queries == base.n_queries == 10 and oracle.remaining == 0
+    with pytest.raises(BudgetExhausted):
+        oracle.query(_batch(1))
+
+
+def test_budget_counts_earlier_spending_and_rejects_bad_budget(base: LocalOracle) -> None:
+    oracle = Budgeted(base, 10, already_spent=8)
+    oracle.query(_batch(2))
+    with pytest.raises(BudgetExhausted):
+        oracle.query(_batch(1))
+    with pytest.raises(ConfigError):
+        Budgeted(base, 0)
+
+
+def test_recording_keeps_every_query_and_answer(base: LocalOracle) -> None:
+    rec = Recording(base)
+    a, b = _batch(3, 1), _batch(2, 2)
+    ra = rec.query(a)
+    rec.query(b)
+    assert rec.n_queries == 5
+    np.testing.assert_array_equal(rec.all_inputs(), np.concatenate([a, b]))
+    np.testing.assert_array_equal(rec.responses[0].probs, ra.probs)
+    assert len(set(rec.fingerprints())) == 5
+
+
+def test_cached_answers_repeats_without_querying(base: LocalOracle) -> None:
+    cached = Cached(base)
+    x = _batch(4)
+    first = cached.query(x)
+    assert base.n_queries == 4
+    # two repeats and one new row, duplicated inside the batch
+    new = _batch(1, 9)
+    second = cached.query(np.concatenate([x[:2], new, new]))
+    assert base.n_queries == 5 and cached.n_queries == 5 and cached.hits == 3
+    np.testing.assert_array_equal(second.probs[:2], first.probs[:2])
+    np.testing.assert_array_equal(second.probs[2], second.probs[3])
+    np.testing.assert_allclose(second.probs[2], base.query(new).probs[0])
+
+
+def test_stack_keeps_interface_and_gradient_passthrough(base: LocalOracle) -> None:
+    stack = Budgeted(Recording(Cached(base)), 100)
+    assert stack.info.class_names == ("a", "b", "c")
+    assert not has_gradient(stack)
+    with pytest.raises(GradientUnavailable, match="black-box gradient source"):
+        stack.class_gradient(_batch(1), np.asarray([0]))
+
+
+def test_cached_on_real_loader_shapes() -> None:
+    ds = load("digits", seed=0)
+
+    class _Digits(_Mean):
+        input_shape_ = ds.image_shape
+
+    cached = Cached(LocalOracle(Predictor(_Digits(), name="d")))
+    x = ds.images[:3]
+    cached.query(x)
+    cached.query(x)
+    assert cached.n_queries == 3 and cached.hits == 3
