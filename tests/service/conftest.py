@@ -5,8 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import warnings
+
 import pytest
-from fastapi.testclient import TestClient
+
+with warnings.catch_warnings():  # starlette warns that its TestClient will move to httpx2
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
 from toys import ToySoftmax, ToyTabular
 
 from mlinvert.service import ServiceSettings, Store, build_predictors, create_app

@@ -200,7 +200,7 @@ class ReverseSigmoid:
     Using Deceptive Perturbations", IEEE S&P Workshops 2019. The perturbation makes
     gradients of the answered scores misleading while the scores still sum to 1. If
     it would change a row's top class, the original top class's score is swapped
-    back to the top so the answered argmax always equals the label.
+    back to the top (ties broken in its favour) so the answered argmax equals the label.
     """
 
     beta: float
@@ -229,13 +229,14 @@ class ReverseSigmoid:
         out = np.clip(probs - self.beta * (shifted - 0.5), 0.0, None)
         total = out.sum(axis=1, keepdims=True)
         out = np.where(total > 0, out / np.where(total > 0, total, 1.0), probs)
-        rows = np.arange(out.shape[0])
         top = probs.argmax(axis=1)
-        now = out.argmax(axis=1)
-        flipped = rows[top != now]
+        flipped = np.flatnonzero(out.argmax(axis=1) != top)
         if flipped.size:
-            a, b = top[flipped], now[flipped]
+            a, b = top[flipped], out[flipped].argmax(axis=1)
             out[flipped, a], out[flipped, b] = out[flipped, b], out[flipped, a].copy()
+            tied = flipped[out[flipped].argmax(axis=1) != a]  # equal maxima after clipping
+            out[tied, top[tied]] += 1e-9
+            out[tied] /= out[tied].sum(axis=1, keepdims=True)
         return out
 
 

@@ -1,6 +1,15 @@
 """Oracles: how an attack reaches a model (in process, over HTTP, wrapped)."""
 
 from mlinvert.oracle.base import GradientOracle, Oracle, OracleInfo, Response
+from mlinvert.oracle.http import HttpOracle
 from mlinvert.oracle.local import LocalOracle, WhiteBoxOracle
 
-__all__ = ["GradientOracle", "LocalOracle", "Oracle", "OracleInfo", "Response", "WhiteBoxOracle"]
+__all__ = [
+    "GradientOracle",
+    "HttpOracle",
+    "LocalOracle",
+    "Oracle",
+    "OracleInfo",
+    "Response",
+    "WhiteBoxOracle",
+]

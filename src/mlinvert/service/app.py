@@ -143,6 +143,9 @@ def decode_batch(request: PredictRequest, predictor: Predictor) -> np.ndarray:
             f"and shape) or 'records' (survey records); got {given or 'none'}"
         )
     limit = predictor.max_batch
+    rows = request.inputs if request.inputs is not None else request.records
+    if rows is not None and len(rows) == 0:
+        raise QueryRejected("empty batch: send at least one input")
     if request.inputs is not None:
         if len(request.inputs) > limit:
             raise InputTooLarge(

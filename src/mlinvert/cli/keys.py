@@ -1,0 +1,70 @@
+"""``mlinvert keys``: create, list and revoke API keys of the prediction service."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+
+import typer
+
+from mlinvert.cli.common import console, out
+from mlinvert.errors import ConfigError
+from mlinvert.service.store import Store
+
+keys_app = typer.Typer(
+    help="Manage API keys (stored only as SHA-256 hashes).", no_args_is_help=True
+)
+
+DbOption = typer.Option(None, "--db", help="The service's SQLite file. [MLINVERT_DB]")
+
+
+def _store(db: Path | None) -> Store:
+    path = db or os.environ.get("MLINVERT_DB")
+    if not path:
+        raise ConfigError("no account database: pass --db PATH or set MLINVERT_DB")
+    return Store(path)
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M")
+
+
+@keys_app.command("create")
+def create(name: str = typer.Argument(..., help="Account name."), db: Path = DbOption) -> None:
+    """Create a key for account NAME and print it once (it is not stored)."""
+    store = _store(db)
+    key, record = store.create_key(name)
+    store.close()
+    out.print(key, highlight=False, soft_wrap=True)
+    console.print(f"created key {record.key_id} for account {name!r}; it will not be shown again")
+
+
+@keys_app.command("list")
+def list_keys(db: Path = DbOption) -> None:
+    """List accounts and key ids (never the keys)."""
+    store = _store(db)
+    records = store.list_keys()
+    store.close()
+    out.print(f"{'account':<24} {'key id':<10} {'created (UTC)':<17} revoked", highlight=False)
+    for r in records:
+        out.print(
+            f"{r.account:<24} {r.key_id:<10} {_when(r.created):<17} {_when(r.revoked)}",
+            highlight=False,
+        )
+
+
+@keys_app.command("revoke")
+def revoke(
+    name: str = typer.Argument(..., help="Account name or key id."), db: Path = DbOption
+) -> None:
+    """Revoke every active key of an account, or one key by its id."""
+    store = _store(db)
+    count = store.revoke(name)
+    store.close()
+    console.print(f"revoked {count} key(s) of {name!r}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``keys`` to the CLI."""
+    app.add_typer(keys_app, name="keys")

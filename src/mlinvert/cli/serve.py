@@ -1,0 +1,72 @@
+"""``mlinvert serve``: run the prediction service (FastAPI under uvicorn)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from mlinvert.service.settings import ServiceSettings
+
+
+def serve_command(
+    model: list[str] = typer.Option(
+        None, "--model", help="Model folder to serve (DIR or NAME=DIR); repeatable."
+    ),
+    policy: str = typer.Option(
+        None, help="Output policy, e.g. full, round:2, top:3+round:2, labels. [MLINVERT_POLICY]"
+    ),
+    rate_limit: str = typer.Option(
+        None, "--rate-limit", help="Per-account input budget, e.g. 2000/hour. [MLINVERT_RATE_LIMIT]"
+    ),
+    db: Path = typer.Option(None, help="SQLite file for accounts and the query log. [MLINVERT_DB]"),
+    host: str = typer.Option(None, help="Interface to bind (default 127.0.0.1). [MLINVERT_HOST]"),
+    port: int = typer.Option(None, help="TCP port (default 8000). [MLINVERT_PORT]"),
+    redis: str = typer.Option(
+        None, "--redis", help="Share rate limits via Redis, e.g. redis://127.0.0.1:6379/0."
+    ),
+    max_batch: int = typer.Option(None, "--max-batch", help="Largest batch (default 256)."),
+    max_body: int = typer.Option(None, "--max-body", help="Largest request body in bytes."),
+    log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
+) -> None:
+    """Serve models over HTTP with the chosen defences; flags override MLINVERT_* variables."""
+    from mlinvert.service.server import serve
+
+    settings = ServiceSettings.from_env(
+        models=tuple(model) if model else None,
+        policy=policy,
+        rate_limit=rate_limit,
+        db=db,
+        host=host,
+        port=port,
+        redis_url=redis,
+        max_batch=max_batch,
+        max_body_bytes=max_body,
+    )
+    serve(settings, log_level=log_level)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``serve`` to the CLI."""
+    app.command("serve")(serve_command)
+
+
+def main() -> None:
+    """``python -m mlinvert.cli.serve``: the serve command alone (used by ServiceProcess)."""
+    import sys
+
+    from mlinvert.cli.common import console, setup_logging
+    from mlinvert.errors import MlinvertError
+
+    setup_logging(False)
+    app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
+    register(app)
+    try:
+        app(prog_name="mlinvert serve")
+    except MlinvertError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Start the real service (``mlinvert serve``) as a subprocess, for tests and audits.
+
+It runs ``python -m mlinvert.cli.serve`` (the serve command alone, the same code as
+``mlinvert serve``), so it does not depend on every other command importing cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+from mlinvert.errors import ConfigError, OracleError
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class ServiceProcess:
+    """Context manager running ``mlinvert serve`` on a free loopback port.
+
+    ``models`` are model folders (``DIR`` or ``NAME=DIR``); the other arguments are the
+    serve flags. ``url`` is the service root (``http://127.0.0.1:PORT``) and
+    ``model_url(name)`` the HttpOracle URL of a model. The process is always stopped
+    on exit, and its output is kept in ``log_path`` for diagnosis.
+    """
+
+    def __init__(
+        self,
+        models: Sequence[str | Path],
+        *,
+        db: str | Path,
+        policy: str = "full",
+        rate_limit: str | None = None,
+        redis_url: str | None = None,
+        max_batch: int | None = None,
+        max_body_bytes: int | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        env: Mapping[str, str] | None = None,
+        startup_timeout: float = 60.0,
+    ) -> None:
+        self.host = host
+        self.port = port if port is not None else free_port(host)
+        self.url = f"http://{host}:{self.port}"
+        self.startup_timeout = startup_timeout
+        args = [sys.executable, "-m", "mlinvert.cli.serve", "--db", str(db), "--policy", policy]
+        args += ["--host", host, "--port", str(self.port)]
+        for model in models:
+            args += ["--model", str(model)]
+        if rate_limit is not None:
+            args += ["--rate-limit", rate_limit]
+        if redis_url is not None:
+            args += ["--redis", redis_url]
+        if max_batch is not None:
+            args += ["--max-batch", str(max_batch)]
+        if max_body_bytes is not None:
+            args += ["--max-body", str(max_body_bytes)]
+        self.args = args
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = Path(tempfile.mkstemp(prefix="mlinvert-serve-", suffix=".log")[1])
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def model_url(self, name: str) -> str:
+        """The URL an HttpOracle takes for model ``name``."""
+        return f"{self.url}/v1/models/{name}"
+
+    def start(self) -> ServiceProcess:
+        """Start the process and wait until ``/healthz`` answers (OracleError otherwise)."""
+        with self.log_path.open("wb") as log_file:
+            self.process = subprocess.Popen(
+                self.args, stdout=log_file, stderr=subprocess.STDOUT, env=self.env
+            )
+        deadline = time.monotonic() + self.startup_timeout
+        with httpx.Client(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    self.stop()
+                    raise OracleError(
+                        f"mlinvert serve exited with code {self.process.returncode}: "
+                        f"{self.log()[-2000:]}"
+                    )
+                try:
+                    if client.get(f"{self.url}/healthz").status_code == 200:
+                        return self
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+        self.stop()
+        raise OracleError(
+            f"mlinvert serve did not answer /healthz within {self.startup_timeout:.0f} s: "
+            f"{self.log()[-2000:]}"
+        )
+
+    def log(self) -> str:
+        """What the process printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """Stop the process (SIGTERM, then SIGKILL after 10 s); idempotent."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def __enter__(self) -> ServiceProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class RedisServer:
+    """Context manager running a throw-away ``redis-server`` on a free loopback port.
+
+    No persistence, data in a temporary folder; ``url`` is ``redis://127.0.0.1:PORT/0``.
+    ConfigError if the ``redis-server`` binary (Debian package redis-server) is absent.
+    """
+
+    def __init__(self, *, binary: str = "redis-server", startup_timeout: float = 10.0) -> None:
+        import shutil
+
+        path = shutil.which(binary)
+        if path is None:
+            raise ConfigError(
+                f"{binary!r} not found: install the Debian package redis-server (make system-deps)"
+            )
+        self.binary = path
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.startup_timeout = startup_timeout
+        self._dir = tempfile.TemporaryDirectory(prefix="mlinvert-redis-")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisServer:
+        """Start redis-server and wait until it answers PING."""
+        import redis
+
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self._dir.name,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=1.0)
+        deadline = time.monotonic() + self.startup_timeout
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    if client.ping():
+                        return self
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+        finally:
+            client.close()
+        self.stop()
+        raise OracleError(f"redis-server did not answer on port {self.port}")
+
+    def stop(self) -> None:
+        """Stop redis-server and remove its folder; idempotent."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self._dir.cleanup()
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,29 @@
+"""Fixtures for the defence tests: the service tests' toy targets, loaded from their file."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+
+def _toys() -> ModuleType:
+    name = "mlinvert_test_toys"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, Path(__file__).parents[1] / "service" / "toys.py"
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture
+def toys() -> ModuleType:
+    """The module with ToySoftmax and ToyTabular."""
+    return _toys()

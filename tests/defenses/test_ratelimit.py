@@ -1,0 +1,133 @@
+"""Token-bucket rate limiting: exact accounting, injected clock, memory and Redis stores."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from mlinvert.defenses import (
+    MemoryBuckets,
+    Predictor,
+    Rate,
+    RateLimiter,
+    RedisBuckets,
+    parse_rate,
+)
+from mlinvert.errors import ConfigError, InputTooLarge, RateLimited
+from mlinvert.oracle import LocalOracle
+from mlinvert.service.runner import RedisServer
+
+
+def batch(n: int) -> np.ndarray:
+    return np.zeros((n, 2), dtype=np.float32)
+
+
+@pytest.mark.parametrize(
+    ("spec", "count", "period"),
+    [("2000/hour", 2000, 3600.0), ("50/minute", 50, 60.0), ("10/s", 10, 1.0),
+     ("100/30s", 100, 30.0), ("7/days", 7, 86400.0), (" 5 / hours ", 5, 3600.0)],
+)
+def test_parse_rate(spec: str, count: int, period: float) -> None:
+    assert parse_rate(spec) == Rate(count=count, period=period)
+
+
+@pytest.mark.parametrize("spec", ["", "2000", "x/hour", "10/fortnight", "0/hour", "10/0s"])
+def test_parse_rate_rejects(spec: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_rate(spec)
+
+
+def test_bucket_counts_inputs_and_refills_with_the_clock() -> None:
+    limiter = RateLimiter("10/minute")
+    limiter.check("a", batch(6), now=100.0)
+    with pytest.raises(RateLimited) as info:
+        limiter.check("a", batch(6), now=100.0)
+    assert info.value.retry_after == pytest.approx(12.0)  # 2 missing tokens at 1 per 6 s
+    limiter.check("b", batch(10), now=100.0)  # accounts are separate
+    with pytest.raises(RateLimited):
+        limiter.check("a", batch(6), now=111.0)
+    limiter.check("a", batch(6), now=112.0 + 1e-9)
+    with pytest.raises(InputTooLarge, match="burst of 10"):
+        limiter.check("c", batch(11), now=0.0)
+
+
+def test_a_refused_batch_costs_nothing() -> None:
+    limiter = RateLimiter("10/hour")
+    limiter.check("a", batch(8), now=0.0)
+    for _ in range(5):
+        with pytest.raises(RateLimited):
+            limiter.check("a", batch(3), now=0.0)
+    limiter.check("a", batch(2), now=0.0)
+
+
+def _hammer(limiter: RateLimiter, threads: int, per_thread: int, size: int) -> int:
+    admitted = [0] * threads
+    start = threading.Barrier(threads)
+
+    def worker(i: int) -> None:
+        start.wait()
+        for _ in range(per_thread):
+            try:
+                limiter.check("shared", batch(size), now=5.0)
+                admitted[i] += size
+            except RateLimited:
+                pass
+
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return sum(admitted)
+
+
+def test_memory_store_is_exact_under_threads() -> None:
+    assert _hammer(RateLimiter("300/hour", MemoryBuckets()), 20, 50, 3) == 300
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    try:
+        server = RedisServer()
+    except ConfigError as exc:
+        pytest.skip(f"redis-server binary absent: {exc}")
+    with server:
+        yield server.url
+
+
+@pytest.mark.redis
+def test_redis_store_shares_one_budget(redis_url: str) -> None:
+    first = RateLimiter("10/minute", RedisBuckets(redis_url, prefix="t1:"))
+    second = RateLimiter("10/minute", RedisBuckets(redis_url, prefix="t1:"))
+    first.check("a", batch(6), now=100.0)
+    with pytest.raises(RateLimited) as info:
+        second.check("a", batch(6), now=100.0)
+    assert info.value.retry_after == pytest.approx(12.0)
+    second.check("a", batch(6), now=112.0 + 1e-6)
+
+
+@pytest.mark.redis
+def test_redis_store_is_exact_under_threads(redis_url: str) -> None:
+    limiter = RateLimiter("300/hour", RedisBuckets(redis_url, prefix="t2:"))
+    assert _hammer(limiter, 20, 20, 3) == 300
+
+
+def test_predictor_guard_refuses_through_local_oracle(toys: ModuleType) -> None:
+    clock = [0.0]
+    predictor = Predictor(
+        toys.ToySoftmax(), name="faces", guards=[RateLimiter("20/minute")], clock=lambda: clock[0]
+    )
+    oracle = LocalOracle(predictor, account="eve")
+    x = np.full((8, 6, 5), 0.5, dtype=np.float32)
+    oracle.query(x)
+    oracle.query(x)
+    with pytest.raises(RateLimited):
+        oracle.query(x)
+    assert oracle.n_queries == 16
+    clock[0] = 60.0
+    oracle.query(x)
+    assert oracle.n_queries == 24
