@@ -378,6 +378,7 @@ class MIFace:
         message = ""
         conf = float("nan")
         while run.iteration < cfg.max_iter:
+            rng_state = rng.bit_generator.state
             try:
                 est: Estimate = self.gradient.estimate(
                     oracle, space, run.z, objective, rng, run.estimator_state, cfg.batch_size
@@ -388,6 +389,7 @@ class MIFace:
                     raise
                 message = str(exc)
                 stop = status
+                rng.bit_generator.state = rng_state  # the refused probes are redrawn on resume
                 break
             conf = float(est.probs[label_idx])
             prior_cost, prior_grad = self._prior(space, run.z, center)
