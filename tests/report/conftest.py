@@ -43,6 +43,7 @@ def make_results(out: Path, *, n_labels: int = 4, status: str = "complete") -> d
                 "accuracy": 0.95,
                 "ece": {"none": 0.03, "round:1": 0.06, "labels": 0.05}.get(d, 0.03),
                 "topk_accuracy": {"labels": 0.95, "round:1": 0.97}.get(d, 0.99),
+                "brier": {"labels": 0.1, "round:1": 0.09}.get(d, 0.07),
                 "k": 3,
                 "carries": "label" if d == "labels" else "probs",
                 "rate_limit": "300/hour" if d.startswith("rate") else None,

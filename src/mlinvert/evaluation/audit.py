@@ -217,7 +217,9 @@ def served_utility(
     ``accuracy``: the served label; ``ece``: calibration error of the returned score of
     the served label (a labels-only answer is read as confidence 1, as a client must);
     ``topk_accuracy``: true class among the ``k`` highest returned scores, ties broken
-    against the user (withheld classes are not ranked above anything).
+    against the user (withheld classes are not ranked above anything); ``brier``: mean
+    squared distance of the returned score vector (withheld scores 0, labels one-hot)
+    to the one-hot truth — the information an honest client loses shows up here.
     """
     y = np.asarray(y, dtype=np.int64)
     labels = np.asarray(responses.labels, dtype=np.int64)
@@ -237,6 +239,7 @@ def served_utility(
         "accuracy": float(correct.mean()),
         "ece": expected_calibration_error(conf, correct),
         "topk_accuracy": float(((ahead < k) & (true_score > 0)).mean()),
+        "brier": float(((scores - np.eye(n_classes)[y]) ** 2).sum(axis=1).mean()),
         "k": k,
         "carries": carries,
         "n_test": len(y),
@@ -713,8 +716,8 @@ def _serve(ctx: _Context, defense: Defense) -> Iterator[dict[tuple[str, str], An
 
 
 def _build_attack(ctx: _Context, attack: str) -> Any:
-    from mlinvert.attacks import LabelOnly, LabelOnlyConfig, MIFace, MIFaceConfig
     from mlinvert.attacks.gradients import NES, Exact
+    from mlinvert.attacks.miface import MIFace, MIFaceConfig
     from mlinvert.attacks.spaces import parse_space
 
     p = ctx.preset
@@ -726,6 +729,8 @@ def _build_attack(ctx: _Context, attack: str) -> Any:
             gradient=NES(samples=p.nes_samples),
             space=parse_space(p.space),
         )
+    from mlinvert.attacks import LabelOnly, LabelOnlyConfig
+
     return LabelOnly(LabelOnlyConfig())
 
 

@@ -82,8 +82,9 @@ def _legend(
 def privacy_utility(results: dict[str, Any]) -> bytes:
     """Strongest API attack's accuracy against each defence's utility for honest users.
 
-    Left: calibration error of the returned scores (lower is better for users); right:
-    top-k usability. One point per (target, defence), labelled with the defence.
+    Left: Brier score of the returned scores (lower is better for users: it grows as a
+    defence withholds or coarsens information); right: top-k usability. One point per
+    (target, defence), labelled with the defence.
     """
     cs = cells(results.get("records", []))
     by_key: dict[tuple[str, str], list[Cell]] = {}
@@ -93,7 +94,10 @@ def privacy_utility(results: dict[str, Any]) -> bytes:
     defenses = list(dict.fromkeys(d for _, d in by_key))
     colour = _colours(defenses)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    panels = (("ece", "calibration error of returned scores (ECE)"), ("topk_accuracy", "top-k"))
+    panels = (
+        ("brier", "Brier score of the returned scores (honest users; lower is better)"),
+        ("topk_accuracy", "top-k"),
+    )
     for ax, (field, xlabel) in zip(axes, panels, strict=True):
         for (target, defense), group in by_key.items():
             util = utility_of(results, target, defense)
@@ -102,10 +106,10 @@ def privacy_utility(results: dict[str, Any]) -> bytes:
                 continue
             best = max(group, key=lambda c: (c.recovered, c.eval_top1))
             y = 100 * best.eval_top1
-            ax.scatter(x * (100 if field != "ece" else 1), y, color=colour[defense], s=60)
+            ax.scatter(x * (100 if field == "topk_accuracy" else 1), y, color=colour[defense], s=60)
             ax.annotate(
                 f"{defense} ({target})",
-                (x * (100 if field != "ece" else 1), y),
+                (x * (100 if field == "topk_accuracy" else 1), y),
                 fontsize=7,
                 xytext=(4, 3),
                 textcoords="offset points",

@@ -212,6 +212,8 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                 parts = [f"served accuracy {_pct(acc)}"]
                 if cost is not None:
                     parts.append(f"{100 * cost:+.1f} points vs none".replace("+-", "-"))
+                if util.get("brier") is not None:
+                    parts.append(f"Brier score {util['brier']:.3f}")
                 if util.get("ece") is not None:
                     parts.append(f"calibration error {util['ece']:.3f}")
                 if util.get("topk_accuracy") is not None:
