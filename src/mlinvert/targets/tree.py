@@ -63,15 +63,17 @@ def wilson_lower(successes: np.ndarray, n: np.ndarray, z: float = Z_95) -> np.nd
 class TreeConfig:
     """How to grow the tree.
 
-    ``max_depth`` None grows until leaves are pure or too small (BigML's unpruned
-    default); ``sensitive_depth`` / ``exclude_sensitive`` are the privacy-aware CART
+    ``max_depth`` None grows until leaves are pure or would hold fewer than
+    ``min_samples_leaf`` rows (an unpruned BigML-like tree; 2 rows per leaf at least
+    by default: with 1 the steak tree memorises so well that labels alone reveal as
+    much as the counts); ``sensitive_depth`` / ``exclude_sensitive`` are the privacy-aware CART
     (CCS 2015, Section 6); ``dp_epsilon`` switches to the eps-DP random tree of depth
     ``dp_depth``.
     """
 
     max_depth: int | None = None
     min_samples_split: int = 2
-    min_samples_leaf: int = 1
+    min_samples_leaf: int = 2
     sensitive_depth: int | None = None
     exclude_sensitive: bool = False
     dp_epsilon: float | None = None
