@@ -1,0 +1,73 @@
+"""Reference points every face result is shown beside (PAPER.md, "What counts as a
+recovered face"): a flat grey image, uniform noise, a noise template and the target's own
+held-out photo.
+
+The **noise template** imitates what black-box NES reconstructions looked like in the
+planning probe: images a person calls pure noise that still carry the model's
+discriminative template for the person. It is built from the private data only:
+``t_c = mean(private photos of c) - mean(all private photos)``, stretched so
+``max |t_c| = 1``, and the image is ``clip(0.5 + TEMPLATE_AMPLITUDE * t_c + u, 0, 1)``
+with white noise ``u ~ U(-NOISE_AMPLITUDE, NOISE_AMPLITUDE)`` per pixel. The white noise
+dominates every pixel (it has several times the template's energy), so the image looks
+like noise, while the template survives any low-pass filter and points to the right
+person — a blurred-eigenface matcher identifies it, as it identified the NES noise.
+A likeness score must keep it low.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mlinvert.data.base import Seed, rng_from
+from mlinvert.errors import DataError
+
+GREY_LEVEL = 0.5
+TEMPLATE_AMPLITUDE = 0.3
+NOISE_AMPLITUDE = 0.5
+REFERENCE_NAMES = ("grey", "uniform_noise", "noise_template", "held_out_photo")
+
+
+def grey(n: int, shape: tuple[int, int]) -> np.ndarray:
+    """``n`` flat mid-grey images."""
+    return np.full((n, *shape), GREY_LEVEL, dtype=np.float32)
+
+
+def uniform_noise(n: int, shape: tuple[int, int], *, seed: Seed) -> np.ndarray:
+    """``n`` images of independent U(0, 1) pixels."""
+    return rng_from(seed).random((n, *shape)).astype(np.float32)
+
+
+def identity_templates(private: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n_classes, h, w) stretched difference of each identity's mean from the global mean."""
+    grand = private.mean(axis=0)
+    out = np.zeros((n_classes, *private.shape[1:]), dtype=np.float64)
+    for c in range(n_classes):
+        rows = labels == c
+        if not np.any(rows):
+            raise DataError(f"identity {c} has no private training photo to build a template")
+        diff = private[rows].mean(axis=0) - grand
+        peak = float(np.abs(diff).max())
+        out[c] = diff / peak if peak > 0 else diff
+    return out
+
+
+def noise_template(templates: np.ndarray, labels: np.ndarray, *, seed: Seed) -> np.ndarray:
+    """One noise-template image per label (see the module docstring)."""
+    rng = rng_from(seed)
+    t = templates[labels]
+    u = rng.uniform(-NOISE_AMPLITUDE, NOISE_AMPLITUDE, size=t.shape)
+    return np.clip(GREY_LEVEL + TEMPLATE_AMPLITUDE * t + u, 0.0, 1.0).astype(np.float32)
+
+
+def held_out_photo(
+    held_out: np.ndarray, held_out_labels: np.ndarray, labels: np.ndarray, *, seed: Seed
+) -> np.ndarray:
+    """A seeded choice of one held-out (test) photo of each label's identity."""
+    rng = rng_from(seed)
+    out = np.empty((labels.size, *held_out.shape[1:]), dtype=np.float32)
+    for i, c in enumerate(labels):
+        rows = np.flatnonzero(held_out_labels == c)
+        if rows.size == 0:
+            raise DataError(f"identity {int(c)} has no held-out photo")
+        out[i] = held_out[int(rng.choice(rows))]
+    return out

@@ -1,0 +1,59 @@
+"""Fixtures for the face-evaluation tests: AT&T (skipped if absent), digits, a quick
+evaluation model (PCA + logistic regression, with ``embed`` = the PCA projection)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+
+from mlinvert.data import ImageDataset, load_att, load_digits
+from mlinvert.evaluation import FaceJudge
+
+ATT = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "att_faces"
+
+
+class QuickEvalModel:
+    """A small stand-in evaluation model: PCA features and a logistic regression."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        flat = images.reshape(images.shape[0], -1)
+        self.pca = PCA(n_components=min(40, flat.shape[0] - 1), random_state=0).fit(flat)
+        self.clf = LogisticRegression(max_iter=500).fit(self.pca.transform(flat), labels)
+        self.classes_ = self.clf.classes_
+
+    def embed(self, X: np.ndarray) -> np.ndarray:
+        return np.asarray(self.pca.transform(X.reshape(X.shape[0], -1)))
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return np.asarray(self.clf.predict_proba(self.embed(X)))
+
+
+@pytest.fixture(scope="session")
+def att() -> ImageDataset:
+    if not ATT.exists():
+        pytest.skip("../shared/data/att_faces not present")
+    return load_att(ATT, seed=0)
+
+
+@pytest.fixture(scope="session")
+def att_eval_model(att: ImageDataset) -> QuickEvalModel:
+    return QuickEvalModel(*att.train())
+
+
+@pytest.fixture(scope="session")
+def att_judge(att: ImageDataset, att_eval_model: QuickEvalModel) -> FaceJudge:
+    return FaceJudge.fit(att, att_eval_model, seed=0)
+
+
+@pytest.fixture(scope="session")
+def digits() -> ImageDataset:
+    return load_digits(seed=0)
+
+
+@pytest.fixture(scope="session")
+def digits_eval_model(digits: ImageDataset) -> QuickEvalModel:
+    return QuickEvalModel(*digits.train())
