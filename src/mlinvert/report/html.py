@@ -134,7 +134,7 @@ def _grids(results: dict[str, Any], out_dir: Path) -> list[dict[str, Any]]:
                 grids.append(
                     {
                         "title": title,
-                        "uri": data_uri(plots.image_grid(cols, rows, title="")),
+                        "uri": data_uri(plots.image_grid(cols, rows)),
                         "alt": f"reconstructions: {title}",
                     }
                 )

@@ -8,6 +8,7 @@ nothing out of the API.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -123,6 +124,7 @@ class Verdict:
     accuracy: float | None
     accuracy_cost: float | None
     ece: float | None
+    brier: float | None
     topk: float | None
 
 
@@ -208,6 +210,18 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                     f"top-1 {_pct(white.eval_top1)} — output defences do not reach an "
                     "attacker who holds the weights."
                 )
+            rate = util.get("rate_limit")
+            free = by_key.get((target, "blackbox", "none"))
+            if rate and free is not None and free.median_queries:
+                count, _, period = str(rate).partition("/")
+                with contextlib.suppress(ValueError):
+                    hours = free.median_queries / float(count)
+                    details.append(
+                        f"Patience: the black-box attack needs a median of "
+                        f"{_queries(free.median_queries)} queries per person without a limit; "
+                        f"at {rate} per account that is about {hours:,.1f} {period}(s) of one "
+                        "account per person (many accounts or a slow attack still get there)."
+                    )
             if util:
                 parts = [f"served accuracy {_pct(acc)}"]
                 if cost is not None:
@@ -235,6 +249,7 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                     accuracy=acc,
                     accuracy_cost=cost,
                     ece=util.get("ece"),
+                    brier=util.get("brier"),
                     topk=util.get("topk_accuracy"),
                 )
             )

@@ -1,0 +1,130 @@
+"""The audit end to end on digits: in process with an interruption and a resume, over
+the real HTTP service, and the CLI's error on a bad flag."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mlinvert.evaluation.audit import AuditConfig, record_key, run_audit
+
+REQUIRED = (
+    "attack", "defense", "target_model", "label", "n_queries", "seconds", "status",
+    "eval_top1", "eval_top5", "likeness", "lineup_correct", "pixel_nn_correct", "ssim",
+    "feature_distance", "utility", "recovered",
+)
+DEFENSES = ("none", "round:1", "labels", "rate:60/hour")
+
+
+class _Stop:
+    """Event sink that presses Ctrl-C after ``after`` records."""
+
+    def __init__(self, after: int | None) -> None:
+        self.after = after
+        self.records: list[dict[str, Any]] = []
+
+    def __call__(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "record":
+            self.records.append(data)
+            if self.after is not None and len(self.records) >= self.after:
+                raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("audit")
+    cfg = dict(out=out, targets=("softmax",), labels=2, budget=240, quick=True,
+               in_process=True, defenses=DEFENSES, seed=1)
+    first = _Stop(after=5)
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(AuditConfig(**cfg), events=first)
+    partial = json.loads((out / "results.json").read_text())
+    second = _Stop(after=None)
+    index = run_audit(AuditConfig(**cfg, resume=True), events=second)
+    final = json.loads((out / "results.json").read_text())
+    return {"out": out, "partial": partial, "first": first, "second": second,
+            "index": index, "final": final}
+
+
+def test_interrupted_run_leaves_a_valid_partial_file(resumed: dict[str, Any]) -> None:
+    partial = resumed["partial"]
+    assert partial["status"] == "interrupted"
+    assert len(partial["records"]) == 5
+    assert (resumed["out"] / "index.html").exists()
+
+
+def test_resume_finishes_without_redoing_records(resumed: dict[str, Any]) -> None:
+    final = resumed["final"]
+    assert final["status"] == "complete"
+    keys = [record_key(r) for r in final["records"]]
+    assert len(keys) == len(set(keys)) == 3 * len(DEFENSES) * 2
+    redone = {record_key(r) for r in resumed["second"].records}
+    assert not redone & {record_key(r) for r in resumed["partial"]["records"]}
+    before = {record_key(r): r for r in resumed["partial"]["records"]}
+    for r in final["records"]:
+        if record_key(r) in before:
+            assert r == before[record_key(r)]
+
+
+def test_records_carry_the_schema_and_the_expected_shape(resumed: dict[str, Any]) -> None:
+    final = resumed["final"]
+    recs = final["records"]
+    for r in recs:
+        assert set(REQUIRED) <= set(r), set(REQUIRED) - set(r)
+    by = {(r["attack"], r["defense"], r["label"]): r for r in recs}
+    # the white-box attacker holds the model: identical under every output defence
+    for lab in (0, 1):
+        wb = [by[("whitebox", d, lab)] for d in DEFENSES]
+        assert len({(r["image"], r["likeness"], r["eval_top1"]) for r in wb}) == 1
+    # MI-Face cannot run on a labels-only API; label-only inversion still can
+    assert all(by[("blackbox", "labels", lab)]["status"] == "failed" for lab in (0, 1))
+    assert all(by[("label-only", "labels", lab)]["status"] != "failed" for lab in (0, 1))
+    # the rate limit stops the black-box attack before its budget
+    rl = [by[("blackbox", "rate:60/hour", lab)] for lab in (0, 1)]
+    assert all(r["status"] == "rate_limited" and r["n_queries"] <= 60 for r in rl)
+    # white-box reconstructions of digits point to the right class
+    assert sum(by[("whitebox", "none", lab)]["eval_top1"] for lab in (0, 1)) >= 1
+    util = final["utility"]["softmax"]
+    assert util["labels"]["carries"] == "label"
+    assert util["labels"]["brier"] > util["none"]["brier"]
+    html = resumed["index"].read_text()
+    assert "AML.T0024" in html and "rate:60/hour" in html
+
+
+def test_audit_over_the_real_http_service(tmp_path: Path, resumed: dict[str, Any]) -> None:
+    # reuse the trained models of the in-process run (same data, seed and quick flag)
+    out = tmp_path / "http"
+    (out / "models").mkdir(parents=True)
+    for kind in ("softmax", "evaluation"):
+        src = resumed["out"] / "models" / kind
+        dst = out / "models" / kind
+        dst.mkdir()
+        for f in src.iterdir():
+            (dst / f.name).write_bytes(f.read_bytes())
+    run_audit(AuditConfig(out=out, targets=("softmax",), labels=1, budget=240, quick=True,
+                          defenses=("round:2", "rate:60/hour"),
+                          attacks=("blackbox",), seed=1))
+    final = json.loads((out / "results.json").read_text())
+    assert final["status"] == "complete"
+    by = {r["defense"]: r for r in final["records"]}
+    assert by["round:2"]["channel"] == "HTTP API" and by["round:2"]["n_queries"] > 60
+    assert by["rate:60/hour"]["status"] == "rate_limited"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mlinvert", "audit", *args],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_cli_bad_flag_is_a_clear_error() -> None:
+    bad = _cli("--no-such-flag")
+    assert bad.returncode == 2
+    assert "No such option" in bad.stderr and "Traceback" not in bad.stderr
+    wrong = _cli("--attacks", "whitebox,teleport", "--out", "/nonexistent/x")
+    assert wrong.returncode == 2
+    assert "unknown attack" in wrong.stderr and "Traceback" not in wrong.stderr
