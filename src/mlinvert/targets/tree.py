@@ -292,7 +292,7 @@ class DecisionTreeTarget:
         self.ordered_ = tuple(bool(o) for o in (ordered or [False] * d))
         self.class_names_ = tuple(class_names)
         self.classes_ = np.arange(len(self.class_names_), dtype=np.int64)
-        self.input_shape_ = (d,)
+        self.input_shape_: tuple[int, ...] = (d,)
         self.sensitive_ = sensitive
         self._fitted = True
         Xc = self.check_input(X).astype(np.int64)
@@ -477,7 +477,7 @@ class DecisionTreeTarget:
             model.ordered_ = tuple(bool(f["ordered"]) for f in feats)
             model.class_names_ = tuple(str(c) for c in doc["classes"])
             model.classes_ = np.arange(len(model.class_names_), dtype=np.int64)
-            model.input_shape_ = (len(feats),)
+            model.input_shape_ = tuple([len(feats)])
             model.sensitive_ = doc.get("sensitive")
             index = {n: j for j, n in enumerate(model.feature_names_)}
             width = max(len(dom) for dom in model.domains_)
