@@ -1,0 +1,33 @@
+"""Model-inversion attacks: MI-Face (white-box and black-box), label-only inversion.
+
+Fredrikson, Jha, Ristenpart, CCS 2015 (MI-Face); Kahla et al., CVPR 2022 (BREP-MI).
+Black-box is composition: ``MIFace(config, gradient=NES(...), space=PCAPrior(aux))``.
+"""
+
+from mlinvert.attacks.base import AttackResult, ProgressEvent, image_grid
+from mlinvert.attacks.checkpoint import Checkpoint
+from mlinvert.attacks.gradients import NES, SPSA, Exact, FiniteDifferences, parse_gradient
+from mlinvert.attacks.label_only import LabelOnly, LabelOnlyConfig
+from mlinvert.attacks.miface import MIFace, MIFaceConfig
+from mlinvert.attacks.spaces import DCT, LowRes, PCAPrior, Pixel, parse_space
+
+__all__ = [
+    "DCT",
+    "NES",
+    "SPSA",
+    "AttackResult",
+    "Checkpoint",
+    "Exact",
+    "FiniteDifferences",
+    "LabelOnly",
+    "LabelOnlyConfig",
+    "LowRes",
+    "MIFace",
+    "MIFaceConfig",
+    "PCAPrior",
+    "Pixel",
+    "ProgressEvent",
+    "image_grid",
+    "parse_gradient",
+    "parse_space",
+]

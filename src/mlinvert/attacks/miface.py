@@ -62,8 +62,9 @@ class MIFaceConfig:
     ``objective`` ``prob`` is the paper's ``1 - p``; ``log``/``margin`` are stronger
     when ``p`` is tiny. ``tv_weight`` (total variation of the image) and
     ``prior_weight`` (``||z - center||^2 / 2``, the distance to the space's prior
-    mean) are optional prior cost terms. ``start`` chooses ``x0``: ``zero`` (black, the
-    paper), ``grey``, ``mean`` (the space's prior centre: the auxiliary mean face for
+    mean; ``None`` = the space's own default, the Gaussian log-prior weight 0.1 for a
+    whitened PCA prior and 0 elsewhere) are optional prior cost terms. ``start``
+    chooses ``x0``: ``zero`` (black, the paper), ``grey``, ``mean`` (the space's prior centre: the auxiliary mean face for
     :class:`~mlinvert.attacks.spaces.PCAPrior`) or ``noise``. ``checkpoint_every``
     iterations between checkpoint writes (1 = never repeat a paid-for query).
     ``snapshot_queries``: record the best image when the query count passes each value
@@ -79,7 +80,7 @@ class MIFaceConfig:
     objective: ObjectiveKind = "prob"
     start: Start = "zero"
     tv_weight: float = 0.0
-    prior_weight: float = 0.0
+    prior_weight: float | None = 0.0
     min_improvement: float = 0.0
     batch_size: int = 1000
     checkpoint_every: int = 1
@@ -106,7 +107,11 @@ class MIFaceConfig:
             problems.append(f"objective must be prob, log or margin, got {self.objective!r}")
         if self.start not in ("zero", "grey", "mean", "noise"):
             problems.append(f"start must be zero, grey, mean or noise, got {self.start!r}")
-        if self.tv_weight < 0 or self.prior_weight < 0 or self.min_improvement < 0:
+        if (
+            self.tv_weight < 0
+            or (self.prior_weight is not None and self.prior_weight < 0)
+            or self.min_improvement < 0
+        ):
             problems.append("tv_weight, prior_weight and min_improvement must be >= 0")
         if self.batch_size < 1 or self.checkpoint_every < 1 or self.progress_every < 1:
             problems.append("batch_size, checkpoint_every and progress_every must be >= 1")
@@ -120,7 +125,7 @@ class MIFaceConfig:
 
     @classmethod
     def improved(cls, **overrides: Any) -> MIFaceConfig:
-        """Adam on the margin objective from the prior's mean with a light prior pull."""
+        """Adam on the margin objective from the prior's mean, the space's prior pull."""
         base: dict[str, Any] = {
             "max_iter": 600,
             "patience": 100,
@@ -128,7 +133,7 @@ class MIFaceConfig:
             "optimizer": "adam",
             "objective": "margin",
             "start": "mean",
-            "prior_weight": 0.02,
+            "prior_weight": None,
             "tv_weight": 0.0,
         }
         base.update(overrides)
@@ -233,10 +238,11 @@ class MIFace:
     def _prior(self, space: Space, z: np.ndarray, center: np.ndarray) -> tuple[float, np.ndarray]:
         cfg = self.config
         cost, grad = 0.0, np.zeros_like(z)
-        if cfg.prior_weight > 0:
+        weight = space.default_prior_weight if cfg.prior_weight is None else cfg.prior_weight
+        if weight > 0:
             diff = z - center
-            cost += cfg.prior_weight * 0.5 * float(diff @ diff)
-            grad += cfg.prior_weight * diff
+            cost += weight * 0.5 * float(diff @ diff)
+            grad += weight * diff
         if cfg.tv_weight > 0:
             tv, g_img = total_variation(space.raw(z[None])[0])
             cost += cfg.tv_weight * tv

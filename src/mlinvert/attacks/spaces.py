@@ -31,6 +31,7 @@ class Space:
     """A linear search space ``x = clip(offset + B z)``; ``B is None`` means identity."""
 
     name = "space"
+    default_prior_weight = 0.0  # weight of ||z - centre||^2 / 2 when the config says None
 
     def __init__(self) -> None:
         self.shape: tuple[int, int] | None = None
@@ -242,11 +243,12 @@ class PCAPrior(Space):
     """
 
     name = "pca"
+    default_prior_weight = 0.1  # the whitened Gaussian log-prior, lightly weighted
 
     def __init__(
         self,
         aux: np.ndarray,
-        k: int = 60,
+        k: int = 40,
         *,
         private: np.ndarray | None = None,
         source: str = "aux",
@@ -329,10 +331,30 @@ def check_disjoint(aux: np.ndarray, private: np.ndarray, *, tol: float = 1e-3) -
             )
 
 
-def parse_space(spec: str, *, aux: np.ndarray | None = None) -> Space:
-    """Build a space from a CLI spec: ``pixel``, ``lowres:28x23``, ``dct:16``, ``pca[:K]``.
+def load_aux(spec: str) -> np.ndarray:
+    """Auxiliary (attacker-side, public) face images for a prior, ``(m, h, w)`` in [0, 1].
 
-    ``pca`` needs the auxiliary images ``aux`` (loaded by the caller).
+    ``lfw``: the 100 face crops of scikit-image's Labeled Faces in the Wild subset
+    (25 x 25, shipped with scikit-image, people unrelated to any target); any other
+    spec goes to :func:`mlinvert.data.load` (``folder:PATH``, ``att:PATH``, ...).
+    """
+    if spec.strip().lower() == "lfw":
+        from skimage.data import lfw_subset
+
+        return np.asarray(lfw_subset()[:100], dtype=np.float64)
+    from mlinvert.data import load
+
+    ds = load(spec)
+    images = getattr(ds, "images", None)
+    if images is None:
+        raise ConfigError(f"auxiliary spec {spec!r} is not an image data set")
+    return np.asarray(images, dtype=np.float64)
+
+
+def parse_space(spec: str, *, aux: np.ndarray | None = None) -> Space:
+    """Build a space from a CLI spec: ``pixel``, ``lowres:WxH`` (e.g. ``lowres:23x28`` for
+    92 x 112 faces), ``dct:K``, ``pca:K`` (with ``aux`` images) or ``pca:AUX`` (an
+    auxiliary image spec for :func:`load_aux`, e.g. ``pca:lfw`` or ``pca:folder:PATH``).
     """
     name, _, arg = spec.partition(":")
     name = name.strip().lower()
@@ -340,17 +362,22 @@ def parse_space(spec: str, *, aux: np.ndarray | None = None) -> Space:
         if name == "pixel" and not arg:
             return Pixel()
         if name == "lowres":
-            h, _, w = (arg or "28x23").lower().partition("x")
+            w, _, h = (arg or "23x28").lower().partition("x")
             return LowRes(int(h), int(w))
         if name == "dct":
             return DCT(int(arg or 16))
         if name == "pca":
+            if arg and not arg.isdigit():
+                return PCAPrior(load_aux(arg), source=arg)
             if aux is None:
-                raise ConfigError("space 'pca' needs auxiliary images of other people (--aux)")
-            return PCAPrior(aux, int(arg or 60))
+                raise ConfigError(
+                    "space 'pca' needs auxiliary images of other people: pca:lfw, "
+                    "pca:folder:PATH, or aux images passed by the caller"
+                )
+            return PCAPrior(aux, int(arg or 40))
     except ValueError as exc:
         raise ConfigError(f"cannot read space spec {spec!r}: {exc}") from exc
     raise ConfigError(
-        f"unknown search space {spec!r}; use pixel, lowres:HxW (e.g. lowres:28x23), dct:K "
-        "or pca:K (with auxiliary images)"
+        f"unknown search space {spec!r}; use pixel, lowres:WxH (e.g. lowres:23x28), dct:K "
+        "or pca:AUX (auxiliary faces of other people, e.g. pca:lfw)"
     )

@@ -1,0 +1,191 @@
+"""``mlinvert attack miface``: reconstruct faces through a model or its prediction API."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mlinvert.cli.common import console, out, write_json
+from mlinvert.errors import ConfigError
+
+MODES = ("whitebox", "blackbox", "label-only")
+
+
+def _oracle(
+    model: Path | None, target: str | None, api_key: str | None, mode: str, policy: str
+) -> Any:
+    if (model is None) == (target is None):
+        raise ConfigError(
+            "pass exactly one of --model DIR (a local model folder) or "
+            "--target URL (http://HOST:PORT/v1/models/NAME)"
+        )
+    if target is not None:
+        if mode == "whitebox":
+            raise ConfigError(
+                "--mode whitebox needs the model itself (--model DIR); an API "
+                "--target allows --mode blackbox or label-only"
+            )
+        if not api_key:
+            raise ConfigError("--target needs --api-key KEY (create one with `mlinvert keys`)")
+        from mlinvert.oracle.http import HttpOracle
+
+        return HttpOracle(target, api_key)
+    from mlinvert.defenses import Predictor, parse_policy
+    from mlinvert.oracle import LocalOracle, WhiteBoxOracle
+    from mlinvert.targets import load
+
+    assert model is not None
+    loaded = load(model)
+    name = model.name
+    if mode == "whitebox":
+        return WhiteBoxOracle(Predictor(loaded, name=name))
+    return LocalOracle(Predictor(loaded, name=name, policy=parse_policy(policy)))
+
+
+def _space(spec: str, mode: str, aux: str | None, pca_k: int) -> Any:
+    from mlinvert.attacks.spaces import PCAPrior, load_aux, parse_space
+
+    if spec == "auto":
+        if aux is not None:
+            return PCAPrior(load_aux(aux), pca_k, source=aux)
+        spec = {"whitebox": "pixel", "blackbox": "dct:10", "label-only": "dct:8"}[mode]
+    if spec == "pca" and aux is not None:
+        return PCAPrior(load_aux(aux), pca_k, source=aux)
+    return parse_space(spec)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``attack`` command group."""
+    attack_app = typer.Typer(help="Model-inversion attacks.", no_args_is_help=True)
+    app.add_typer(attack_app, name="attack")
+
+    @attack_app.command("miface")
+    def miface(
+        out_dir: Path = typer.Option(..., "--out", help="Folder for PNGs and result.json."),
+        model: Path | None = typer.Option(None, "--model", help="Local model folder."),
+        target: str | None = typer.Option(
+            None, "--target", help="API URL http://HOST:PORT/v1/models/NAME."
+        ),
+        api_key: str | None = typer.Option(None, "--api-key", envvar="MLINVERT_API_KEY"),
+        label: str | None = typer.Option(None, "--label", help="Class name (or index)."),
+        all_labels: bool = typer.Option(False, "--all-labels", help="Attack every class."),
+        mode: str = typer.Option("whitebox", "--mode", help="whitebox|blackbox|label-only"),
+        gradient: str = typer.Option("nes", "--gradient", help="fd|fd-central|nes|spsa"),
+        samples: int = typer.Option(20, "--samples", help="NES/SPSA pairs per step."),
+        sigma: float = typer.Option(0.02, "--sigma", help="Probe size (RMS pixel change)."),
+        space: str = typer.Option(
+            "auto",
+            "--space",
+            help="pixel|lowres:WxH|dct:K|pca:AUX (auto: pca with --aux, else pixel/dct).",
+        ),
+        aux: str | None = typer.Option(
+            None, "--aux", help="Auxiliary public faces of OTHER people: lfw or a data spec."
+        ),
+        pca_k: int = typer.Option(40, "--pca-k", help="Eigenfaces kept by the PCA prior."),
+        paper: bool = typer.Option(False, "--paper", help="Paper settings (GD on 1-p, x0=0)."),
+        max_iter: int | None = typer.Option(None, "--max-iter", help="alpha (iterations)."),
+        budget: int | None = typer.Option(None, "--budget", help="Queries per label."),
+        policy: str = typer.Option(
+            "full", "--policy", help="Output policy for a local --model (e.g. round:2)."
+        ),
+        checkpoint: Path | None = typer.Option(
+            None, "--checkpoint", help="Checkpoint file; an interrupted run resumes from it."
+        ),
+        seed: int = typer.Option(0, "--seed"),
+    ) -> None:
+        """Reconstruct a person's face (MI-Face, Fredrikson et al. CCS 2015; BREP-MI)."""
+        from mlinvert.attacks import (
+            AttackResult,
+            Checkpoint,
+            Exact,
+            LabelOnly,
+            LabelOnlyConfig,
+            MIFace,
+            MIFaceConfig,
+            parse_gradient,
+        )
+        from mlinvert.attacks.base import ProgressEvent
+        from mlinvert.attacks.miface import resolve_label
+
+        if mode not in MODES:
+            raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if (label is None) == (not all_labels):
+            raise ConfigError("pass --label NAME or --all-labels (exactly one)")
+        oracle = _oracle(model, target, api_key, mode, policy)
+        info = oracle.info
+        labels = (
+            list(range(info.n_classes))
+            if all_labels
+            else [resolve_label(label or "", info.class_names)]
+        )
+        search = _space(space, mode, aux, pca_k)
+        attack: Any
+        if mode == "label-only":
+            attack = LabelOnly(LabelOnlyConfig(), space=search)
+        else:
+            overrides = {} if max_iter is None else {"max_iter": max_iter}
+            cfg = MIFaceConfig.paper(**overrides) if paper else MIFaceConfig.improved(**overrides)
+            source = (
+                Exact()
+                if mode == "whitebox"
+                else parse_gradient(gradient, samples=samples, sigma=sigma)
+            )
+            attack = MIFace(cfg, gradient=source, space=search)
+        ckpt = None if checkpoint is None else Checkpoint(checkpoint)
+        results = []
+        t0 = time.perf_counter()
+        columns = (
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed:>7.0f} q"),
+            TextColumn("{task.fields[metric]}"),
+            TextColumn("{task.fields[rate]:>7.0f} q/s"),
+            TimeElapsedColumn(),
+        )
+        with Progress(*columns, console=console, transient=False) as bar:
+            for lab in labels:
+                name = info.class_names[lab]
+                task = bar.add_task(name, total=budget, metric="", rate=0.0)
+
+                def show(ev: ProgressEvent, task: Any = task) -> None:
+                    metric = (
+                        f"in-class {ev.confidence:.2f} r={ev.best_confidence:.2f}"
+                        if mode == "label-only"
+                        else f"conf {ev.confidence:.3f} best {ev.best_confidence:.3f}"
+                    )
+                    bar.update(
+                        task,
+                        completed=ev.n_queries,
+                        metric=metric,
+                        rate=ev.n_queries / max(ev.elapsed_s, 1e-9),
+                    )
+
+                kwargs: dict[str, Any] = {"seed": seed, "budget": budget, "progress": show}
+                if ckpt is not None and mode != "label-only":
+                    kwargs["checkpoint"] = ckpt.for_label(lab)
+                result = attack.run(oracle, lab, **kwargs)
+                bar.update(task, completed=result.n_queries, total=result.n_queries or 1)
+                results.append(result)
+                if result.status in ("rate_limited", "blocked"):
+                    console.print(f"[yellow]{result.status}[/]: {result.per_label[0]['message']}")
+                    break
+        merged = AttackResult.merge(results)
+        merged.extra["target"] = target or str(model)
+        merged.extra["mode"] = mode
+        paths = merged.save_pngs(out_dir, scale=3)
+        write_json(out_dir / "result.json", merged.to_dict())
+        for per in merged.per_label:
+            conf = per.get("confidence")
+            shown = "-" if conf is None or conf != conf else f"{conf:.3f}"
+            out.print(
+                f"{per['name']}: {per['status']} ({per['stop']}), {per['n_queries']} "
+                f"queries, {per['elapsed_s']:.1f} s, confidence {shown}"
+            )
+        out.print(
+            f"{len(paths)} PNGs and result.json in {out_dir} "
+            f"({time.perf_counter() - t0:.1f} s, status {merged.status})"
+        )
