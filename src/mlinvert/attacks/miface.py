@@ -64,8 +64,9 @@ class MIFaceConfig:
     ``prior_weight`` (``||z - center||^2 / 2``, the distance to the space's prior
     mean; ``None`` = the space's own default, the Gaussian log-prior weight 0.1 for a
     whitened PCA prior and 0 elsewhere) are optional prior cost terms. ``start``
-    chooses ``x0``: ``zero`` (black, the paper), ``grey``, ``mean`` (the space's prior centre: the auxiliary mean face for
-    :class:`~mlinvert.attacks.spaces.PCAPrior`) or ``noise``. ``checkpoint_every``
+    chooses ``x0``: ``zero`` (black, the paper), ``grey``, ``mean`` (the space's prior
+    centre: the auxiliary mean face for :class:`~mlinvert.attacks.spaces.PCAPrior`) or
+    ``noise``. ``checkpoint_every``
     iterations between checkpoint writes (1 = never repeat a paid-for query).
     ``snapshot_queries``: record the best image when the query count passes each value
     (for curves of quality against queries).
