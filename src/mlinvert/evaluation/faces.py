@@ -149,7 +149,9 @@ class FaceJudge:
         self.private_rows_ = dataset.split.train
         self.held_ = held
         self.held_labels_ = hlabels
-        self.identity_ = IdentityLikeness().fit(private, plabels, k)
+        self.identity_ = IdentityLikeness(self.config.likeness.identity_floor_z).fit(
+            private, plabels, k
+        )
         self.face_ = FaceLikeness(self.config.likeness).fit(private, plabels, k, seed=rng)
         self.pixel_nn_ = PixelNN().fit(private, plabels)
         self.eigen_ = EigenNearestMean().fit(private, plabels, k)

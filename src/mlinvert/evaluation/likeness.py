@@ -8,9 +8,12 @@ Likeness therefore multiplies two calibrated terms, each in [0, 1]:
   size) and per-image standardised, the reconstruction's correlation with its nearest
   private training photo of the target, ``s_c``, is compared with the same nearest-photo
   correlation for every other identity: ``z = (s_c - mean_k s_k) / std_k s_k`` over the
-  other identities k. ``a_id = clip(z / z_ref, 0, 1)`` where ``z_ref`` is the median z of
-  the private training photos themselves (each scored leave-one-out against the rest).
-  So ``a_id = 1`` means "as distinctly this person as a typical photo of them".
+  other identities k. ``a_id = clip((z - z_floor) / (z_ref - z_floor), 0, 1)`` where
+  ``z_ref`` is the median z of the private training photos themselves (each scored
+  leave-one-out against the rest) and ``z_floor`` (default 1) is the contrast that still
+  counts as nobody in particular: on AT&T, 90 % of photos of the WRONG person stay below
+  z = 0.9. So ``a_id = 1`` means "as distinctly this person as a typical photo of them",
+  and 0 "no closer to this person than to others".
 * **face likeness** ``a_face`` — the share of the image's energy (its own mean removed)
   that lies in an eigenface space learned from OTHER people: identities are split into
   seeded folds and the space used for identity c is fitted only on the private photos of
@@ -51,8 +54,14 @@ class LikenessConfig:
     face_variance: float = 0.85
     max_components_fraction: float = 0.25
     n_noise_calibration: int = 32
+    identity_floor_z: float = 1.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.identity_floor_z < 2.0:
+            raise ConfigError(
+                f"identity_floor_z must lie in [0, 2) standard deviations, got "
+                f"{self.identity_floor_z}"
+            )
         if self.n_folds < 2:
             raise ConfigError(f"n_folds must be >= 2 (leave-identity-out), got {self.n_folds}")
         if not 0.0 < self.face_variance < 1.0:
@@ -96,7 +105,8 @@ def _contrast(per_id: np.ndarray, labels: np.ndarray) -> np.ndarray:
 class IdentityLikeness:
     """Low-pass correlation to the target's private photos relative to other people's."""
 
-    def __init__(self) -> None:
+    def __init__(self, floor_z: float = 1.0) -> None:
+        self.floor_z = floor_z
         self.sigma_: float = 0.0
         self.train_: np.ndarray = np.empty((0, 0))
         self.train_labels_: np.ndarray = np.empty(0, dtype=np.int64)
@@ -112,13 +122,14 @@ class IdentityLikeness:
         sims = self.train_ @ self.train_.T
         np.fill_diagonal(sims, np.nan)  # leave-one-out: a photo is not its own neighbour
         z = _contrast(_per_identity_max(sims, labels, n_classes), labels)
-        z_ok = z[z > 0]
-        if z_ok.size == 0:
+        z_ok = z[z != 0.0]
+        self.z_ref_ = float(np.median(z_ok)) if z_ok.size else 0.0
+        if self.z_ref_ <= self.floor_z:
             raise DataError(
-                "cannot calibrate identity likeness: no private photo is closer to its own "
-                "identity than to others; the data set needs >= 2 photos per identity"
+                "cannot calibrate identity likeness: private photos are not distinctly closer "
+                f"to their own identity (median z {self.z_ref_:.2f} <= {self.floor_z}); the "
+                "data set needs >= 2 photos per identity that resemble each other"
             )
-        self.z_ref_ = float(np.median(z_ok))
         return self
 
     def zscores(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -130,8 +141,9 @@ class IdentityLikeness:
         return z
 
     def score(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """``clip(z / z_ref, 0, 1)`` per image."""
-        return np.clip(self.zscores(images, labels) / self.z_ref_, 0.0, 1.0)
+        """``clip((z - z_floor) / (z_ref - z_floor), 0, 1)`` per image."""
+        z = self.zscores(images, labels)
+        return np.clip((z - self.floor_z) / (self.z_ref_ - self.floor_z), 0.0, 1.0)
 
 
 def _face_basis(flat: np.ndarray, variance: float, max_k: int) -> np.ndarray:
