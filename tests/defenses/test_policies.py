@@ -105,8 +105,16 @@ def test_chain_composes_left_to_right(probs: np.ndarray) -> None:
 
 @pytest.mark.parametrize(
     "spec",
-    ["full", "round:2", "round-to:0.05", "top:3", "labels", "noise:0.01:4",
-     "reverse-sigmoid:0.5:0.3", "top:3+round:2"],
+    [
+        "full",
+        "round:2",
+        "round-to:0.05",
+        "top:3",
+        "labels",
+        "noise:0.01:4",
+        "reverse-sigmoid:0.5:0.3",
+        "top:3+round:2",
+    ],
 )
 def test_spec_names_round_trip(spec: str) -> None:
     assert parse_policy(spec).name == spec
@@ -115,8 +123,23 @@ def test_spec_names_round_trip(spec: str) -> None:
 
 @pytest.mark.parametrize(
     "spec",
-    ["", "+", "round", "round:x", "round:99", "round-to:0", "round-to:2", "top:0", "top:1.5",
-     "noise:-1", "noise", "reverse-sigmoid:1", "reverse-sigmoid:0:1", "blur:3", "round:2+"],
+    [
+        "",
+        "+",
+        "round",
+        "round:x",
+        "round:99",
+        "round-to:0",
+        "round-to:2",
+        "top:0",
+        "top:1.5",
+        "noise:-1",
+        "noise",
+        "reverse-sigmoid:1",
+        "reverse-sigmoid:0:1",
+        "blur:3",
+        "round:2+",
+    ],
 )
 def test_bad_specs_name_the_grammar(spec: str) -> None:
     with pytest.raises(ConfigError, match="grammar: full"):

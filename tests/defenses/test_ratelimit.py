@@ -28,8 +28,14 @@ def batch(n: int) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("spec", "count", "period"),
-    [("2000/hour", 2000, 3600.0), ("50/minute", 50, 60.0), ("10/s", 10, 1.0),
-     ("100/30s", 100, 30.0), ("7/days", 7, 86400.0), (" 5 / hours ", 5, 3600.0)],
+    [
+        ("2000/hour", 2000, 3600.0),
+        ("50/minute", 50, 60.0),
+        ("10/s", 10, 1.0),
+        ("100/30s", 100, 30.0),
+        ("7/days", 7, 86400.0),
+        (" 5 / hours ", 5, 3600.0),
+    ],
 )
 def test_parse_rate(spec: str, count: int, period: float) -> None:
     assert parse_rate(spec) == Rate(count=count, period=period)

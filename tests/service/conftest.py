@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -30,7 +29,7 @@ def api_key(store: Store) -> str:
     return key
 
 
-def make_client(
+def _make_client(
     store: Store,
     *,
     policy: str = "full",
@@ -49,3 +48,9 @@ def make_client(
     predictors = build_predictors({"faces": ToySoftmax(), "survey": ToyTabular()}, settings)
     app = create_app(settings, predictors, store=store)
     return TestClient(app)
+
+
+@pytest.fixture
+def make_client() -> Callable[..., TestClient]:
+    """Factory: ``make_client(store, policy=..., rate_limit=..., max_batch=..., ...)``."""
+    return _make_client

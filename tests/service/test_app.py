@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import make_client
 
 from mlinvert.service import Store
 from mlinvert.service.store import input_digests
@@ -18,11 +18,18 @@ X = np.random.default_rng(3).random((4, 6, 5)).astype(np.float32)
 
 def binary(x: np.ndarray, dtype: str = "float32") -> dict[str, Any]:
     arr = x.astype("<f4") if dtype == "float32" else x
-    return {"binary": {"dtype": dtype, "shape": list(x.shape),
-                       "data": base64.b64encode(arr.tobytes()).decode()}}
+    return {
+        "binary": {
+            "dtype": dtype,
+            "shape": list(x.shape),
+            "data": base64.b64encode(arr.tobytes()).decode(),
+        }
+    }
 
 
-def test_listing_health_metrics_openapi(store: Store, api_key: str) -> None:
+def test_listing_health_metrics_openapi(
+    make_client: Callable[..., Any], store: Store, api_key: str
+) -> None:
     client = make_client(store, policy="top:2+round:3", rate_limit="1000/hour", max_batch=16)
     models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
     assert models["faces"]["input_shape"] == [6, 5]
@@ -32,8 +39,9 @@ def test_listing_health_metrics_openapi(store: Store, api_key: str) -> None:
     assert models["faces"]["rate_limit"] == "1000/hour"
     assert models["survey"]["feature_names"] == ["age", "color"]
     assert client.get("/healthz").json() == {"status": "ok", "models": ["faces", "survey"]}
-    client.post("/v1/models/faces/predict", json={"inputs": X.tolist()},
-                headers={"X-API-Key": api_key})
+    client.post(
+        "/v1/models/faces/predict", json={"inputs": X.tolist()}, headers={"X-API-Key": api_key}
+    )
     client.post("/v1/models/faces/predict", json={"inputs": X.tolist()})
     text = client.get("/metrics").text
     assert 'mlinvert_requests_total{model="faces",status="200"} 1' in text
@@ -45,7 +53,9 @@ def test_listing_health_metrics_openapi(store: Store, api_key: str) -> None:
     assert set(spec["paths"]) == {"/healthz", "/metrics", "/v1/models", "/v1/models/{name}/predict"}
 
 
-def test_json_binary_and_uint8_agree(store: Store, api_key: str) -> None:
+def test_json_binary_and_uint8_agree(
+    make_client: Callable[..., Any], store: Store, api_key: str
+) -> None:
     client = make_client(store, policy="round:4")
     headers = {"Authorization": f"Bearer {api_key}"}
     as_json = client.post("/v1/models/faces/predict", json={"inputs": X.tolist()}, headers=headers)
@@ -57,27 +67,38 @@ def test_json_binary_and_uint8_agree(store: Store, api_key: str) -> None:
     assert len(pred["scores"]) == 5 and pred["confidence"] is None
     pixels = (X * 255).round().astype(np.uint8)
     as_u8 = client.post("/v1/models/faces/predict", json=binary(pixels, "uint8"), headers=headers)
-    as_f = client.post("/v1/models/faces/predict",
-                       json=binary(pixels.astype(np.float32) / np.float32(255)), headers=headers)
+    as_f = client.post(
+        "/v1/models/faces/predict",
+        json=binary(pixels.astype(np.float32) / np.float32(255)),
+        headers=headers,
+    )
     assert as_u8.json() == as_f.json()
     logged = store.queries("alice")
     assert [q.outcome for q in logged] == ["ok"] * 4
     assert logged[0].digests == logged[1].digests == input_digests(X)
 
 
-def test_survey_records_with_confidence(store: Store, api_key: str) -> None:
+def test_survey_records_with_confidence(
+    make_client: Callable[..., Any], store: Store, api_key: str
+) -> None:
     client = make_client(store, policy="round:2")
-    r = client.post("/v1/models/survey/predict", headers={"X-API-Key": api_key},
-                    json={"records": [{"age": 20, "color": "green"}, {"age": 90, "color": "red"}]})
+    r = client.post(
+        "/v1/models/survey/predict",
+        headers={"X-API-Key": api_key},
+        json={"records": [{"age": 20, "color": "green"}, {"age": 90, "color": "red"}]},
+    )
     assert r.status_code == 200
     preds = r.json()["predictions"]
     assert [p["label_name"] for p in preds] == ["no", "yes"]
-    assert all(0 < p["confidence"] < 1 and round(p["confidence"], 2) == p["confidence"]
-               for p in preds)
+    assert all(
+        0 < p["confidence"] < 1 and round(p["confidence"], 2) == p["confidence"] for p in preds
+    )
     assert r.json()["carries"] == "confidence"
 
 
-def test_labels_only_policy_answers_no_scores(store: Store, api_key: str) -> None:
+def test_labels_only_policy_answers_no_scores(
+    make_client: Callable[..., Any], store: Store, api_key: str
+) -> None:
     client = make_client(store, policy="labels")
     r = client.post("/v1/models/faces/predict", json=binary(X), headers={"X-API-Key": api_key})
     assert all(p["scores"] is None for p in r.json()["predictions"])
@@ -95,12 +116,27 @@ BAD_INPUTS = [
     ("faces", {"inputs": [[[1.5] * 5] * 6]}, 422, "QueryRejected", "[0, 1]"),
     ("faces", {"inputs": [[[-0.1] * 5] * 6]}, 422, "QueryRejected", "[0, 1]"),
     ("faces", {"inputs": []}, 422, "QueryRejected", "empty batch"),
-    ("faces", {"binary": {"dtype": "float64", "shape": [1, 6, 5], "data": ""}}, 422,
-     "QueryRejected", "binary.dtype"),
-    ("faces", {"binary": {"dtype": "float32", "shape": [1, 6, 5], "data": "AAAA"}}, 422,
-     "QueryRejected", "needs 120"),
-    ("faces", {"binary": {"dtype": "float32", "shape": [1, 6, 5], "data": "%%%"}}, 400,
-     "BadRequest", "base64"),
+    (
+        "faces",
+        {"binary": {"dtype": "float64", "shape": [1, 6, 5], "data": ""}},
+        422,
+        "QueryRejected",
+        "binary.dtype",
+    ),
+    (
+        "faces",
+        {"binary": {"dtype": "float32", "shape": [1, 6, 5], "data": "AAAA"}},
+        422,
+        "QueryRejected",
+        "needs 120",
+    ),
+    (
+        "faces",
+        {"binary": {"dtype": "float32", "shape": [1, 6, 5], "data": "%%%"}},
+        400,
+        "BadRequest",
+        "base64",
+    ),
     ("faces", {"records": [{"age": 3, "color": "red"}]}, 422, "QueryRejected", "not 'records'"),
     ("faces", {"inputs": [], "records": []}, 422, "QueryRejected", "exactly one"),
     ("faces", {"pixels": []}, 422, "QueryRejected", "pixels: Extra inputs"),
@@ -117,19 +153,30 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize(("model", "body", "status", "kind", "words"), BAD_INPUTS)
 def test_bad_input_gets_its_4xx_and_is_logged(
-    store: Store, api_key: str, model: str, body: dict[str, Any], status: int, kind: str,
+    make_client: Callable[..., Any],
+    store: Store,
+    api_key: str,
+    model: str,
+    body: dict[str, Any],
+    status: int,
+    kind: str,
     words: str,
 ) -> None:
     client = make_client(store)
-    r = client.post(f"/v1/models/{model}/predict", content=json.dumps(body),
-                    headers={"X-API-Key": api_key})
+    r = client.post(
+        f"/v1/models/{model}/predict", content=json.dumps(body), headers={"X-API-Key": api_key}
+    )
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["type"] == kind and error["status"] == status
     assert words in error["message"]
     (entry,) = store.queries()
-    assert (entry.account, entry.model, entry.outcome, entry.status) == ("alice", model, kind,
-                                                                         status)
+    assert (entry.account, entry.model, entry.outcome, entry.status) == (
+        "alice",
+        model,
+        kind,
+        status,
+    )
     assert words in entry.detail
 
 
@@ -144,7 +191,11 @@ def test_bad_input_gets_its_4xx_and_is_logged(
     ],
 )
 def test_bad_keys_get_401_and_are_logged(
-    store: Store, headers: dict[str, str], words: str, account: str | None
+    make_client: Callable[..., Any],
+    store: Store,
+    headers: dict[str, str],
+    words: str,
+    account: str | None,
 ) -> None:
     if headers.get("X-API-Key") == "REVOKED":
         key, _ = store.create_key("mallory")
@@ -159,7 +210,9 @@ def test_bad_keys_get_401_and_are_logged(
     assert (entry.account, entry.outcome, entry.status) == (account, "Unauthorized", 401)
 
 
-def test_oversized_and_malformed_bodies(store: Store, api_key: str) -> None:
+def test_oversized_and_malformed_bodies(
+    make_client: Callable[..., Any], store: Store, api_key: str
+) -> None:
     client = make_client(store, max_body_bytes=4096)
     headers = {"X-API-Key": api_key}
     r = client.post("/v1/models/faces/predict", content=b"[" * 5000, headers=headers)
@@ -173,7 +226,9 @@ def test_oversized_and_malformed_bodies(store: Store, api_key: str) -> None:
     assert [q.status for q in store.queries()] == [413, 400, 400, 400]
 
 
-def test_rate_limit_answers_429_with_retry_after(store: Store, api_key: str) -> None:
+def test_rate_limit_answers_429_with_retry_after(
+    make_client: Callable[..., Any], store: Store, api_key: str
+) -> None:
     client = make_client(store, rate_limit="10/hour")
     headers = {"X-API-Key": api_key}
     assert client.post("/v1/models/faces/predict", json=binary(X), headers=headers).is_success
@@ -188,7 +243,7 @@ def test_rate_limit_answers_429_with_retry_after(store: Store, api_key: str) -> 
     assert r.status_code == 413 and "burst of 10" in r.text
 
 
-def test_unknown_routes_answer_json(store: Store) -> None:
+def test_unknown_routes_answer_json(make_client: Callable[..., Any], store: Store) -> None:
     client = make_client(store)
     r = client.get("/v2/nothing")
     assert r.status_code == 404 and r.json()["error"]["status"] == 404

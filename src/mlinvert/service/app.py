@@ -7,7 +7,6 @@ a :class:`~mlinvert.oracle.LocalOracle` calls.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import logging
@@ -173,7 +172,7 @@ def decode_batch(request: PredictRequest, predictor: Predictor) -> np.ndarray:
                 "split it into smaller batches"
             )
         try:
-            raw = base64.b64decode(b.data, validate=True)
+            raw = binascii.a2b_base64(b.data, strict_mode=True)
         except (binascii.Error, ValueError):
             raise BadRequest("binary.data is not valid base64") from None
         dtype = np.dtype("<f4") if b.dtype == "float32" else np.dtype(np.uint8)

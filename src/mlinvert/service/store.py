@@ -84,7 +84,8 @@ def input_digests(x: np.ndarray) -> tuple[str, ...]:
     """One 128-bit SHA-256 digest per input row of its float32 bytes."""
     if x.ndim == 0 or x.shape[0] == 0:
         return ()
-    rows = np.ascontiguousarray(x.reshape(x.shape[0], -1), dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # refused inputs may not fit float32
+        rows = np.ascontiguousarray(x.reshape(x.shape[0], -1), dtype=np.float32)
     return tuple(hashlib.sha256(row.tobytes()).hexdigest()[:32] for row in rows)
 
 
