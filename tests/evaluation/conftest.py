@@ -4,14 +4,16 @@ evaluation model (PCA + logistic regression, with ``embed`` = the PCA projection
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_limits
 
 from mlinvert.data import ImageDataset, load_att, load_digits
-from mlinvert.evaluation import FaceJudge
+from mlinvert.evaluation import REFERENCE_NAMES, FaceJudge
 
 ATT = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "att_faces"
 
@@ -21,8 +23,9 @@ class QuickEvalModel:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
         flat = images.reshape(images.shape[0], -1)
-        self.pca = PCA(n_components=min(40, flat.shape[0] - 1), random_state=0).fit(flat)
-        self.clf = LogisticRegression(max_iter=500).fit(self.pca.transform(flat), labels)
+        with threadpool_limits(limits=1, user_api="blas"):  # fast on a busy machine
+            self.pca = PCA(n_components=min(40, flat.shape[0] - 1), random_state=0).fit(flat)
+            self.clf = LogisticRegression(max_iter=500).fit(self.pca.transform(flat), labels)
         self.classes_ = self.clf.classes_
 
     def embed(self, X: np.ndarray) -> np.ndarray:
@@ -47,6 +50,15 @@ def att_eval_model(att: ImageDataset) -> QuickEvalModel:
 @pytest.fixture(scope="session")
 def att_judge(att: ImageDataset, att_eval_model: QuickEvalModel) -> FaceJudge:
     return FaceJudge.fit(att, att_eval_model, seed=0)
+
+
+@pytest.fixture(scope="session")
+def att_reference_summaries(att_judge: FaceJudge) -> dict[str, dict[str, Any]]:
+    """Summaries of the four reference points for every AT&T identity (twice each)."""
+    labels = np.repeat(np.arange(40), 2)
+    refs = att_judge.reference_points(labels, seed=1)
+    assert set(refs) == set(REFERENCE_NAMES)
+    return {name: att_judge.summary(att_judge.score(imgs, labels)) for name, imgs in refs.items()}
 
 
 @pytest.fixture(scope="session")

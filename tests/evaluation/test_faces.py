@@ -3,6 +3,8 @@ determinism, digits and bad input."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,6 +20,7 @@ from mlinvert.evaluation import (
 )
 
 ALL = np.repeat(np.arange(40), 2)
+Summaries = dict[str, dict[str, Any]]
 
 
 def _summaries(judge: FaceJudge, labels: np.ndarray, seed: int = 1) -> dict[str, dict]:
@@ -26,8 +29,8 @@ def _summaries(judge: FaceJudge, labels: np.ndarray, seed: int = 1) -> dict[str,
     return {name: judge.summary(judge.score(imgs, labels)) for name, imgs in refs.items()}
 
 
-def test_held_out_photo_is_a_face_of_that_person(att_judge: FaceJudge) -> None:
-    s = _summaries(att_judge, ALL)["held_out_photo"]
+def test_held_out_photo_is_a_face_of_that_person(att_reference_summaries: Summaries) -> None:
+    s = att_reference_summaries["held_out_photo"]
     assert s["likeness"] >= 0.6
     assert s["eval_top1"] >= 0.8
     assert s["eval_top5"] >= s["eval_top1"]
@@ -45,10 +48,12 @@ def test_grey_noise_and_noise_template_score_low_likeness(att_judge: FaceJudge) 
         assert np.quantile(likeness, 0.95) <= 0.3, name
 
 
-def test_noise_template_is_identified_but_not_a_face(att_judge: FaceJudge) -> None:
+def test_noise_template_is_identified_but_not_a_face(
+    att_reference_summaries: Summaries,
+) -> None:
     """The key property: a discriminative template in noise fools identity measures
     (as NES noise fooled the eigenface matcher in PAPER.md) but not likeness."""
-    s = _summaries(att_judge, ALL)["noise_template"]
+    s = att_reference_summaries["noise_template"]
     assert s["eigen_nn_correct"] >= 0.7
     assert s["identity_likeness"] >= 0.7
     assert s["face_likeness"] <= 0.25
@@ -73,8 +78,10 @@ def test_private_photo_has_ssim_one_and_zero_mse(att: ImageDataset, att_judge: F
         assert set(r) == set(RECORD_FIELDS)
 
 
-def test_ssim_mse_and_feature_distance_order_photo_before_noise(att_judge: FaceJudge) -> None:
-    s = _summaries(att_judge, ALL)
+def test_ssim_mse_and_feature_distance_order_photo_before_noise(
+    att_reference_summaries: Summaries,
+) -> None:
+    s = att_reference_summaries
     photo, noise = s["held_out_photo"], s["uniform_noise"]
     assert photo["ssim"] > 0.3 > 0.05 > noise["ssim"]
     assert photo["mse"] < noise["mse"] / 4

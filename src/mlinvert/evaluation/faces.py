@@ -50,7 +50,7 @@ from mlinvert.evaluation.identity import (
     check_eval_model,
     topk_hits,
 )
-from mlinvert.evaluation.images import check_batch, image_grid
+from mlinvert.evaluation.images import check_batch, image_grid, one_blas_thread
 from mlinvert.evaluation.likeness import FaceLikeness, IdentityLikeness, LikenessConfig
 from mlinvert.evaluation.lineup import Lineup
 
@@ -130,6 +130,7 @@ class FaceJudge:
         judge._fit(dataset, eval_model, rng_from(seed))
         return judge
 
+    @one_blas_thread
     def _fit(self, dataset: ImageDataset, eval_model: Any, rng: np.random.Generator) -> None:
         self.seed_ = int(rng.integers(0, 2**31 - 1))
         k = dataset.n_classes
@@ -174,6 +175,7 @@ class FaceJudge:
             raise DataError("FaceJudge is not fitted; create it with FaceJudge.fit(...)")
         return self.dataset_
 
+    @one_blas_thread
     def score(self, recons: np.ndarray, labels: np.ndarray) -> list[dict[str, Any]]:
         """One record per reconstruction (see the module docstring for the fields)."""
         ds = self._fitted()
