@@ -169,19 +169,30 @@ class Preset:
     whitebox_iters: int
     blackbox_iters: int
     nes_samples: int
+    label_only_iters: int
     space: str  # a mlinvert.attacks.spaces.parse_space spec
 
 
 def preset_for(shape: tuple[int, int], quick: bool) -> Preset:
-    """Small images (digits) search pixels; faces search a low-frequency DCT space."""
+    """Search spaces and iteration caps per image size (all attacks share the space)."""
     pixels = shape[0] * shape[1]
     if pixels <= 1024:
         p = Preset(
-            budget=4000, whitebox_iters=200, blackbox_iters=200, nes_samples=10, space="pixel"
+            budget=4000,
+            whitebox_iters=200,
+            blackbox_iters=200,
+            nes_samples=10,
+            label_only_iters=100,
+            space="pca:20",
         )
     else:
         p = Preset(
-            budget=3000, whitebox_iters=300, blackbox_iters=150, nes_samples=10, space="dct:8"
+            budget=3000,
+            whitebox_iters=300,
+            blackbox_iters=150,
+            nes_samples=10,
+            label_only_iters=100,
+            space="pca:40",
         )
     if quick:
         p = Preset(
@@ -189,6 +200,7 @@ def preset_for(shape: tuple[int, int], quick: bool) -> Preset:
             whitebox_iters=60,
             blackbox_iters=30,
             nes_samples=p.nes_samples,
+            label_only_iters=20,
             space=p.space,
         )
     return p
@@ -397,6 +409,7 @@ class _Context:
     defenses: list[Defense]
     events: Event
     whitebox_cache: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    spaces: dict[int, Any] = field(default_factory=dict)
 
 
 def resolve_defenses(config: AuditConfig, budget: int) -> list[Defense]:
@@ -445,28 +458,51 @@ def run_audit(config: AuditConfig, *, events: Event | None = None) -> Path:
     return render_report(out)
 
 
+#: Depths of the privacy-aware CART sweep in the survey audit (CCS 2015, Section 6).
+TREE_DEPTHS = (1, 2, 3, 5)
+
+
 def _run_tree(config: AuditConfig, results: ResultsFile, dataset: Any, emit: Event) -> None:
-    """Survey data: the decision-tree attribute-inversion audit, as one table."""
-    from mlinvert.evaluation.trees import run_tree_audit
+    """Survey data: the decision-tree attribute-inversion audit (paper-shaped tables)."""
+    from mlinvert.evaluation.trees import (
+        plot_depth_sweep,
+        render_defense_table,
+        render_tree_table,
+        run_tree_audit,
+    )
 
     emit("stage", {"name": f"decision-tree audit on {config.data}"})
-    table = run_tree_audit(dataset, seed=config.seed)
+    policies = tuple(
+        d.policy
+        for d in (Defense.parse(x) for x in (config.defenses or ("none", "round:2", "labels")))
+    )
+    records = run_tree_audit(
+        dataset, seed=config.seed, policies=tuple(dict.fromkeys(policies)), depths=TREE_DEPTHS
+    )
+    records = [{k: _clean(v) for k, v in r.items()} for r in records]
+    plot = results.out / "images" / "tree_depth_sweep.png"
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    plot_depth_sweep(records, plot)
     results.doc["dataset"] = {"spec": config.data, "kind": "survey"}
-    results.doc["tree_audit"] = _tree_table(table)
+    results.doc["tree_audit"] = {
+        "title": "Attribute inversion of the sensitive survey answer (Fredrikson et al., "
+        "CCS 2015, Section 5), beside the paper's numbers; then each defence, including the "
+        "privacy-aware CART that places the sensitive feature at depth L.",
+        "tables": [
+            markdown_table(render_tree_table(records), "estimators vs the paper"),
+            markdown_table(render_defense_table(records), "per defence"),
+        ],
+        "plot": "images/tree_depth_sweep.png",
+        "records": records,
+    }
 
 
-def _tree_table(table: Any) -> dict[str, Any]:
-    """Normalise the tree audit's table to ``{title, columns, rows, notes}``."""
-    if hasattr(table, "to_dict") and not isinstance(table, dict):
-        table = table.to_dict()
-    if isinstance(table, dict) and "columns" in table and "rows" in table:
-        return {
-            "title": table.get("title", ""),
-            "columns": [str(c) for c in table["columns"]],
-            "rows": [[_clean(v) for v in row] for row in table["rows"]],
-            "notes": list(table.get("notes", [])),
-        }
-    raise DataError(f"unexpected tree audit result {type(table).__name__}; expected a table")
+def markdown_table(text: str, title: str) -> dict[str, Any]:
+    """A Markdown pipe table as ``{title, columns, rows}`` (for the HTML report)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("|")]
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+    body = [row for row in cells[1:] if not all(set(c) <= set("-: ") for c in row)]
+    return {"title": title, "columns": cells[0] if cells else [], "rows": body}
 
 
 def _load_or_train(
@@ -715,23 +751,61 @@ def _serve(ctx: _Context, defense: Defense) -> Iterator[dict[tuple[str, str], An
                 o.close()
 
 
-def _build_attack(ctx: _Context, attack: str) -> Any:
+def _space(ctx: _Context, label: int) -> Any:
+    """The search space: ``pca:K`` is an eigenface prior from the attacker's auxiliary
+    photos — the held-out photos of everyone *except* the attacked person (never a
+    private training photo; PCAPrior checks it) — other specs go to parse_space."""
+    from mlinvert.attacks.spaces import PCAPrior, Space, parse_space
+
+    if label not in ctx.spaces:
+        space: Space
+        spec = ctx.preset.space
+        if spec.startswith("pca"):
+            _, _, k = spec.partition(":")
+            x_test, y_test = ctx.dataset.test()
+            x_train, _ = ctx.dataset.train()
+            space = PCAPrior(
+                x_test[y_test != label],
+                int(k or 40),
+                private=x_train,
+                source="held-out photos of other people",
+            )
+        else:
+            space = parse_space(spec)
+        # bound once per person: every attack and defence reuses the same prior
+        ctx.spaces[label] = space.bind(ctx.dataset.image_shape)
+    return ctx.spaces[label]
+
+
+def _build_attack(ctx: _Context, attack: str, label: int) -> Any:
     from mlinvert.attacks.gradients import NES, Exact
     from mlinvert.attacks.miface import MIFace, MIFaceConfig
-    from mlinvert.attacks.spaces import parse_space
 
     p = ctx.preset
     if attack == "whitebox":
-        return MIFace(MIFaceConfig.improved(max_iter=p.whitebox_iters), gradient=Exact())
+        return MIFace(
+            MIFaceConfig.improved(max_iter=p.whitebox_iters),
+            gradient=Exact(),
+            space=_space(ctx, label),
+        )
     if attack == "blackbox":
         return MIFace(
             MIFaceConfig.improved(max_iter=p.blackbox_iters),
             gradient=NES(samples=p.nes_samples),
-            space=parse_space(p.space),
+            space=_space(ctx, label),
         )
-    from mlinvert.attacks import LabelOnly, LabelOnlyConfig
+    from mlinvert.attacks.label_only import LabelOnly, LabelOnlyConfig
 
-    return LabelOnly(LabelOnlyConfig())
+    budget = int(ctx.results.doc["budget"])
+    start = max(budget // 5, 10)
+    directions = 16
+    cfg = LabelOnlyConfig(
+        n_directions=directions,
+        start_samples=start,
+        max_iter=max(min(p.label_only_iters, (budget - start) // (directions + 1)), 1),
+        batch_size=50,
+    )
+    return LabelOnly(cfg, space=_space(ctx, label))
 
 
 def _attack_one(
@@ -782,7 +856,7 @@ def _attack_one(
 
     record: dict[str, Any] = {**base, "channel": channel}
     try:
-        result = _build_attack(ctx, attack).run(
+        result = _build_attack(ctx, attack, label).run(
             oracle, label, seed=ctx.config.seed, budget=budget, progress=progress
         )
     except MlinvertError as exc:

@@ -39,8 +39,9 @@ MAPPING = [
         "OWASP Machine Learning Security Top 10 — ML03:2023 Model Inversion Attack",
         "https://owasp.org/www-project-machine-learning-security-top-10/docs/"
         "ML03_2023-Model_Inversion_Attack",
-        "The attacker reverse-engineers private training data (here: faces) from the "
-        "model's predictions. Every attack in this audit is an instance.",
+        "The attacker reverse-engineers private training data (faces, or a person's "
+        "sensitive survey answer) from the model's predictions. Every attack in this "
+        "audit is an instance.",
     ),
     (
         "MITRE ATLAS AML.T0024 — Exfiltration via ML Inference API (AML.T0024.001 Invert ML Model)",
@@ -153,6 +154,13 @@ def _references(results: dict[str, Any], out_dir: Path) -> dict[str, Any] | None
     return {"uri": data_uri(png), "rows": refs}
 
 
+def _tree_plot(results: dict[str, Any], out_dir: Path) -> str | None:
+    rel = (results.get("tree_audit") or {}).get("plot")
+    if not rel or not (out_dir / rel).exists():
+        return None
+    return data_uri((out_dir / rel).read_bytes())
+
+
 def _tables(results: dict[str, Any]) -> list[dict[str, Any]]:
     tables = []
     cs = cells(results.get("records", []))
@@ -198,6 +206,7 @@ def render_report(out_dir: Path | str) -> Path:
         "plot_queries": data_uri(plots.accuracy_vs_queries(results)) if has_faces else None,
         "plot_utility": data_uri(plots.privacy_utility(results)) if has_faces else None,
         "tree": results.get("tree_audit"),
+        "tree_plot": _tree_plot(results, out_dir),
     }
     html = env.get_template("report.html.j2").render(**context)
     path = out_dir / "index.html"
