@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from mlinvert.data.base import ImageDataset
 from mlinvert.errors import ConfigError, DataError, MlinvertError
@@ -437,10 +438,12 @@ def run_audit(config: AuditConfig, *, events: Event | None = None) -> Path:
     try:
         emit("stage", {"name": f"loading data {config.data}"})
         dataset = load(config.data, seed=config.seed)
-        if not isinstance(dataset, ImageDataset):
-            _run_tree(config, results, dataset, emit)
-        else:
-            _run_faces(config, results, dataset, emit)
+        # small matrices on a small shared machine: one BLAS thread avoids oversubscription
+        with threadpool_limits(limits=1, user_api="blas"):
+            if not isinstance(dataset, ImageDataset):
+                _run_tree(config, results, dataset, emit)
+            else:
+                _run_faces(config, results, dataset, emit)
         results.doc["status"] = "complete"
         results.doc["finished"] = _now()
     except KeyboardInterrupt:

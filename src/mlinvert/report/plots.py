@@ -98,6 +98,8 @@ def privacy_utility(results: dict[str, Any]) -> bytes:
         ("brier", "Brier score of the returned scores (honest users; lower is better)"),
         ("topk_accuracy", "top-k"),
     )
+    targets = list(dict.fromkeys(t for t, _ in by_key))
+    shapes = {t: "osD^v"[i % 5] for i, t in enumerate(targets)}
     for ax, (field, xlabel) in zip(axes, panels, strict=True):
         for (target, defense), group in by_key.items():
             util = utility_of(results, target, defense)
@@ -105,15 +107,11 @@ def privacy_utility(results: dict[str, Any]) -> bytes:
             if x is None:
                 continue
             best = max(group, key=lambda c: (c.recovered, c.eval_top1))
+            xv = x * (100 if field == "topk_accuracy" else 1)
             y = 100 * best.eval_top1
-            ax.scatter(x * (100 if field == "topk_accuracy" else 1), y, color=colour[defense], s=60)
-            ax.annotate(
-                f"{defense} ({target})",
-                (x * (100 if field == "topk_accuracy" else 1), y),
-                fontsize=7,
-                xytext=(4, 3),
-                textcoords="offset points",
-            )
+            ax.scatter(xv, y, color=colour[defense], marker=shapes[target], s=60, alpha=0.85)
+            if target == targets[0]:
+                ax.annotate(defense, (xv, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
         if field == "topk_accuracy":
             k = next(
                 (
@@ -131,6 +129,10 @@ def privacy_utility(results: dict[str, Any]) -> bytes:
     fig.suptitle("privacy–utility trade-off (lower and to the good side is better)", fontsize=10)
     handles = [
         plt.Line2D([], [], marker="o", linestyle="", color=colour[d], label=d) for d in defenses
+    ]
+    handles += [
+        plt.Line2D([], [], marker=shapes[t], linestyle="", color="grey", label=f"target {t}")
+        for t in targets
     ]
     if handles:
         fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
