@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -52,9 +53,7 @@ def test_parity_and_batching_in_process(
     oracle = HttpOracle("http://testserver/v1/models/faces", key, client=client, encoding=encoding)  # type: ignore[arg-type]
     assert isinstance(oracle, Oracle)
     local = LocalOracle(Predictor(toys.ToySoftmax(), name="faces", policy=parse_policy(policy)))
-    assert oracle.info == local.info.__class__(
-        **{**local.info.__dict__, "extra": oracle.info.extra}
-    )
+    assert dataclasses.replace(oracle.info, extra={}) == local.info
     got = oracle.query(X)  # 70 inputs: three requests of at most 32
     want = local.query(X[:32]), local.query(X[32:64]), local.query(X[64:])
     assert np.array_equal(got.labels, np.concatenate([w.labels for w in want]))

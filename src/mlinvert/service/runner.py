@@ -129,6 +129,8 @@ class ServiceProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+        if exc_type is None:  # keep the log only when something went wrong
+            self.log_path.unlink(missing_ok=True)
 
 
 class RedisServer:

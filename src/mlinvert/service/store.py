@@ -24,7 +24,7 @@ import numpy as np
 from mlinvert.errors import ConfigError, Unauthorized
 
 KEY_PATTERN = re.compile(r"^mli_[A-Za-z0-9_-]{43}$")
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -131,7 +131,7 @@ class Store:
         """
         if not _NAME_PATTERN.match(account):
             raise ConfigError(
-                f"account name {account!r} must be 1-64 characters of letters, digits, "
+                f"account name {account!r} must be 1-128 characters of letters, digits, "
                 "'_', '.', '@' or '-', starting with a letter or digit"
             )
         key = "mli_" + secrets.token_urlsafe(32)
