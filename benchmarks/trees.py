@@ -40,7 +40,7 @@ from mlinvert.targets.tree import DecisionTreeTarget, TreeConfig, train_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-DEPTHS = tuple(range(0, 7))
+DEPTHS = (0, 1, 2, 3, 4, 6, 8, 10, 12, 15, 20)
 EPSILONS = (0.1, 1.0, 10.0)
 
 

@@ -499,7 +499,10 @@ def sweep_verdict(
 def plot_depth_sweep(
     records: Sequence[dict[str, Any]], path: str | Path, *, estimator: str = "white-box"
 ) -> Path:
-    """PNG: model accuracy and attack accuracy/precision (members) against depth L."""
+    """PNG: model accuracy and attack accuracy/precision (members) against depth L.
+
+    The last point, "never", is the tree that does not use the sensitive feature at all.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -514,11 +517,15 @@ def plot_depth_sweep(
     )
     if not rows:
         raise ConfigError("no depth:L records to plot; run run_tree_audit(..., depths=...)")
-    depth = [d for d, _ in rows]
+    never = _pick(records, estimator=estimator, population="members", defense="exclude-sensitive")
+    points = [r for _, r in rows] + ([never] if never is not None else [])
+    x = list(range(len(points)))
+    labels = [str(d) for d, _ in rows] + (["never"] if never is not None else [])
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(depth, [r["model_accuracy"] for _, r in rows], "o-", label="model accuracy (held out)")
-    ax.plot(depth, [r["accuracy"] for _, r in rows], "s-", label=f"{estimator} accuracy")
-    ax.plot(depth, [r["precision"] for _, r in rows], "^-", label=f"{estimator} precision")
+    ax.plot(x, [r["model_accuracy"] for r in points], "o-", label="model accuracy (held out)")
+    ax.plot(x, [r["accuracy"] for r in points], "s-", label=f"{estimator} accuracy")
+    ax.plot(x, [r["precision"] for r in points], "^-", label=f"{estimator} precision")
+    ax.set_xticks(x, labels)
     base = _pick(records, estimator="always-no", population="members")
     if base is not None:
         ax.axhline(base["accuracy"], color="grey", ls="--", label='always "no" accuracy')
