@@ -8,9 +8,10 @@ Likeness therefore multiplies two calibrated terms, each in [0, 1]:
   size) and per-image standardised, the reconstruction's correlation with its nearest
   private training photo of the target, ``s_c``, is compared with the same nearest-photo
   correlation for every other identity: ``z = (s_c - mean_k s_k) / std_k s_k`` over the
-  other identities k. ``a_id = clip((z - z_floor) / (z_ref - z_floor), 0, 1)`` where
-  ``z_ref`` is the median z of the private training photos themselves (each scored
-  leave-one-out against the rest) and ``z_floor`` (default 1) is the contrast that still
+  other identities k. ``a_id = clip((z - z_floor) / (z_ref_c - z_floor), 0, 1)`` where
+  ``z_ref_c`` is the median z of identity c's own private training photos (each scored
+  leave-one-out against the rest; the median over all photos if c has only one, and at
+  least ``z_floor + 0.5``: some people are less distinctive than others) and ``z_floor`` (default 1) is the contrast that still
   counts as nobody in particular: on AT&T, 90 % of photos of the WRONG person stay below
   z = 0.9. So ``a_id = 1`` means "as distinctly this person as a typical photo of them",
   and 0 "no closer to this person than to others".
@@ -112,9 +113,10 @@ class IdentityLikeness:
         self.train_labels_: np.ndarray = np.empty(0, dtype=np.int64)
         self.n_classes_: int = 0
         self.z_ref_: float = 1.0
+        self.z_ref_per_id_: np.ndarray = np.empty(0)
 
     def fit(self, images: np.ndarray, labels: np.ndarray, n_classes: int) -> IdentityLikeness:
-        """Learn from the private training photos and calibrate ``z_ref``."""
+        """Learn from the private training photos and calibrate ``z_ref`` per identity."""
         self.sigma_ = lowpass_sigma((images.shape[1], images.shape[2]))
         self.train_ = standardise(lowpass(images, self.sigma_))
         self.train_labels_ = labels.astype(np.int64)
@@ -130,6 +132,12 @@ class IdentityLikeness:
                 f"to their own identity (median z {self.z_ref_:.2f} <= {self.floor_z}); the "
                 "data set needs >= 2 photos per identity that resemble each other"
             )
+        per_id = np.full(n_classes, self.z_ref_)
+        for c in range(n_classes):
+            own = z[(labels == c) & (z != 0.0)]
+            if own.size:
+                per_id[c] = float(np.median(own))
+        self.z_ref_per_id_ = np.maximum(per_id, self.floor_z + 0.5)
         return self
 
     def zscores(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -141,9 +149,10 @@ class IdentityLikeness:
         return z
 
     def score(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """``clip((z - z_floor) / (z_ref - z_floor), 0, 1)`` per image."""
+        """``clip((z - z_floor) / (z_ref_c - z_floor), 0, 1)`` per image."""
         z = self.zscores(images, labels)
-        return np.clip((z - self.floor_z) / (self.z_ref_ - self.floor_z), 0.0, 1.0)
+        ref = self.z_ref_per_id_[labels]
+        return np.clip((z - self.floor_z) / (ref - self.floor_z), 0.0, 1.0)
 
 
 def _face_basis(flat: np.ndarray, variance: float, max_k: int) -> np.ndarray:
