@@ -8,13 +8,14 @@ Likeness therefore multiplies two calibrated terms, each in [0, 1]:
   size) and per-image standardised, the reconstruction's correlation with its nearest
   private training photo of the target, ``s_c``, is compared with the same nearest-photo
   correlation for every other identity: ``z = (s_c - mean_k s_k) / std_k s_k`` over the
-  other identities k. ``a_id = clip((z - z_floor) / (z_ref_c - z_floor), 0, 1)`` where
-  ``z_ref_c`` is the median z of identity c's own private training photos (each scored
-  leave-one-out against the rest; the median over all photos if c has only one, and at
-  least ``z_floor + 0.5``: some people are less distinctive than others) and ``z_floor`` (default 1) is the contrast that still
-  counts as nobody in particular: on AT&T, 90 % of photos of the WRONG person stay below
-  z = 0.9. So ``a_id = 1`` means "as distinctly this person as a typical photo of them",
-  and 0 "no closer to this person than to others".
+  other identities k. ``a_id = clip((z - z_floor) / (z_ref_c - z_floor), 0, 1)``.
+  ``z_ref_c`` is the median z of identity c's own private training photos, each scored
+  leave-one-out against the rest (the median over all photos if c has only one; at
+  least ``z_floor + 0.5``): some people are less distinctive than others. ``z_floor``
+  (default 1) is the contrast that still counts as nobody in particular: on AT&T, 90 %
+  of photos scored against the WRONG person stay below z = 0.9. So ``a_id = 1`` means
+  "as distinctly this person as a typical photo of them", 0 "no closer to this person
+  than to others".
 * **face likeness** ``a_face`` — the share of the image's energy (its own mean removed)
   that lies in an eigenface space learned from OTHER people: identities are split into
   seeded folds and the space used for identity c is fitted only on the private photos of
@@ -28,7 +29,9 @@ Likeness therefore multiplies two calibrated terms, each in [0, 1]:
 
 ``likeness = a_id * a_face``: both must be high. A flat grey image has no structure
 and scores 0 on both; uniform noise scores ~0 on face likeness; a noise template that
-carries the identity (high ``a_id``) still fails on face likeness.
+carries the identity (high ``a_id``) still fails on face likeness. Heavy pixel noise
+on a real photo also lowers face likeness (AT&T: a held-out photo + U(±0.25) noise
+scores 0.54 against 0.85 clean); see BENCHMARKS.md, "Evaluation calibration".
 """
 
 from __future__ import annotations
