@@ -3,6 +3,7 @@ determinism, digits and bad input."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,8 @@ from mlinvert.evaluation import (
     FaceJudge,
     JudgeConfig,
     LikenessConfig,
+    image_grid,
+    save_png,
 )
 
 ALL = np.repeat(np.arange(40), 2)
@@ -37,6 +40,8 @@ def test_held_out_photo_is_a_face_of_that_person(att_reference_summaries: Summar
     assert s["pixel_nn_correct"] >= 0.8
     assert s["eigen_nn_correct"] >= 0.75
     assert s["lineup_correct"] >= 0.7
+    # the photo itself is never its own lineup candidate (that would give exactly 1.0)
+    assert s["lineup_correct"] < 1.0
 
 
 def test_grey_noise_and_noise_template_score_low_likeness(att_judge: FaceJudge) -> None:
@@ -158,3 +163,18 @@ def test_bad_models_configs_and_unfitted_use(att: ImageDataset) -> None:
         FaceJudge().score(np.zeros((1, 112, 92), np.float32), np.array([0]))
     with pytest.raises(DataError, match="ImageDataset"):
         FaceJudge.fit("att", None, seed=0)  # type: ignore[arg-type]
+
+
+def test_image_grid_and_png(tmp_path: Path) -> None:
+    rows = [[np.zeros((8, 8), np.float32), np.ones((8, 8), np.float32)]] * 3
+    img = image_grid(rows, scale=4, pad=2, col_titles=["a", "b"])
+    assert img.mode == "L" and img.width == 2 + 2 * (32 + 2) and img.height == 14 + 2 + 3 * 34
+    arr = np.asarray(img)
+    assert arr[14 + 2 + 5, 2 + 5] == 0 and arr[14 + 2 + 5, 2 + 34 + 5] == 255
+    path = save_png(img, tmp_path / "sub" / "grid.png")
+    with Image.open(path) as back:
+        assert back.size == img.size
+    with pytest.raises(DataError, match="equally shaped"):
+        image_grid([[np.zeros((8, 8)), np.zeros((4, 4))]])
+    with pytest.raises(DataError, match="at least one"):
+        image_grid([])
