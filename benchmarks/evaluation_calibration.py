@@ -138,7 +138,9 @@ def main() -> None:
             for i in show
         ]
         titles = [f"{n[:14]}" for n in names] + ["private"]
-        path = save_png(image_grid(rows, scale=1, col_titles=titles), args.grid)
+        path = save_png(
+            image_grid(rows, scale=max(1, 96 // ds.image_shape[0]), col_titles=titles), args.grid
+        )
         print(f"grid: {path}")
         for i in show:
             print(
