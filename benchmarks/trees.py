@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 DEPTHS = (0, 1, 2, 3, 4, 6, 8, 10, 12, 15, 20)
 EPSILONS = (0.1, 1.0, 10.0)
+MAX_DEPTHS = (4, 6, 8)
 
 
 def datasets(seed: int) -> list[SurveyDataset]:
@@ -121,7 +122,9 @@ def main() -> None:
     records: list[dict[str, Any]] = []
     for data in datasets(args.seed):
         t0 = time.perf_counter()
-        recs = run_tree_audit(data, seed=args.seed, depths=DEPTHS, dp_epsilons=EPSILONS)
+        recs = run_tree_audit(
+            data, seed=args.seed, depths=DEPTHS, dp_epsilons=EPSILONS, max_depths=MAX_DEPTHS
+        )
         records += recs
         plot_depth_sweep(recs, args.out / f"sweep_{data.name}.png")
         print(f"<!-- {data.name}: audit {time.perf_counter() - t0:.1f} s -->")

@@ -51,7 +51,7 @@ def test_binary_metrics_numbers() -> None:
 
 @pytest.fixture(scope="module")
 def steak_records(steak: SurveyDataset) -> list[dict[str, Any]]:
-    return run_tree_audit(steak, seed=0, depths=(1, 3), dp_epsilons=(1.0,))
+    return run_tree_audit(steak, seed=0, depths=(1, 3), dp_epsilons=(1.0,), max_depths=(4,))
 
 
 def test_steak_paper_shape(steak_records: list[dict[str, Any]], steak: SurveyDataset) -> None:
@@ -78,6 +78,10 @@ def test_tables_sweep_and_plot(steak_records: list[dict[str, Any]], tmp_path: Pa
     assert "exclude-sensitive" in verdict["defenses_meeting_bar"]
     png = plot_depth_sweep(steak_records, tmp_path / "sweep.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shallow = _get(
+        steak_records, estimator="white-box", population="members", defense="max-depth:4"
+    )
+    assert shallow["model_accuracy"] > 0 and shallow["n_queries"] == 0
     dp = _get(steak_records, estimator="white-box", population="members", defense="dp:1")
     assert (
         dp["precision"]

@@ -16,7 +16,8 @@ Record schema (one dict per estimator x population x defence)
 ``defense``         ``none`` (white-box and baselines, or plain answers), an output
                     policy spec (``full``, ``round:2``, ``labels``), ``depth:L``
                     (privacy-aware CART, sensitive feature at depth L only),
-                    ``exclude-sensitive``, or ``dp:EPS`` (differentially private tree)
+                    ``exclude-sensitive``, ``dp:EPS`` (differentially private tree), or
+                    ``max-depth:D`` (the same CART stopped at depth D: plain regularisation)
 ``accuracy``        share of respondents whose sensitive value is guessed right
 ``precision``       of the guessed "yes" answers, the share that are true (0 if none)
 ``recall``          of the true "yes" answers, the share guessed
@@ -308,13 +309,15 @@ def run_tree_audit(
     config: TreeConfig | None = None,
     depths: Sequence[int] = (),
     dp_epsilons: Sequence[float] = (),
+    max_depths: Sequence[int] = (),
 ) -> list[dict[str, Any]]:
     """Train the survey tree and attack it; records follow the module's schema.
 
     ``policies`` are output-policy specs (:func:`mlinvert.defenses.parse_policy`) for
     the black-box estimators; ``oracle_factory(model, policy) -> Oracle`` replaces the
     in-process oracle (e.g. an ``HttpOracle`` to a served model). ``depths`` adds the
-    privacy-aware CART sweep (plus ``exclude-sensitive``), ``dp_epsilons`` the DP trees.
+    privacy-aware CART sweep (plus ``exclude-sensitive``), ``dp_epsilons`` the DP trees,
+    ``max_depths`` depth-limited trees.
     """
     from mlinvert.data import load
 
@@ -333,6 +336,25 @@ def run_tree_audit(
     )
     records += depth_sweep(dataset, depths, seed=seed, config=config)
     records += dp_comparison(dataset, dp_epsilons, seed=seed)
+    records += pruning_comparison(dataset, max_depths, seed=seed, config=config)
+    return records
+
+
+def pruning_comparison(
+    dataset: SurveyDataset,
+    max_depths: Sequence[int],
+    *,
+    seed: Seed = 0,
+    config: TreeConfig | None = None,
+) -> list[dict[str, Any]]:
+    """The same CART stopped at each depth D (regularisation as a defence), attacked alike."""
+    base = config or TreeConfig()
+    records: list[dict[str, Any]] = []
+    for depth in max_depths:
+        model, _ = train_tree(dataset, seed=seed, config=replace(base, max_depth=int(depth)))
+        records += attack_tree(
+            dataset, model, seed=seed, defense=f"max-depth:{depth}", policies=("full",)
+        )
     return records
 
 
