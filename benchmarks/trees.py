@@ -71,41 +71,71 @@ def time_white_box(gss: SurveyDataset, model: DecisionTreeTarget) -> dict[str, f
     return {"rows": knowledge.n, "parse_s": parse, "infer_s": min(runs), "nodes": model.n_nodes_}
 
 
+def _serve_in_thread(model: DecisionTreeTarget, name: str, db: Path) -> tuple[Any, Any, str]:
+    """Real HTTP on a loopback port: the service app under uvicorn in a thread."""
+    import threading
+
+    import uvicorn
+
+    from mlinvert.defenses import Predictor
+    from mlinvert.service import ServiceSettings, Store, create_app
+    from mlinvert.service.runner import free_port
+
+    store = Store(db)
+    key, _ = store.create_key("bench")
+    settings = ServiceSettings(db=db, max_batch=1024)
+    app = create_app(settings, [Predictor(model, name=name, max_batch=1024)], store=store)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    return server, thread, key
+
+
 def time_black_box(
     data: SurveyDataset, model: DecisionTreeTarget, card: dict[str, Any]
 ) -> dict[str, Any]:
-    """The 2014 estimator on every member, over HTTP if model folders can be saved."""
+    """The 2014 estimator on every member over HTTP (binary float32 batches of 1024).
+
+    With ``mlinvert.targets.io`` the model is saved and served by ``mlinvert serve`` in a
+    subprocess; without it, the same app runs under uvicorn in a thread of this process.
+    """
+    from mlinvert.oracle.http import HttpOracle
+
     knowledge = Knowledge.of(data, "members")
     attack = BlackBox2014(training_confusion(model, *data.members()))
-    if importlib.util.find_spec("mlinvert.targets.io") is None:
-        from mlinvert.defenses import Predictor
-        from mlinvert.oracle import LocalOracle
-
-        oracle = LocalOracle(Predictor(model, name="tree"))
-        t0 = time.perf_counter()
-        result = attack.run(oracle, knowledge)
-        return {
-            "transport": "in-process (mlinvert.targets.io missing)",
-            "queries": result.n_queries,
-            "seconds": time.perf_counter() - t0,
-        }
-    from mlinvert.oracle.http import HttpOracle
-    from mlinvert.service.runner import ServiceProcess
-    from mlinvert.service.store import Store
-    from mlinvert.targets import io
-
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / data.name
-        io.save(model, folder, card=card)
         db = Path(tmp) / "keys.sqlite"
-        key, _ = Store(db).create_key("bench")
-        with ServiceProcess([f"{data.name}={folder}"], db=db, max_batch=1024) as service:
-            oracle = HttpOracle(service.model_url(data.name), key)
-            t0 = time.perf_counter()
-            result = attack.run(oracle, knowledge)
-            seconds = time.perf_counter() - t0
+        if importlib.util.find_spec("mlinvert.targets.io") is None:
+            server, thread, key = _serve_in_thread(model, data.name, db)
+            try:
+                url = f"http://127.0.0.1:{server.config.port}/v1/models/{data.name}"
+                with HttpOracle(url, key) as oracle:
+                    t0 = time.perf_counter()
+                    result = attack.run(oracle, knowledge)
+                    seconds = time.perf_counter() - t0
+            finally:
+                server.should_exit = True
+                thread.join()
+            transport = "HTTP loopback, uvicorn in a thread (mlinvert.targets.io missing)"
+        else:
+            from mlinvert.service.runner import ServiceProcess
+            from mlinvert.service.store import Store
+            from mlinvert.targets import io
+
+            folder = Path(tmp) / data.name
+            io.save(model, folder, card=card)
+            key, _ = Store(db).create_key("bench")
+            with ServiceProcess([f"{data.name}={folder}"], db=db, max_batch=1024) as service:
+                oracle = HttpOracle(service.model_url(data.name), key)
+                t0 = time.perf_counter()
+                result = attack.run(oracle, knowledge)
+                seconds = time.perf_counter() - t0
+            transport = "HTTP, mlinvert serve subprocess"
     return {
-        "transport": "HTTP (mlinvert serve subprocess, binary float32 batches of 1024)",
+        "transport": transport,
         "queries": result.n_queries,
         "seconds": seconds,
         "status": result.status,
