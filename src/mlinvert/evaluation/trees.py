@@ -11,7 +11,8 @@ Record schema (one dict per estimator x population x defence)
 ``spec``            the data spec it was loaded from
 ``estimator``       ``white-box``, ``white-box-predicted-label``, ``black-box-2014``,
                     ``black-box-confidence``, ``label-only``, or a baseline:
-                    ``random``, ``always-no``, ``ideal``
+                    ``random`` (uniform over the domain), ``always-no``, ``ideal`` (a
+                    CART trained on the true sensitive answers, see :func:`ideal_guesses`)
 ``population``      ``members`` (training set) or ``non-members``
 ``defense``         ``none`` (white-box and baselines, or plain answers), an output
                     policy spec (``full``, ``round:2``, ``labels``), ``depth:L``
@@ -102,41 +103,49 @@ def binary_metrics(truth_yes: np.ndarray, guess_yes: np.ndarray) -> dict[str, fl
     }
 
 
+IDEAL_CONFIG = TreeConfig(max_depth=6, min_samples_leaf=5)
+
+
 def ideal_guesses(
     dataset: SurveyDataset, *, seed: Seed = 0, folds: int = 5
 ) -> dict[str, np.ndarray]:
     """The "ideal" baseline: a classifier trained on the true sensitive answers.
 
-    Logistic regression on one-hot other answers plus the label. Members: 5-fold
-    cross-validated predictions; non-members: the model fitted on all members.
-    Returns ``{population: guessed codes}``.
+    A depth-6 CART (:data:`IDEAL_CONFIG`) predicting the sensitive answer from the other
+    answers plus the label. Members: ``folds``-fold cross-validated predictions;
+    non-members: the tree fitted on all members. Returns ``{population: guessed codes}``.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.preprocessing import OneHotEncoder
-
     s = dataset.sensitive_index
     others = [j for j in range(dataset.n_features) if j != s]
+    names = [dataset.feature_names[j] for j in others] + [dataset.target_name]
+    domains = [dataset.domains[j] for j in others] + [dataset.class_names]
+    ordered = [dataset.ordered[j] for j in others] + [False]
+    classes = dataset.domains[s]
 
     def features(X: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return np.column_stack([X[:, others], y]).astype(np.int64)
+        return np.column_stack([X[:, others], y]).astype(np.float32)
 
-    cats = [np.arange(len(dataset.domains[j])) for j in others] + [np.arange(dataset.n_classes)]
-    enc = OneHotEncoder(categories=cats, handle_unknown="ignore")
+    def fit(X: np.ndarray, target: np.ndarray) -> DecisionTreeTarget:
+        return DecisionTreeTarget(IDEAL_CONFIG).fit(
+            X,
+            target,
+            feature_names=names,
+            domains=domains,
+            class_names=classes,
+            ordered=ordered,
+        )
+
     Xm, ym = dataset.members()
     Xn, yn = dataset.nonmembers()
-    fm = enc.fit_transform(features(Xm, ym))
+    fm = features(Xm, ym)
     target = Xm[:, s].astype(np.int64)
-    clf = LogisticRegression(max_iter=2000)
-    rs = int(rng_from(seed).integers(2**31))
-    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=rs)
-    members = cross_val_predict(clf, fm, target, cv=cv)
-    clf.fit(fm, target)
-    nonmembers = clf.predict(enc.transform(features(Xn, yn)))
-    return {
-        "members": np.asarray(members, np.int64),
-        "non-members": np.asarray(nonmembers, np.int64),
-    }
+    fold = rng_from(seed).permutation(fm.shape[0]) % folds
+    members = np.empty(fm.shape[0], dtype=np.int64)
+    for k in range(folds):
+        test = fold == k
+        members[test] = fit(fm[~test], target[~test]).predict(fm[test])
+    nonmembers = fit(fm, target).predict(features(Xn, yn)) if yn.size else np.empty(0, np.int64)
+    return {"members": members, "non-members": nonmembers}
 
 
 def _local_oracle(model: DecisionTreeTarget, policy: str) -> Oracle:
