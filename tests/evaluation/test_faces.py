@@ -114,6 +114,15 @@ def test_without_eval_model_model_fields_are_none(att: ImageDataset) -> None:
     assert s["likeness"] > 0.5
 
 
+def test_few_identities_shrink_the_lineup(att: ImageDataset) -> None:
+    judge = FaceJudge.fit(att.subset(4), None, seed=0)
+    assert judge.lineup_.size == 4
+    labels = np.arange(4)
+    recs = judge.score(judge.reference_points(labels, seed=0)["held_out_photo"], labels)
+    assert sum(r["lineup_correct"] for r in recs) >= 3
+    assert np.mean([r["likeness"] for r in recs]) > 0.5
+
+
 def test_digits_work_with_relative_filter_sizes(
     digits: ImageDataset, digits_eval_model: object
 ) -> None:

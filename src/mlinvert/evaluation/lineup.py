@@ -6,17 +6,22 @@ evaluation model — does the picking: images have the private mean face removed
 Gaussian-blurred (sigma relative to the image size) and standardised, and the candidate
 with the highest correlation is chosen. The candidates are one held-out (test) photo of
 the target and one held-out photo of each of ``size - 1`` other random identities
-(seeded); chance is ``1 / size`` (20 %). Measured on AT&T, a private training photo
-picks its owner's held-out photo in 89 % of such lineups.
+(seeded); chance is ``1 / size`` (20 %). A data set with fewer identities gets a
+smaller lineup (logged; ``Lineup.size`` says which). Measured on AT&T, a private
+training photo picks its owner's held-out photo in 89 % of such lineups.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 
 from mlinvert.data.base import Seed, rng_from
 from mlinvert.errors import ConfigError, DataError
 from mlinvert.evaluation.images import lowpass, lowpass_sigma, standardise
+
+log = logging.getLogger(__name__)
 
 SAME_IMAGE_TOL = 1e-6
 """A query equal to a candidate photo (max abs diff below this) never meets itself."""
@@ -38,11 +43,20 @@ class Lineup:
     def fit(self, private: np.ndarray, held_out: np.ndarray, held_out_labels: np.ndarray) -> Lineup:
         """Use the private mean face and the held-out photos as the candidate pool."""
         n_ids = np.unique(held_out_labels).size
-        if n_ids < self.size:
+        if n_ids < 2:
             raise DataError(
-                f"a {self.size}-way lineup needs held-out photos of >= {self.size} identities, "
-                f"the data set has {n_ids}"
+                f"a lineup needs held-out photos of >= 2 identities, the data set has {n_ids}"
             )
+        if n_ids < self.size:
+            log.warning(
+                "only %d identities have held-out photos: the lineup shrinks from %d to %d "
+                "candidates (chance %.0f %%)",
+                n_ids,
+                self.size,
+                n_ids,
+                100.0 / n_ids,
+            )
+            self.size = n_ids
         self.mean_ = private.mean(axis=0)
         self.sigma_ = lowpass_sigma((private.shape[1], private.shape[2]))
         self.photos_ = held_out
