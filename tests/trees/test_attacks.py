@@ -125,3 +125,40 @@ def test_labels_policy_withholds_confidence(steak: SurveyDataset) -> None:
     full = LabelOnlyMatch().run(_oracle(model), k)
     labels = LabelOnlyMatch().run(_oracle(model, "labels"), k)
     assert np.array_equal(full.guesses, labels.guesses)
+
+
+def test_white_box_sums_paths_when_a_feature_is_unknown() -> None:
+    priors = (np.array([0.5, 0.5]), np.array([0.7, 0.3]))
+    X = np.array([[0, 0], [1, 0]], dtype=np.float32)
+    k = Knowledge(X=X, y=np.array([1, 0]), sensitive_index=1, priors=priors, unknown=(0,))
+    r = WhiteBoxCounts(_tiny_document()).run(None, k)
+    # a unknown: "yes" reaches leaves 3 and 4, each of volume 0.3 (s only)
+    assert np.allclose(r.scores, [[2.0, (5 + 1) * 0.3 / 0.3], [8.0, (0 + 1) * 0.3 / 0.3]])
+    assert r.guesses.tolist() == [1, 0]
+
+
+def test_unknown_features_multiply_queries(steak: SurveyDataset) -> None:
+    model, _ = train_tree(steak, seed=0)
+    full = Knowledge.of(steak, "non-members")
+    part = Knowledge.of(steak, "non-members", unknown=("age", "gender"))
+    combos = len(steak.domains[steak.feature_names.index("age")]) * len(
+        steak.domains[steak.feature_names.index("gender")]
+    )
+    assert part.n_combos == combos and part.combos()[1].sum() == pytest.approx(1.0)
+    oracle = _oracle(model)
+    r = BlackBox2014(training_confusion(model, *steak.members())).run(oracle, part)
+    assert r.n_queries == oracle.n_queries == full.n * 2 * combos
+    # the white-box path sum with nothing unknown equals the one-path traversal
+    wb = WhiteBoxCounts(model.to_document())
+    summed = wb._sum_paths(full, _volume(wb, full))
+    one_path = wb.run(None, full).scores
+    empty = summed.max(axis=1) <= 0  # run() falls back to the prior there
+    assert np.allclose(summed[~empty], one_path[~empty])
+    assert np.allclose(one_path[empty], full.prior)
+
+
+def _volume(wb: WhiteBoxCounts, k: Knowledge) -> np.ndarray:
+    v = np.ones(wb.tree.n_nodes_)
+    for j, name in enumerate(wb.tree.feature_names_):
+        v *= wb.allowed[name].astype(float) @ k.priors[j]
+    return v

@@ -40,6 +40,7 @@ unanswered respondents get the prior's guess and the result's ``status`` says wh
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -50,6 +51,8 @@ from mlinvert.data.base import Seed
 from mlinvert.errors import AttackError, Blocked, BudgetExhausted, ConfigError, RateLimited
 from mlinvert.oracle.base import Oracle
 from mlinvert.targets.tree import Z_95, DecisionTreeTarget
+
+MAX_CANDIDATES = 4096  # candidate rows per respondent (|domain| x unknown combinations)
 
 if TYPE_CHECKING:
     from mlinvert.data.surveys import SurveyDataset
@@ -72,13 +75,17 @@ class Knowledge:
 
     ``X`` encoded rows ``(n, d)`` (the sensitive column is ignored and overwritten),
     ``y`` their true labels, ``sensitive_index`` the sensitive column and ``priors``
-    the marginal distribution of every feature over its domain.
+    the marginal distribution of every feature over its domain. ``unknown`` lists other
+    columns the attacker does not know either (their values in ``X`` are ignored): the
+    black-box estimators then query every combination of their values (weighted by the
+    priors) and the white-box one sums over every path consistent with what is known.
     """
 
     X: np.ndarray
     y: np.ndarray
     sensitive_index: int
     priors: tuple[np.ndarray, ...]
+    unknown: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.X.ndim != 2 or self.y.shape != (self.X.shape[0],):
@@ -91,14 +98,38 @@ class Knowledge:
             )
         if self.prior.ndim != 1 or self.prior.size < 2 or (self.prior < 0).any():
             raise ConfigError("the sensitive prior must be a non-negative vector over >= 2 values")
+        bad = [j for j in self.unknown if not 0 <= j < self.X.shape[1] or j == self.sensitive_index]
+        if bad or len(set(self.unknown)) != len(self.unknown):
+            raise ConfigError(
+                f"unknown must list distinct non-sensitive columns, got {list(self.unknown)}"
+            )
+        if self.m * self.n_combos > MAX_CANDIDATES:
+            raise ConfigError(
+                f"{self.m * self.n_combos} candidate rows per respondent exceed "
+                f"{MAX_CANDIDATES}; leave fewer features unknown"
+            )
 
     @classmethod
-    def of(cls, dataset: SurveyDataset, population: str) -> Knowledge:
-        """Knowledge about the ``members`` or ``non-members`` of a survey."""
+    def of(
+        cls, dataset: SurveyDataset, population: str, *, unknown: Sequence[str] = ()
+    ) -> Knowledge:
+        """Knowledge about the ``members`` or ``non-members`` of a survey.
+
+        ``unknown`` names features (besides the sensitive one) the attacker lacks.
+        """
         if population not in ("members", "non-members"):
             raise ConfigError(f"population must be members or non-members, got {population!r}")
+        missing = [f for f in unknown if f not in dataset.feature_names]
+        if missing:
+            raise ConfigError(f"unknown features {missing} are not among {dataset.feature_names}")
         X, y = dataset.members() if population == "members" else dataset.nonmembers()
-        return cls(X=X, y=y, sensitive_index=dataset.sensitive_index, priors=dataset.priors)
+        return cls(
+            X=X,
+            y=y,
+            sensitive_index=dataset.sensitive_index,
+            priors=dataset.priors,
+            unknown=tuple(dataset.feature_names.index(f) for f in unknown),
+        )
 
     @property
     def prior(self) -> np.ndarray:
@@ -120,10 +151,31 @@ class Knowledge:
         """Size of the sensitive feature's domain."""
         return int(self.prior.size)
 
+    def combos(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every combination of the unknown features' values ``(C, u)`` and its prior."""
+        sizes = [self.priors[j].size for j in self.unknown]
+        grid = np.indices(sizes).reshape(len(sizes), -1).T if sizes else np.zeros((1, 0), int)
+        weight = np.ones(grid.shape[0])
+        for col, j in enumerate(self.unknown):
+            weight *= np.asarray(self.priors[j], dtype=np.float64)[grid[:, col]]
+        return grid, weight
+
+    @property
+    def n_combos(self) -> int:
+        """Number of value combinations of the unknown features (1 if none)."""
+        return int(np.prod([self.priors[j].size for j in self.unknown], dtype=np.int64))
+
     def candidates(self) -> np.ndarray:
-        """Rows ``(n * m, d)``: respondent ``i`` with value ``v`` at row ``i * m + v``."""
-        rows = np.repeat(self.X.astype(np.float32), self.m, axis=0)
-        rows[:, self.sensitive_index] = np.tile(np.arange(self.m, dtype=np.float32), self.n)
+        """Rows ``(n * m * C, d)``: respondent ``i``, value ``v``, unknown combination ``c``
+        at row ``(i * m + v) * C + c``."""
+        grid, _ = self.combos()
+        c = grid.shape[0]
+        rows = np.repeat(self.X.astype(np.float32), self.m * c, axis=0)
+        rows[:, self.sensitive_index] = np.tile(
+            np.repeat(np.arange(self.m, dtype=np.float32), c), self.n
+        )
+        if self.unknown:
+            rows[:, list(self.unknown)] = np.tile(grid.astype(np.float32), (self.n * self.m, 1))
         return rows
 
 
@@ -176,8 +228,8 @@ def decide(scores: np.ndarray, prior: np.ndarray) -> np.ndarray:
 
 @dataclass(eq=False)
 class _Answers:
-    labels: np.ndarray  # (n, m) int64, -1 where unanswered
-    confidence: np.ndarray | None  # (n, m) float64, NaN where unanswered or withheld
+    labels: np.ndarray  # (n, m, C) int64, -1 where unanswered
+    confidence: np.ndarray | None  # (n, m, C) float64, NaN where unanswered or withheld
     status: Status
     n_answered: int
     n_queries: int
@@ -193,7 +245,8 @@ def _query_all(oracle: Oracle, knowledge: Knowledge, batch_size: int) -> _Answer
     status: Status = "succeeded"
     before = oracle.n_queries
     # whole respondents per batch, so a refusal never splits one
-    step = max(knowledge.m, batch_size - batch_size % knowledge.m)
+    per = knowledge.m * knowledge.n_combos
+    step = max(per, batch_size - batch_size % per)
     done = 0
     for start in range(0, total, step):
         try:
@@ -212,12 +265,12 @@ def _query_all(oracle: Oracle, knowledge: Knowledge, batch_size: int) -> _Answer
             conf[start:stop] = response.confidence
             seen_conf = True
         done = stop
-    n, m = knowledge.n, knowledge.m
+    shape = (knowledge.n, knowledge.m, knowledge.n_combos)
     return _Answers(
-        labels=labels.reshape(n, m),
-        confidence=conf.reshape(n, m) if seen_conf else None,
+        labels=labels.reshape(shape),
+        confidence=conf.reshape(shape) if seen_conf else None,
         status=status,
-        n_answered=done // m,
+        n_answered=done // per,
         n_queries=oracle.n_queries - before,
     )
 
@@ -233,7 +286,7 @@ def _finish(
 ) -> TreeInversionResult:
     prior = knowledge.prior
     if answers is not None:  # respondents the oracle never answered: prior only
-        unanswered = (answers.labels < 0).any(axis=1)
+        unanswered = (answers.labels < 0).reshape(knowledge.n, -1).any(axis=1)
         scores[unanswered] = prior
     return TreeInversionResult(
         estimator=name,
@@ -246,6 +299,12 @@ def _finish(
         n_answered=knowledge.n if answers is None else answers.n_answered,
         config=config,
     )
+
+
+def _marginal(g: np.ndarray, knowledge: Knowledge) -> np.ndarray:
+    """``prior(v) * sum_c weight(c) * g[i, v, c]``: scores ``(n, m)``."""
+    _, weight = knowledge.combos()
+    return knowledge.prior[None, :] * (g * weight[None, None, :]).sum(axis=2)
 
 
 def _need_oracle(oracle: Oracle | None, name: str) -> Oracle:
@@ -290,7 +349,7 @@ class BlackBox2014:
         started = time.perf_counter()
         answers = _query_all(_need_oracle(oracle, self.name), knowledge, self.config.batch_size)
         pred = np.maximum(answers.labels, 0)
-        scores = self.pi[knowledge.y[:, None], pred] * knowledge.prior[None, :]
+        scores = _marginal(self.pi[knowledge.y[:, None, None], pred], knowledge)
         return _finish(self.name, scores, knowledge, answers, started, seed, asdict(self.config))
 
 
@@ -323,9 +382,8 @@ class ConfidenceBlackBox:
         if answers.confidence is not None:
             conf = np.clip(np.nan_to_num(answers.confidence), 0.0, 0.999)
         size = conf * Z_95**2 / (1 - conf)
-        match = answers.labels == knowledge.y[:, None]
-        share = np.where(match, size + 1, 1.0) / (size + k)
-        scores = knowledge.prior[None, :] * share
+        match = answers.labels == knowledge.y[:, None, None]
+        scores = _marginal(np.where(match, size + 1, 1.0) / (size + k), knowledge)
         return _finish(self.name, scores, knowledge, answers, started, seed, asdict(self.config))
 
 
@@ -347,8 +405,8 @@ class LabelOnlyMatch:
         """Query every candidate value; score ``prior(v)`` if ``f(x_v) = y``."""
         started = time.perf_counter()
         answers = _query_all(_need_oracle(oracle, self.name), knowledge, self.config.batch_size)
-        match = answers.labels == knowledge.y[:, None]
-        scores = knowledge.prior[None, :] * np.where(match, 1.0, 1e-3)
+        match = answers.labels == knowledge.y[:, None, None]
+        scores = _marginal(np.where(match, 1.0, 1e-3), knowledge)
         return _finish(self.name, scores, knowledge, answers, started, seed, asdict(self.config))
 
 
@@ -384,8 +442,13 @@ class WhiteBoxCounts:
         prior = knowledge.prior
         volume = np.ones(self.tree.n_nodes_)
         for j, name in enumerate(self.tree.feature_names_):
-            volume *= self.allowed[name].astype(np.float64) @ knowledge.priors[j]
+            if j not in knowledge.unknown:  # unknown features integrate out
+                volume *= self.allowed[name].astype(np.float64) @ knowledge.priors[j]
         volume = np.maximum(volume, 1e-300)
+        if knowledge.unknown:
+            scores = self._sum_paths(knowledge, volume)
+            scores[scores.max(axis=1) <= 0] = prior
+            return _finish(self.name, scores, knowledge, None, started, seed, {"rule": self.rule})
         X = knowledge.X.astype(np.float32).copy()
         scores = np.empty((knowledge.n, knowledge.m))
         for v in range(knowledge.m):
@@ -400,3 +463,33 @@ class WhiteBoxCounts:
         empty = scores.max(axis=1) <= 0
         scores[empty] = prior
         return _finish(self.name, scores, knowledge, None, started, seed, {"rule": self.rule})
+
+    def _sum_paths(self, knowledge: Knowledge, volume: np.ndarray, chunk: int = 2048) -> np.ndarray:
+        """Scores summed over every leaf consistent with the known answers and ``v``."""
+        tree = self.tree
+        leaves = np.flatnonzero(tree.feature_ < 0)
+        counts = tree.counts_[leaves]
+        says = counts.argmax(axis=1)
+        known = [
+            j
+            for j in range(knowledge.X.shape[1])
+            if j != knowledge.sensitive_index and j not in knowledge.unknown
+        ]
+        codes = knowledge.X.astype(np.int64)
+        allowed_s = self.allowed[self.sensitive][leaves]  # (L, m)
+        allowed = {j: self.allowed[tree.feature_names_[j]][leaves] for j in known}
+        scores = np.zeros((knowledge.n, knowledge.m))
+        for start in range(0, knowledge.n, chunk):
+            rows = slice(start, start + chunk)
+            ok = np.ones((codes[rows].shape[0], leaves.size), dtype=bool)
+            for j in known:
+                ok &= allowed[j][:, codes[rows, j]].T
+            y = knowledge.y[rows]
+            if self.rule == "predicted-label":
+                weight = np.where(says[None, :] == y[:, None], counts.sum(axis=1)[None, :], 0.0)
+            else:
+                weight = counts[:, y].T / volume[leaves][None, :]
+            for v in range(knowledge.m):
+                hit = ok & allowed_s[None, :, v]
+                scores[rows, v] = (weight * hit).sum(axis=1) * knowledge.prior[v]
+        return scores
