@@ -170,6 +170,8 @@ def test_bad_models_configs_and_unfitted_use(att: ImageDataset) -> None:
         JudgeConfig(lineup_size=1)
     with pytest.raises(MlinvertError, match="not fitted"):
         FaceJudge().score(np.zeros((1, 112, 92), np.float32), np.array([0]))
+    with pytest.raises(DataError, match="at least 3 identities"):
+        FaceJudge.fit(att.subset(2), None, seed=0)
     with pytest.raises(DataError, match="ImageDataset"):
         FaceJudge.fit("att", None, seed=0)  # type: ignore[arg-type]
 

@@ -126,6 +126,11 @@ class FaceJudge:
                 f"FaceJudge needs an ImageDataset (faces or digits), got "
                 f"{type(dataset).__name__}; survey data sets use the tree evaluation"
             )
+        if dataset.n_classes < 3:
+            raise DataError(
+                f"FaceJudge needs at least 3 identities (likeness compares the target with "
+                f"the others), the data set has {dataset.n_classes}"
+            )
         judge = cls(config)
         judge._fit(dataset, eval_model, rng_from(seed))
         return judge
