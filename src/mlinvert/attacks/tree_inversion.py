@@ -5,7 +5,9 @@ Information and Basic Countermeasures", CCS 2015, Section 5): the attacker knows
 target respondent's answers to every question but the sensitive one, the respondent's
 true label (the model's target, e.g. steak preparation), and the marginal prior of
 every answer. Each estimator scores every candidate value ``v`` of the sensitive
-feature and guesses the best (ties go to the value with the larger prior).
+feature and guesses the best (ties go to the value with the larger prior). When some
+other answers are unknown too (``Knowledge.unknown``), every estimator marginalises
+them with their priors, as in the paper's general formulation.
 
 - :class:`BlackBox2014`: ``score(v) = pi(y, f(x_v)) * prior(v)`` with
   ``pi(y, y') = Pr[true label y | predicted y']`` from the confusion matrix the MLaaS
