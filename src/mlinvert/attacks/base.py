@@ -24,7 +24,7 @@ Status = Literal["succeeded", "budget_exhausted", "rate_limited", "blocked", "fa
 STATUSES: tuple[str, ...] = ("succeeded", "budget_exhausted", "rate_limited", "blocked", "failed")
 
 
-def _encode_array(a: np.ndarray) -> dict[str, Any]:
+def encode_array(a: np.ndarray) -> dict[str, Any]:
     a = np.ascontiguousarray(a, dtype=np.float32)
     return {
         "dtype": "float32",
@@ -33,7 +33,7 @@ def _encode_array(a: np.ndarray) -> dict[str, Any]:
     }
 
 
-def _decode_array(d: dict[str, Any]) -> np.ndarray:
+def decode_array(d: dict[str, Any]) -> np.ndarray:
     raw = base64.b64decode(d["b64"])
     return np.frombuffer(raw, dtype=np.float32).reshape(d["shape"]).copy()
 
@@ -89,7 +89,7 @@ class AttackResult:
             "config": self.config,
             "per_label": self.per_label,
             "extra": self.extra,
-            "reconstructions": _encode_array(self.reconstructions),
+            "reconstructions": encode_array(self.reconstructions),
         }
 
     def to_json(self) -> str:
@@ -101,7 +101,7 @@ class AttackResult:
         """Inverse of :meth:`to_dict`."""
         return cls(
             attack=d["attack"],
-            reconstructions=_decode_array(d["reconstructions"]),
+            reconstructions=decode_array(d["reconstructions"]),
             labels=np.asarray(d["labels"], dtype=np.int64),
             class_names=tuple(d["class_names"]),
             confidence=np.asarray(

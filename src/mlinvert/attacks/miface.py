@@ -467,14 +467,14 @@ class MIFace:
         )
         extra: dict[str, Any] = {}
         if run.snapshots:
-            from mlinvert.attacks.base import _encode_array
+            from mlinvert.attacks.base import encode_array
 
             extra["snapshots"] = [
                 {
                     "label": label_idx,
                     "queries": s["queries"],
                     "confidence": s["confidence"],
-                    "image": _encode_array(s["image"]),
+                    "image": encode_array(s["image"]),
                 }
                 for s in run.snapshots
             ]

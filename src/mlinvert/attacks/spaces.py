@@ -278,7 +278,14 @@ class PCAPrior(Space):
             check_disjoint(aux, self.private)
         flat = aux.reshape(aux.shape[0], -1)
         mean = flat.mean(axis=0)
-        _, s, vt = np.linalg.svd(flat - mean, full_matrices=False)
+        centred = flat - mean
+        # eigenvectors of the small Gram matrix (m x m): much cheaper than an SVD of m x d
+        evals, u = np.linalg.eigh(centred @ centred.T)
+        order = np.argsort(evals)[::-1]
+        s = np.sqrt(np.maximum(evals[order], 0.0))
+        keep = s > 1e-8 * max(s[0], 1e-300)
+        vt = (u[:, order[keep]].T @ centred) / s[keep][:, None]
+        s = s[keep]
         k = min(self.k, int((s > 1e-8 * s[0]).sum()))
         if k < self.k:
             log.warning(
@@ -381,3 +388,98 @@ def parse_space(spec: str, *, aux: np.ndarray | None = None) -> Space:
         f"unknown search space {spec!r}; use pixel, lowres:WxH (e.g. lowres:23x28), dct:K "
         "or pca:AUX (auxiliary faces of other people, e.g. pca:lfw)"
     )
+
+
+class DAECode(Space):
+    """The paper's DAE search space: the autoencoder's code (Fredrikson et al. 2015, 5.2).
+
+    ``model`` exposes ``encode(X) -> (n, c)``, ``decode(Z) -> (n, h, w)``,
+    ``code_proba(Z)`` and ``code_gradient(Z, labels)``. :meth:`project` is the paper's
+    Process: decode, non-local-means denoise, sharpen (unsharp mask), re-encode. With
+    :class:`~mlinvert.attacks.gradients.Exact` the gradient is the code-level softmax's
+    ``code_gradient``; black-box sources probe ``decode(z)`` through the oracle.
+    """
+
+    name = "dae"
+
+    def __init__(self, model: Any, *, denoise: bool = True, sharpen: float = 0.5) -> None:
+        super().__init__()
+        for attr in ("encode", "decode", "code_proba", "code_gradient"):
+            if not callable(getattr(model, attr, None)):
+                raise ConfigError(
+                    f"DAECode needs a denoising-autoencoder target with {attr}(); got "
+                    f"{type(model).__name__} (train one with kind 'dae')"
+                )
+        if sharpen < 0:
+            raise ConfigError(f"sharpen amount must be >= 0, got {sharpen}")
+        self.model = model
+        self.denoise = denoise
+        self.sharpen = float(sharpen)
+
+    def _build(self, h: int, w: int) -> None:
+        code = np.asarray(self.model.encode(np.zeros((1, h, w), dtype=np.float32)))
+        self._dim = int(code.shape[1])
+
+    @property
+    def dim(self) -> int:
+        """Size of the code."""
+        self._need()
+        return self._dim
+
+    @property
+    def pixel_scale(self) -> float:
+        """RMS pixel change of a unit code step, measured at the grey image's code."""
+        h, w = self._need()
+        z = self.encode(np.full((1, h, w), 0.5))
+        e = np.zeros_like(z)
+        e[0, : min(8, self._dim)] = 1.0 / np.sqrt(min(8, self._dim))
+        d = self.raw(z + 0.1 * e) - self.raw(z)
+        return float(np.sqrt((d**2).mean()) / 0.1) or 1.0
+
+    def raw(self, z: np.ndarray) -> np.ndarray:
+        """The decoder's image for each code."""
+        z = np.atleast_2d(np.asarray(z, dtype=np.float32))
+        return np.asarray(self.model.decode(z), dtype=np.float64)
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """The encoder's code for each image."""
+        return np.asarray(self.model.encode(np.asarray(x, dtype=np.float32)), dtype=np.float64)
+
+    def pullback(self, z: np.ndarray, grad_x: np.ndarray) -> np.ndarray:
+        """Not used: the exact gradient comes from ``code_gradient``."""
+        raise ConfigError("DAECode has no linear pullback; use Exact() (code_gradient) or a "
+                          "black-box gradient source")
+
+    def push(self, grad_x: np.ndarray) -> np.ndarray:
+        """Image-space prior terms (total variation) are not available in code space."""
+        raise ConfigError("tv_weight is not supported in the DAE code space; set it to 0")
+
+    def code_estimate(self, z: np.ndarray, label: int) -> tuple[np.ndarray, np.ndarray]:
+        """Code-level class probabilities and ``d p_label / d z`` at ``z``."""
+        zz = np.asarray(z, dtype=np.float32)[None]
+        probs = np.asarray(self.model.code_proba(zz), dtype=np.float64)[0]
+        grad = np.asarray(self.model.code_gradient(zz, np.asarray([label])), dtype=np.float64)
+        return probs, grad[0]
+
+    def project(self, z: np.ndarray) -> np.ndarray:
+        """Process: decode, denoise (non-local means), sharpen, re-encode."""
+        from skimage.filters import unsharp_mask
+        from skimage.restoration import denoise_nl_means, estimate_sigma
+
+        img = np.clip(self.raw(z[None])[0], 0.0, 1.0)
+        if self.denoise:
+            sigma = float(estimate_sigma(img))
+            if sigma > 0:
+                img = denoise_nl_means(img, h=0.8 * sigma, sigma=sigma, patch_size=5,
+                                       patch_distance=6, fast_mode=True)
+        if self.sharpen > 0:
+            img = unsharp_mask(img, radius=1.0, amount=self.sharpen)
+        return self.encode(np.clip(img, 0.0, 1.0)[None])[0]
+
+    def prior_sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Codes of random coarse images."""
+        return super().prior_sample(n, rng)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"name": self.name, "denoise": self.denoise, "sharpen": self.sharpen}
