@@ -49,6 +49,7 @@ DATA = ROOT.parent / "shared" / "data" / "att_faces"
 OUT = ROOT / "benchmarks" / "out"
 IMAGES = ROOT / "docs" / "images"
 log = logging.getLogger("miface_att")
+SNAPS = (1000, 2500, 5000, 10_000, 20_000)  # query counts of the quality curve
 
 
 def target(ds: ImageDataset, kind: str) -> Any:
@@ -112,31 +113,43 @@ def save_grid(judge: FaceJudge, result: AttackResult, name: str, n: int = 10) ->
     return path
 
 
-def run_labels(attack_for: Callable[[int], MIFace], oracle: Any, labels: list[int],
-               budget: int | None) -> AttackResult:
+def run_labels(
+    attack_for: Callable[[int], MIFace], oracle: Any, labels: list[int], budget: int | None
+) -> AttackResult:
     """Run ``attack_for(label)`` on every label; one merged result."""
     parts = []
     for lab in labels:
         r = attack_for(lab).run(oracle, lab, seed=0, budget=budget)
-        log.info("label %d: %s %d q %.1f s conf %.3f", lab, r.status, r.n_queries,
-                 r.elapsed_s, r.confidence[0])
+        log.info(
+            "label %d: %s %d q %.1f s conf %.3f",
+            lab,
+            r.status,
+            r.n_queries,
+            r.elapsed_s,
+            r.confidence[0],
+        )
         parts.append(r)
     return AttackResult.merge(parts)
 
 
 def row(name: str, s: dict[str, Any]) -> str:
     """One Markdown table row."""
+
     def f(key: str, fmt: str = "{:.2f}") -> str:
         v = s.get(key)
         return "-" if v is None else fmt.format(v)
 
-    return (f"| {name} | {f('eval_top1')} | {f('eval_top5')} | {f('likeness')} | "
-            f"{f('lineup_correct')} | {f('pixel_nn_correct')} | {f('ssim')} | "
-            f"{f('queries_mean', '{:.0f}')} | {f('seconds_per_identity')} |")
+    return (
+        f"| {name} | {f('eval_top1')} | {f('eval_top5')} | {f('likeness')} | "
+        f"{f('lineup_correct')} | {f('pixel_nn_correct')} | {f('ssim')} | "
+        f"{f('queries_mean', '{:.0f}')} | {f('seconds_per_identity')} |"
+    )
 
 
-HEADER = ("| attack | eval top-1 | top-5 | likeness | lineup | pixel-NN | SSIM | queries/id "
-          "| s/id |\n|---|---|---|---|---|---|---|---|---|")
+HEADER = (
+    "| attack | eval top-1 | top-5 | likeness | lineup | pixel-NN | SSIM | queries/id "
+    "| s/id |\n|---|---|---|---|---|---|---|---|---|"
+)
 
 
 @contextmanager
@@ -186,12 +199,20 @@ def main(argv: list[str] | None = None) -> int:
             wb = WhiteBoxOracle(Predictor(model, name=kind))
             results["paper (pixel, GD on 1-p, x0=0)"] = run_labels(
                 lambda lab: MIFace(MIFaceConfig.paper(), gradient=Exact(), space=Pixel()),
-                wb, labels, None)
+                wb,
+                labels,
+                None,
+            )
             results["improved (PCA prior, Adam)"] = run_labels(
-                lambda lab: MIFace(MIFaceConfig.improved(), gradient=Exact(),
-                                   space=aux_prior(ds, lab)),
-                wb, labels, None)
+                lambda lab: MIFace(
+                    MIFaceConfig.improved(), gradient=Exact(), space=aux_prior(ds, lab)
+                ),
+                wb,
+                labels,
+                None,
+            )
         elif args.what == "blackbox":
+
             def nes_attack(lab: int) -> MIFace:
                 return MIFace(
                     MIFaceConfig.improved(max_iter=2000),
@@ -202,43 +223,70 @@ def main(argv: list[str] | None = None) -> int:
             if args.http:
                 with http_oracle(folder, kind) as oracle:
                     results["NES in PCA prior, HTTP"] = run_labels(
-                        nes_attack, oracle, labels, args.budget)
+                        nes_attack, oracle, labels, args.budget
+                    )
             else:
                 results["NES in PCA prior, in-process"] = run_labels(
-                    nes_attack, LocalOracle(Predictor(model, name=kind)), labels, args.budget)
+                    nes_attack, LocalOracle(Predictor(model, name=kind)), labels, args.budget
+                )
         elif args.what == "fd":
             oracle = LocalOracle(Predictor(model, name=kind))
             results["paper FD (pixel, forward, d+1 q/iter)"] = run_labels(
-                lambda lab: MIFace(MIFaceConfig.paper(max_iter=20),
-                                   gradient=FiniteDifferences(step=0.01), space=Pixel()),
-                oracle, labels, None)
+                lambda lab: MIFace(
+                    MIFaceConfig.paper(max_iter=20),
+                    gradient=FiniteDifferences(step=0.01),
+                    space=Pixel(),
+                ),
+                oracle,
+                labels,
+                None,
+            )
             results["FD in PCA prior (d+1 = 41 q/iter)"] = run_labels(
-                lambda lab: MIFace(MIFaceConfig.improved(max_iter=500),
-                                   gradient=FiniteDifferences(step=0.5),
-                                   space=aux_prior(ds, lab)),
-                oracle, labels, args.budget)
+                lambda lab: MIFace(
+                    MIFaceConfig.improved(max_iter=500),
+                    gradient=FiniteDifferences(step=0.5),
+                    space=aux_prior(ds, lab),
+                ),
+                oracle,
+                labels,
+                args.budget,
+            )
         elif args.what == "rounding":
-            for policy, shown in [("full", "none"), ("round:3", "0.001"), ("round:2", "0.01"),
-                                  ("round-to:0.05", "0.05"), ("round-to:0.1", "0.1")]:
+            for policy, shown in [
+                ("full", "none"),
+                ("round:3", "0.001"),
+                ("round:2", "0.01"),
+                ("round-to:0.05", "0.05"),
+                ("round-to:0.1", "0.1"),
+            ]:
                 oracle = LocalOracle(Predictor(model, name=kind, policy=parse_policy(policy)))
                 results[f"NES/PCA, r={shown}"] = run_labels(
-                    lambda lab: MIFace(MIFaceConfig.improved(max_iter=2000, objective="prob"),
-                                       gradient=NES(samples=args.samples, sigma=args.sigma),
-                                       space=aux_prior(ds, lab)),
-                    oracle, labels, args.budget)
+                    lambda lab: MIFace(
+                        MIFaceConfig.improved(max_iter=2000, objective="prob"),
+                        gradient=NES(samples=args.samples, sigma=args.sigma),
+                        space=aux_prior(ds, lab),
+                    ),
+                    oracle,
+                    labels,
+                    args.budget,
+                )
         elif args.what == "curve":
-            snaps = (1000, 2500, 5000, 10_000, 20_000)
             oracle = LocalOracle(Predictor(model, name=kind))
             res = run_labels(
                 lambda lab: MIFace(
-                    MIFaceConfig.improved(max_iter=5000, target_confidence=1.0,
-                                          snapshot_queries=snaps),
+                    MIFaceConfig.improved(
+                        max_iter=5000, target_confidence=1.0, snapshot_queries=SNAPS
+                    ),
                     gradient=NES(samples=args.samples, sigma=args.sigma),
-                    space=aux_prior(ds, lab)),
-                oracle, labels, max(snaps))
+                    space=aux_prior(ds, lab),
+                ),
+                oracle,
+                labels,
+                max(SNAPS),
+            )
             from mlinvert.attacks.base import decode_array
 
-            for q in snaps:
+            for q in SNAPS:
                 imgs, labs = [], []
                 for part in res.extra["parts"]:
                     for s in part.get("snapshots", []):
@@ -246,13 +294,21 @@ def main(argv: list[str] | None = None) -> int:
                             imgs.append(decode_array(s["image"]))
                             labs.append(s["label"])
                 if imgs:
-                    r = AttackResult(attack="miface", reconstructions=np.stack(imgs),
-                                     labels=np.asarray(labs), class_names=ds.class_names,
-                                     confidence=np.full(len(labs), np.nan),
-                                     per_label=[{"n_queries": q, "elapsed_s": 0.0,
-                                                 "status": "succeeded"} for _ in labs],
-                                     n_queries=q, elapsed_s=0.0, seed=0, config={},
-                                     status="succeeded")
+                    r = AttackResult(
+                        attack="miface",
+                        reconstructions=np.stack(imgs),
+                        labels=np.asarray(labs),
+                        class_names=ds.class_names,
+                        confidence=np.full(len(labs), np.nan),
+                        per_label=[
+                            {"n_queries": q, "elapsed_s": 0.0, "status": "succeeded"} for _ in labs
+                        ],
+                        n_queries=q,
+                        elapsed_s=0.0,
+                        seed=0,
+                        config={},
+                        status="succeeded",
+                    )
                     results[f"NES/PCA after {q} queries"] = r
         for name, res in results.items():
             s = summarise(judge, res)
