@@ -189,3 +189,16 @@ def test_image_grid_and_png(tmp_path: Path) -> None:
         image_grid([[np.zeros((8, 8)), np.zeros((4, 4))]])
     with pytest.raises(DataError, match="at least one"):
         image_grid([])
+
+
+def test_a_face_of_the_wrong_person_is_not_a_likeness(
+    att: ImageDataset, att_judge: FaceJudge
+) -> None:
+    x, y = att.train()
+    means = np.stack([x[y == c].mean(axis=0) for c in range(40)]).astype(np.float32)
+    labels = np.arange(40)
+    right = att_judge.summary(att_judge.score(means, labels))
+    wrong = att_judge.summary(att_judge.score(np.roll(means, 1, axis=0), labels))
+    assert right["likeness"] >= 0.7 and right["face_likeness"] >= 0.9
+    assert wrong["face_likeness"] >= 0.9  # still a face ...
+    assert wrong["likeness"] <= 0.15  # ... but not this person
