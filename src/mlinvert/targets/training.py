@@ -1,0 +1,161 @@
+"""Train any target kind on a data set and describe it in a model card.
+
+:func:`train_target` is the one entry point used by ``mlinvert train``, the audit and
+the benchmarks. Face kinds train the torch models on the data set's private
+(training) split; kind ``"tree"`` and every survey data set go to
+:func:`mlinvert.targets.tree.train_tree`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from mlinvert.data.base import ImageDataset, Seed
+from mlinvert.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+FACE_KINDS = ("softmax", "mlp", "dae", "cnn", "evaluation")
+KINDS = (*FACE_KINDS, "tree")
+
+#: The evaluation model gets this offset added to the seed, so a target and the model
+#: that judges attacks on it never share their initialisation.
+EVALUATION_SEED_OFFSET = 7919
+
+
+@dataclass(frozen=True)
+class TrainedTarget:
+    """A fitted model and its card (data spec, split, seed, config, accuracies, seconds)."""
+
+    model: Any
+    card: dict[str, Any]
+
+
+def resolve_seed(seed: Seed) -> int:
+    """An int seed from an int, a Generator (one draw) or None (a fresh random seed)."""
+    if isinstance(seed, np.random.Generator):
+        return int(seed.integers(2**31 - 1))
+    if seed is None:
+        return int(np.random.default_rng().integers(2**31 - 1))
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative int, a Generator or None, got {seed!r}")
+    return int(seed)
+
+
+def face_config(kind: str, *, seed: int, quick: bool) -> Any:
+    """The config used for a face ``kind``: the real settings, or tiny ones if ``quick``."""
+    from mlinvert.targets import torch_models as tm
+    from mlinvert.targets.dae import DAEConfig
+
+    if kind == "softmax":
+        return tm.SoftmaxConfig(seed=seed, max_iter=40 if quick else 150)
+    if kind == "mlp":
+        return (
+            tm.MLPConfig(seed=seed, hidden=256, max_iter=60) if quick else tm.MLPConfig(seed=seed)
+        )
+    if kind == "dae":
+        if quick:
+            return DAEConfig(seed=seed, hidden=256, code=300, pretrain_epochs=4, finetune_epochs=30)
+        return DAEConfig(seed=seed)
+    if kind == "cnn":
+        return (
+            tm.CNNConfig(seed=seed, channels=(8, 16, 32), epochs=12)
+            if quick
+            else (tm.CNNConfig(seed=seed))
+        )
+    if kind == "evaluation":
+        eseed = seed + EVALUATION_SEED_OFFSET
+        if quick:
+            return tm.EvaluationConfig(seed=eseed, channels=(12, 24, 48), epochs=15)
+        return tm.EvaluationConfig(seed=eseed)
+    raise ConfigError(f"unknown model kind {kind!r}; choose one of: {', '.join(KINDS)}")
+
+
+def make_face_model(kind: str, config: Any) -> Any:
+    """An unfitted face model of ``kind`` with ``config``."""
+    from mlinvert.targets.io import model_class
+
+    return model_class(kind)(config)
+
+
+def _train_tree(dataset: Any, seed: int, quick: bool) -> TrainedTarget:
+    from mlinvert.targets.tree import train_tree
+
+    start = time.perf_counter()
+    model, card = train_tree(dataset, seed=seed, quick=quick)
+    card = {**card, "train_seconds": round(time.perf_counter() - start, 3), "quick": quick}
+    return TrainedTarget(model=model, card=card)
+
+
+def train_target(dataset: Any, kind: str, *, seed: Seed, quick: bool = False) -> TrainedTarget:
+    """Train ``kind`` on ``dataset``'s private split and return the model and its card.
+
+    Face kinds: ``softmax``, ``mlp``, ``dae``, ``cnn``, ``evaluation`` on an
+    :class:`~mlinvert.data.ImageDataset`; ``tree`` on a survey data set. ``quick``
+    picks tiny settings (for tests). The card holds the data spec, split (train/test
+    indices), seed, config, train/test accuracy, chance level and training seconds.
+    """
+    kind = kind.strip().lower()
+    if kind not in KINDS:
+        raise ConfigError(f"unknown model kind {kind!r}; choose one of: {', '.join(KINDS)}")
+    s = resolve_seed(seed)
+    is_image = isinstance(dataset, ImageDataset)
+    if kind == "tree" or not is_image:
+        if kind != "tree":
+            raise ConfigError(
+                f"model kind {kind!r} needs an image data set; {dataset.spec!r} is a survey — "
+                "use --model tree for surveys"
+            )
+        if is_image:
+            raise ConfigError(
+                f"decision trees train on surveys (steak:PATH, gss:PATH, fair), not on the "
+                f"image data set {dataset.spec!r}; pick a face kind: {', '.join(FACE_KINDS)}"
+            )
+        return _train_tree(dataset, s, quick)
+    X, y = dataset.train()
+    Xt, yt = dataset.test()
+    if X.shape[0] == 0:
+        raise DataError(f"data set {dataset.spec!r} has no training images")
+    config = face_config(kind, seed=s, quick=quick)
+    model = make_face_model(kind, config)
+    log.info(
+        "training %s on %s (%d images %dx%d, %d classes)",
+        kind,
+        dataset.spec,
+        X.shape[0],
+        X.shape[1],
+        X.shape[2],
+        dataset.n_classes,
+    )
+    start = time.perf_counter()
+    model.fit(X, y, class_names=dataset.class_names)
+    seconds = time.perf_counter() - start
+    train_acc = model.score(X, y)
+    test_acc = model.score(Xt, yt) if yt.size else None
+    log.info(
+        "%s: train accuracy %.4f, test accuracy %s, %.1f s",
+        kind,
+        train_acc,
+        "n/a" if test_acc is None else f"{test_acc:.4f}",
+        seconds,
+    )
+    card = {
+        "kind": kind,
+        "dataset": dataset.spec,
+        "split": dataset.split.to_dict(),
+        "seed": s,
+        "quick": quick,
+        "config": asdict(config),
+        "n_train": int(X.shape[0]),
+        "n_test": int(Xt.shape[0]),
+        "chance_accuracy": 1.0 / dataset.n_classes,
+        "train_accuracy": train_acc,
+        "test_accuracy": test_acc,
+        "train_seconds": round(seconds, 3),
+    }
+    return TrainedTarget(model=model, card=card)
