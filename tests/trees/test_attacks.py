@@ -162,3 +162,17 @@ def _volume(wb: WhiteBoxCounts, k: Knowledge) -> np.ndarray:
     for j, name in enumerate(wb.tree.feature_names_):
         v *= wb.allowed[name].astype(float) @ k.priors[j]
     return v
+
+
+def test_respondent_larger_than_a_batch_is_split(steak: SurveyDataset) -> None:
+    from mlinvert.attacks.tree_inversion import TreeAttackConfig
+
+    model, _ = train_tree(steak, seed=0)
+    part = Knowledge.of(steak, "non-members", unknown=("age", "income"))
+    per = 2 * part.n_combos  # 60 candidate rows per respondent
+    small = LabelOnlyMatch(TreeAttackConfig(batch_size=16)).run(_oracle(model), part)
+    big = LabelOnlyMatch().run(_oracle(model), part)
+    assert small.n_queries == big.n_queries == part.n * per
+    assert np.array_equal(small.guesses, big.guesses)
+    cut = LabelOnlyMatch(TreeAttackConfig(batch_size=16)).run(Budgeted(_oracle(model), 100), part)
+    assert cut.status == "budget_exhausted" and cut.n_answered == 1

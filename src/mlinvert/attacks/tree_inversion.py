@@ -54,7 +54,7 @@ from mlinvert.errors import AttackError, Blocked, BudgetExhausted, ConfigError, 
 from mlinvert.oracle.base import Oracle
 from mlinvert.targets.tree import Z_95, DecisionTreeTarget
 
-MAX_CANDIDATES = 4096  # candidate rows per respondent (|domain| x unknown combinations)
+MAX_CANDIDATES = 512  # candidate rows per respondent (|domain| x unknown combinations)
 
 if TYPE_CHECKING:
     from mlinvert.data.surveys import SurveyDataset
@@ -167,17 +167,21 @@ class Knowledge:
         """Number of value combinations of the unknown features (1 if none)."""
         return int(np.prod([self.priors[j].size for j in self.unknown], dtype=np.int64))
 
-    def candidates(self) -> np.ndarray:
-        """Rows ``(n * m * C, d)``: respondent ``i``, value ``v``, unknown combination ``c``
-        at row ``(i * m + v) * C + c``."""
+    def candidates(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Candidate rows of respondents ``start:stop``, ``(k * m * C, d)``.
+
+        Respondent ``start + i`` with value ``v`` and unknown combination ``c`` is at row
+        ``(i * m + v) * C + c``.
+        """
+        X = self.X[start:stop].astype(np.float32)
         grid, _ = self.combos()
         c = grid.shape[0]
-        rows = np.repeat(self.X.astype(np.float32), self.m * c, axis=0)
+        rows = np.repeat(X, self.m * c, axis=0)
         rows[:, self.sensitive_index] = np.tile(
-            np.repeat(np.arange(self.m, dtype=np.float32), c), self.n
+            np.repeat(np.arange(self.m, dtype=np.float32), c), X.shape[0]
         )
         if self.unknown:
-            rows[:, list(self.unknown)] = np.tile(grid.astype(np.float32), (self.n * self.m, 1))
+            rows[:, list(self.unknown)] = np.tile(grid.astype(np.float32), (X.shape[0] * self.m, 1))
         return rows
 
 
@@ -238,35 +242,42 @@ class _Answers:
 
 
 def _query_all(oracle: Oracle, knowledge: Knowledge, batch_size: int) -> _Answers:
-    """Send every candidate row in batches; stop cleanly on a refusal."""
-    rows = knowledge.candidates()
-    total = rows.shape[0]
+    """Send every candidate row in batches of at most ``batch_size``; stop on a refusal.
+
+    Candidate rows are built per group of respondents (whole respondents per batch when
+    they fit), so memory stays bounded by the answers themselves.
+    """
+    per = knowledge.m * knowledge.n_combos
+    total = knowledge.n * per
     labels = np.full(total, -1, dtype=np.int64)
     conf = np.full(total, np.nan)
     seen_conf = False
     status: Status = "succeeded"
     before = oracle.n_queries
-    # whole respondents per batch, so a refusal never splits one
-    per = knowledge.m * knowledge.n_combos
-    step = max(per, batch_size - batch_size % per)
+    group = max(1, batch_size // per)
     done = 0
-    for start in range(0, total, step):
-        try:
-            response = oracle.query(rows[start : start + step])
-        except RateLimited:
-            status = "rate_limited"
-        except Blocked:
-            status = "blocked"
-        except BudgetExhausted:
-            status = "budget_exhausted"
+    for first in range(0, knowledge.n, group):
+        rows = knowledge.candidates(first, first + group)
+        for offset in range(0, rows.shape[0], batch_size):
+            try:
+                response = oracle.query(rows[offset : offset + batch_size])
+            except RateLimited:
+                status = "rate_limited"
+            except Blocked:
+                status = "blocked"
+            except BudgetExhausted:
+                status = "budget_exhausted"
+            if status != "succeeded":
+                break
+            start = first * per + offset
+            stop = start + len(response)
+            labels[start:stop] = response.labels
+            if response.confidence is not None:
+                conf[start:stop] = response.confidence
+                seen_conf = True
+            done = stop
         if status != "succeeded":
             break
-        stop = start + len(response)
-        labels[start:stop] = response.labels
-        if response.confidence is not None:
-            conf[start:stop] = response.confidence
-            seen_conf = True
-        done = stop
     shape = (knowledge.n, knowledge.m, knowledge.n_combos)
     return _Answers(
         labels=labels.reshape(shape),
