@@ -1,0 +1,94 @@
+"""``mlinvert attack miface`` end to end on a tiny model folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mlinvert.attacks import AttackResult
+from mlinvert.cli.main import build_app
+from mlinvert.data import load
+from mlinvert.targets import save, train_target
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    ds = load("digits", seed=0)
+    trained = train_target(ds, "softmax", seed=0, quick=True)
+    folder = tmp_path_factory.mktemp("models") / "digits-softmax"
+    save(trained.model, folder, card=trained.card)
+    return folder
+
+
+def test_cli_blackbox_writes_pngs_and_result(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = CliRunner().invoke(
+        build_app(),
+        [
+            "attack",
+            "miface",
+            "--model",
+            str(model_dir),
+            "--label",
+            "3",
+            "--mode",
+            "blackbox",
+            "--gradient",
+            "spsa",
+            "--space",
+            "dct:4",
+            "--budget",
+            "600",
+            "--samples",
+            "5",
+            "--out",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    result = AttackResult.from_json((out / "result.json").read_text())
+    assert result.labels.tolist() == [3] and result.n_queries <= 600
+    assert result.config["gradient"]["name"] == "spsa"
+    assert (out / "3.png").exists()
+    doc = json.loads((out / "result.json").read_text())
+    assert doc["per_label"][0]["n_queries"] == result.n_queries
+
+
+def test_cli_whitebox_all_labels_and_errors(model_dir: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    app = build_app()
+    res = runner.invoke(
+        app,
+        [
+            "attack",
+            "miface",
+            "--model",
+            str(model_dir),
+            "--all-labels",
+            "--max-iter",
+            "50",
+            "--out",
+            str(tmp_path / "wb"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "wb").glob("*.png"))) == 10
+    bad = runner.invoke(
+        app,
+        [
+            "attack",
+            "miface",
+            "--model",
+            str(model_dir),
+            "--label",
+            "3",
+            "--mode",
+            "guess",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+    )
+    assert bad.exit_code != 0
