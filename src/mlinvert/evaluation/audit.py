@@ -17,6 +17,7 @@ ML Model via the inference API). Attacks after Fredrikson, Jha, Ristenpart, CCS 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -33,8 +34,8 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from mlinvert.data.base import ImageDataset
-from mlinvert.errors import ConfigError, DataError, MlinvertError
+from mlinvert.data.base import ImageDataset, Split
+from mlinvert.errors import ConfigError, DataError, MlinvertError, ModelError
 from mlinvert.oracle.base import Response
 
 log = logging.getLogger(__name__)
@@ -102,17 +103,20 @@ class Defense:
 class AuditConfig:
     """Everything one audit run needs; serialised into ``results.json``.
 
-    ``data`` is a :func:`mlinvert.data.load` spec; ``model_dir`` audits an existing model
-    folder instead of training ``targets``; ``labels`` attacks the first N classes
-    (``None``: all); ``budget`` caps the API queries of one black-box or label-only
-    attack on one person (``None``: the preset for the image size); ``defenses``
+    ``data`` is a :func:`mlinvert.data.load` spec (``None``: the data set recorded in the
+    ``model_dir`` card, else the embedded default ``digits``); ``model_dir`` audits an
+    existing model folder instead of training ``targets`` (its card's private/held-out
+    split is used, so the judge compares with what the model really trained on);
+    ``labels`` attacks the first N classes (``None``: all); ``budget`` caps the API
+    queries of one black-box or label-only attack on one person (``None``: the preset
+    for the image size); ``defenses``
     ``None`` means the default matrix, whose rate limit is a quarter of the budget per
     hour (so it visibly stops the black-box attack). ``quick`` trains tiny models
     (tests). ``in_process`` uses LocalOracle through the same Predictor instead of the
     real HTTP service.
     """
 
-    data: str = "digits"
+    data: str | None = None
     model_dir: Path | None = None
     targets: tuple[str, ...] = ("softmax", "mlp")
     attacks: tuple[str, ...] = ATTACKS
@@ -444,6 +448,23 @@ def single_threaded() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _data_spec(config: AuditConfig) -> tuple[str, Split | None]:
+    """The data spec to load and, with ``--model``, the split recorded in its card."""
+    if config.model_dir is None:
+        return config.data or "digits", None
+    from mlinvert.targets.io import read_card
+
+    card = read_card(config.model_dir)
+    spec = config.data or card.get("dataset")
+    if not spec:
+        raise ConfigError(
+            f"the card of {config.model_dir} does not say which data set it was trained on; "
+            "pass --data SPEC"
+        )
+    split = Split.from_dict(card["split"]) if isinstance(card.get("split"), dict) else None
+    return str(spec), split
+
+
 def run_audit(config: AuditConfig, *, events: Event | None = None) -> Path:
     """Run the audit described by ``config``; return the path of ``index.html``.
 
@@ -459,8 +480,11 @@ def run_audit(config: AuditConfig, *, events: Event | None = None) -> Path:
     results = ResultsFile(out, config)
     results.save()
     try:
-        emit("stage", {"name": f"loading data {config.data}"})
-        dataset = load(config.data, seed=config.seed)
+        spec, split = _data_spec(config)
+        emit("stage", {"name": f"loading data {spec}"})
+        dataset = load(spec, seed=config.seed)
+        if split is not None and isinstance(dataset, ImageDataset):
+            dataset = dataclasses.replace(dataset, split=split)
         with single_threaded():
             if not isinstance(dataset, ImageDataset):
                 _run_tree(config, results, dataset, emit)
@@ -496,7 +520,7 @@ def _run_tree(config: AuditConfig, results: ResultsFile, dataset: Any, emit: Eve
         run_tree_audit,
     )
 
-    emit("stage", {"name": f"decision-tree audit on {config.data}"})
+    emit("stage", {"name": f"decision-tree audit on {dataset.spec}"})
     policies = tuple(
         d.policy
         for d in (Defense.parse(x) for x in (config.defenses or ("none", "round:2", "labels")))
@@ -508,7 +532,7 @@ def _run_tree(config: AuditConfig, results: ResultsFile, dataset: Any, emit: Eve
     plot = results.out / "images" / "tree_depth_sweep.png"
     plot.parent.mkdir(parents=True, exist_ok=True)
     plot_depth_sweep(records, plot)
-    results.doc["dataset"] = {"spec": config.data, "kind": "survey"}
+    results.doc["dataset"] = {"spec": dataset.spec, "kind": "survey"}
     results.doc["tree_audit"] = {
         "title": "Attribute inversion of the sensitive survey answer (Fredrikson et al., "
         "CCS 2015, Section 5), beside the paper's numbers; then each defence, including the "
@@ -539,14 +563,16 @@ def _load_or_train(
     folder = ctx_out / "models" / kind
     if (folder / "model.json").exists():
         emit("stage", {"name": f"loading {kind} from {folder}"})
-        model = io.load(folder)
-        card = json.loads((folder / "model.json").read_text())
-        return _Target(name=kind, model=model, card=card, folder=folder)
+        try:
+            model = io.load(folder)
+        except ModelError as exc:  # retrain (same seed) rather than give up the resume
+            log.warning("cannot reload %s (%s); training it again", folder, exc)
+        else:
+            return _Target(name=kind, model=model, card=io.read_card(folder), folder=folder)
     emit("stage", {"name": f"training {kind}"})
     trained = train_target(dataset, kind, seed=config.seed, quick=config.quick)
     io.save(trained.model, folder, card=trained.card)
-    card = json.loads((folder / "model.json").read_text())
-    return _Target(name=kind, model=trained.model, card=card, folder=folder)
+    return _Target(name=kind, model=trained.model, card=io.read_card(folder), folder=folder)
 
 
 def _test_accuracy(model: Any, dataset: ImageDataset) -> float:
@@ -566,7 +592,7 @@ def _run_faces(
     labels = list(range(min(config.labels or dataset.n_classes, dataset.n_classes)))
     doc = results.doc
     doc["dataset"] = {
-        "spec": config.data,
+        "spec": dataset.spec,
         "kind": "image",
         "n_classes": dataset.n_classes,
         "class_names": list(dataset.class_names),
@@ -586,7 +612,7 @@ def _run_faces(
 
         emit("stage", {"name": f"loading {config.model_dir}"})
         model = io.load(config.model_dir)
-        card = json.loads((Path(config.model_dir) / "model.json").read_text())
+        card = io.read_card(config.model_dir)
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(config.model_dir).name) or model.kind
         targets.append(_Target(name=name, model=model, card=card, folder=Path(config.model_dir)))
     else:
@@ -595,7 +621,7 @@ def _run_faces(
         if tuple(t.model.input_shape_) != dataset.image_shape:
             raise DataError(
                 f"model {t.name} takes images {tuple(t.model.input_shape_)}, the data "
-                f"{config.data} has {dataset.image_shape}; pass the --data it was trained on"
+                f"{dataset.spec} has {dataset.image_shape}; pass the --data it was trained on"
             )
         doc["targets"][t.name] = {
             "kind": t.model.kind,
