@@ -16,6 +16,9 @@ def serve_command(
     policy: str = typer.Option(
         None, help="Output policy, e.g. full, round:2, top:3+round:2, labels. [MLINVERT_POLICY]"
     ),
+    model_policy: list[str] = typer.Option(
+        None, "--model-policy", help="Policy for one model, NAME=SPEC (overrides --policy)."
+    ),
     rate_limit: str = typer.Option(
         None, "--rate-limit", help="Per-account input budget, e.g. 2000/hour. [MLINVERT_RATE_LIMIT]"
     ),
@@ -35,6 +38,7 @@ def serve_command(
     settings = ServiceSettings.from_env(
         models=tuple(model) if model else None,
         policy=policy,
+        model_policies=tuple(model_policy) if model_policy else None,
         rate_limit=rate_limit,
         db=db,
         host=host,

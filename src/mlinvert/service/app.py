@@ -74,7 +74,7 @@ def build_predictors(
     *,
     bucket_store: BucketStore | None = None,
 ) -> dict[str, Predictor]:
-    """Wrap each model in a Predictor with the settings' policy and one shared rate limiter.
+    """Wrap each model in a Predictor with its policy and one shared rate limiter.
 
     One :class:`RateLimiter` serves every model, so an account has one budget; its
     buckets live in Redis when ``settings.redis_url`` is set. The clock is wall time,
@@ -91,7 +91,7 @@ def build_predictors(
         name: Predictor(
             model,
             name=name,
-            policy=parse_policy(settings.policy),
+            policy=parse_policy(settings.policy_for(name)),
             guards=guards,
             max_batch=settings.max_batch,
             clock=time.time,

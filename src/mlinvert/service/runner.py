@@ -31,10 +31,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ServiceProcess:
     """Context manager running ``mlinvert serve`` on a free loopback port.
 
-    ``models`` are model folders (``DIR`` or ``NAME=DIR``); the other arguments are the
-    serve flags. ``url`` is the service root (``http://127.0.0.1:PORT``) and
-    ``model_url(name)`` the HttpOracle URL of a model. The process is always stopped
-    on exit, and its output is kept in ``log_path`` for diagnosis.
+    ``models`` are model folders (``DIR`` or ``NAME=DIR``); ``model_policies`` maps a
+    model name to its own policy spec; the other arguments are the serve flags.
+    ``url`` is the service root (``http://127.0.0.1:PORT``) and ``model_url(name)`` the
+    HttpOracle URL of a model. The process is always stopped on exit; its output goes
+    to ``log_path`` (deleted after a clean exit).
     """
 
     def __init__(
@@ -43,6 +44,7 @@ class ServiceProcess:
         *,
         db: str | Path,
         policy: str = "full",
+        model_policies: Mapping[str, str] | None = None,
         rate_limit: str | None = None,
         redis_url: str | None = None,
         max_batch: int | None = None,
@@ -60,6 +62,8 @@ class ServiceProcess:
         args += ["--host", host, "--port", str(self.port)]
         for model in models:
             args += ["--model", str(model)]
+        for name, spec in (model_policies or {}).items():
+            args += ["--model-policy", f"{name}={spec}"]
         if rate_limit is not None:
             args += ["--rate-limit", rate_limit]
         if redis_url is not None:

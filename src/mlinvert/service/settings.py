@@ -23,7 +23,8 @@ class ServiceSettings:
     ``MLINVERT_POLICY``, ``MLINVERT_RATE_LIMIT``, ``MLINVERT_REDIS_URL``,
     ``MLINVERT_MAX_BATCH``, ``MLINVERT_MAX_BODY_BYTES``, ``MLINVERT_HOST``,
     ``MLINVERT_PORT``, ``MLINVERT_MODELS`` (model folders, ``NAME=DIR`` or ``DIR``,
-    separated by ``os.pathsep``).
+    separated by ``os.pathsep``), ``MLINVERT_MODEL_POLICIES`` (``NAME=SPEC`` overriding
+    ``policy`` for one model, separated by ``,``).
     """
 
     db: Path
@@ -35,6 +36,7 @@ class ServiceSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     models: tuple[str, ...] = ()
+    model_policies: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "db", Path(self.db))
@@ -48,6 +50,11 @@ class ServiceSettings:
                 f"redis URL {self.redis_url!r} must start with redis://, rediss:// or unix://, "
                 "e.g. redis://127.0.0.1:6379/0"
             )
+        for spec in self.model_policies:
+            name, sep, policy = spec.partition("=")
+            if not sep or not name:
+                raise ConfigError(f"model policy {spec!r}: write NAME=SPEC, e.g. faces=round:2")
+            parse_policy(policy)
         if self.max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_body_bytes < 1024:
@@ -75,6 +82,8 @@ class ServiceSettings:
                     ) from None
             elif f.name == "models":
                 values[f.name] = tuple(p for p in raw.split(os.pathsep) if p)
+            elif f.name == "model_policies":
+                values[f.name] = tuple(p.strip() for p in raw.split(",") if p.strip())
             else:
                 values[f.name] = raw
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -83,3 +92,11 @@ class ServiceSettings:
                 "the service needs an account database: pass --db PATH or set MLINVERT_DB"
             )
         return cls(**values)
+
+    def policy_for(self, model: str) -> str:
+        """The policy spec of ``model``: its override, else ``policy``."""
+        for spec in self.model_policies:
+            name, _, policy = spec.partition("=")
+            if name == model:
+                return policy
+        return self.policy
