@@ -202,3 +202,18 @@ def test_a_face_of_the_wrong_person_is_not_a_likeness(
     assert right["likeness"] >= 0.7 and right["face_likeness"] >= 0.9
     assert wrong["face_likeness"] >= 0.9  # still a face ...
     assert wrong["likeness"] <= 0.15  # ... but not this person
+
+
+def test_judge_with_the_project_evaluation_model(digits: ImageDataset) -> None:
+    """Contract with mlinvert.targets: the real evaluation model plugs in (quick mode)."""
+    from mlinvert.targets.training import train_target
+
+    small = digits.subset(5)
+    model = train_target(small, "evaluation", seed=0, quick=True).model
+    judge = FaceJudge.fit(small, model, seed=0)
+    labels = np.repeat(np.arange(5), 4)
+    refs = judge.reference_points(labels, seed=0)
+    photo = judge.summary(judge.score(refs["held_out_photo"], labels))
+    noise = judge.summary(judge.score(refs["uniform_noise"], labels))
+    assert photo["eval_top1"] >= 0.6 and photo["eval_top5"] >= 0.9
+    assert photo["feature_distance"] < noise["feature_distance"]
