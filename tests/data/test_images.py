@@ -9,6 +9,7 @@ import pytest
 
 from mlinvert.data import load
 from mlinvert.errors import DataError
+
 from .conftest import write_image
 
 
@@ -16,7 +17,7 @@ def test_att_shapes_names_and_split(att_path: Path) -> None:
     ds = load(f"att:{att_path}", seed=0)
     assert ds.images.shape == (400, 112, 92)
     assert ds.images.dtype == np.float32 and ds.labels.dtype == np.int64
-    assert 0.0 <= ds.images.min() and ds.images.max() <= 1.0 and ds.images.std() > 0.1
+    assert ds.images.min() >= 0.0 and ds.images.max() <= 1.0 and ds.images.std() > 0.1
     assert ds.class_names == tuple(f"s{i}" for i in range(1, 41))  # natural order
     assert (ds.split.train.size, ds.split.test.size) == (280, 120)
     assert np.intersect1d(ds.split.train, ds.split.test).size == 0

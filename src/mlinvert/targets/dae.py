@@ -4,9 +4,10 @@ The third target of Fredrikson, Jha, Ristenpart, CCS 2015: two sigmoid layers
 (1000 -> 300 units) pre-trained greedily, one layer at a time, as denoising
 autoencoders (Vincent et al., JMLR 2010: masking noise on the layer's input, rebuild
 the clean input), then a softmax layer on the 300-d code, and everything fine-tuned
-together. Fine-tuning keeps a reconstruction term so the decoder stays valid: the
-attack searches the code space (``encode`` / ``decode`` / ``code_proba`` /
-``code_gradient``) and decodes its result into an image.
+together. Fine-tuning keeps a reconstruction term for the decoder's upper layer and then
+refits its pixel layer in closed form, so the decoder stays valid: the attack
+searches the code space (``encode`` / ``decode`` / ``code_proba`` / ``code_gradient``)
+and decodes its result into an image.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class DAEConfig:
     finetune_lr: float = 3e-3
     weight_decay: float = 1e-4
     recon_weight: float = 1.0
+    decoder_ridge: float = 1.0
 
     def __post_init__(self) -> None:
         check_seed(self.seed)
@@ -62,6 +64,7 @@ class DAEConfig:
             pretrain_epochs=self.pretrain_epochs,
             weight_decay=self.weight_decay,
             recon_weight=self.recon_weight,
+            decoder_ridge=self.decoder_ridge,
         )
         if not 0.0 <= self.corruption < 1.0:
             raise ConfigError(f"corruption must lie in [0, 1), got {self.corruption}")
@@ -185,8 +188,26 @@ class StackedDAE(TorchTarget):
             weight_decay=c.weight_decay,
             what="dae fine-tune",
         )
+        self._refit_decoder(net, X)
+
+    def _refit_decoder(self, net: _DAENet, X: torch.Tensor) -> None:
+        """Refit the pixel layer of the decoder to the fine-tuned codes (ridge, closed form).
+
+        Fine-tuning moves the encoder; the decoder's upper layer follows through the
+        reconstruction term, and this least-squares fit in logit space re-aligns its
+        pixel layer, so ``decode(encode(x))`` gives the face back.
+        """
         with torch.no_grad():
-            log.info("dae reconstruction mse %.4f", float(F.mse_loss(net.decode(net.encode(X)), X)))
+            h = torch.sigmoid(net.dec2(net.encode(X))).double()
+            a = torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype)], dim=1)
+            target = torch.logit(X.flatten(1).double().clamp(0.02, 0.98))
+            reg = self.config.decoder_ridge * torch.eye(a.shape[1], dtype=h.dtype)
+            reg[-1, -1] = 0.0  # do not shrink the bias
+            sol = torch.linalg.solve(a.T @ a + reg, a.T @ target)
+            net.dec1.weight.copy_(sol[:-1].T.float())
+            net.dec1.bias.copy_(sol[-1].float())
+            mse = float(F.mse_loss(net.decode(net.encode(X)), X))
+        log.info("dae training reconstruction mse %.4f", mse)
 
     # -- the code space ------------------------------------------------------------
     def _net(self) -> _DAENet:

@@ -60,18 +60,20 @@ def face_config(kind: str, *, seed: int, quick: bool) -> Any:
         )
     if kind == "dae":
         if quick:
-            return DAEConfig(seed=seed, hidden=256, code=300, pretrain_epochs=4, finetune_epochs=30)
+            return DAEConfig(
+                seed=seed, hidden=256, code=300, pretrain_epochs=10, finetune_epochs=20
+            )
         return DAEConfig(seed=seed)
     if kind == "cnn":
         return (
-            tm.CNNConfig(seed=seed, channels=(8, 16, 32), epochs=12)
+            tm.CNNConfig(seed=seed, channels=(8, 16, 32), epochs=15, batch_size=64)
             if quick
             else (tm.CNNConfig(seed=seed))
         )
     if kind == "evaluation":
         eseed = seed + EVALUATION_SEED_OFFSET
         if quick:
-            return tm.EvaluationConfig(seed=eseed, channels=(12, 24, 48), epochs=15)
+            return tm.EvaluationConfig(seed=eseed, channels=(12, 24, 48), epochs=12, batch_size=64)
         return tm.EvaluationConfig(seed=eseed)
     raise ConfigError(f"unknown model kind {kind!r}; choose one of: {', '.join(KINDS)}")
 
@@ -158,4 +160,8 @@ def train_target(dataset: Any, kind: str, *, seed: Seed, quick: bool = False) ->
         "test_accuracy": test_acc,
         "train_seconds": round(seconds, 3),
     }
+    if kind == "dae" and yt.size:
+        recon = model.decode(model.encode(Xt))
+        card["test_reconstruction_mse"] = float(((recon - Xt) ** 2).mean())
+        card["mean_image_mse"] = float(((Xt - X.mean(axis=0)) ** 2).mean())
     return TrainedTarget(model=model, card=card)

@@ -1,0 +1,56 @@
+"""``mlinvert train`` end to end on the embedded digits, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mlinvert.cli.main import build_app, main
+from mlinvert.data import load as load_data
+from mlinvert.targets import load
+
+
+def test_train_digits_writes_a_loadable_folder(tmp_path: Path) -> None:
+    out = tmp_path / "digits-softmax"
+    result = CliRunner().invoke(build_app(), ["train", "--out", str(out), "--seed", "3", "--quick"])
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.output and str(out) in result.output
+    card = json.loads((out / "model.json").read_text())
+    assert card["dataset"] == "digits" and card["seed"] == 3 and card["kind"] == "softmax"
+    assert card["test_accuracy"] > 0.85
+    ds = load_data("digits", seed=3)
+    assert card["split"]["test"] == ds.split.test.tolist()
+    x, y = ds.test()
+    assert np.mean(load(out).predict(x) == y) == pytest.approx(card["test_accuracy"])
+
+
+def test_help_explains_the_options() -> None:
+    result = CliRunner().invoke(build_app(), ["train", "--help"])
+    assert result.exit_code == 0
+    for word in ("--data", "--model", "--out", "--seed", "att:PATH", "dae"):
+        assert word in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "svm"], "unknown model kind"),
+        (["--data", "att:/no/such/dir"], "does not exist"),
+        (["--data", "nonsense"], "unknown data spec"),
+        (["--model", "tree"], "surveys"),
+        (["--seed", "-1"], "--seed"),
+    ],
+)
+def test_bad_input_is_one_clear_line(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--out", str(tmp_path / "m"), *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.strip()]) <= 3
