@@ -136,3 +136,18 @@ def test_weights_path_cannot_escape_the_folder(folder: Path, tmp_path: Path) -> 
 def test_save_refuses_objects_without_state(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="get_state"):
         save(object(), tmp_path / "x")
+
+
+def test_tree_kind_routes_to_the_tree_target(tmp_path: Path) -> None:
+    from mlinvert.data import load as load_data
+    from mlinvert.errors import ConfigError
+    from mlinvert.targets.training import train_target
+
+    ds = load_data("fair", seed=0)
+    t = train_target(ds, "tree", seed=0, quick=True)
+    assert t.model.kind == "tree" and t.card["train_seconds"] >= 0
+    again = load(save(t.model, tmp_path / "tree", card=t.card))
+    x, _ = ds.nonmembers()  # type: ignore[union-attr]
+    assert np.array_equal(again.predict_proba(x), t.model.predict_proba(x))
+    with pytest.raises(ConfigError, match="needs an image data set"):
+        train_target(ds, "softmax", seed=0)

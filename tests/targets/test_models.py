@@ -127,6 +127,10 @@ def test_softmax_on_a_few_att_faces(att_few: ImageDataset) -> None:
 def test_not_fitted_and_bad_inputs(trained: Trained) -> None:
     with pytest.raises(NotFittedError, match="not fitted"):
         SoftmaxRegression().predict(np.zeros((1, 8, 8), np.float32))
+    with pytest.raises(NotFittedError, match="not fitted"):
+        StackedDAE().encode(np.zeros((1, 8, 8), np.float32))
+    with pytest.raises(NotFittedError, match="not fitted"):
+        EvaluationNet().embed(np.zeros((1, 8, 8), np.float32))
     model = trained("softmax").model
     with pytest.raises(DataError, match=r"\(8, 8\)"):
         model.predict_proba(np.zeros((2, 9, 9), np.float32))

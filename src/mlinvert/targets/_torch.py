@@ -167,7 +167,9 @@ class TorchTarget:
     """Base of the torch face recognisers: fit/predict_proba/class_gradient and state.
 
     Subclasses set ``kind`` and ``config_cls`` and implement :meth:`_build` (the
-    network from input shape and class count) and :meth:`_train`.
+    network from input shape and class count) and :meth:`_train`. ``threads`` is the
+    number of torch threads used while fitting (restored afterwards; None keeps
+    torch's setting); predictions use torch's setting.
     """
 
     kind: ClassVar[str]
