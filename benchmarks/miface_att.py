@@ -54,10 +54,9 @@ SNAPS = (1000, 2500, 5000, 10_000, 20_000)  # query counts of the quality curve
 
 def target(ds: ImageDataset, kind: str) -> Any:
     """The project's trained target of ``kind`` (cached as a model folder)."""
+    from mlinvert.targets import load as load_model
     from mlinvert.targets.io import save
     from mlinvert.targets.training import train_target
-
-    from mlinvert.targets import load as load_model
 
     folder = OUT / "models" / kind
     if (folder / "model.json").exists():
@@ -69,7 +68,7 @@ def target(ds: ImageDataset, kind: str) -> Any:
     return trained.model, folder
 
 
-def aux_prior(ds: ImageDataset, label: int, k: int = 40) -> PCAPrior:
+def aux_prior(ds: ImageDataset, label: int, k: int = 80) -> PCAPrior:
     """Eigenfaces from the held-out photos of everyone except ``label``."""
     xte, yte = ds.test()
     xtr, _ = ds.train()
@@ -178,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", default="softmax")
     p.add_argument("--labels", type=int, default=40, help="first N identities")
     p.add_argument("--budget", type=int, default=20_000)
+    p.add_argument("--paper-labels", type=int, default=40, help="identities for paper rows")
     p.add_argument("--samples", type=int, default=20)
     p.add_argument("--sigma", type=float, default=0.02)
     p.add_argument("--http", action="store_true", help="black-box over the real HTTP service")
@@ -197,15 +197,20 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, AttackResult] = {}
         if args.what == "whitebox":
             wb = WhiteBoxOracle(Predictor(model, name=kind))
-            results["paper (pixel, GD on 1-p, x0=0)"] = run_labels(
-                lambda lab: MIFace(MIFaceConfig.paper(), gradient=Exact(), space=Pixel()),
-                wb,
-                labels,
-                None,
-            )
+            for start in ("zero", "grey"):
+                results[f"paper (pixel, GD on 1-p, x0={start})"] = run_labels(
+                    lambda lab, start=start: MIFace(  # type: ignore[misc]
+                        MIFaceConfig.paper(start=start), gradient=Exact(), space=Pixel()
+                    ),
+                    wb,
+                    labels[: args.paper_labels],
+                    None,
+                )
             results["improved (PCA prior, Adam)"] = run_labels(
                 lambda lab: MIFace(
-                    MIFaceConfig.improved(), gradient=Exact(), space=aux_prior(ds, lab)
+                    MIFaceConfig.improved(target_confidence=0.9999),
+                    gradient=Exact(),
+                    space=aux_prior(ds, lab),
                 ),
                 wb,
                 labels,
@@ -215,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def nes_attack(lab: int) -> MIFace:
                 return MIFace(
-                    MIFaceConfig.improved(max_iter=2000),
+                    MIFaceConfig.improved(max_iter=2000, target_confidence=0.9999),
                     gradient=NES(samples=args.samples, sigma=args.sigma),
                     space=aux_prior(ds, lab),
                 )

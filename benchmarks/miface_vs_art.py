@@ -86,7 +86,11 @@ def ours(model: Any, ds: Any, labels: list[int]) -> AttackResult:
     oracle = WhiteBoxOracle(Predictor(model, name=model.kind))
     parts = []
     for lab in labels:
-        attack = MIFace(MIFaceConfig.improved(), gradient=Exact(), space=aux_prior(ds, lab))
+        attack = MIFace(
+            MIFaceConfig.improved(target_confidence=0.9999),
+            gradient=Exact(),
+            space=aux_prior(ds, lab),
+        )
         parts.append(attack.run(oracle, lab, seed=0))
     return AttackResult.merge(parts)
 

@@ -318,7 +318,10 @@ class PCAPrior(Space):
 
 
 def check_disjoint(aux: np.ndarray, private: np.ndarray, *, tol: float = 1e-3) -> None:
-    """Raise ConfigError if any auxiliary image equals a private image (mean abs diff)."""
+    """Raise ConfigError if any auxiliary image (nearly) equals a private image.
+
+    Near-equality: root-mean-square pixel difference below ``tol``.
+    """
     a = np.asarray(aux, dtype=np.float64).reshape(aux.shape[0], -1)
     p = np.asarray(private, dtype=np.float64)
     if p.shape[1:] != aux.shape[1:]:
@@ -326,16 +329,15 @@ def check_disjoint(aux: np.ndarray, private: np.ndarray, *, tol: float = 1e-3) -
 
         p = np.stack([resize(im, aux.shape[1:], order=1, anti_aliasing=True) for im in p])
     p = p.reshape(p.shape[0], -1)
-    for i in range(0, a.shape[0], 64):
-        d = np.abs(a[i : i + 64, None, :] - p[None, :, :]).mean(axis=2)
-        hit = np.argwhere(d < tol)
-        if hit.size:
-            ai, pi = int(hit[0, 0]) + i, int(hit[0, 1])
-            raise ConfigError(
-                f"auxiliary image {ai} coincides with private training image {pi}: the "
-                "attacker's prior must come from other people's public images; remove the "
-                "target's training photos from the auxiliary set"
-            )
+    d2 = (a**2).sum(axis=1)[:, None] + (p**2).sum(axis=1)[None, :] - 2.0 * (a @ p.T)
+    hit = np.argwhere(np.maximum(d2, 0.0) / a.shape[1] < tol**2)
+    if hit.size:
+        ai, pi = int(hit[0, 0]), int(hit[0, 1])
+        raise ConfigError(
+            f"auxiliary image {ai} coincides with private training image {pi}: the "
+            "attacker's prior must come from other people's public images; remove the "
+            "target's training photos from the auxiliary set"
+        )
 
 
 def load_aux(spec: str) -> np.ndarray:
@@ -447,8 +449,10 @@ class DAECode(Space):
 
     def pullback(self, z: np.ndarray, grad_x: np.ndarray) -> np.ndarray:
         """Not used: the exact gradient comes from ``code_gradient``."""
-        raise ConfigError("DAECode has no linear pullback; use Exact() (code_gradient) or a "
-                          "black-box gradient source")
+        raise ConfigError(
+            "DAECode has no linear pullback; use Exact() (code_gradient) or a "
+            "black-box gradient source"
+        )
 
     def push(self, grad_x: np.ndarray) -> np.ndarray:
         """Image-space prior terms (total variation) are not available in code space."""
@@ -470,8 +474,9 @@ class DAECode(Space):
         if self.denoise:
             sigma = float(estimate_sigma(img))
             if sigma > 0:
-                img = denoise_nl_means(img, h=0.8 * sigma, sigma=sigma, patch_size=5,
-                                       patch_distance=6, fast_mode=True)
+                img = denoise_nl_means(
+                    img, h=0.8 * sigma, sigma=sigma, patch_size=5, patch_distance=6, fast_mode=True
+                )
         if self.sharpen > 0:
             img = unsharp_mask(img, radius=1.0, amount=self.sharpen)
         return self.encode(np.clip(img, 0.0, 1.0)[None])[0]
