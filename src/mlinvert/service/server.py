@@ -48,11 +48,10 @@ def serve(settings: ServiceSettings, *, log_level: str = "warning") -> None:
     predictors = build_predictors(load_models(settings.models), settings)
     app = create_app(settings, predictors)
     log.warning(
-        "serving %s on http://%s:%d (policy %s, rate limit %s%s)",
-        ", ".join(predictors),
+        "serving %s on http://%s:%d (rate limit %s%s)",
+        ", ".join(f"{name} [{p.policy.name}]" for name, p in predictors.items()),
         settings.host,
         settings.port,
-        settings.policy,
         settings.rate_limit or "none",
         f", shared via {settings.redis_url}" if settings.redis_url else "",
     )
