@@ -24,7 +24,10 @@ import logging
 import platform
 import re
 import shlex
+import shutil
+import sqlite3
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -35,7 +38,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from mlinvert.data.base import ImageDataset, Split
-from mlinvert.errors import ConfigError, DataError, MlinvertError, ModelError
+from mlinvert.errors import ConfigError, DataError, MlinvertError, ModelError, OracleError
 from mlinvert.oracle.base import Response
 
 log = logging.getLogger(__name__)
@@ -175,28 +178,36 @@ class Preset:
     blackbox_iters: int
     nes_samples: int
     label_only_iters: int
-    space: str  # a mlinvert.attacks.spaces.parse_space spec
+    space: str  # a mlinvert.attacks.spaces.parse_space spec, or pca:K (see _space)
+    quick_targets: bool = False
 
 
 def preset_for(shape: tuple[int, int], quick: bool) -> Preset:
-    """Search spaces and iteration caps per image size (all attacks share the space)."""
+    """Search spaces and iteration caps per image size (all attacks share the space).
+
+    On small images (digits) the targets train with the short settings: measured here
+    they reach the same test accuracy (softmax 96.8 %, MLP 97.2 %) in seconds instead of
+    a minute. The evaluation model always trains fully unless ``quick``.
+    """
     pixels = shape[0] * shape[1]
+    # NES with 20 antithetic pairs: 41 inputs per request (HTTP overhead is per request)
     if pixels <= 1024:
         p = Preset(
-            budget=4000,
+            budget=2000,
             whitebox_iters=200,
-            blackbox_iters=200,
-            nes_samples=10,
+            blackbox_iters=50,
+            nes_samples=20,
             label_only_iters=100,
             space="pca:20",
+            quick_targets=True,
         )
     else:
         p = Preset(
-            budget=3000,
-            whitebox_iters=300,
-            blackbox_iters=150,
-            nes_samples=10,
-            label_only_iters=100,
+            budget=1200,
+            whitebox_iters=200,
+            blackbox_iters=30,
+            nes_samples=20,
+            label_only_iters=60,
             space="pca:40",
         )
     if quick:
@@ -207,6 +218,7 @@ def preset_for(shape: tuple[int, int], quick: bool) -> Preset:
             nes_samples=p.nes_samples,
             label_only_iters=20,
             space=p.space,
+            quick_targets=True,
         )
     return p
 
@@ -413,8 +425,10 @@ class _Context:
     labels: list[int]
     defenses: list[Defense]
     events: Event
-    whitebox_cache: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
     spaces: dict[int, Any] = field(default_factory=dict)
+    #: False once the API the attacks talk to has gone away (then an error is the
+    #: run's problem, not an attack outcome: the run stops instead of recording it)
+    api_alive: Callable[[], bool] = lambda: True
 
 
 def resolve_defenses(config: AuditConfig, budget: int) -> list[Defense]:
@@ -555,7 +569,13 @@ def markdown_table(text: str, title: str) -> dict[str, Any]:
 
 
 def _load_or_train(
-    ctx_out: Path, kind: str, dataset: ImageDataset, config: AuditConfig, emit: Event
+    ctx_out: Path,
+    kind: str,
+    dataset: ImageDataset,
+    config: AuditConfig,
+    emit: Event,
+    *,
+    quick: bool,
 ) -> _Target:
     from mlinvert.targets import io
     from mlinvert.targets.training import train_target
@@ -570,7 +590,7 @@ def _load_or_train(
         else:
             return _Target(name=kind, model=model, card=io.read_card(folder), folder=folder)
     emit("stage", {"name": f"training {kind}"})
-    trained = train_target(dataset, kind, seed=config.seed, quick=config.quick)
+    trained = train_target(dataset, kind, seed=config.seed, quick=quick)
     io.save(trained.model, folder, card=trained.card)
     return _Target(name=kind, model=trained.model, card=io.read_card(folder), folder=folder)
 
@@ -616,7 +636,10 @@ def _run_faces(
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(config.model_dir).name) or model.kind
         targets.append(_Target(name=name, model=model, card=card, folder=Path(config.model_dir)))
     else:
-        targets.extend(_load_or_train(out, k, dataset, config, emit) for k in config.targets)
+        quick = config.quick or preset.quick_targets
+        targets.extend(
+            _load_or_train(out, k, dataset, config, emit, quick=quick) for k in config.targets
+        )
     for t in targets:
         if tuple(t.model.input_shape_) != dataset.image_shape:
             raise DataError(
@@ -628,7 +651,7 @@ def _run_faces(
             "test_accuracy": _test_accuracy(t.model, dataset),
             "model_dir": str(t.folder),
         }
-    evaluator = _load_or_train(out, "evaluation", dataset, config, emit)
+    evaluator = _load_or_train(out, "evaluation", dataset, config, emit, quick=config.quick)
     doc["evaluation_model"] = {
         "kind": "evaluation",
         "test_accuracy": _test_accuracy(evaluator.model, dataset),
@@ -726,8 +749,10 @@ def _utilities(
             predictor = Predictor(
                 t.model, name=t.name, policy=parse_policy(d.policy), max_batch=max(len(x), 1)
             )
-            util = served_utility(
-                predictor.predict(x, account="utility"), y, len(t.model.class_names_)
+            served = predictor.predict(x, account="utility")
+            util = served_utility(served, y, len(t.model.class_names_))
+            util["labels_unchanged"] = bool(
+                np.array_equal(served.labels, np.asarray(t.model.predict(x)))
             )
             util["policy"] = d.policy
             util["rate_limit"] = d.rate
@@ -769,13 +794,16 @@ def _serve(ctx: _Context, defense: Defense) -> Iterator[dict[tuple[str, str], An
                 oracles[(t.name, a)] = LocalOracle(predictor, account=f"{defense.slug}-{a}")
         yield oracles
         return
-    from mlinvert.oracle.http import HttpOracle
-    from mlinvert.service.runner import ServiceProcess
     from mlinvert.service.store import Store
 
     ctx.events("stage", {"name": f"starting the service with defence {defense.name}"})
-    db = ctx.results.out / "service" / f"{defense.slug}.sqlite3"
-    db.parent.mkdir(parents=True, exist_ok=True)
+    # the service logs every query; on a RAM disk that costs no fsync per request
+    # (measured: 17 instead of 25 ms per request); the log is copied to DIR/service after
+    final_db = ctx.results.out / "service" / f"{defense.slug}.sqlite3"
+    final_db.parent.mkdir(parents=True, exist_ok=True)
+    ram = Path("/dev/shm")
+    work = Path(tempfile.mkdtemp(prefix="mlinvert-audit-", dir=ram if ram.is_dir() else None))
+    db = work / final_db.name
     store = Store(db)
     try:
         keys = {
@@ -785,6 +813,33 @@ def _serve(ctx: _Context, defense: Defense) -> Iterator[dict[tuple[str, str], An
         }
     finally:
         store.close()
+    try:
+        with _service(ctx, defense, db, keys) as oracles:
+            yield oracles
+    finally:
+        _copy_sqlite(db, final_db)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _copy_sqlite(src: Path, dst: Path) -> None:
+    """Copy an SQLite database consistently (WAL included) with the backup API."""
+    if not src.exists():
+        return
+    with (
+        contextlib.closing(sqlite3.connect(src)) as a,
+        contextlib.closing(sqlite3.connect(dst)) as b,
+    ):
+        a.backup(b)
+
+
+@contextlib.contextmanager
+def _service(
+    ctx: _Context, defense: Defense, db: Path, keys: dict[tuple[str, str], str]
+) -> Iterator[dict[tuple[str, str], Any]]:
+    """Run ``mlinvert serve`` with the defence; yield an HttpOracle per (target, attack)."""
+    from mlinvert.oracle.http import HttpOracle
+    from mlinvert.service.runner import ServiceProcess
+
     with ServiceProcess(
         [f"{t.name}={t.folder}" for t in ctx.targets],
         db=db,
@@ -796,9 +851,12 @@ def _serve(ctx: _Context, defense: Defense) -> Iterator[dict[tuple[str, str], An
             (name, a): HttpOracle(service.model_url(name), key, max_wait=0.0)
             for (name, a), key in keys.items()
         }
+        process = service.process
+        ctx.api_alive = lambda: process is not None and process.poll() is None
         try:
             yield oracles
         finally:
+            ctx.api_alive = lambda: True
             for o in oracles.values():
                 o.close()
 
@@ -881,17 +939,18 @@ def _attack_one(
         "seed": ctx.config.seed,
     }
     util = ctx.results.doc["utility"][target.name][defense.name]
+    shared = _shared_run(ctx, attack, defense, target, label)
+    if shared is not None:
+        source, why = shared
+        keep = {k: v for k, v in source.items() if k not in ("defense", "utility", "channel")}
+        return {
+            **keep,
+            **base,
+            "utility": util,
+            "channel": f"{source['channel']} (shared run of '{source['defense']}': {why})",
+            "shared_from": source["defense"],
+        }
     if attack == "whitebox":
-        cached = ctx.whitebox_cache.get((target.name, label)) or next(
-            (
-                r
-                for r in ctx.results.doc["records"]
-                if (r["attack"], r["target_model"], r["label"]) == ("whitebox", target.name, label)
-            ),
-            None,
-        )
-        if cached is not None:
-            return {**cached, **base, "utility": util, "channel": "model weights (shared run)"}
         oracle: Any = WhiteBoxOracle(Predictor(target.model, name=target.name))
         channel = "model weights"
         budget = None
@@ -912,6 +971,10 @@ def _attack_one(
             oracle, label, seed=ctx.config.seed, budget=budget, progress=progress
         )
     except MlinvertError as exc:
+        if not ctx.api_alive():
+            raise OracleError(
+                f"the prediction service stopped during the audit ({exc}); continue with --resume"
+            ) from exc
         # e.g. MI-Face against a labels-only API: the attacker gets nothing out
         record.update(
             status="failed",
@@ -942,11 +1005,38 @@ def _attack_one(
     )
     record["recovered"] = _recovered(record)
     record["utility"] = util
-    if attack == "whitebox":
-        ctx.whitebox_cache[(target.name, label)] = {
-            k: v for k, v in record.items() if k not in ("defense", "utility")
-        }
     return record
+
+
+def _shared_run(
+    ctx: _Context, attack: str, defense: Defense, target: _Target, label: int
+) -> tuple[dict[str, Any], str] | None:
+    """An earlier record this one provably equals, and why (None: run the attack).
+
+    White-box: the attacker holds the weights, so no API defence applies. Label-only
+    under an output policy without a rate limit: it sees only labels, and the policy
+    was measured (on the whole held-out split) to serve exactly the raw model's labels.
+    """
+    if attack == "whitebox":
+        why = "the attacker holds the weights; API defences do not apply"
+    elif (
+        attack == "label-only"
+        and defense.rate is None
+        and ctx.results.doc["utility"][target.name][defense.name].get("labels_unchanged")
+    ):
+        why = "this policy serves the same labels, and the attack sees only labels"
+    else:
+        return None
+    util = ctx.results.doc["utility"][target.name]
+    for r in ctx.results.doc["records"]:
+        if (
+            (r["attack"], r["target_model"], r["label"]) == (attack, target.name, label)
+            and not r.get("shared_from")
+            and (attack == "whitebox" or util[r["defense"]].get("labels_unchanged"))
+            and (attack == "whitebox" or util[r["defense"]].get("rate_limit") is None)
+        ):
+            return r, why
+    return None
 
 
 _METRICS = (

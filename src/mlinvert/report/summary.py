@@ -64,11 +64,13 @@ class Cell:
     median_queries: float | None
     median_seconds: float | None
     statuses: dict[str, int]
+    shared_from: str | None = None
 
     @property
     def status_text(self) -> str:
-        """Status counts as ``succeeded 9, rate_limited 1``."""
-        return ", ".join(f"{k} {v}" for k, v in sorted(self.statuses.items()))
+        """Status counts as ``succeeded 9, rate_limited 1`` (+ the run it shares)."""
+        text = ", ".join(f"{k} {v}" for k, v in sorted(self.statuses.items()))
+        return text + (f" (same run as {self.shared_from})" if self.shared_from else "")
 
 
 def cells(records: Sequence[dict[str, Any]]) -> list[Cell]:
@@ -98,6 +100,7 @@ def cells(records: Sequence[dict[str, Any]]) -> list[Cell]:
                 median_queries=_median(r.get("n_queries") for r in rs),
                 median_seconds=_median(r.get("seconds") for r in rs),
                 statuses=statuses,
+                shared_from=next((r["shared_from"] for r in rs if r.get("shared_from")), None),
             )
         )
     return out
