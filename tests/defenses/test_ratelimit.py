@@ -122,6 +122,20 @@ def test_redis_store_is_exact_under_threads(redis_url: str) -> None:
     assert _hammer(limiter, 20, 20, 3) == 300
 
 
+@pytest.mark.redis
+def test_redis_store_fails_closed() -> None:
+    try:
+        server = RedisServer()
+    except ConfigError as exc:
+        pytest.skip(f"redis-server binary absent: {exc}")
+    with server:
+        limiter = RateLimiter("10/minute", RedisBuckets(server.url, prefix="t3:"))
+        limiter.check("a", batch(2), now=0.0)
+    with pytest.raises(RateLimited, match="unreachable") as info:
+        limiter.check("a", batch(2), now=1.0)
+    assert info.value.retry_after == 1.0
+
+
 def test_predictor_guard_refuses_through_local_oracle(toys: ModuleType) -> None:
     clock = [0.0]
     predictor = Predictor(

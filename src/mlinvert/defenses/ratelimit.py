@@ -10,6 +10,7 @@ USENIX Security 2016, Section 8; Fredrikson et al., CCS 2015, Section 7.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import threading
@@ -19,6 +20,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from mlinvert.errors import ConfigError, InputTooLarge, RateLimited
+
+log = logging.getLogger(__name__)
 
 _PERIODS = {
     "s": 1.0,
@@ -173,10 +176,24 @@ class RedisBuckets:
         self._script = self.client.register_script(_LUA_TAKE)
 
     def take(self, key: str, cost: int, rate: Rate, now: float) -> Admission:
-        """Take ``cost`` tokens atomically (one EVALSHA)."""
-        allowed, remaining, retry = self._script(
-            keys=[self.prefix + key], args=[rate.count, repr(rate.per_second), cost, repr(now)]
-        )
+        """Take ``cost`` tokens atomically (one EVALSHA).
+
+        Fails closed: if Redis cannot be reached the batch is refused with RateLimited
+        (retry after 1 s), never admitted unmetered.
+        """
+        import redis
+
+        try:
+            allowed, remaining, retry = self._script(
+                keys=[self.prefix + key], args=[rate.count, repr(rate.per_second), cost, repr(now)]
+            )
+        except redis.RedisError as exc:
+            log.error("rate-limit store %s unreachable: %s", self.url, exc)
+            raise RateLimited(
+                f"the rate limiter's store is unreachable ({type(exc).__name__}); the batch "
+                "was refused, retry in a second",
+                retry_after=1.0,
+            ) from None
         return Admission(bool(int(allowed)), float(remaining), float(retry))
 
     def reset(self, key: str) -> None:
