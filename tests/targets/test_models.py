@@ -165,3 +165,14 @@ def test_train_target_rejects_mismatches(digits: ImageDataset) -> None:
         train_target(digits, "tree", seed=0)
     with pytest.raises(ConfigError, match="seed"):
         train_target(digits, "softmax", seed=-3)
+
+
+def test_mlp_trains_in_the_span_of_a_few_att_faces(att_few: ImageDataset) -> None:
+    """42 images of 10304 pixels: the first layer trains in the span of the images."""
+    x, y = att_few.train()
+    xt, yt = att_few.test()
+    m = MLP(MLPConfig(hidden=64, max_iter=100)).fit(x, y, class_names=att_few.class_names)
+    assert m.class_names_ == att_few.class_names
+    first = m.net_[2]  # an ordinary Linear(10304, 64) again
+    assert tuple(first.weight.shape) == (64, 112 * 92)
+    assert m.score(xt, yt) >= 0.8  # chance is 1/6
