@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from mlinvert.cli.main import main
 from mlinvert.evaluation.audit import AuditConfig, record_key, run_audit
 
 REQUIRED = (
@@ -140,32 +141,30 @@ def test_audit_over_the_real_http_service(tmp_path: Path, resumed: dict[str, Any
             labels=1,
             budget=240,
             quick=True,
-            defenses=("round:2", "rate:60/hour"),
+            defenses=("rate:60/hour",),
             attacks=("blackbox",),
             seed=1,
         )
     )
     final = json.loads((out / "results.json").read_text())
     assert final["status"] == "complete"
-    by = {r["defense"]: r for r in final["records"]}
-    assert by["round:2"]["channel"] == "HTTP API" and by["round:2"]["n_queries"] > 60
-    assert by["rate:60/hour"]["status"] == "rate_limited"
+    (record,) = final["records"]
+    assert record["channel"] == "HTTP API"
+    assert record["status"] == "rate_limited" and 0 < record["n_queries"] <= 60
+    assert (out / "service" / "rate_60_hour.sqlite3").exists()  # the service's query log
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mlinvert", "audit", *args],
+def test_cli_bad_flag_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    bad = subprocess.run(
+        [sys.executable, "-m", "mlinvert", "audit", "--no-such-flag"],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
-
-
-def test_cli_bad_flag_is_a_clear_error() -> None:
-    bad = _cli("--no-such-flag")
     assert bad.returncode == 2
     assert "No such option" in bad.stderr and "Traceback" not in bad.stderr
-    wrong = _cli("--attacks", "whitebox,teleport", "--out", "/nonexistent/x")
-    assert wrong.returncode == 2
-    assert "unknown attack" in wrong.stderr and "Traceback" not in wrong.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        main(["audit", "--attacks", "whitebox,teleport", "--out", "/nonexistent/x"])
+    assert exit_info.value.code == 2
+    assert "unknown attack" in capsys.readouterr().err
