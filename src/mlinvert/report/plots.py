@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from mlinvert.report.summary import API_ATTACKS, Cell, cells, utility_of
 
@@ -123,6 +124,7 @@ def privacy_utility(results: dict[str, Any]) -> bytes:
             )
             xlabel = f"top-{k} usability for honest users (% test rows, true class in top {k})"
         ax.set_xlabel(xlabel)
+        ax.xaxis.set_major_locator(MaxNLocator(5))
         ax.grid(alpha=0.3)
         ax.set_ylim(-5, 105)
     axes[0].set_ylabel("strongest API attack: evaluation top-1 (%)")

@@ -70,7 +70,7 @@ class Cell:
     def status_text(self) -> str:
         """Status counts as ``succeeded 9, rate_limited 1`` (+ the run it shares)."""
         text = ", ".join(f"{k} {v}" for k, v in sorted(self.statuses.items()))
-        return text + (f" (same run as {self.shared_from})" if self.shared_from else "")
+        return text + (f" (run shared with {self.shared_from})" if self.shared_from else "")
 
 
 def cells(records: Sequence[dict[str, Any]]) -> list[Cell]:
