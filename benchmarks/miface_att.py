@@ -68,8 +68,9 @@ def target(ds: ImageDataset, kind: str) -> Any:
     return trained.model, folder
 
 
-def aux_prior(ds: ImageDataset, label: int, k: int = 80) -> PCAPrior:
-    """Eigenfaces from the held-out photos of everyone except ``label``."""
+def aux_prior(ds: ImageDataset, label: int, k: int = 116) -> PCAPrior:
+    """Eigenfaces from the held-out photos of everyone except ``label`` (117 photos, so at
+    most 116 components)."""
     xte, yte = ds.test()
     xtr, _ = ds.train()
     return PCAPrior(xte[yte != label], k, private=xtr, source="att-heldout-others")
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             results["improved (PCA prior, Adam)"] = run_labels(
                 lambda lab: MIFace(
-                    MIFaceConfig.improved(target_confidence=0.9999),
+                    MIFaceConfig.improved(),
                     gradient=Exact(),
                     space=aux_prior(ds, lab),
                 ),
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def nes_attack(lab: int) -> MIFace:
                 return MIFace(
-                    MIFaceConfig.improved(max_iter=2000, target_confidence=0.9999),
+                    MIFaceConfig.improved(max_iter=2000),
                     gradient=NES(samples=args.samples, sigma=args.sigma),
                     space=aux_prior(ds, lab),
                 )

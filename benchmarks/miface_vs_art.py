@@ -87,7 +87,7 @@ def ours(model: Any, ds: Any, labels: list[int]) -> AttackResult:
     parts = []
     for lab in labels:
         attack = MIFace(
-            MIFaceConfig.improved(target_confidence=0.9999),
+            MIFaceConfig.improved(),
             gradient=Exact(),
             space=aux_prior(ds, lab),
         )

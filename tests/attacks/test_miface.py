@@ -50,7 +50,7 @@ def test_whitebox_prior_attack_reconstructs_class_images(digits: Any, toy_softma
     parts = []
     for label in range(10):
         attack = MIFace(
-            MIFaceConfig.improved(max_iter=300),
+            MIFaceConfig.improved(max_iter=150, target_confidence=0.999),
             gradient=Exact(),
             space=PCAPrior(_aux_without(digits, label), 20),
         )
@@ -79,7 +79,7 @@ def test_blackbox_nes_in_prior_space_within_budget(digits: Any, toy_softmax: Any
     parts = []
     for label in (0, 3, 6):
         attack = MIFace(
-            MIFaceConfig.improved(max_iter=400),
+            MIFaceConfig.improved(max_iter=400, target_confidence=0.99),
             gradient=NES(samples=10, sigma=0.02),
             space=PCAPrior(_aux_without(digits, label), 20),
         )

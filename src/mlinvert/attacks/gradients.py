@@ -157,9 +157,13 @@ class Exact:
             pc, g = code_estimate(z, label)
             if objective.kind != "prob":
                 g = g / max(pc[label], EPS)
-            return Estimate(grad=g, value=float(objective.value(pc[None])[0]), probs=p,
-                            predicted=int(response.labels[0]),
-                            n_queries=oracle.n_queries - before)
+            return Estimate(
+                grad=g,
+                value=float(objective.value(pc[None])[0]),
+                probs=p,
+                predicted=int(response.labels[0]),
+                n_queries=oracle.n_queries - before,
+            )
         grad_fn = oracle.class_gradient  # type: ignore[attr-defined]
         if objective.kind == "margin":
             rival = int(np.argmax(np.where(np.arange(p.size) == label, -np.inf, p)))

@@ -243,7 +243,7 @@ class PCAPrior(Space):
     """
 
     name = "pca"
-    default_prior_weight = 0.1  # the whitened Gaussian log-prior, lightly weighted
+    default_prior_weight = 0.05  # the whitened Gaussian log-prior, lightly weighted
 
     def __init__(
         self,
@@ -467,12 +467,13 @@ class DAECode(Space):
 
     def project(self, z: np.ndarray) -> np.ndarray:
         """Process: decode, denoise (non-local means), sharpen, re-encode."""
-        from skimage.filters import unsharp_mask
-        from skimage.restoration import denoise_nl_means, estimate_sigma
+        from skimage.filters import gaussian, unsharp_mask
+        from skimage.restoration import denoise_nl_means
 
         img = np.clip(self.raw(z[None])[0], 0.0, 1.0)
         if self.denoise:
-            sigma = float(estimate_sigma(img))
+            # noise level: median absolute high-pass residual (robust, no PyWavelets needed)
+            sigma = float(np.median(np.abs(img - gaussian(img, sigma=1.0))) / 0.6745)
             if sigma > 0:
                 img = denoise_nl_means(
                     img, h=0.8 * sigma, sigma=sigma, patch_size=5, patch_distance=6, fast_mode=True
