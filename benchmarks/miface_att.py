@@ -164,7 +164,9 @@ def http_oracle(folder: Path, name: str, policy: str = "full") -> Iterator[Any]:
         store = Store(db)
         key = store.create_key("miface-bench")[0]
         store.close()
-        with ServiceProcess([f"{name}={folder}"], db=db, policy=policy) as svc:
+        with ServiceProcess(
+            [f"{name}={folder}"], db=db, policy=policy, startup_timeout=240
+        ) as svc:
             oracle = HttpOracle(svc.model_url(name), key)
             try:
                 yield oracle
