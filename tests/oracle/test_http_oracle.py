@@ -44,7 +44,7 @@ def in_process(tmp_path: Path, toys: ModuleType, policy: str) -> tuple[TestClien
     return TestClient(app), key
 
 
-@pytest.mark.parametrize("encoding", ["binary", "json"])
+@pytest.mark.parametrize("encoding", ["binary", "base64", "json"])
 @pytest.mark.parametrize("policy", ["full", "top:3+round:3", "labels"])
 def test_parity_and_batching_in_process(
     tmp_path: Path, toys: ModuleType, policy: str, encoding: str
@@ -131,7 +131,8 @@ def error(status: int, message: str = "nope", **extra: object) -> httpx.Response
 
 def test_retries_transient_failures_with_backoff() -> None:
     oracle, sleeps, seen = mock_oracle(
-        [httpx.ConnectError("refused"), error(503), httpx.ReadTimeout("slow"), ok(2)]
+        [httpx.ConnectError("refused"), error(503), httpx.ReadTimeout("slow"), ok(2)],
+        encoding="base64",
     )
     response = oracle.query(np.zeros((2, 2)))
     assert sleeps == [0.2, 0.4, 0.8]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in (
-        (400, "Undecodable request body (JSON, base64)"),
+        (400, "Undecodable request body (JSON, base64) or unsupported Content-Type"),
         (401, "Missing, malformed, unknown or revoked API key"),
         (403, "Account blocked"),
         (404, "Unknown model"),
@@ -207,6 +207,68 @@ def decode_batch(request: PredictRequest, predictor: Predictor) -> np.ndarray:
         raise QueryRejected(f"records could not be encoded: {exc}") from None
 
 
+RAW_TYPE = "application/octet-stream"
+_RAW_DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "uint8": np.dtype(np.uint8)}
+
+
+def parse_raw_shape(text: str | None) -> tuple[int, ...]:
+    """The ``shape`` query parameter of a raw request: comma-separated sizes, e.g. ``64,112,92``."""
+    if text is None or text == "":
+        raise QueryRejected(
+            "a raw (application/octet-stream) request needs the query parameter "
+            "'shape', e.g. ?shape=64,112,92&dtype=float32"
+        )
+    parts = text.split(",")
+    if len(parts) > 8 or not all(p.strip().isdigit() and len(p.strip()) <= 9 for p in parts):
+        raise QueryRejected(
+            f"shape {text[:100]!r} must be 1 to 8 comma-separated non-negative integers "
+            "(n, *input_shape), e.g. 64,112,92"
+        )
+    return tuple(int(p) for p in parts)
+
+
+def decode_raw(
+    body: bytes, shape_text: str | None, dtype_text: str | None, predictor: Predictor
+) -> np.ndarray:
+    """A raw little-endian C-ordered array body (no copy for float32; uint8 is scaled /255)."""
+    dtype = _RAW_DTYPES.get(dtype_text or "")
+    if dtype is None:
+        raise QueryRejected(
+            f"dtype {dtype_text!r} is not supported for a raw request: pass the query "
+            "parameter dtype=float32 (values in [0, 1]) or dtype=uint8 (pixels, divided by 255)"
+        )
+    shape = parse_raw_shape(shape_text)
+    limit = predictor.max_batch
+    if shape[0] > limit:
+        raise InputTooLarge(
+            f"batch of {shape[0]} inputs exceeds the limit of {limit}; "
+            "split it into smaller batches"
+        )
+    if shape[0] == 0:
+        raise QueryRejected("empty batch: send at least one input")
+    expected = math.prod(shape) * dtype.itemsize
+    if len(body) != expected:
+        raise QueryRejected(
+            f"raw body holds {len(body)} bytes but shape {list(shape)} of {dtype_text} needs "
+            f"{expected} (prod(shape) * {dtype.itemsize})"
+        )
+    array = np.frombuffer(body, dtype=dtype).reshape(shape)
+    if dtype_text == "uint8":
+        return array.astype(np.float32) / np.float32(255.0)
+    return array
+
+
+@dataclass(frozen=True)
+class _Body:
+    """A read request body and how it is encoded."""
+
+    data: bytes | None
+    size: int
+    raw: bool
+    shape: str | None
+    dtype: str | None
+
+
 @dataclass
 class _Outcome:
     status: int
@@ -227,8 +289,7 @@ class _PredictHandler:
         name: str,
         key: str | None,
         key_problem: str | None,
-        body: bytes | None,
-        body_size: int,
+        body: _Body,
         max_body: int,
         started: float,
     ) -> _Outcome:
@@ -249,20 +310,23 @@ class _PredictHandler:
                     f"no model named {name!r}; served: {', '.join(sorted(self.predictors))} "
                     "(GET /v1/models lists them)"
                 )
-            if body is None:
+            if body.data is None:
                 raise InputTooLarge(
-                    f"request body of {body_size} bytes exceeds the limit of {max_body} bytes; "
-                    "send smaller batches or the binary encoding"
+                    f"request body of {body.size} bytes exceeds the limit of {max_body} bytes; "
+                    "send smaller batches or the raw binary encoding"
                 )
-            try:
-                payload = json.loads(body)
-            except (ValueError, RecursionError):
-                raise BadRequest("request body is not valid JSON (UTF-8)") from None
-            try:
-                request = PredictRequest.model_validate(payload)
-            except ValidationError as exc:
-                raise QueryRejected(f"bad request body: {_validation_message(exc)}") from None
-            x = decode_batch(request, predictor)
+            if body.raw:
+                x = decode_raw(body.data, body.shape, body.dtype, predictor)
+            else:
+                try:
+                    payload = json.loads(body.data)
+                except (ValueError, RecursionError):
+                    raise BadRequest("request body is not valid JSON (UTF-8)") from None
+                try:
+                    request = PredictRequest.model_validate(payload)
+                except ValidationError as exc:
+                    raise QueryRejected(f"bad request body: {_validation_message(exc)}") from None
+                x = decode_batch(request, predictor)
             n_inputs = int(x.shape[0]) if x.ndim else 0
             response = predictor.predict(x, account=account)
         except MlinvertError as exc:
@@ -292,7 +356,7 @@ class _PredictHandler:
             n_inputs=n_inputs,
             outcome="ok",
             status=200,
-            digests=input_digests(np.asarray(x, dtype=np.float32)),
+            digests=input_digests(x),
         )
         probs = None if response.probs is None else response.probs.tolist()
         conf = None if response.confidence is None else response.confidence.tolist()
@@ -355,7 +419,7 @@ def create_app(
     if not isinstance(predictors, Mapping):
         predictors = {p.name: p for p in predictors}
     predictors = dict(predictors)
-    store = store if store is not None else Store(settings.db)
+    store = store if store is not None else Store(settings.db, synchronous=settings.log_synchronous)
     metrics = metrics if metrics is not None else Metrics()
     handler = _PredictHandler(predictors, store, metrics)
     max_body = settings.max_body_bytes
@@ -422,7 +486,15 @@ def create_app(
             "requestBody": {
                 "required": True,
                 "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}
+                    "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}},
+                    RAW_TYPE: {
+                        "schema": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "Raw C-ordered little-endian array bytes, "
+                            "prod(shape) * itemsize long; shape and dtype in the query",
+                        }
+                    },
                 },
             }
         },
@@ -432,9 +504,23 @@ def create_app(
         request: Request,
         bearer: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
         api_key: str | None = Depends(key_scheme),
+        shape: str | None = Query(
+            None,
+            description="raw form only: comma-separated (n, *input_shape), e.g. 64,112,92",
+        ),
+        dtype: str | None = Query(
+            None, description="raw form only: float32 (values in [0, 1]) or uint8 (/255)"
+        ),
     ) -> Response:
-        """Answer a batch (``inputs``, ``binary`` or ``records``) as the policy allows."""
+        """Answer a batch as the policy allows.
+
+        JSON body (``inputs``, ``binary`` base64 or ``records``), or the raw form:
+        ``Content-Type: application/octet-stream`` with the array bytes and the query
+        parameters ``shape`` and ``dtype``.
+        """
         started = time.perf_counter()
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        raw = content_type == RAW_TYPE
         key, key_problem = _key_from(request, bearer, api_key)
         declared = request.headers.get("content-length", "")
         size = int(declared) if declared.isdigit() else 0
@@ -447,10 +533,9 @@ def create_app(
                     break
                 if size <= max_body:
                     chunks.append(chunk)
-        body = b"".join(chunks) if size <= max_body else None
-        outcome = await run_in_threadpool(
-            handler, name, key, key_problem, body, size, max_body, started
-        )
+        data = (chunks[0] if len(chunks) == 1 else b"".join(chunks)) if size <= max_body else None
+        body = _Body(data=data, size=size, raw=raw, shape=shape, dtype=dtype)
+        outcome = await run_in_threadpool(handler, name, key, key_problem, body, max_body, started)
         if outcome.error is not None:
             return error_response(outcome.error)
         return Response(outcome.body, media_type="application/json")
