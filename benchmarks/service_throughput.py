@@ -2,12 +2,17 @@
 
 Trains the AT&T softmax target (``mlinvert.targets.training.train_target``), saves it,
 serves it with ``mlinvert serve`` in a subprocess (ServiceProcess, one BLAS thread) and
-queries it with one HttpOracle client at batch 1, 16 and 64, JSON vs binary (plus four
-concurrent binary clients at batch 64), with no defence vs
-rounding + a rate limit (set high enough never to refuse, so only its cost shows),
-next to the in-process LocalOracle rate through the same Predictor (the ceiling).
+queries it with one HttpOracle client at batch 1, 16 and 64 in the three request forms
+(JSON nested lists, base64 in JSON, raw application/octet-stream bytes; plus four
+concurrent raw clients at batch 64), with no defence vs rounding + a rate limit (set
+high enough never to refuse, so only its cost shows), next to the in-process
+LocalOracle rate through the same Predictor (the ceiling).
 
-    nice .venv/bin/python benchmarks/service_throughput.py [--seconds 3] [--data PATH]
+The machine is shared, so both services run at once and every measurement alternates
+no defence / defences, ``--repeats`` times; the table gives the medians of the repeats
+and the load average before and after.
+
+    nice .venv/bin/python benchmarks/service_throughput.py [--seconds 1.5] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import platform
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 
@@ -41,9 +47,9 @@ def measure(call: Callable[[], object], batch: int, seconds: float) -> tuple[flo
     """inputs/s, p50 ms, p99 ms of ``call`` repeated for ``seconds`` after a warm-up."""
     for _ in range(3):
         call()
-    latencies = []
+    latencies: list[float] = []
     start = time.perf_counter()
-    while time.perf_counter() - start < seconds or len(latencies) < 20:
+    while time.perf_counter() - start < seconds or len(latencies) < 5:
         t = time.perf_counter()
         call()
         latencies.append(time.perf_counter() - t)
@@ -55,7 +61,7 @@ def measure(call: Callable[[], object], batch: int, seconds: float) -> tuple[flo
 def measure_clients(
     url: str, key: str, x: np.ndarray, seconds: float, clients: int
 ) -> tuple[float, float, float]:
-    """Like :func:`measure` with ``clients`` concurrent binary HttpOracles (own connections)."""
+    """Like :func:`measure` with ``clients`` concurrent raw-binary HttpOracles (own connections)."""
     results: list[list[float]] = [[] for _ in range(clients)]
     start = threading.Barrier(clients + 1)
 
@@ -85,10 +91,15 @@ def measure_clients(
     )
 
 
+Row = tuple[str, int]  # (path, batch)
+ENCODINGS = (("json", "HTTP JSON"), ("base64", "HTTP base64"), ("binary", "HTTP raw binary"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data/att_faces")
-    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--seconds", type=float, default=1.5)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     dataset = load_data(f"att:{args.data}", seed=0)
@@ -96,53 +107,83 @@ def main() -> None:
     model = trained.model
     rng = np.random.default_rng(0)
     inputs = {b: rng.random((b, *model.input_shape_), dtype=np.float32) for b in BATCHES}
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    # results[(path, batch)][defence] = list of (inputs/s, p50, p99), one per repeat
+    results: dict[Row, dict[str, list[tuple[float, float, float]]]] = {}
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         folder = Path(tmp) / "att-softmax"
         save(model, folder, card=trained.card)
         db = Path(tmp) / "service.db"
         key, _ = Store(db).create_key("bench")
+        local: dict[str, LocalOracle] = {}
+        urls: dict[str, str] = {}
         for label, (policy, rate) in DEFENCES.items():
             guards = [RateLimiter(rate)] if rate else []
-            local = LocalOracle(
+            local[label] = LocalOracle(
                 Predictor(
                     model, name="att", policy=parse_policy(policy), guards=guards, max_batch=64
                 )
             )
-            for b in BATCHES:
-                rows.append(
-                    (
-                        "in-process",
-                        label,
-                        b,
-                        *measure(partial(local.query, inputs[b]), b, args.seconds),
-                    )
+            service = stack.enter_context(
+                ServiceProcess(
+                    [f"att={folder}"],
+                    db=db,
+                    policy=policy,
+                    rate_limit=rate,
+                    max_batch=64,
+                    env=ONE_THREAD,
                 )
-            with ServiceProcess(
-                [f"att={folder}"],
-                db=db,
-                policy=policy,
-                rate_limit=rate,
-                max_batch=64,
-                env=ONE_THREAD,
-            ) as service:
-                url = service.model_url("att")
-                for encoding in ("json", "binary"):
-                    with HttpOracle(url, key, encoding=encoding) as oracle:  # type: ignore[arg-type]
-                        for b in BATCHES:
-                            result = measure(partial(oracle.query, inputs[b]), b, args.seconds)
-                            rows.append((f"HTTP {encoding}", label, b, *result))
-                result = measure_clients(url, key, inputs[64], args.seconds, clients=4)
-                rows.append(("HTTP binary, 4 clients", label, 64, *result))
+            )
+            urls[label] = service.model_url("att")
+        oracles = {
+            (label, encoding): stack.enter_context(HttpOracle(urls[label], key, encoding=encoding))  # type: ignore[arg-type]
+            for label in DEFENCES
+            for encoding, _ in ENCODINGS
+        }
+
+        def jobs() -> Iterator[tuple[Row, str, Callable[[], tuple[float, float, float]]]]:
+            for label in DEFENCES:
+                for b in BATCHES:
+                    call = partial(local[label].query, inputs[b])
+                    yield ("in-process", b), label, partial(measure, call, b, args.seconds)
+                for encoding, path in ENCODINGS:
+                    for b in BATCHES:
+                        call = partial(oracles[label, encoding].query, inputs[b])
+                        yield (path, b), label, partial(measure, call, b, args.seconds)
+                yield (
+                    ("HTTP raw binary, 4 clients", 64),
+                    label,
+                    partial(measure_clients, urls[label], key, inputs[64], args.seconds, 4),
+                )
+
+        n_jobs = sum(1 for _ in jobs()) // len(DEFENCES)
+        for _ in range(args.repeats):
+            per_defence = [list(jobs())[i * n_jobs : (i + 1) * n_jobs] for i in range(2)]
+            for pair in zip(*per_defence, strict=True):  # no defence, then defences, alternating
+                for row, label, run in pair:
+                    results.setdefault(row, {}).setdefault(label, []).append(run())
+    load_after = os.getloadavg()
     print(
         f"AT&T softmax ({model.input_shape_} -> {len(model.classes_)} classes), "
-        f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} "
-        f"at the end; one client unless said, {args.seconds:g} s each"
+        f"{platform.machine()}, {os.cpu_count()} cores; load average (1/5/15 min) "
+        f"{'/'.join(f'{v:.1f}' for v in load_before)} before, "
+        f"{'/'.join(f'{v:.1f}' for v in load_after)} after; one client unless said; "
+        f"medians of {args.repeats} alternating repeats of {args.seconds:g} s each"
     )
-    print("| path | defence | batch | inputs/s | p50 ms | p99 ms |")
-    print("|---|---|---:|---:|---:|---:|")
-    for path, label, b, rate, p50, p99 in rows:
-        print(f"| {path} | {label} | {b} | {rate:,.0f} | {p50:.1f} | {p99:.1f} |")
+    none, defended = DEFENCES
+    print(
+        "| path | batch | none inputs/s | none p50 ms | none p99 ms "
+        "| defended inputs/s | defended p50 ms | defended p99 ms | defence cost |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for (path, b), by_label in results.items():
+        a = np.median(np.array(by_label[none]), axis=0)
+        d = np.median(np.array(by_label[defended]), axis=0)
+        print(
+            f"| {path} | {b} | {a[0]:,.0f} | {a[1]:.1f} | {a[2]:.1f} "
+            f"| {d[0]:,.0f} | {d[1]:.1f} | {d[2]:.1f} | {100 * (1 - d[0] / a[0]):+.0f} % |"
+        )
+    print(f"defended = {defended}")
 
 
 if __name__ == "__main__":
