@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+#: Chance of the automated 5-way lineup.
+LINEUP_CHANCE = 0.2
 #: Attacks that only see the prediction API (the threat an output defence addresses).
 API_ATTACKS = ("blackbox", "label-only")
 
@@ -145,8 +147,9 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
     Levels: ``exposed`` when the API attacker *recovers* faces (identity and likeness
     both above the thresholds) for at least ``thresholds.exposed_rate`` of the people;
     ``identity leaks`` when the reconstructions point to the right person clearly above
-    chance (``thresholds.identity_rate``) without looking like them; ``mitigated``
-    otherwise.
+    chance without looking like them (evaluation top-1 >= ``thresholds.identity_rate``
+    and twice chance, or the 5-way lineup right at least twice its 20 % chance);
+    ``mitigated`` otherwise.
     """
     th = results.get("thresholds", {})
     exposed_rate = float(th.get("exposed_rate", 0.2))
@@ -174,12 +177,16 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
             details: list[str] = []
             if api:
                 best = max(api, key=lambda c: (c.recovered, c.eval_top1, c.lineup))
+                leaks = any(
+                    (c.eval_top1 >= identity_rate and (chance is None or c.eval_top1 >= 2 * chance))
+                    or c.lineup >= max(identity_rate, 2 * LINEUP_CHANCE)
+                    for c in api
+                )
                 level = (
                     "exposed"
                     if best.recovered >= exposed_rate
                     else "identity leaks"
-                    if best.eval_top1 >= identity_rate
-                    and (chance is None or best.eval_top1 >= 2 * chance)
+                    if leaks
                     else "mitigated"
                 )
                 words = {
