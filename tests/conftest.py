@@ -1,4 +1,4 @@
-"""Fixtures for the defence tests: the service tests' toy targets, loaded from their file."""
+"""Shared fixtures: the service tests' toy targets, loaded from their file."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def _toys() -> ModuleType:
     name = "mlinvert_test_toys"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).parents[1] / "service" / "toys.py"
+            name, Path(__file__).parent / "service" / "toys.py"
         )
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
