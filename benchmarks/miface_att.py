@@ -10,7 +10,7 @@ photo of c (checked by PCAPrior(private=...)).
     nice .venv/bin/python benchmarks/miface_att.py whitebox --kinds softmax,mlp,dae
     nice .venv/bin/python benchmarks/miface_att.py blackbox --http --budget 20000
     nice .venv/bin/python benchmarks/miface_att.py fd --labels 3
-    nice .venv/bin/python benchmarks/miface_att.py rounding --labels 10
+    nice .venv/bin/python benchmarks/miface_att.py rounding --labels 10 --objective margin
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from mlinvert.attacks import (
 from mlinvert.data import load
 from mlinvert.data.base import ImageDataset
 from mlinvert.defenses import Predictor, parse_policy
+from mlinvert.errors import DataError
 from mlinvert.evaluation.faces import FaceJudge
 from mlinvert.oracle import LocalOracle, WhiteBoxOracle
 
@@ -121,10 +122,11 @@ def run_labels(
     for lab in labels:
         r = attack_for(lab).run(oracle, lab, seed=0, budget=budget)
         log.info(
-            "label %d: %s %d q %.1f s conf %.3f",
+            "label %d: %s %d q (%d q/iter) %.1f s conf %.3f",
             lab,
             r.status,
             r.n_queries,
+            r.per_label[0]["queries_per_iteration"],
             r.elapsed_s,
             r.confidence[0],
         )
@@ -164,9 +166,7 @@ def http_oracle(folder: Path, name: str, policy: str = "full") -> Iterator[Any]:
         store = Store(db)
         key = store.create_key("miface-bench")[0]
         store.close()
-        with ServiceProcess(
-            [f"{name}={folder}"], db=db, policy=policy, startup_timeout=240
-        ) as svc:
+        with ServiceProcess([f"{name}={folder}"], db=db, policy=policy, startup_timeout=240) as svc:
             oracle = HttpOracle(svc.model_url(name), key)
             try:
                 yield oracle
@@ -183,11 +183,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paper-labels", type=int, default=40, help="identities for paper rows")
     p.add_argument("--samples", type=int, default=20)
     p.add_argument("--sigma", type=float, default=0.02)
+    p.add_argument(
+        "--objective",
+        choices=["prob", "log", "margin"],
+        default="prob",
+        help="objective of the rounding sweep (prob = the paper's 1 - p cost)",
+    )
     p.add_argument("--http", action="store_true", help="black-box over the real HTTP service")
     p.add_argument("--grid", action="store_true", help="save image grids under docs/images")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     ds = load(f"att:{DATA}", seed=0)
+    if not isinstance(ds, ImageDataset):
+        raise DataError(f"expected the AT&T face images at {DATA}, got {type(ds).__name__}")
     judge = judge_for(ds)
     labels = list(range(min(args.labels, ds.n_classes)))
     lab_arr = np.asarray(labels)
@@ -249,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                 labels,
                 None,
             )
-            results["FD in PCA prior (d+1 = 41 q/iter)"] = run_labels(
+            results["FD in PCA prior (forward, d+1 q/iter)"] = run_labels(
                 lambda lab: MIFace(
                     MIFaceConfig.improved(max_iter=500),
                     gradient=FiniteDifferences(step=0.5),
@@ -268,9 +276,9 @@ def main(argv: list[str] | None = None) -> int:
                 ("round-to:0.1", "0.1"),
             ]:
                 oracle = LocalOracle(Predictor(model, name=kind, policy=parse_policy(policy)))
-                results[f"NES/PCA, r={shown}"] = run_labels(
+                results[f"NES/PCA ({args.objective}), r={shown}"] = run_labels(
                     lambda lab: MIFace(
-                        MIFaceConfig.improved(max_iter=2000, objective="prob"),
+                        MIFaceConfig.improved(max_iter=2000, objective=args.objective),
                         gradient=NES(samples=args.samples, sigma=args.sigma),
                         space=aux_prior(ds, lab),
                     ),

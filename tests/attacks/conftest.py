@@ -19,7 +19,7 @@ class TorchToy:
     ) -> None:
         self.net = net
         self.kind = kind
-        self.input_shape_ = shape
+        self.input_shape_: tuple[int, ...] = shape
         self.class_names_ = names
         self.classes_ = np.arange(len(names))
 
@@ -63,7 +63,9 @@ def _train(ds: ImageDataset, kind: str, seed: int) -> TorchToy:
 
 @pytest.fixture(scope="session")
 def digits() -> ImageDataset:
-    return load("digits", seed=0)
+    ds = load("digits", seed=0)
+    assert isinstance(ds, ImageDataset)
+    return ds
 
 
 @pytest.fixture(scope="session")

@@ -60,7 +60,7 @@ def test_exact_matches_autograd_for_log_and_margin(toy_mlp: TorchToy) -> None:
     fd = FiniteDifferences(step=1e-4, central=True)
     rng = np.random.default_rng(0)
     for kind in ("prob", "log", "margin"):
-        obj = Objective(kind=kind, label=5)  # type: ignore[arg-type]
+        obj = Objective(kind=kind, label=5)
         exact = Exact().estimate(oracle, space, z, obj, rng, {}, 512)
         approx = fd.estimate(LocalOracle(Predictor(toy_mlp, name="m")), space, z, obj, rng, {}, 512)
         assert _cos(exact.grad, approx.grad) > 0.99, kind

@@ -45,10 +45,11 @@ def _quality(result: AttackResult, means: np.ndarray) -> tuple[int, float]:
 
 
 def test_whitebox_prior_attack_reconstructs_class_images(digits: Any, toy_softmax: Any) -> None:
+    """Every attacked class (half of them, including the hardest, 5) is recovered."""
     means = _class_means(digits)
     oracle = WhiteBoxOracle(Predictor(toy_softmax, name="toy"))
     parts = []
-    for label in range(10):
+    for label in (1, 3, 5, 7, 9):
         attack = MIFace(
             MIFaceConfig.improved(max_iter=150, target_confidence=0.999),
             gradient=Exact(),
@@ -58,8 +59,8 @@ def test_whitebox_prior_attack_reconstructs_class_images(digits: Any, toy_softma
     result = AttackResult.merge(parts)
     hits, own = _quality(result, means)
     assert result.status == "succeeded"
-    assert hits >= 8 and own > 0.6, (hits, own)
-    assert (result.confidence > 0.9).all()
+    assert hits == 5 and own > 0.85, (hits, own)
+    assert (result.confidence >= 0.999).all()
 
 
 def test_paper_mode_pixel_space_reaches_gamma(toy_softmax: Any, digits: Any) -> None:
