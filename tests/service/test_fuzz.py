@@ -23,6 +23,7 @@ def test_generated_requests_never_get_a_server_error(
     schema = schemathesis.openapi.from_asgi("/openapi.json", client.app)
     statuses: Counter[int] = Counter()
     posts = Counter[str]()
+    media = Counter[str | None]()
     for result in schema.get_all_operations():
         operation = result.ok()
 
@@ -46,12 +47,14 @@ def test_generated_requests_never_get_a_server_error(
             response = case.call_and_validate(excluded_checks=[positive_data_acceptance])
             statuses[response.status_code] += 1
             posts[case.method.upper()] += 1
+            media[case.media_type] += 1
             assert response.status_code < 500, response.text
 
         run()
     assert sum(statuses.values()) >= 500, statuses
     assert not [s for s in statuses if s >= 500]
     assert {401, 404, 422} <= set(statuses), statuses  # the fuzzer reached the error paths
+    assert {"application/json", "application/octet-stream"} <= set(media), media  # both forms
     assert len(store.queries()) == posts["POST"]  # every prediction request is logged
 
 
