@@ -9,7 +9,7 @@ photo of c (checked by PCAPrior(private=...)).
 
     nice .venv/bin/python benchmarks/miface_att.py whitebox --kinds softmax,mlp,dae
     nice .venv/bin/python benchmarks/miface_att.py blackbox --http --budget 20000
-    nice .venv/bin/python benchmarks/miface_att.py fd --labels 3
+    nice .venv/bin/python benchmarks/miface_att.py fd --labels 3 --paper-labels 1
     nice .venv/bin/python benchmarks/miface_att.py rounding --labels 10 --objective margin
 """
 
@@ -254,19 +254,20 @@ def main(argv: list[str] | None = None) -> int:
                     space=Pixel(),
                 ),
                 oracle,
-                labels,
+                labels[: args.paper_labels],
                 None,
             )
-            results["FD in PCA prior (forward, d+1 q/iter)"] = run_labels(
-                lambda lab: MIFace(
-                    MIFaceConfig.improved(max_iter=500),
-                    gradient=FiniteDifferences(step=0.5),
-                    space=aux_prior(ds, lab),
-                ),
-                oracle,
-                labels,
-                args.budget,
-            )
+            for central, per_iter in ((False, "forward, d+1"), (True, "central, 2d")):
+                results[f"FD in PCA prior ({per_iter} q/iter)"] = run_labels(
+                    lambda lab, central=central: MIFace(  # type: ignore[misc]
+                        MIFaceConfig.improved(max_iter=500),
+                        gradient=FiniteDifferences(step=0.5, central=central),
+                        space=aux_prior(ds, lab),
+                    ),
+                    oracle,
+                    labels,
+                    args.budget,
+                )
         elif args.what == "rounding":
             for policy, shown in [
                 ("full", "none"),
