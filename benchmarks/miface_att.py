@@ -189,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         default="prob",
         help="objective of the rounding sweep (prob = the paper's 1 - p cost)",
     )
+    p.add_argument(
+        "--no-confidence-stop",
+        action="store_true",
+        help="rounding sweep: no gamma stop (run until patience, max_iter or the budget)",
+    )
     p.add_argument("--http", action="store_true", help="black-box over the real HTTP service")
     p.add_argument("--grid", action="store_true", help="save image grids under docs/images")
     args = p.parse_args(argv)
@@ -277,9 +282,12 @@ def main(argv: list[str] | None = None) -> int:
                 ("round-to:0.1", "0.1"),
             ]:
                 oracle = LocalOracle(Predictor(model, name=kind, policy=parse_policy(policy)))
-                results[f"NES/PCA ({args.objective}), r={shown}"] = run_labels(
-                    lambda lab: MIFace(
-                        MIFaceConfig.improved(max_iter=2000, objective=args.objective),
+                gamma = None if args.no_confidence_stop else 1.0
+                results[f"NES/PCA ({args.objective}, gamma {gamma}), r={shown}"] = run_labels(
+                    lambda lab, gamma=gamma: MIFace(  # type: ignore[misc]
+                        MIFaceConfig.improved(
+                            max_iter=2000, objective=args.objective, target_confidence=gamma
+                        ),
                         gradient=NES(samples=args.samples, sigma=args.sigma),
                         space=aux_prior(ds, lab),
                     ),
