@@ -39,8 +39,8 @@ def load(
     if kind == "att":
         return load_att(arg, seed=seed)
     if kind == "folder":
-        return load_folder(arg, seed=seed) if size is None else load_folder(
-            arg, seed=seed, size=size
+        return (
+            load_folder(arg, seed=seed) if size is None else load_folder(arg, seed=seed, size=size)
         )
     if kind == "olivetti":
         return load_olivetti(data_home=arg or None, seed=seed)

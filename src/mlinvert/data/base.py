@@ -72,7 +72,7 @@ def per_class_split(labels: np.ndarray, train_per_class: int | float, seed: int)
         rows = np.flatnonzero(labels == c)
         rows = rows[rng.permutation(rows.size)]
         if isinstance(train_per_class, float):
-            k = int(round(train_per_class * rows.size))
+            k = round(train_per_class * rows.size)
         else:
             k = train_per_class
         k = min(max(k, 1), rows.size - 1) if rows.size > 1 else rows.size
@@ -104,8 +104,9 @@ class ImageDataset:
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.float32 or self.images.ndim != 3:
-            raise DataError(f"images must be float32 (n, h, w), got {self.images.dtype} "
-                            f"{self.images.shape}")
+            raise DataError(
+                f"images must be float32 (n, h, w), got {self.images.dtype} {self.images.shape}"
+            )
         if self.labels.shape != (self.images.shape[0],):
             raise DataError("labels must have one entry per image")
 

@@ -37,8 +37,9 @@ def _identity_dirs(root: Path, what: str) -> list[Path]:
             "one sub-folder per identity (for AT&T: s1 .. s40)"
         )
     if not root.is_dir():
-        raise DataError(f"{what} path {root} is a file; pass the folder that holds the "
-                        "identity sub-folders")
+        raise DataError(
+            f"{what} path {root} is a file; pass the folder that holds the identity sub-folders"
+        )
     dirs = sorted((p for p in root.iterdir() if p.is_dir()), key=_natural_key)
     if len(dirs) < 2:
         raise DataError(
@@ -90,8 +91,10 @@ def load_att(path: str | Path, *, seed: int = 0, train_per_class: int | float = 
         labels=y,
         class_names=tuple(names),
         split=per_class_split(y, train_per_class, seed),
-        meta={"source": "AT&T Laboratories Cambridge (Samaria & Harter 1994)",
-              "root": str(root.resolve())},
+        meta={
+            "source": "AT&T Laboratories Cambridge (Samaria & Harter 1994)",
+            "root": str(root.resolve()),
+        },
     )
 
 
