@@ -114,14 +114,7 @@ class ServiceProcess:
 
     def stop(self) -> None:
         """Stop the process (SIGTERM, then SIGKILL after 10 s); idempotent."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        _terminate(self.process)
 
     def __enter__(self) -> ServiceProcess:
         return self.start()
@@ -196,13 +189,7 @@ class RedisServer:
 
     def stop(self) -> None:
         """Stop redis-server and remove its folder; idempotent."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        _terminate(self.process)
         self._dir.cleanup()
 
     def __enter__(self) -> RedisServer:
@@ -210,3 +197,15 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _terminate(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM a running child, SIGKILL it after 10 s; nothing if it already ended."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
