@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from mlinvert.errors import ConfigError
+from mlinvert.service.runner import RedisServer
 
 
 def _toys() -> ModuleType:
@@ -27,3 +31,14 @@ def _toys() -> ModuleType:
 def toys() -> ModuleType:
     """The module with ToySoftmax and ToyTabular."""
     return _toys()
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """A real redis-server on a free loopback port, one per test module."""
+    try:
+        server = RedisServer()
+    except ConfigError as exc:
+        pytest.skip(f"redis-server binary absent: {exc}")
+    with server:
+        yield server.url

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from types import ModuleType
 
 import numpy as np
@@ -93,16 +92,6 @@ def _hammer(limiter: RateLimiter, threads: int, per_thread: int, size: int) -> i
 
 def test_memory_store_is_exact_under_threads() -> None:
     assert _hammer(RateLimiter("300/hour", MemoryBuckets()), 20, 50, 3) == 300
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    try:
-        server = RedisServer()
-    except ConfigError as exc:
-        pytest.skip(f"redis-server binary absent: {exc}")
-    with server:
-        yield server.url
 
 
 @pytest.mark.redis

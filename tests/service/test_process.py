@@ -8,7 +8,6 @@ redis-server.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +16,10 @@ import numpy as np
 import pytest
 
 from mlinvert.defenses import Predictor, RateLimiter, parse_policy
-from mlinvert.errors import ConfigError, RateLimited
+from mlinvert.errors import RateLimited
 from mlinvert.oracle import HttpOracle, LocalOracle
 from mlinvert.service import Store
-from mlinvert.service.runner import RedisServer, ServiceProcess
+from mlinvert.service.runner import ServiceProcess
 
 BUDGET = 200
 POLICIES = {
@@ -134,16 +133,6 @@ def test_real_service_parity_budget_and_limits(tmp_path: Path, model_dir: tuple[
     assert store.queries("alice-full")[-1].outcome == "InputTooLarge"
     admitted = sum(q.n_inputs for q in store.queries("bob") if q.outcome == "ok")
     assert admitted == BUDGET - BUDGET % 3
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    try:
-        server = RedisServer()
-    except ConfigError as exc:
-        pytest.skip(f"redis-server binary absent: {exc}")
-    with server:
-        yield server.url
 
 
 @pytest.mark.redis
