@@ -116,7 +116,8 @@ class AuditConfig:
     ``None`` means the default matrix, whose rate limit is a quarter of the budget per
     hour (so it visibly stops the black-box attack). ``quick`` trains tiny models
     (tests). ``in_process`` uses LocalOracle through the same Predictor instead of the
-    real HTTP service.
+    real HTTP service. ``tree_depths`` are the depths L of the privacy-aware CART sweep
+    of the survey (decision-tree) audit (empty: no sweep).
     """
 
     data: str | None = None
@@ -131,6 +132,7 @@ class AuditConfig:
     in_process: bool = False
     resume: bool = False
     quick: bool = False
+    tree_depths: tuple[int, ...] = (1, 2, 3, 5)
     command: str = ""
 
     def __post_init__(self) -> None:
@@ -150,6 +152,9 @@ class AuditConfig:
             raise ConfigError(f"--labels must be >= 1, got {self.labels}")
         if self.budget is not None and self.budget < 10:
             raise ConfigError(f"--budget must be at least 10 queries per person, got {self.budget}")
+        object.__setattr__(self, "tree_depths", tuple(self.tree_depths))
+        if any(d < 0 for d in self.tree_depths):
+            raise ConfigError(f"tree depths must be >= 0 (0 is the root), got {self.tree_depths}")
         if self.defenses is not None:
             if not self.defenses:
                 raise ConfigError("empty defence list; use e.g. none,round:2,labels")
@@ -165,6 +170,7 @@ class AuditConfig:
         d["targets"] = list(self.targets)
         d["attacks"] = list(self.attacks)
         d["defenses"] = None if self.defenses is None else list(self.defenses)
+        d["tree_depths"] = list(self.tree_depths)
         return d
 
 
@@ -523,42 +529,203 @@ def run_audit(config: AuditConfig, *, events: Event | None = None) -> Path:
     return render_report(out)
 
 
-#: Depths of the privacy-aware CART sweep in the survey audit (CCS 2015, Section 6).
-TREE_DEPTHS = (1, 2, 3, 5)
+#: Output policies of the survey audit when ``defenses`` is not given.
+TREE_DEFENSES = ("none", "round:2", "labels")
 
 
 def _run_tree(config: AuditConfig, results: ResultsFile, dataset: Any, emit: Event) -> None:
-    """Survey data: the decision-tree attribute-inversion audit (paper-shaped tables)."""
+    """Survey data: the decision-tree attribute-inversion audit (paper-shaped tables).
+
+    The target tree is trained once; unless ``in_process``, it is saved to
+    ``DIR/models/tree`` and served by the real service (one model name per output
+    policy, see :func:`_tree_service`), and the black-box estimators query it over HTTP.
+    The privacy-aware CART sweep (``tree_depths``) is attacked in process.
+    """
     from mlinvert.evaluation.trees import (
         plot_depth_sweep,
         render_defense_table,
         render_tree_table,
         run_tree_audit,
     )
+    from mlinvert.targets.tree import train_tree
 
     emit("stage", {"name": f"decision-tree audit on {dataset.spec}"})
     policies = tuple(
-        d.policy
-        for d in (Defense.parse(x) for x in (config.defenses or ("none", "round:2", "labels")))
+        dict.fromkeys(Defense.parse(x).policy for x in (config.defenses or TREE_DEFENSES))
     )
-    records = run_tree_audit(
-        dataset, seed=config.seed, policies=tuple(dict.fromkeys(policies)), depths=TREE_DEPTHS
-    )
-    records = [{k: _clean(v) for k, v in r.items()} for r in records]
+    emit("stage", {"name": "training the survey tree"})
+    model, card = train_tree(dataset, seed=config.seed)
+    served: _TreeOracles | None = None
+    with contextlib.ExitStack() as stack:
+        if not config.in_process:
+            served = stack.enter_context(_tree_service(results.out, model, card, policies, emit))
+        records = run_tree_audit(
+            dataset,
+            seed=config.seed,
+            policies=policies,
+            model=model,
+            oracle_factory=None if served is None else served.oracle,
+            depths=config.tree_depths,
+        )
+    service = None if served is None else served.summary
+    route = "in-process" if config.in_process else "http"
+    records = [
+        {**{k: _clean(v) for k, v in r.items()}, "channel": _tree_channel(r, policies, route)}
+        for r in records
+    ]
     plot = results.out / "images" / "tree_depth_sweep.png"
     plot.parent.mkdir(parents=True, exist_ok=True)
-    plot_depth_sweep(records, plot)
+    if config.tree_depths:
+        plot_depth_sweep(records, plot)
+    where = (
+        "the real HTTP service (query log in service/tree.sqlite3)"
+        if service is not None
+        else "an in-process oracle through the same Predictor"
+    )
     results.doc["dataset"] = {"spec": dataset.spec, "kind": "survey"}
+    results.doc["targets"]["tree"] = {
+        "kind": model.kind,
+        "test_accuracy": card.get("test_accuracy"),
+        "model_dir": None if service is None else service["model_dir"],
+    }
     results.doc["tree_audit"] = {
         "title": "Attribute inversion of the sensitive survey answer (Fredrikson et al., "
         "CCS 2015, Section 5), beside the paper's numbers; then each defence, including the "
-        "privacy-aware CART that places the sensitive feature at depth L.",
+        "privacy-aware CART that places the sensitive feature at depth L. The black-box "
+        f"estimators queried {where}.",
+        "route": route,
+        "policies": list(policies),
+        "service": service,
         "tables": [
             markdown_table(render_tree_table(records), "estimators vs the paper"),
             markdown_table(render_defense_table(records), "per defence"),
         ],
-        "plot": "images/tree_depth_sweep.png",
+        "plot": "images/tree_depth_sweep.png" if config.tree_depths else None,
         "records": records,
+    }
+
+
+def _tree_channel(record: dict[str, Any], policies: tuple[str, ...], route: str) -> str:
+    """How an estimator got at the tree: no access, the model document, or an API."""
+    if record["n_queries"] == 0 and record["estimator"] in ("random", "always-no", "ideal"):
+        return "none (baseline)"
+    if record["estimator"].startswith("white-box"):
+        return "model document"
+    # run_tree_audit labels the main target's black-box records with the policy itself
+    if route == "http" and record["defense"] in policies:
+        return "HTTP API"
+    return "in-process API"
+
+
+@dataclass
+class _TreeOracles:
+    """The survey tree served under one model name per output policy.
+
+    ``oracle(model, policy)`` is the ``oracle_factory`` of
+    :func:`mlinvert.evaluation.trees.run_tree_audit`: each call is one attacker with a
+    fresh account (API key) on the model name that serves ``policy``. ``summary`` holds
+    the service's own query counts once the service has stopped.
+    """
+
+    model: Any
+    store: Any
+    urls: dict[str, str]
+    oracles: list[Any] = field(default_factory=list)
+    summary: dict[str, Any] | None = None
+
+    def oracle(self, model: Any, policy: str) -> Any:
+        """A fresh-account HttpOracle on the model name serving ``policy``."""
+        from mlinvert.oracle.http import HttpOracle
+
+        if model is not self.model:
+            raise ConfigError(
+                "the survey service serves only the audited tree; other trees (depth sweep, "
+                "DP, pruning) are attacked in process"
+            )
+        if policy not in self.urls:
+            raise ConfigError(f"policy {policy!r} is not served; served: {', '.join(self.urls)}")
+        slug = Defense(name=policy).slug
+        key, _ = self.store.create_key(f"audit-tree-{slug}-{len(self.oracles) + 1}")
+        oracle = HttpOracle(self.urls[policy], key, max_wait=0.0)
+        self.oracles.append(oracle)
+        return oracle
+
+
+@contextlib.contextmanager
+def _tree_service(
+    out: Path, model: Any, card: dict[str, Any], policies: tuple[str, ...], emit: Event
+) -> Iterator[_TreeOracles]:
+    """Save the tree to ``out/models/tree`` and run ``mlinvert serve`` once for it.
+
+    The same folder is served as ``tree-<policy>`` with that policy for each of
+    ``policies`` (``--model-policy``), so every policy is one model name of one process.
+    The query log lives on the RAM disk while the service runs and is copied to
+    ``out/service/tree.sqlite3`` afterwards; ``summary`` counts its requests and inputs
+    per model name and account.
+    """
+    from mlinvert.attacks.tree_inversion import TreeAttackConfig
+    from mlinvert.service.runner import ServiceProcess
+    from mlinvert.service.store import Store
+    from mlinvert.targets import io
+
+    folder = out / "models" / "tree"
+    io.save(model, folder, card=card)
+    names = {p: f"tree-{Defense(name=p).slug}" for p in policies}
+    final_db = out / "service" / "tree.sqlite3"
+    final_db.parent.mkdir(parents=True, exist_ok=True)
+    ram = Path("/dev/shm")
+    work = Path(tempfile.mkdtemp(prefix="mlinvert-audit-", dir=ram if ram.is_dir() else None))
+    db = work / final_db.name
+    store = Store(db)
+    emit("stage", {"name": f"starting the service for {', '.join(names.values())}"})
+    try:
+        with ServiceProcess(
+            [f"{n}={folder}" for n in names.values()],
+            db=db,
+            model_policies={n: p for p, n in names.items()},
+            max_batch=TreeAttackConfig().batch_size,
+            env=ONE_THREAD_ENV,
+        ) as service:
+            served = _TreeOracles(
+                model=model,
+                store=store,
+                urls={p: service.model_url(n) for p, n in names.items()},
+            )
+            try:
+                yield served
+            finally:
+                for o in served.oracles:
+                    o.close()
+        served.summary = {
+            "url": service.url,
+            "model_dir": str(folder),
+            "models": {n: p for p, n in names.items()},
+            "query_log": str(final_db.relative_to(out)),
+            **_query_counts(store),
+        }
+    finally:
+        store.close()
+        _copy_sqlite(db, final_db)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _query_counts(store: Any) -> dict[str, Any]:
+    """Requests, answered inputs and refusals in the service's query log."""
+    per_model: dict[str, dict[str, int]] = {}
+    per_account: dict[str, int] = {}
+    for q in store.queries():
+        m = per_model.setdefault(str(q.model), {"requests": 0, "inputs": 0, "refused": 0})
+        m["requests"] += 1
+        if q.status == 200:
+            m["inputs"] += q.n_inputs
+            per_account[str(q.account)] = per_account.get(str(q.account), 0) + q.n_inputs
+        else:
+            m["refused"] += 1
+    return {
+        "requests": sum(m["requests"] for m in per_model.values()),
+        "inputs": sum(m["inputs"] for m in per_model.values()),
+        "per_model": per_model,
+        "inputs_per_account": per_account,
     }
 
 

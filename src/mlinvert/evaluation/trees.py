@@ -316,6 +316,7 @@ def run_tree_audit(
     policies: Sequence[str] = ("full", "round:2", "labels"),
     oracle_factory: OracleFactory | None = None,
     config: TreeConfig | None = None,
+    model: DecisionTreeTarget | None = None,
     depths: Sequence[int] = (),
     dp_epsilons: Sequence[float] = (),
     max_depths: Sequence[int] = (),
@@ -324,9 +325,11 @@ def run_tree_audit(
 
     ``policies`` are output-policy specs (:func:`mlinvert.defenses.parse_policy`) for
     the black-box estimators; ``oracle_factory(model, policy) -> Oracle`` replaces the
-    in-process oracle (e.g. an ``HttpOracle`` to a served model). ``depths`` adds the
-    privacy-aware CART sweep (plus ``exclude-sensitive``), ``dp_epsilons`` the DP trees,
-    ``max_depths`` depth-limited trees.
+    in-process oracle (e.g. an ``HttpOracle`` to a served model) for the main target:
+    ``model`` when given (already trained with ``config``, e.g. to serve it before the
+    attacks start), else ``train_tree(dataset, seed=seed, config=config)``. ``depths``
+    adds the privacy-aware CART sweep (plus ``exclude-sensitive``), ``dp_epsilons`` the
+    DP trees, ``max_depths`` depth-limited trees; those are attacked in process.
     """
     from mlinvert.data import load
 
@@ -338,7 +341,8 @@ def run_tree_audit(
             f"run_tree_audit needs a survey data set (steak, gss, fair), got {dataset.spec!r}"
         )
     config = config or TreeConfig()
-    model, _ = train_tree(dataset, seed=seed, config=config)
+    if model is None:
+        model, _ = train_tree(dataset, seed=seed, config=config)
     records = baseline_records(dataset, _model_acc(model, dataset), seed=seed)
     records += attack_tree(
         dataset, model, seed=seed, policies=policies, oracle_factory=oracle_factory

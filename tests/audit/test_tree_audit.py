@@ -1,0 +1,130 @@
+"""The survey (decision-tree) route of the audit on the embedded Fair survey: the
+black-box estimators query the real HTTP service, one model name per output policy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mlinvert.data.surveys import load_fair
+from mlinvert.evaluation.audit import AuditConfig, run_audit
+from mlinvert.evaluation.trees import attack_tree
+from mlinvert.service.store import Store
+from mlinvert.targets import io
+
+POLICIES = ["full", "round:2", "labels"]
+
+
+def _get(records: list[dict[str, Any]], **where: Any) -> dict[str, Any]:
+    hits = [r for r in records if all(r[k] == v for k, v in where.items())]
+    assert len(hits) == 1, (where, len(hits))
+    return hits[0]
+
+
+@pytest.fixture(scope="module")
+def http_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("tree-audit")
+    index = run_audit(AuditConfig(data="fair", out=out, seed=0, tree_depths=(1,)))
+    return {"out": out, "index": index, "doc": json.loads((out / "results.json").read_text())}
+
+
+def test_black_box_estimators_went_through_the_service(http_run: dict[str, Any]) -> None:
+    doc, out = http_run["doc"], http_run["out"]
+    assert doc["status"] == "complete"
+    tree = doc["tree_audit"]
+    assert tree["route"] == "http" and tree["policies"] == POLICIES
+    service = tree["service"]
+    assert service["models"] == {
+        "tree-full": "full",
+        "tree-round_2": "round:2",
+        "tree-labels": "labels",
+    }
+    records = tree["records"]
+    for policy in POLICIES:
+        mine = [r for r in records if r["defense"] == policy]
+        assert mine and {r["channel"] for r in mine} == {"HTTP API"}
+    # the sweep's trees are attacked in process, the white-box reads the document
+    assert {r["channel"] for r in records if r["defense"] == "depth:1"} == {
+        "model document",
+        "in-process API",
+    }
+    # one fresh account per estimator and population; the service counted every input
+    per_model = service["per_model"]
+    for policy, name in (("full", "tree-full"), ("round:2", "tree-round_2")):
+        sent = sum(r["n_queries"] for r in records if r["defense"] == policy)
+        assert per_model[name] == {
+            "requests": per_model[name]["requests"],
+            "inputs": sent,
+            "refused": 0,
+        }
+    # under labels the confidence estimator spends its queries, then finds no confidence
+    labels = [r for r in records if r["defense"] == "labels"]
+    assert {r["estimator"] for r in labels} == {"black-box-2014", "label-only"}
+    assert per_model["tree-labels"]["inputs"] == sum(r["n_queries"] for r in labels) * 3 // 2
+    assert len(service["inputs_per_account"]) == 2 * 3 * len(POLICIES)
+    assert service["inputs"] == sum(service["inputs_per_account"].values())
+    # the query log was copied out of the RAM disk and holds every request
+    log = Store(out / service["query_log"])
+    try:
+        assert len(log.queries()) == service["requests"] > 0
+    finally:
+        log.close()
+
+
+def test_results_have_the_paper_shape(http_run: dict[str, Any]) -> None:
+    records = http_run["doc"]["tree_audit"]["records"]
+    wb = _get(records, estimator="white-box", population="members", defense="none")
+    wb_out = _get(records, estimator="white-box", population="non-members", defense="none")
+    no = _get(records, estimator="always-no", population="members")
+    rand = _get(records, estimator="random", population="members")
+    assert wb["accuracy"] > no["accuracy"] + 0.1 and wb["accuracy"] > rand["accuracy"] + 0.2
+    assert wb["precision"] > wb_out["precision"] + 0.2  # members leak more
+    bb = _get(records, estimator="black-box-2014", population="members", defense="full")
+    assert no["accuracy"] < bb["accuracy"] <= wb["accuracy"]
+    assert bb["n_queries"] == 2 * bb["n"]  # every candidate of the binary sensitive answer
+    conf = _get(records, estimator="black-box-confidence", population="members", defense="full")
+    assert conf["status"] == "succeeded" and conf["n_queries"] == bb["n_queries"]
+    assert _get(records, estimator="black-box-confidence", population="members", defense="round:2")
+    # labels only keeps the served labels, so the label-based estimators learn the same
+    for est in ("black-box-2014", "label-only"):
+        full = _get(records, estimator=est, population="members", defense="full")
+        lab = _get(records, estimator=est, population="members", defense="labels")
+        assert lab["accuracy"] == full["accuracy"] and lab["precision"] == full["precision"]
+
+
+def test_http_answers_match_the_saved_model_in_process(http_run: dict[str, Any]) -> None:
+    out, doc = http_run["out"], http_run["doc"]
+    model = io.load(out / "models" / "tree")
+    assert io.read_card(out / "models" / "tree")["dataset"] == "fair"
+    local = attack_tree(load_fair(seed=0), model, seed=0, policies=POLICIES, white_box=False)
+    remote = [r for r in doc["tree_audit"]["records"] if r["channel"] == "HTTP API"]
+    assert len(local) == len(remote) == 2 * 8  # (3 + 3 + 2 estimators) x 2 populations
+    for r in local:
+        twin = _get(
+            remote, estimator=r["estimator"], population=r["population"], defense=r["defense"]
+        )
+        for k in ("accuracy", "precision", "recall", "n_queries", "n_guessed_yes"):
+            assert twin[k] == pytest.approx(r[k]), (r["estimator"], r["defense"], k)
+
+
+def test_report_renders_the_tree_section(http_run: dict[str, Any]) -> None:
+    html = Path(http_run["index"]).read_text()
+    assert "Decision-tree attribute inversion" in html
+    assert "the real HTTP service" in html and "black-box-2014" in html
+    assert "data:image/png;base64," in html  # the depth-sweep plot is embedded
+
+
+def test_in_process_route_is_recorded(tmp_path: Path) -> None:
+    run_audit(
+        AuditConfig(
+            data="fair", out=tmp_path, seed=0, defenses=("labels",), in_process=True, tree_depths=()
+        )
+    )
+    tree = json.loads((tmp_path / "results.json").read_text())["tree_audit"]
+    assert tree["route"] == "in-process" and tree["service"] is None and tree["plot"] is None
+    assert not (tmp_path / "service").exists()
+    bb = _get(tree["records"], estimator="black-box-2014", population="members")
+    assert bb["channel"] == "in-process API" and bb["defense"] == "labels"
