@@ -30,6 +30,13 @@ def serve_command(
     ),
     max_batch: int = typer.Option(None, "--max-batch", help="Largest batch (default 256)."),
     max_body: int = typer.Option(None, "--max-body", help="Largest request body in bytes."),
+    log_synchronous: bool | None = typer.Option(
+        None,
+        "--log-synchronous/--no-log-synchronous",
+        help="fsync every query-log commit (SQLite synchronous=FULL: survives a power loss) "
+        "or not (NORMAL, the default: survives a crash of the service). "
+        "[MLINVERT_LOG_SYNCHRONOUS=FULL|NORMAL]",
+    ),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
 ) -> None:
     """Serve models over HTTP with the chosen defences; flags override MLINVERT_* variables."""
@@ -46,6 +53,9 @@ def serve_command(
         redis_url=redis,
         max_batch=max_batch,
         max_body_bytes=max_body,
+        log_synchronous=None
+        if log_synchronous is None
+        else ("FULL" if log_synchronous else "NORMAL"),
     )
     serve(settings, log_level=log_level)
 

@@ -13,6 +13,11 @@ from mlinvert.defenses.ratelimit import parse_rate
 from mlinvert.errors import ConfigError
 
 ENV_PREFIX = "MLINVERT_"
+#: Accepted spellings of ``log_synchronous`` and the SQLite mode each means.
+_SYNCHRONOUS = {
+    **dict.fromkeys(("full", "1", "true", "yes", "on"), "FULL"),
+    **dict.fromkeys(("normal", "0", "false", "no", "off"), "NORMAL"),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,7 +31,9 @@ class ServiceSettings:
     ``NAME=DIR`` or ``DIR``, separated by ``os.pathsep``), ``MLINVERT_MODEL_POLICIES``
     (``NAME=SPEC`` overriding ``policy`` for one model, separated by ``,``).
 
-    ``log_synchronous`` is SQLite's ``synchronous`` for the query log (WAL mode):
+    ``log_synchronous`` (flag ``--log-synchronous/--no-log-synchronous``; the variable
+    takes ``FULL``/``NORMAL`` or a boolean word) is SQLite's ``synchronous`` for the
+    query log (WAL mode):
     ``NORMAL`` (default) commits without an fsync per request; a committed entry survives
     a crash of the service process, and only the last commits before a power loss or OS
     crash may be lost. ``FULL`` fsyncs every commit (durable against power loss too,
@@ -62,10 +69,13 @@ class ServiceSettings:
             if not sep or not name:
                 raise ConfigError(f"model policy {spec!r}: write NAME=SPEC, e.g. faces=round:2")
             parse_policy(policy)
-        if self.log_synchronous not in ("NORMAL", "FULL"):
+        mode = _SYNCHRONOUS.get(str(self.log_synchronous).strip().lower())
+        if mode is None:
             raise ConfigError(
-                f"log_synchronous must be NORMAL or FULL, got {self.log_synchronous!r}"
+                f"log_synchronous must be FULL (or 1/true/yes/on) or NORMAL (or 0/false/no/off), "
+                f"got {self.log_synchronous!r}"
             )
+        object.__setattr__(self, "log_synchronous", mode)
         if self.max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_body_bytes < 1024:
