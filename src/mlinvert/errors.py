@@ -39,6 +39,10 @@ class BadRequest(QueryRejected):
     """The request itself is malformed (undecodable JSON, bad base64, wrong fields)."""
 
 
+class UnsupportedMediaType(BadRequest):
+    """The request body's Content-Type is not one the service reads."""
+
+
 class InputTooLarge(QueryRejected):
     """A batch or request body exceeds the configured limit."""
 

@@ -32,6 +32,7 @@ from mlinvert.errors import (
     RateLimited,
     Unauthorized,
     UnknownModel,
+    UnsupportedMediaType,
 )
 from mlinvert.oracle.base import OracleInfo, Response
 
@@ -43,6 +44,7 @@ _STATUS_ERRORS: dict[int, type[OracleError]] = {
     403: Blocked,
     404: UnknownModel,
     413: InputTooLarge,
+    415: UnsupportedMediaType,
     422: QueryRejected,
 }
 _TRANSIENT_STATUS = frozenset({502, 503, 504})

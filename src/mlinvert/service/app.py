@@ -37,6 +37,7 @@ from mlinvert.errors import (
     QueryRejected,
     Unauthorized,
     UnknownModel,
+    UnsupportedMediaType,
 )
 from mlinvert.service.errors import error_body, error_response, status_of
 from mlinvert.service.metrics import Metrics
@@ -57,11 +58,12 @@ log = logging.getLogger(__name__)
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in (
-        (400, "Undecodable request body (JSON, base64) or unsupported Content-Type"),
+        (400, "Undecodable request body (JSON, base64)"),
         (401, "Missing, malformed, unknown or revoked API key"),
         (403, "Account blocked"),
         (404, "Unknown model"),
         (413, "Batch or body over the limit"),
+        (415, "Unsupported Content-Type: send application/json or application/octet-stream"),
         (422, "Input refused: wrong shape, dtype, NaN/inf, out of [0, 1], unknown field"),
         (429, "Rate limit reached; see Retry-After"),
     )
@@ -208,6 +210,23 @@ def decode_batch(request: PredictRequest, predictor: Predictor) -> np.ndarray:
 
 
 RAW_TYPE = "application/octet-stream"
+JSON_TYPE = "application/json"
+
+
+def check_content_type(content_type: str) -> None:
+    """Refuse a body type the service does not read (a missing Content-Type is JSON).
+
+    ``content_type`` is the lower-cased media type without parameters.
+    """
+    if content_type in ("", JSON_TYPE, RAW_TYPE):
+        return
+    raise UnsupportedMediaType(
+        f"Content-Type {content_type[:100]!r} is not supported: send {JSON_TYPE} (a body "
+        f"with 'inputs', 'binary' or 'records') or {RAW_TYPE} (raw array bytes with the "
+        "query parameters shape and dtype)"
+    )
+
+
 _RAW_DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "uint8": np.dtype(np.uint8)}
 
 
@@ -264,7 +283,7 @@ class _Body:
 
     data: bytes | None
     size: int
-    raw: bool
+    content_type: str
     shape: str | None
     dtype: str | None
 
@@ -310,12 +329,13 @@ class _PredictHandler:
                     f"no model named {name!r}; served: {', '.join(sorted(self.predictors))} "
                     "(GET /v1/models lists them)"
                 )
+            check_content_type(body.content_type)
             if body.data is None:
                 raise InputTooLarge(
                     f"request body of {body.size} bytes exceeds the limit of {max_body} bytes; "
                     "send smaller batches or the raw binary encoding"
                 )
-            if body.raw:
+            if body.content_type == RAW_TYPE:
                 x = decode_raw(body.data, body.shape, body.dtype, predictor)
             else:
                 try:
@@ -520,7 +540,6 @@ def create_app(
         """
         started = time.perf_counter()
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        raw = content_type == RAW_TYPE
         key, key_problem = _key_from(request, bearer, api_key)
         declared = request.headers.get("content-length", "")
         size = int(declared) if declared.isdigit() else 0
@@ -534,7 +553,7 @@ def create_app(
                 if size <= max_body:
                     chunks.append(chunk)
         data = (chunks[0] if len(chunks) == 1 else b"".join(chunks)) if size <= max_body else None
-        body = _Body(data=data, size=size, raw=raw, shape=shape, dtype=dtype)
+        body = _Body(data=data, size=size, content_type=content_type, shape=shape, dtype=dtype)
         outcome = await run_in_threadpool(handler, name, key, key_problem, body, max_body, started)
         if outcome.error is not None:
             return error_response(outcome.error)

@@ -16,6 +16,7 @@ from mlinvert.errors import (
     RateLimited,
     Unauthorized,
     UnknownModel,
+    UnsupportedMediaType,
 )
 
 #: First match wins, so subclasses come before their bases.
@@ -24,6 +25,7 @@ ERROR_TABLE: tuple[tuple[type[MlinvertError], int], ...] = (
     (Blocked, 403),
     (UnknownModel, 404),
     (InputTooLarge, 413),
+    (UnsupportedMediaType, 415),
     (BadRequest, 400),
     (QueryRejected, 422),
     (RateLimited, 429),
