@@ -14,6 +14,7 @@ from mlinvert.evaluation.audit import AuditConfig, run_audit
 from mlinvert.evaluation.trees import attack_tree
 from mlinvert.service.store import Store
 from mlinvert.targets import io
+from mlinvert.targets.tree import train_tree
 
 POLICIES = ["full", "round:2", "labels"]
 
@@ -117,14 +118,28 @@ def test_report_renders_the_tree_section(http_run: dict[str, Any]) -> None:
     assert "data:image/png;base64," in html  # the depth-sweep plot is embedded
 
 
-def test_in_process_route_is_recorded(tmp_path: Path) -> None:
+def test_in_process_route_on_an_existing_tree_folder(tmp_path: Path) -> None:
+    # a tree trained on another split (seed 3): the audit must use the card's members
+    model, card = train_tree(load_fair(seed=3), seed=3)
+    folder = io.save(model, tmp_path / "mytree", card=card)
+    out = tmp_path / "audit"
     run_audit(
         AuditConfig(
-            data="fair", out=tmp_path, seed=0, defenses=("labels",), in_process=True, tree_depths=()
+            model_dir=folder,
+            out=out,
+            seed=0,
+            defenses=("labels",),
+            in_process=True,
+            tree_depths=(),
         )
     )
-    tree = json.loads((tmp_path / "results.json").read_text())["tree_audit"]
+    doc = json.loads((out / "results.json").read_text())
+    tree = doc["tree_audit"]
     assert tree["route"] == "in-process" and tree["service"] is None and tree["plot"] is None
-    assert not (tmp_path / "service").exists()
+    assert not (out / "service").exists() and not (out / "models").exists()
+    assert doc["targets"]["tree"]["model_dir"] == str(folder)
+    wb = _get(tree["records"], estimator="white-box", population="members", defense="none")
+    assert wb["n"] == len(card["split"]["train"])
+    assert wb["model_train_accuracy"] == pytest.approx(card["train_accuracy"])
     bb = _get(tree["records"], estimator="black-box-2014", population="members")
     assert bb["channel"] == "in-process API" and bb["defense"] == "labels"

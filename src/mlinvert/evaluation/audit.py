@@ -536,10 +536,11 @@ TREE_DEFENSES = ("none", "round:2", "labels")
 def _run_tree(config: AuditConfig, results: ResultsFile, dataset: Any, emit: Event) -> None:
     """Survey data: the decision-tree attribute-inversion audit (paper-shaped tables).
 
-    The target tree is trained once; unless ``in_process``, it is saved to
-    ``DIR/models/tree`` and served by the real service (one model name per output
-    policy, see :func:`_tree_service`), and the black-box estimators query it over HTTP.
-    The privacy-aware CART sweep (``tree_depths``) is attacked in process.
+    The target tree is ``model_dir`` (its card's member split is used) or is trained
+    once and saved to ``DIR/models/tree``; unless ``in_process`` it is served by the
+    real service (one model name per output policy, see :func:`_tree_service`), and the
+    black-box estimators query it over HTTP. The privacy-aware CART sweep
+    (``tree_depths``) is attacked in process.
     """
     from mlinvert.evaluation.trees import (
         plot_depth_sweep,
@@ -553,12 +554,20 @@ def _run_tree(config: AuditConfig, results: ResultsFile, dataset: Any, emit: Eve
     policies = tuple(
         dict.fromkeys(Defense.parse(x).policy for x in (config.defenses or TREE_DEFENSES))
     )
-    emit("stage", {"name": "training the survey tree"})
-    model, card = train_tree(dataset, seed=config.seed)
+    from mlinvert.targets import io
+
+    if config.model_dir is not None:
+        folder = config.model_dir
+        model, dataset = _load_tree(folder, dataset)
+    else:
+        emit("stage", {"name": "training the survey tree"})
+        model, card = train_tree(dataset, seed=config.seed)
+        folder = results.out / "models" / "tree"
+        io.save(model, folder, card=card)
     served: _TreeOracles | None = None
     with contextlib.ExitStack() as stack:
         if not config.in_process:
-            served = stack.enter_context(_tree_service(results.out, model, card, policies, emit))
+            served = stack.enter_context(_tree_service(results.out, folder, model, policies, emit))
         records = run_tree_audit(
             dataset,
             seed=config.seed,
@@ -583,10 +592,11 @@ def _run_tree(config: AuditConfig, results: ResultsFile, dataset: Any, emit: Eve
         else "an in-process oracle through the same Predictor"
     )
     results.doc["dataset"] = {"spec": dataset.spec, "kind": "survey"}
+    xt, yt = dataset.nonmembers()
     results.doc["targets"]["tree"] = {
         "kind": model.kind,
-        "test_accuracy": card.get("test_accuracy"),
-        "model_dir": None if service is None else service["model_dir"],
+        "test_accuracy": float((model.predict(xt) == yt).mean()) if yt.size else None,
+        "model_dir": str(folder),
     }
     results.doc["tree_audit"] = {
         "title": "Attribute inversion of the sensitive survey answer (Fredrikson et al., "
@@ -603,6 +613,27 @@ def _run_tree(config: AuditConfig, results: ResultsFile, dataset: Any, emit: Eve
         "plot": "images/tree_depth_sweep.png" if config.tree_depths else None,
         "records": records,
     }
+
+
+def _load_tree(folder: Path, dataset: Any) -> tuple[Any, Any]:
+    """The tree in ``folder`` and ``dataset`` with the member split of its card."""
+    from mlinvert.targets import io
+
+    model = io.load(folder)
+    if model.kind != "tree":
+        raise ConfigError(
+            f"{folder} holds a {model.kind!r} model; survey data is audited on a decision "
+            "tree (train one with `mlinvert train --data SPEC --model tree`, or drop --model)"
+        )
+    if tuple(model.feature_names_) != tuple(dataset.feature_names):
+        raise DataError(
+            f"the tree in {folder} reads {list(model.feature_names_)}, the data {dataset.spec} "
+            f"has {list(dataset.feature_names)}; pass the --data it was trained on"
+        )
+    split = io.read_card(folder).get("split")
+    if isinstance(split, dict):
+        dataset = dataclasses.replace(dataset, split=Split.from_dict(split))
+    return model, dataset
 
 
 def _tree_channel(record: dict[str, Any], policies: tuple[str, ...], route: str) -> str:
@@ -653,9 +684,9 @@ class _TreeOracles:
 
 @contextlib.contextmanager
 def _tree_service(
-    out: Path, model: Any, card: dict[str, Any], policies: tuple[str, ...], emit: Event
+    out: Path, folder: Path, model: Any, policies: tuple[str, ...], emit: Event
 ) -> Iterator[_TreeOracles]:
-    """Save the tree to ``out/models/tree`` and run ``mlinvert serve`` once for it.
+    """Run ``mlinvert serve`` once for the tree ``model`` saved in ``folder``.
 
     The same folder is served as ``tree-<policy>`` with that policy for each of
     ``policies`` (``--model-policy``), so every policy is one model name of one process.
@@ -666,10 +697,7 @@ def _tree_service(
     from mlinvert.attacks.tree_inversion import TreeAttackConfig
     from mlinvert.service.runner import ServiceProcess
     from mlinvert.service.store import Store
-    from mlinvert.targets import io
 
-    folder = out / "models" / "tree"
-    io.save(model, folder, card=card)
     names = {p: f"tree-{Defense(name=p).slug}" for p in policies}
     final_db = out / "service" / "tree.sqlite3"
     final_db.parent.mkdir(parents=True, exist_ok=True)
@@ -698,7 +726,6 @@ def _tree_service(
                     o.close()
         served.summary = {
             "url": service.url,
-            "model_dir": str(folder),
             "models": {n: p for p, n in names.items()},
             "query_log": str(final_db.relative_to(out)),
             **_query_counts(store),
