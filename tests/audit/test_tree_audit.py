@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from mlinvert.data.surveys import load_fair
+from mlinvert.errors import ConfigError
 from mlinvert.evaluation.audit import AuditConfig, run_audit
 from mlinvert.evaluation.trees import attack_tree
 from mlinvert.service.store import Store
@@ -143,3 +144,10 @@ def test_in_process_route_on_an_existing_tree_folder(tmp_path: Path) -> None:
     assert wb["model_train_accuracy"] == pytest.approx(card["train_accuracy"])
     bb = _get(tree["records"], estimator="black-box-2014", population="members")
     assert bb["channel"] == "in-process API" and bb["defense"] == "labels"
+
+
+def test_a_rate_limit_on_survey_data_is_a_clear_error(tmp_path: Path) -> None:
+    config = AuditConfig(data="fair", out=tmp_path, defenses=("none", "rate:500/hour"))
+    with pytest.raises(ConfigError, match=r"output policies only.*rate:500/hour"):
+        run_audit(config)
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"

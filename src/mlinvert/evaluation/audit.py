@@ -551,9 +551,15 @@ def _run_tree(config: AuditConfig, results: ResultsFile, dataset: Any, emit: Eve
     from mlinvert.targets.tree import train_tree
 
     emit("stage", {"name": f"decision-tree audit on {dataset.spec}"})
-    policies = tuple(
-        dict.fromkeys(Defense.parse(x).policy for x in (config.defenses or TREE_DEFENSES))
-    )
+    defenses = [Defense.parse(x) for x in (config.defenses or TREE_DEFENSES)]
+    limited = [d.name for d in defenses if d.rate is not None]
+    if limited:
+        raise ConfigError(
+            f"the survey (decision-tree) audit runs output policies only, not rate limits "
+            f"({', '.join(limited)}): every estimator needs all its candidate rows answered; "
+            "drop the rate: part"
+        )
+    policies = tuple(dict.fromkeys(d.policy for d in defenses))
     from mlinvert.targets import io
 
     if config.model_dir is not None:
