@@ -16,6 +16,7 @@ from mlinvert.targets.dae import DAEConfig, StackedDAE
 from mlinvert.targets.torch_models import (
     MLP,
     CNNConfig,
+    EvaluationConfig,
     EvaluationNet,
     MLPConfig,
     SoftmaxConfig,
@@ -176,3 +177,33 @@ def test_mlp_trains_in_the_span_of_a_few_att_faces(att_few: ImageDataset) -> Non
     first = m.net_[2]  # an ordinary Linear(10304, 64) again
     assert tuple(first.weight.shape) == (64, 112 * 92)
     assert m.score(xt, yt) >= 0.8  # chance is 1/6
+
+
+def test_evaluation_augmentations_blur_and_same_identity_mix() -> None:
+    import torch
+
+    from mlinvert.targets._torch import gaussian_blur, same_identity_mix
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 16, 12, generator=gen)
+    sigma = torch.tensor([0.0, 0.5, 1.0, 2.0])
+    y = gaussian_blur(x, sigma)
+    assert torch.equal(y[0], x[0])  # sigma 0 leaves the image alone
+    rough = [float((img[:, 1:] - img[:, :-1]).abs().mean()) for img in y]
+    assert rough[1] > rough[2] > rough[3]  # more blur, smoother
+    assert torch.allclose(y.mean(dim=(1, 2)), x.mean(dim=(1, 2)), atol=0.03)
+    flat = gaussian_blur(torch.full((2, 8, 8), 0.3), torch.tensor([1.0, 3.0]))
+    assert torch.allclose(flat, torch.full((2, 8, 8), 0.3), atol=1e-6)
+    # mixing averages photos of the SAME identity only: identity 0 is black, 1 is white
+    X = torch.cat([torch.zeros(5, 4, 4), torch.ones(5, 4, 4)])
+    Y = torch.tensor([0] * 5 + [1] * 5)
+    mixed = same_identity_mix(X, Y, X, Y, 1.0, 4)
+    assert torch.equal(mixed, X)
+    # and changes an image when the identity's photos differ
+    X2 = torch.rand(6, 4, 4, generator=gen)
+    Y2 = torch.tensor([0, 0, 0, 1, 1, 1])
+    assert not torch.equal(same_identity_mix(X2, Y2, X2, Y2, 1.0, 4), X2)
+    with pytest.raises(ConfigError, match="probabilities"):
+        EvaluationConfig(mix=1.5)
+    with pytest.raises(ConfigError, match="mix_max"):
+        EvaluationConfig(mix_max=1)

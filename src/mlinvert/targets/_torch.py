@@ -131,6 +131,40 @@ def augment(x: torch.Tensor, *, shift: int, flip: bool, brightness: float) -> to
     return x
 
 
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur each image of ``x`` ``(n, h, w)`` with its own Gaussian ``sigma`` ``(n,)`` (pixels;
+    0 leaves the image unchanged). Separable kernels, replicate padding."""
+    n = x.shape[0]
+    radius = int(torch.ceil(3.0 * sigma.max()).item()) if n else 0
+    if radius < 1:
+        return x
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    s = sigma.clamp_min(1e-3)[:, None]
+    k = torch.exp(-0.5 * (t[None, :] / s) ** 2)
+    k = k / k.sum(dim=1, keepdim=True)
+    k = torch.where((sigma > 0)[:, None], k, (t == 0).to(x.dtype)[None, :])
+    # grouped convolution: one channel (and one kernel) per image
+    y = F.pad(x[None], (radius, radius, 0, 0), mode="replicate")
+    y = F.conv2d(y, k[:, None, None, :], groups=n)
+    y = F.pad(y, (0, 0, radius, radius), mode="replicate")
+    y = F.conv2d(y, k[:, None, :, None], groups=n)
+    return y[0]
+
+
+def same_identity_mix(
+    x: torch.Tensor, y: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, p: float, max_n: int
+) -> torch.Tensor:
+    """With probability ``p``, replace an image by the mean of itself and 1..``max_n - 1``
+    random training images ``X`` of the same label (an identity's "average face")."""
+    out = x.clone()
+    for i in torch.nonzero(torch.rand(x.shape[0]) < p).flatten().tolist():
+        same = torch.nonzero(y[i] == Y).flatten()
+        k = int(torch.randint(1, max(max_n, 2), (1,)))
+        pick = same[torch.randint(0, same.numel(), (k,))]
+        out[i] = (x[i] + X[pick].sum(dim=0)) / (k + 1)
+    return out
+
+
 def adam_train(
     params: list[nn.Parameter],
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],

@@ -29,8 +29,10 @@ from mlinvert.targets._torch import (
     check_nonnegative,
     check_positive,
     check_seed,
+    gaussian_blur,
     lbfgs_first_layer,
     log,
+    same_identity_mix,
 )
 
 
@@ -274,7 +276,17 @@ class CNN(TorchTarget):
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluationConfig(CNNConfig):
-    """The judge: wider, batch-normalised ELU network, another seed, stronger augmentation."""
+    """The judge: wider, batch-normalised ELU network, another seed, stronger augmentation.
+
+    Beyond shifts, flips and brightness, two augmentations teach it to recognise a person
+    from the kind of image model inversion produces: ``mix`` is the probability that a
+    training image is replaced by the mean of itself and 1 .. ``mix_max - 1`` other
+    photos of the same person (an "average face" across poses), ``blur_p`` the probability
+    of a Gaussian blur with sigma uniform in [0, ``blur``] pixels. Without them the judge
+    recognised only 80 % of the AT&T identities from the exact average of their own private
+    photos (BENCHMARKS.md, "Evaluation calibration"); with them 100 %, while grey, noise and
+    noise-template references stay at chance.
+    """
 
     seed: int = 7919
     channels: tuple[int, ...] = (24, 48, 96)
@@ -285,6 +297,20 @@ class EvaluationConfig(CNNConfig):
     shift: int = 4
     flip: bool = True
     brightness: float = 0.2
+    mix: float = 0.3
+    mix_max: int = 4
+    blur: float = 2.0
+    blur_p: float = 0.3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_nonnegative(blur=self.blur)
+        if not (0.0 <= self.mix <= 1.0 and 0.0 <= self.blur_p <= 1.0):
+            raise ConfigError(
+                f"mix and blur_p are probabilities in [0, 1], got {self.mix} and {self.blur_p}"
+            )
+        if self.mix_max < 2:
+            raise ConfigError(f"mix_max must be >= 2 images, got {self.mix_max}")
 
 
 class EvaluationNet(CNN):
@@ -294,6 +320,31 @@ class EvaluationNet(CNN):
     config_cls = EvaluationConfig
     _act = nn.ELU
     _batchnorm = True
+    config: EvaluationConfig
+
+    def _train(self, net: nn.Module, X: torch.Tensor, y: torch.Tensor) -> None:
+        c = self.config
+
+        def loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            if c.mix > 0:
+                xb = same_identity_mix(xb, yb, X, y, c.mix, c.mix_max)
+            xb = augment(xb, shift=c.shift, flip=c.flip, brightness=c.brightness)
+            if c.blur > 0 and c.blur_p > 0:
+                on = torch.rand(xb.shape[0]) < c.blur_p
+                xb = gaussian_blur(xb, torch.rand(xb.shape[0]) * c.blur * on)
+            return F.cross_entropy(net(xb), yb)
+
+        adam_train(
+            list(net.parameters()),
+            loss,
+            X,
+            y,
+            epochs=c.epochs,
+            batch_size=c.batch_size,
+            lr=c.lr,
+            weight_decay=c.weight_decay,
+            what=self.kind,
+        )
 
     def embed(self, X: np.ndarray) -> np.ndarray:
         """Penultimate-layer features ``(n, d)`` float32 of images ``(n, h, w)``."""
