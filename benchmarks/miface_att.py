@@ -8,7 +8,9 @@ of the other 39 people: none of the target's private training photos, and nobody
 photo of c (checked by PCAPrior(private=...)).
 
     nice .venv/bin/python benchmarks/miface_att.py whitebox --kinds softmax,mlp,dae
-    nice .venv/bin/python benchmarks/miface_att.py blackbox --http --budget 20000
+    nice .venv/bin/python benchmarks/miface_att.py blackbox --http --budget 20000 --grid
+    (the black-box run also records the best image after 1k/2.5k/5k/10k/20k queries:
+    the curve of identity and likeness against queries)
     nice .venv/bin/python benchmarks/miface_att.py fd --labels 3 --paper-labels 1
     nice .venv/bin/python benchmarks/miface_att.py rounding --labels 10 --objective margin
 """
@@ -38,6 +40,7 @@ from mlinvert.attacks import (
     PCAPrior,
     Pixel,
 )
+from mlinvert.attacks.spaces import DAECode
 from mlinvert.data import load
 from mlinvert.data.base import ImageDataset
 from mlinvert.defenses import Predictor, parse_policy
@@ -148,6 +151,35 @@ def row(name: str, s: dict[str, Any]) -> str:
     )
 
 
+def curve(res: AttackResult, class_names: tuple[str, ...]) -> dict[str, AttackResult]:
+    """Rows of the quality-vs-queries curve: the best image after each of SNAPS queries
+    (a run that stopped earlier keeps its final image for the later points)."""
+    from mlinvert.attacks.base import decode_array
+
+    parts = res.extra.get("parts") or [res.extra]
+    rows: dict[str, AttackResult] = {}
+    for q in SNAPS:
+        imgs, labs = [], []
+        for part, final, lab in zip(parts, res.reconstructions, res.labels, strict=True):
+            snaps = [s for s in part.get("snapshots", []) if s["queries"] == q]
+            imgs.append(decode_array(snaps[0]["image"]) if snaps else final)
+            labs.append(int(lab))
+        rows[f"best image after {q} queries"] = AttackResult(
+            attack="miface",
+            reconstructions=np.stack(imgs),
+            labels=np.asarray(labs),
+            class_names=class_names,
+            confidence=np.full(len(labs), np.nan),
+            per_label=[{"n_queries": q, "elapsed_s": 0.0, "status": "succeeded"} for _ in labs],
+            n_queries=q,
+            elapsed_s=0.0,
+            seed=0,
+            config={},
+            status="succeeded",
+        )
+    return rows
+
+
 HEADER = (
     "| attack | eval top-1 | top-5 | likeness | lineup | pixel-NN | SSIM | queries/id "
     "| s/id |\n|---|---|---|---|---|---|---|---|---|"
@@ -176,12 +208,15 @@ def http_oracle(folder: Path, name: str, policy: str = "full") -> Iterator[Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["whitebox", "blackbox", "fd", "rounding", "curve"])
+    p.add_argument("what", choices=["whitebox", "blackbox", "fd", "rounding"])
     p.add_argument("--kinds", default="softmax")
     p.add_argument("--labels", type=int, default=40, help="first N identities")
     p.add_argument("--budget", type=int, default=20_000)
     p.add_argument("--paper-labels", type=int, default=40, help="identities for paper rows")
     p.add_argument("--samples", type=int, default=20)
+    p.add_argument(
+        "--iters", type=int, default=450, help="black-box iterations (450 x 41 = 18 450 queries)"
+    )
     p.add_argument("--sigma", type=float, default=0.02)
     p.add_argument(
         "--objective",
@@ -222,7 +257,17 @@ def main(argv: list[str] | None = None) -> int:
                     labels[: args.paper_labels],
                     None,
                 )
-            results["improved (PCA prior, Adam)"] = run_labels(
+            if kind == "dae":
+                code_space = DAECode(model)
+                results["paper (DAE code space + Process)"] = run_labels(
+                    lambda lab, sp=code_space: MIFace(  # type: ignore[misc]
+                        MIFaceConfig.paper(), gradient=Exact(), space=sp
+                    ),
+                    wb,
+                    labels[: args.paper_labels],
+                    None,
+                )
+            results["improved (PCA prior ball, Adam)"] = run_labels(
                 lambda lab: MIFace(
                     MIFaceConfig.improved(),
                     gradient=Exact(),
@@ -236,20 +281,21 @@ def main(argv: list[str] | None = None) -> int:
 
             def nes_attack(lab: int) -> MIFace:
                 return MIFace(
-                    MIFaceConfig.improved(max_iter=2000),
+                    MIFaceConfig.improved(max_iter=args.iters, snapshot_queries=SNAPS),
                     gradient=NES(samples=args.samples, sigma=args.sigma),
                     space=aux_prior(ds, lab),
                 )
 
             if args.http:
                 with http_oracle(folder, kind) as oracle:
-                    results["NES in PCA prior, HTTP"] = run_labels(
-                        nes_attack, oracle, labels, args.budget
-                    )
+                    res = run_labels(nes_attack, oracle, labels, args.budget)
+                results["NES in PCA prior ball, HTTP"] = res
             else:
-                results["NES in PCA prior, in-process"] = run_labels(
+                res = run_labels(
                     nes_attack, LocalOracle(Predictor(model, name=kind)), labels, args.budget
                 )
+                results["NES in PCA prior ball, in-process"] = res
+            results.update(curve(res, ds.class_names))
         elif args.what == "fd":
             oracle = LocalOracle(Predictor(model, name=kind))
             results["paper FD (pixel, forward, d+1 q/iter)"] = run_labels(
@@ -295,46 +341,6 @@ def main(argv: list[str] | None = None) -> int:
                     labels,
                     args.budget,
                 )
-        elif args.what == "curve":
-            oracle = LocalOracle(Predictor(model, name=kind))
-            res = run_labels(
-                lambda lab: MIFace(
-                    MIFaceConfig.improved(
-                        max_iter=5000, target_confidence=1.0, snapshot_queries=SNAPS
-                    ),
-                    gradient=NES(samples=args.samples, sigma=args.sigma),
-                    space=aux_prior(ds, lab),
-                ),
-                oracle,
-                labels,
-                max(SNAPS),
-            )
-            from mlinvert.attacks.base import decode_array
-
-            for q in SNAPS:
-                imgs, labs = [], []
-                for part in res.extra["parts"]:
-                    for s in part.get("snapshots", []):
-                        if s["queries"] == q:
-                            imgs.append(decode_array(s["image"]))
-                            labs.append(s["label"])
-                if imgs:
-                    r = AttackResult(
-                        attack="miface",
-                        reconstructions=np.stack(imgs),
-                        labels=np.asarray(labs),
-                        class_names=ds.class_names,
-                        confidence=np.full(len(labs), np.nan),
-                        per_label=[
-                            {"n_queries": q, "elapsed_s": 0.0, "status": "succeeded"} for _ in labs
-                        ],
-                        n_queries=q,
-                        elapsed_s=0.0,
-                        seed=0,
-                        config={},
-                        status="succeeded",
-                    )
-                    results[f"NES/PCA after {q} queries"] = r
         for name, res in results.items():
             s = summarise(judge, res)
             summary["rows"][f"{kind}: {name}"] = s

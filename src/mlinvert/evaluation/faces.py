@@ -238,7 +238,7 @@ class FaceJudge:
         return out
 
     def reference_points(self, labels: np.ndarray, *, seed: Seed) -> dict[str, np.ndarray]:
-        """Grey, uniform noise, noise template and held-out photo for each label."""
+        """Grey, uniform noise, noise template, held-out photo and private mean per label."""
         ds = self._fitted()
         _, y = check_batch(
             np.zeros((np.asarray(labels).shape[0], *ds.image_shape), dtype=np.float32),
@@ -252,6 +252,7 @@ class FaceJudge:
             "uniform_noise": references.uniform_noise(y.size, ds.image_shape, seed=rng),
             "noise_template": references.noise_template(self.templates_, y, seed=rng),
             "held_out_photo": references.held_out_photo(self.held_, self.held_labels_, y, seed=rng),
+            "private_mean": references.private_mean(self.private_, self.private_labels_, y),
         }
 
     def private_photo(self, record: dict[str, Any]) -> np.ndarray:

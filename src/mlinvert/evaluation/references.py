@@ -1,6 +1,8 @@
 """Reference points every face result is shown beside (PAPER.md, "What counts as a
-recovered face"): a flat grey image, uniform noise, a noise template and the target's own
-held-out photo.
+recovered face"): a flat grey image, uniform noise, a noise template, the target's own
+held-out photo, and the average of the target's private photos (``private_mean``: the
+"average face" a perfect inversion of a confidence score would approach — the upper
+reference for a reconstruction that is not any single photo).
 
 The **noise template** imitates what black-box NES reconstructions looked like in the
 planning probe: images a person calls pure noise that still carry the model's
@@ -24,7 +26,7 @@ from mlinvert.errors import DataError
 GREY_LEVEL = 0.5
 TEMPLATE_AMPLITUDE = 0.3
 NOISE_AMPLITUDE = 0.5
-REFERENCE_NAMES = ("grey", "uniform_noise", "noise_template", "held_out_photo")
+REFERENCE_NAMES = ("grey", "uniform_noise", "noise_template", "held_out_photo", "private_mean")
 
 
 def grey(n: int, shape: tuple[int, int]) -> np.ndarray:
@@ -70,4 +72,15 @@ def held_out_photo(
         if rows.size == 0:
             raise DataError(f"identity {int(c)} has no held-out photo")
         out[i] = held_out[int(rng.choice(rows))]
+    return out
+
+
+def private_mean(private: np.ndarray, private_labels: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The mean of each label's private training photos (its "average face")."""
+    out = np.empty((labels.size, *private.shape[1:]), dtype=np.float32)
+    for i, c in enumerate(labels):
+        rows = private_labels == c
+        if not np.any(rows):
+            raise DataError(f"identity {int(c)} has no private training photo")
+        out[i] = private[rows].mean(axis=0)
     return out
