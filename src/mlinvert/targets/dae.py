@@ -258,6 +258,5 @@ class StackedDAE(TorchTarget):
         z = self._check_codes(Z).requires_grad_(True)
         lab = self._check_labels(labels, z.shape[0])
         p = torch.softmax(net.head(z), dim=1)
-        p[torch.arange(z.shape[0]), lab].sum().backward()
-        assert z.grad is not None
-        return z.grad.double().numpy()
+        (grad,) = torch.autograd.grad(p[torch.arange(z.shape[0]), lab].sum(), z)
+        return grad.double().numpy()
