@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mlinvert.attacks import AttackResult
-from mlinvert.cli.main import build_app
+from mlinvert.cli.main import build_app, main
 from mlinvert.data import load
 from mlinvert.targets import save, train_target
 
@@ -92,3 +92,28 @@ def test_cli_whitebox_all_labels_and_errors(model_dir: Path, tmp_path: Path) -> 
         ],
     )
     assert bad.exit_code != 0
+
+
+def test_cli_pca_prior_with_detail_and_radius(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--aux builds the eigenface prior; --detail/--radius reach it; a bad radius is one
+    clear error line."""
+    out = tmp_path / "pca"
+    base = ["attack", "miface", "--model", str(model_dir), "--label", "5", "--out", str(out)]
+    prior = ["--space", "pca", "--aux", "digits", "--pca-k", "10", "--detail", "3"]
+    res = CliRunner().invoke(build_app(), [*base, *prior, "--radius", "0.8", "--max-iter", "30"])
+    assert res.exit_code == 0, res.output
+    space = AttackResult.from_json((out / "result.json").read_text()).config["space"]
+    assert space == {
+        "name": "pca",
+        "k": 10,
+        "n_aux": 1797,
+        "source": "digits",
+        "detail": 3,
+        "radius": 0.8,
+    }
+    with pytest.raises(SystemExit) as stop:
+        main([*base, *prior, "--radius", "-1"])
+    assert stop.value.code == 2
+    assert "radius must be > 0" in capsys.readouterr().err

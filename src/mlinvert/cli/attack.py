@@ -46,15 +46,22 @@ def _oracle(
     return LocalOracle(Predictor(loaded, name=name, policy=parse_policy(policy)))
 
 
-def _space(spec: str, mode: str, aux: str | None, pca_k: int) -> Any:
+def _space(spec: str, mode: str, aux: str | None, pca_k: int, detail: int, radius: float) -> Any:
     from mlinvert.attacks.spaces import PCAPrior, load_aux, parse_space
+
+    def prior(source: str) -> PCAPrior:
+        return PCAPrior(
+            load_aux(source), pca_k, source=source, detail=detail, radius=radius or None
+        )
 
     if spec == "auto":
         if aux is not None:
-            return PCAPrior(load_aux(aux), pca_k, source=aux)
+            return prior(aux)
         spec = {"whitebox": "pixel", "blackbox": "dct:10", "label-only": "dct:8"}[mode]
     if spec == "pca" and aux is not None:
-        return PCAPrior(load_aux(aux), pca_k, source=aux)
+        return prior(aux)
+    if spec.startswith("pca:") and not spec[4:].isdigit():
+        return prior(spec[4:])
     return parse_space(spec)
 
 
@@ -86,6 +93,14 @@ def register(app: typer.Typer) -> None:
             None, "--aux", help="Auxiliary public faces of OTHER people: lfw or a data spec."
         ),
         pca_k: int = typer.Option(40, "--pca-k", help="Eigenfaces kept by the PCA prior."),
+        detail: int = typer.Option(
+            0, "--detail", help="PCA prior: add the KxK lowest DCT frequencies (0: none)."
+        ),
+        radius: float = typer.Option(
+            1.0,
+            "--radius",
+            help="PCA prior: search inside ||z|| <= R*sqrt(dim), typical faces (0: no ball).",
+        ),
         paper: bool = typer.Option(False, "--paper", help="Paper settings (GD on 1-p, x0=0)."),
         max_iter: int | None = typer.Option(None, "--max-iter", help="alpha (iterations)."),
         budget: int | None = typer.Option(None, "--budget", help="Queries per label."),
@@ -122,7 +137,7 @@ def register(app: typer.Typer) -> None:
             if all_labels
             else [resolve_label(label or "", info.class_names)]
         )
-        search = _space(space, mode, aux, pca_k)
+        search = _space(space, mode, aux, pca_k, detail, radius)
         attack: Any
         if mode == "label-only":
             attack = LabelOnly(LabelOnlyConfig(), space=search)
