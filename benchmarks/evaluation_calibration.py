@@ -1,8 +1,8 @@
 """Calibrate the face measures on a full data set: the reference-point table.
 
 For every identity, ``--per-identity`` copies of each reference point (grey, uniform
-noise, noise template, the target's own held-out photo) plus a few interpretive probes
-(the identity's mean private photo, a held-out photo under heavy pixel noise, the
+noise, noise template, the target's own held-out photo, the identity's mean private
+photo) plus a few interpretive probes (a held-out photo under heavy pixel noise, the
 average face of everybody, another person's mean photo) are scored by ``FaceJudge``.
 Prints a Markdown table (likeness mean and 10/50/90 % quantiles, its two terms,
 evaluation-model top-1/top-5, pixel and eigenface nearest neighbour, 5-way lineup,
@@ -69,7 +69,6 @@ def probes(
     noisy = photo + rng.uniform(-0.25, 0.25, size=photo.shape)
     return {
         **refs,
-        "identity mean photo": means[labels],
         "held-out photo + U(±0.25)": np.clip(noisy, 0, 1).astype(np.float32),
         "everybody's mean face": np.repeat(X.mean(axis=0)[None], labels.size, axis=0),
         "another person's mean": means[(labels + 1) % ds.n_classes],

@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, AttackResult] = {}
         if args.what == "whitebox":
             wb = WhiteBoxOracle(Predictor(model, name=kind))
-            for start in ("zero", "grey"):
+            for start in ("zero", "grey") if args.paper_labels else ():
                 results[f"paper (pixel, GD on 1-p, x0={start})"] = run_labels(
                     lambda lab, start=start: MIFace(  # type: ignore[misc]
                         MIFaceConfig.paper(start=start), gradient=Exact(), space=Pixel()
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                     labels[: args.paper_labels],
                     None,
                 )
-            if kind == "dae":
+            if kind == "dae" and args.paper_labels:
                 code_space = DAECode(model)
                 results["paper (DAE code space + Process)"] = run_labels(
                     lambda lab, sp=code_space: MIFace(  # type: ignore[misc]

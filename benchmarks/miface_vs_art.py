@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in args.kinds.split(","):
         model, _ = target(ds, kind)
         runs = [
-            ("mlinvert MI-Face (PCA prior, Adam)", ours(model, ds, labels)),
+            ("mlinvert MI-Face (PCA prior ball, Adam)", ours(model, ds, labels)),
             (
                 "ART MIFace defaults",
                 art_run(model, labels, start=0.0, threshold=0.99, max_iter=10000),
