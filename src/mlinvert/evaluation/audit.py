@@ -181,7 +181,6 @@ class Preset:
 
     budget: int
     whitebox_iters: int
-    blackbox_iters: int
     nes_samples: int
     label_only_iters: int
     space: str  # a mlinvert.attacks.spaces.parse_space spec, or pca:K (see _space)
@@ -201,23 +200,24 @@ def preset_for(shape: tuple[int, int], quick: bool) -> Preset:
         p = Preset(
             budget=2000,
             whitebox_iters=200,
-            blackbox_iters=50,
             nes_samples=20,
             label_only_iters=100,
             space="pca:20",
             quick_targets=True,
         )
     else:
-        # faces: black-box NES with 5 antithetic pairs (11 inputs per request) for 200
-        # cosine-annealed steps = 2200 queries per person. Measured on AT&T softmax (first
-        # 20 people, in process): top-1 0.60 and likeness 0.64, where 20 pairs x 50 steps
-        # (the same queries) reach likeness 0.35 only — many small steps move the face
-        # further from the prior's mean. 116 eigenfaces: every held-out photo of the 39
-        # other people (BENCHMARKS.md, "MI-Face"; "Full faces audit" for the timing).
+        # faces: black-box NES with 5 antithetic pairs (11 inputs per request) and as many
+        # cosine-annealed steps as the budget pays for: 1100 queries = 100 steps per
+        # person, what fits the whole 40-person, two-target matrix in 30 minutes on 2
+        # cores (an MLP query costs ~5.5 ms over HTTP here, a softmax one ~1.5 ms).
+        # Measured on AT&T softmax (first 20 people, in process): top-1 0.60, likeness
+        # 0.44 at 1100 queries; 0.60 / 0.64 at 2200 (--budget 2200: ~50 minutes). Many
+        # small steps beat few large ones at equal queries (20 pairs x 50 steps: likeness
+        # 0.35). 116 eigenfaces: every held-out photo of the 39 other people
+        # (BENCHMARKS.md, "MI-Face" and "Audit").
         p = Preset(
-            budget=2200,
-            whitebox_iters=100,
-            blackbox_iters=200,
+            budget=1100,
+            whitebox_iters=60,
             nes_samples=5,
             label_only_iters=30,
             space="pca:116",
@@ -226,7 +226,6 @@ def preset_for(shape: tuple[int, int], quick: bool) -> Preset:
         p = Preset(
             budget=min(p.budget, 600),
             whitebox_iters=60,
-            blackbox_iters=30,
             nes_samples=p.nes_samples,
             label_only_iters=20,
             space=p.space,
@@ -1106,7 +1105,10 @@ def _build_attack(ctx: _Context, attack: str, label: int) -> Any:
         )
     if attack == "blackbox":
         return MIFace(
-            MIFaceConfig.improved(max_iter=p.blackbox_iters),
+            # as many cosine-annealed NES steps as the per-person budget pays for
+            MIFaceConfig.improved(
+                max_iter=max(int(ctx.results.doc["budget"]) // (2 * p.nes_samples + 1), 1)
+            ),
             gradient=NES(samples=p.nes_samples),
             space=_space(ctx, label),
         )
