@@ -151,3 +151,20 @@ def test_a_rate_limit_on_survey_data_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"output policies only.*rate:500/hour"):
         run_audit(config)
     assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
+
+
+def test_cli_summary_table_for_a_survey_audit(
+    http_run: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The closing summary of `mlinvert audit` on survey data lists each estimator's
+    member and non-member accuracy per defence (not the empty face verdict table)."""
+    from mlinvert.cli.audit import _summary
+
+    _summary(http_run["index"])
+    shown = capsys.readouterr().out
+    assert "members vs non-members" in shown
+    records = http_run["doc"]["tree_audit"]["records"]
+    wb = _get(records, defense="none", estimator="white-box", population="members")
+    assert f"{100 * wb['accuracy']:.1f} %" in shown
+    for policy in POLICIES:
+        assert policy in shown

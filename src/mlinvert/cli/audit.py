@@ -65,6 +65,9 @@ def _summary(index: Path) -> None:
     from mlinvert.report.summary import verdicts
 
     results = load_results(index.parent)
+    if results.get("tree_audit"):
+        _tree_summary(results["tree_audit"])
+        return
     table = Table(title="model inversion audit: verdict per defence (strongest API attack)")
     for col in (
         "target",
@@ -92,6 +95,37 @@ def _summary(index: Path) -> None:
             f"{100 * v.api_lineup:.0f} %",
             "n/a" if v.api_queries is None else f"{v.api_queries:,.0f}",
             "n/a" if v.accuracy is None else f"{100 * v.accuracy:.1f} %",
+        )
+    out.print(table)
+
+
+def _tree_summary(tree: dict[str, Any]) -> None:
+    """Survey audits: each estimator's accuracy on members vs non-members per defence."""
+    table = Table(title="attribute inversion of the sensitive answer (members vs non-members)")
+    for col in ("defence", "estimator", "channel", "members acc.", "non-members acc.", "queries"):
+        table.add_column(
+            col, justify="left" if col in ("defence", "estimator", "channel") else "right"
+        )
+    rows = [r for r in tree.get("records", []) if r.get("population") == "members"]
+    for r in rows:
+        other = next(
+            (
+                o
+                for o in tree["records"]
+                if o.get("population") == "non-members"
+                and o.get("estimator") == r.get("estimator")
+                and o.get("defense") == r.get("defense")
+                and o.get("dataset") == r.get("dataset")
+            ),
+            None,
+        )
+        table.add_row(
+            str(r.get("defense")),
+            str(r.get("estimator")),
+            str(r.get("channel", "")),
+            f"{100 * r['accuracy']:.1f} %",
+            "–" if other is None else f"{100 * other['accuracy']:.1f} %",
+            f"{r.get('n_queries', 0):,}",
         )
     out.print(table)
 
