@@ -254,12 +254,18 @@ class CNN(TorchTarget):
             shrink,
         )
 
+    def _augment(
+        self, xb: torch.Tensor, yb: torch.Tensor, X: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        """The training batch ``xb`` (labels ``yb``) augmented; ``X, y`` the whole set."""
+        c = self.config
+        return augment(xb, shift=c.shift, flip=c.flip, brightness=c.brightness)
+
     def _train(self, net: nn.Module, X: torch.Tensor, y: torch.Tensor) -> None:
         c = self.config
 
         def loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-            xb = augment(xb, shift=c.shift, flip=c.flip, brightness=c.brightness)
-            return F.cross_entropy(net(xb), yb)
+            return F.cross_entropy(net(self._augment(xb, yb, X, y)), yb)
 
         adam_train(
             list(net.parameters()),
@@ -322,29 +328,18 @@ class EvaluationNet(CNN):
     _batchnorm = True
     config: EvaluationConfig
 
-    def _train(self, net: nn.Module, X: torch.Tensor, y: torch.Tensor) -> None:
+    def _augment(
+        self, xb: torch.Tensor, yb: torch.Tensor, X: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        """Same-identity averaging, then the CNN's augmentation, then random blur."""
         c = self.config
-
-        def loss(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-            if c.mix > 0:
-                xb = same_identity_mix(xb, yb, X, y, c.mix, c.mix_max)
-            xb = augment(xb, shift=c.shift, flip=c.flip, brightness=c.brightness)
-            if c.blur > 0 and c.blur_p > 0:
-                on = torch.rand(xb.shape[0]) < c.blur_p
-                xb = gaussian_blur(xb, torch.rand(xb.shape[0]) * c.blur * on)
-            return F.cross_entropy(net(xb), yb)
-
-        adam_train(
-            list(net.parameters()),
-            loss,
-            X,
-            y,
-            epochs=c.epochs,
-            batch_size=c.batch_size,
-            lr=c.lr,
-            weight_decay=c.weight_decay,
-            what=self.kind,
-        )
+        if c.mix > 0:
+            xb = same_identity_mix(xb, yb, X, y, c.mix, c.mix_max)
+        xb = super()._augment(xb, yb, X, y)
+        if c.blur > 0 and c.blur_p > 0:
+            on = torch.rand(xb.shape[0]) < c.blur_p
+            xb = gaussian_blur(xb, torch.rand(xb.shape[0]) * c.blur * on)
+        return xb
 
     def embed(self, X: np.ndarray) -> np.ndarray:
         """Penultimate-layer features ``(n, d)`` float32 of images ``(n, h, w)``."""
