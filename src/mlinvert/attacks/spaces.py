@@ -402,10 +402,18 @@ def load_aux(spec: str) -> np.ndarray:
     return np.asarray(images, dtype=np.float64)
 
 
-def parse_space(spec: str, *, aux: np.ndarray | None = None) -> Space:
+def parse_space(
+    spec: str,
+    *,
+    aux: np.ndarray | None = None,
+    k: int = 40,
+    detail: int = 0,
+    radius: float | None = 1.0,
+) -> Space:
     """Build a space from a CLI spec: ``pixel``, ``lowres:WxH`` (e.g. ``lowres:23x28`` for
     92 x 112 faces), ``dct:K``, ``pca:K`` (with ``aux`` images) or ``pca:AUX`` (an
-    auxiliary image spec for :func:`load_aux`, e.g. ``pca:lfw`` or ``pca:folder:PATH``).
+    auxiliary image spec for :func:`load_aux`, e.g. ``pca:lfw`` or ``pca:folder:PATH``,
+    with ``k`` eigenfaces). ``detail`` and ``radius`` go to :class:`PCAPrior`.
     """
     name, _, arg = spec.partition(":")
     name = name.strip().lower()
@@ -419,13 +427,13 @@ def parse_space(spec: str, *, aux: np.ndarray | None = None) -> Space:
             return DCT(int(arg or 16))
         if name == "pca":
             if arg and not arg.isdigit():
-                return PCAPrior(load_aux(arg), source=arg)
+                return PCAPrior(load_aux(arg), k, source=arg, detail=detail, radius=radius)
             if aux is None:
                 raise ConfigError(
                     "space 'pca' needs auxiliary images of other people: pca:lfw, "
                     "pca:folder:PATH, or aux images passed by the caller"
                 )
-            return PCAPrior(aux, int(arg or 40))
+            return PCAPrior(aux, int(arg or k), detail=detail, radius=radius)
     except ValueError as exc:
         raise ConfigError(f"cannot read space spec {spec!r}: {exc}") from exc
     raise ConfigError(

@@ -47,22 +47,16 @@ def _oracle(
 
 
 def _space(spec: str, mode: str, aux: str | None, pca_k: int, detail: int, radius: float) -> Any:
-    from mlinvert.attacks.spaces import PCAPrior, load_aux, parse_space
-
-    def prior(source: str) -> PCAPrior:
-        return PCAPrior(
-            load_aux(source), pca_k, source=source, detail=detail, radius=radius or None
-        )
+    from mlinvert.attacks.spaces import parse_space
 
     if spec == "auto":
         if aux is not None:
-            return prior(aux)
-        spec = {"whitebox": "pixel", "blackbox": "dct:10", "label-only": "dct:8"}[mode]
+            spec = "pca"
+        else:
+            spec = {"whitebox": "pixel", "blackbox": "dct:10", "label-only": "dct:8"}[mode]
     if spec == "pca" and aux is not None:
-        return prior(aux)
-    if spec.startswith("pca:") and not spec[4:].isdigit():
-        return prior(spec[4:])
-    return parse_space(spec)
+        spec = f"pca:{aux}"
+    return parse_space(spec, k=pca_k, detail=detail, radius=radius or None)
 
 
 def register(app: typer.Typer) -> None:
