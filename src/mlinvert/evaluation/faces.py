@@ -162,7 +162,8 @@ class FaceJudge:
         self.pixel_nn_ = PixelNN().fit(private, plabels)
         self.eigen_ = EigenNearestMean().fit(private, plabels, k)
         self.lineup_ = Lineup(self.config.lineup_size).fit(private, held, hlabels)
-        self.templates_ = references.identity_templates(private, plabels, k)
+        self.means_ = references.class_means(private, plabels, k)
+        self.templates_ = references.identity_templates(self.means_, private)
         if self.eval_model_ is not None:
             self.features_ = FeatureDistance().fit(self.eval_model_.embed(private), plabels)
         log.info(
@@ -252,7 +253,7 @@ class FaceJudge:
             "uniform_noise": references.uniform_noise(y.size, ds.image_shape, seed=rng),
             "noise_template": references.noise_template(self.templates_, y, seed=rng),
             "held_out_photo": references.held_out_photo(self.held_, self.held_labels_, y, seed=rng),
-            "private_mean": references.private_mean(self.private_, self.private_labels_, y),
+            "private_mean": references.private_mean(self.means_, y),
         }
 
     def private_photo(self, record: dict[str, Any]) -> np.ndarray:

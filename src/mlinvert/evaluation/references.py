@@ -39,18 +39,23 @@ def uniform_noise(n: int, shape: tuple[int, int], *, seed: Seed) -> np.ndarray:
     return rng_from(seed).random((n, *shape)).astype(np.float32)
 
 
-def identity_templates(private: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """(n_classes, h, w) stretched difference of each identity's mean from the global mean."""
-    grand = private.mean(axis=0)
+def class_means(private: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n_classes, h, w) mean of each identity's private photos (its "average face")."""
     out = np.zeros((n_classes, *private.shape[1:]), dtype=np.float64)
     for c in range(n_classes):
         rows = labels == c
         if not np.any(rows):
-            raise DataError(f"identity {c} has no private training photo to build a template")
-        diff = private[rows].mean(axis=0) - grand
-        peak = float(np.abs(diff).max())
-        out[c] = diff / peak if peak > 0 else diff
+            raise DataError(f"identity {c} has no private training photo")
+        out[c] = private[rows].mean(axis=0)
     return out
+
+
+def identity_templates(means: np.ndarray, private: np.ndarray) -> np.ndarray:
+    """(n_classes, h, w) stretched difference of each identity's mean (``class_means``)
+    from the mean of all private photos."""
+    diff = means - private.mean(axis=0)
+    peak = np.abs(diff).reshape(diff.shape[0], -1).max(axis=1)
+    return diff / np.where(peak > 0, peak, 1.0)[:, None, None]
 
 
 def noise_template(templates: np.ndarray, labels: np.ndarray, *, seed: Seed) -> np.ndarray:
@@ -75,12 +80,6 @@ def held_out_photo(
     return out
 
 
-def private_mean(private: np.ndarray, private_labels: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """The mean of each label's private training photos (its "average face")."""
-    out = np.empty((labels.size, *private.shape[1:]), dtype=np.float32)
-    for i, c in enumerate(labels):
-        rows = private_labels == c
-        if not np.any(rows):
-            raise DataError(f"identity {int(c)} has no private training photo")
-        out[i] = private[rows].mean(axis=0)
-    return out
+def private_mean(means: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each label's average private photo (rows of :func:`class_means`)."""
+    return means[labels].astype(np.float32)
