@@ -1,0 +1,109 @@
+"""Lockstep runs equal sequential runs (same images, same query counts) on a target whose
+answer for a row does not depend on the rest of the batch, with fewer requests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mlinvert.attacks import DCT, NES, LabelOnly, LabelOnlyConfig, MIFace, MIFaceConfig
+from mlinvert.attacks.base import AttackResult
+from mlinvert.attacks.lockstep import run_lockstep
+from mlinvert.defenses import Predictor
+from mlinvert.errors import ConfigError
+from mlinvert.oracle import LocalOracle, Response
+from mlinvert.oracle.wrappers import Recording
+
+
+class _RowWise:
+    """The toy softmax evaluated row by row in numpy (no BLAS: no batch-size effects)."""
+
+    kind = "softmax"
+
+    def __init__(self, toy: Any) -> None:
+        self.w = toy.net.weight.detach().double().numpy()
+        self.b = toy.net.bias.detach().double().numpy()
+        self.input_shape_ = toy.input_shape_
+        self.class_names_ = toy.class_names_
+        self.classes_ = toy.classes_
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        flat = np.asarray(X, dtype=np.float64).reshape(len(X), -1)
+        logits = (flat[:, None, :] * self.w[None]).sum(axis=2) + self.b
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.predict_proba(X).argmax(axis=1)
+
+
+class _Counting(LocalOracle):
+    """A LocalOracle that counts requests."""
+
+    requests = 0
+
+    def query(self, x: np.ndarray) -> Response:
+        self.requests += 1
+        return super().query(x)
+
+
+def _same(a: list[AttackResult], b: list[AttackResult]) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert x.status == y.status
+        assert x.n_queries == y.n_queries
+        assert np.array_equal(x.labels, y.labels)
+        np.testing.assert_array_equal(x.reconstructions, y.reconstructions)
+        assert x.per_label[0]["iterations"] == y.per_label[0]["iterations"]
+
+
+@pytest.mark.parametrize("budget", [None, 150])
+def test_miface_lockstep_equals_sequential(toy_softmax: Any, budget: int | None) -> None:
+    model = _RowWise(toy_softmax)
+    labels = list(range(6))
+
+    def make(label: int) -> MIFace:
+        return MIFace(
+            MIFaceConfig.improved(max_iter=25, start="grey"),
+            gradient=NES(samples=5),
+            space=DCT(6),
+        )
+
+    seq_oracle = _Counting(Predictor(model, name="toy"))
+    seq = [make(lab).run(seq_oracle, lab, seed=3, budget=budget) for lab in labels]
+    lock_oracle = _Counting(Predictor(model, name="toy"))
+    lock = run_lockstep(make, lock_oracle, labels, lanes=3, seed=3, budget=budget)
+    _same(seq, lock)
+    assert lock_oracle.n_queries == seq_oracle.n_queries == sum(r.n_queries for r in seq)
+    # three lanes: about a third of the requests (some steps of a lane go alone)
+    assert lock_oracle.requests <= 0.5 * seq_oracle.requests
+    if budget is not None:
+        assert all(r.status == "budget_exhausted" and r.n_queries <= budget for r in lock)
+    else:
+        # the reconstructions are class images, not just any answer
+        assert sum(r.per_label[0]["predicted"] == r.labels[0] for r in lock) >= 5
+
+
+def test_label_only_lockstep_equals_sequential(toy_softmax: Any) -> None:
+    model = _RowWise(toy_softmax)
+    labels = [0, 1, 2, 3]
+
+    def make(label: int) -> LabelOnly:
+        cfg = LabelOnlyConfig(n_directions=8, max_iter=10, start_samples=200, batch_size=50)
+        return LabelOnly(cfg, space=DCT(6))
+
+    seq_oracle = Recording(LocalOracle(Predictor(model, name="toy")))
+    seq = [make(lab).run(seq_oracle, lab, seed=5, budget=300) for lab in labels]
+    lock = run_lockstep(
+        make, LocalOracle(Predictor(model, name="toy")), labels, lanes=4, seed=5, budget=300
+    )
+    _same(seq, lock)
+
+
+def test_run_lockstep_refuses_a_shared_generator(toy_softmax: Any) -> None:
+    oracle = LocalOracle(Predictor(_RowWise(toy_softmax), name="toy"))
+    with pytest.raises(ConfigError, match="int seed"):
+        run_lockstep(lambda lab: LabelOnly(), oracle, [0], lanes=2, seed=np.random.default_rng())  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="lanes"):
+        run_lockstep(lambda lab: LabelOnly(), oracle, [0], lanes=0)

@@ -1,0 +1,282 @@
+"""Coalescer lanes: exact per-lane counts, the right rows back, few combined requests,
+errors in every lane of a request, and no deadlock when a lane stops early."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mlinvert.errors import (
+    BudgetExhausted,
+    ConfigError,
+    OracleError,
+    QueryRejected,
+    RateLimited,
+)
+from mlinvert.oracle import LocalOracle, Oracle, OracleInfo, Response
+from mlinvert.oracle.lockstep import Coalescer, Lane, batch_limit, map_lanes
+from mlinvert.oracle.wrappers import Budgeted
+
+SHAPE = (2, 2)
+
+
+class _Echo:
+    """An oracle whose answer identifies the input: label = round(1000 * x[0, 0]),
+    probs = the first three pixels, confidence = the last pixel. Records each request."""
+
+    def __init__(self, fail: Callable[[int, np.ndarray], None] | None = None) -> None:
+        self.batches: list[int] = []
+        self.fail = fail
+        self._n = 0
+        self._lock = threading.Lock()
+        self.concurrent = 0
+        self.max_concurrent = 0
+
+    @property
+    def info(self) -> OracleInfo:
+        return OracleInfo(
+            model="echo",
+            kind="toy",
+            input_shape=SHAPE,
+            class_names=("a", "b", "c"),
+            carries="probs",
+        )
+
+    @property
+    def n_queries(self) -> int:
+        return self._n
+
+    def query(self, x: np.ndarray) -> Response:
+        with self._lock:
+            self.concurrent += 1
+            self.max_concurrent = max(self.max_concurrent, self.concurrent)
+        try:
+            time.sleep(0.001)
+            if self.fail is not None:
+                self.fail(len(self.batches), x)
+            self.batches.append(len(x))
+            flat = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+            labels = np.rint(flat[:, 0] * 1000).astype(np.int64)
+            self._n += len(x)
+            return Response(
+                labels=labels,
+                probs=flat[:, :3],
+                confidence=flat[:, 3],
+                label_names=tuple(str(v) for v in labels),
+            )
+        finally:
+            with self._lock:
+                self.concurrent -= 1
+
+
+def _inputs(lane: int, step: int, n: int) -> np.ndarray:
+    """Rows whose first pixel encodes (lane, step, row) and whose last pixel is random."""
+    x = np.zeros((n, *SHAPE), dtype=np.float32)
+    x[:, 0, 0] = (lane * 100 + step * 5 + np.arange(n)) / 1000.0
+    x[:, 1, 1] = np.random.default_rng(lane * 1000 + step).uniform(size=n)
+    return x
+
+
+def _in_threads(fns: list[Callable[[], Any]], timeout: float = 10.0) -> list[Any]:
+    out: list[Any] = [None] * len(fns)
+
+    def run(i: int) -> None:
+        try:
+            out[i] = fns[i]()
+        except BaseException as exc:
+            out[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+        assert not t.is_alive(), "a lane deadlocked"
+    return out
+
+
+def test_lanes_get_their_own_rows_exact_counts_and_one_request_per_step() -> None:
+    inner = _Echo()
+    co = Coalescer(inner, lanes=4, max_wait=5.0)  # flush only when every lane waits
+    lanes = [co.lane() for _ in range(4)]
+    steps = 12
+
+    def work(i: int, lane: Lane) -> int:
+        sent = 0
+        for s in range(steps):
+            n = 1 + (i + s) % 4
+            x = _inputs(i, s, n)
+            r = lane.query(x)
+            expected = np.rint(x[:, 0, 0].astype(np.float64) * 1000).astype(np.int64)
+            assert np.array_equal(r.labels, expected)
+            assert r.probs is not None and r.confidence is not None
+            np.testing.assert_allclose(r.confidence, x[:, 1, 1])
+            assert r.label_names == tuple(str(v) for v in expected)
+            sent += n
+            assert lane.n_queries == sent  # other lanes' rows never count here
+        lane.close()
+        return sent
+
+    sent = _in_threads([partial(work, i, lane) for i, lane in enumerate(lanes)])
+    assert all(isinstance(s, int) for s in sent), sent
+    assert len(inner.batches) == steps  # k lanes x n steps = n combined requests
+    assert inner.n_queries == co.inputs == sum(sent)
+    assert co.requests == steps
+    assert inner.max_concurrent == 1  # requests go one at a time
+
+
+def test_a_lane_that_finishes_or_raises_early_does_not_stall_the_others() -> None:
+    inner = _Echo()
+
+    def fn(item: int, lane: Oracle) -> int:
+        for s in range(3 if item < 2 else 15):
+            lane.query(_inputs(item, s, 2))
+            if item == 1 and s == 1:
+                raise ValueError("attack bug in lane 1")
+        return lane.n_queries
+
+    t0 = time.perf_counter()
+    done: list[int] = []
+    futures = map_lanes(
+        fn, range(5), inner, lanes=3, max_wait=30.0, on_done=lambda i, f: done.append(i)
+    )
+    assert time.perf_counter() - t0 < 5.0  # no lane waited out the 30 s max_wait
+    assert sorted(done) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="lane 1"):
+        futures[1].result()
+    assert [futures[i].result() for i in (0, 2, 3, 4)] == [6, 30, 30, 30]
+    assert len(inner.batches) < 3 + 15 + 15 + 3 + 3  # probes really were combined
+
+
+def test_an_error_of_the_combined_request_reaches_every_lane_in_it() -> None:
+    def fail(request: int, x: np.ndarray) -> None:
+        if request == 2:
+            raise RateLimited("rate limit reached", retry_after=3.0)
+
+    inner = _Echo(fail)
+    co = Coalescer(inner, lanes=3, max_wait=5.0)
+    lanes = [co.lane() for _ in range(3)]  # all open before the first query
+
+    def work(i: int) -> tuple[int, Any]:
+        with lanes[i] as lane:
+            for s in range(5):
+                try:
+                    lane.query(_inputs(i, s, 2))
+                except RateLimited as exc:
+                    return lane.n_queries, exc
+            return lane.n_queries, None
+
+    out = _in_threads([partial(work, i) for i in range(3)])
+    for n, exc in out:
+        assert n == 4 and isinstance(exc, RateLimited) and exc.retry_after == 3.0
+    assert inner.n_queries == 12
+
+
+def test_bad_input_of_one_lane_is_refused_only_in_that_lane() -> None:
+    def fail(request: int, x: np.ndarray) -> None:
+        if float(x.max()) > 1.0:
+            raise QueryRejected("inputs must lie in [0, 1]")
+
+    inner = _Echo(fail)
+    co = Coalescer(inner, lanes=3, max_wait=5.0)
+    lanes = [co.lane() for _ in range(3)]
+
+    def work(i: int) -> Any:
+        with lanes[i] as lane:
+            x = _inputs(i, 0, 2)
+            if i == 1:
+                x[0, 1, 0] = 7.0
+            try:
+                return lane.query(x).labels.tolist()
+            except QueryRejected as exc:
+                return exc
+
+    out = _in_threads([partial(work, i) for i in range(3)])
+    assert isinstance(out[1], QueryRejected)
+    assert out[0] == [0, 1] and out[2] == [200, 201]
+    assert inner.n_queries == 4
+
+
+def test_wrong_shape_is_refused_before_it_reaches_the_queue() -> None:
+    inner = _Echo()
+    with Coalescer(inner, lanes=2).lane() as lane, pytest.raises(QueryRejected, match="shape"):
+        lane.query(np.zeros((3, 4), dtype=np.float32))
+    assert inner.batches == []
+
+
+def test_combined_requests_respect_max_batch() -> None:
+    inner = _Echo()
+    co = Coalescer(inner, lanes=3, max_wait=5.0, max_batch=5)
+    lanes = [co.lane() for _ in range(3)]
+
+    def work(i: int) -> int:
+        with lanes[i] as lane:
+            for s in range(4):
+                r = lane.query(_inputs(i, s, 3))
+                assert r.labels.tolist() == [i * 100 + s * 5 + j for j in range(3)]
+            return lane.n_queries
+
+    assert _in_threads([partial(work, i) for i in range(3)]) == [12, 12, 12]
+    assert max(inner.batches) <= 5 and sum(inner.batches) == 36
+
+
+def test_budgeted_lane_refuses_before_the_coalescer() -> None:
+    inner = _Echo()
+    with Coalescer(inner, lanes=1).lane() as lane:
+        oracle = Budgeted(lane, 5)
+        oracle.query(_inputs(0, 0, 4))
+        with pytest.raises(BudgetExhausted):
+            oracle.query(_inputs(0, 1, 3))
+        assert oracle.n_queries == lane.n_queries == 4
+    assert inner.batches == [4]
+
+
+def test_close_aborts_a_waiting_lane_and_bad_settings_are_refused() -> None:
+    inner = _Echo()
+    co = Coalescer(inner, lanes=2, max_wait=30.0)
+    idle = co.lane()  # open, never queries: the other lane would wait 30 s
+    busy = co.lane()
+    with pytest.raises(ConfigError, match="lanes are open"):
+        co.lane()
+    timer = threading.Timer(0.2, co.close)
+    timer.start()
+    t0 = time.perf_counter()
+    with pytest.raises(OracleError, match="closed"):
+        busy.query(_inputs(0, 0, 1))
+    assert time.perf_counter() - t0 < 5.0
+    idle.close()
+    with pytest.raises(OracleError, match="closed"):
+        co.lane()
+    for bad in ({"lanes": 0}, {"lanes": 2, "max_wait": -1.0}, {"lanes": 2, "max_batch": 0}):
+        with pytest.raises(ConfigError):
+            Coalescer(inner, **bad)
+
+
+def test_batch_limit_of_a_local_oracle_includes_the_rate_limit_burst() -> None:
+    from mlinvert.defenses import Predictor
+    from mlinvert.defenses.ratelimit import RateLimiter
+
+    class _Model:
+        kind = "toy"
+        classes_ = np.arange(2)
+        class_names_: tuple[str, ...] = ("a", "b")
+        input_shape_: tuple[int, ...] = SHAPE
+
+        def predict_proba(self, X: np.ndarray) -> np.ndarray:
+            m = np.asarray(X).reshape(len(X), -1).mean(axis=1)
+            return np.stack([m, 1 - m], axis=1)
+
+        def predict(self, X: np.ndarray) -> np.ndarray:
+            return self.predict_proba(X).argmax(axis=1)
+
+    plain = LocalOracle(Predictor(_Model(), name="m", max_batch=64))
+    limited = LocalOracle(Predictor(_Model(), name="m", guards=[RateLimiter("30/hour")]))
+    assert batch_limit(plain) == 64
+    assert batch_limit(limited) == 30
+    assert batch_limit(_Echo()) is None
