@@ -52,7 +52,7 @@ class _Stop:
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("audit")
-    cfg = dict(
+    cfg: dict[str, Any] = dict(
         out=out,
         targets=("softmax",),
         labels=2,
@@ -62,12 +62,13 @@ def resumed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         defenses=DEFENSES,
         seed=1,
     )
+    # the first run attacks one person after another, the resume two at a time (lanes)
     first = _Stop(after=5)
     with pytest.raises(KeyboardInterrupt):
-        run_audit(AuditConfig(**cfg), events=first)
+        run_audit(AuditConfig(**cfg, lanes=1), events=first)
     partial = json.loads((out / "results.json").read_text())
     second = _Stop(after=None)
-    index = run_audit(AuditConfig(**cfg, resume=True), events=second)
+    index = run_audit(AuditConfig(**cfg, resume=True, lanes=2), events=second)
     final = json.loads((out / "results.json").read_text())
     return {
         "out": out,
@@ -97,6 +98,12 @@ def test_resume_finishes_without_redoing_records(resumed: dict[str, Any]) -> Non
     for r in final["records"]:
         if record_key(r) in before:
             assert r == before[record_key(r)]
+    assert final["config"]["lanes"] == 2
+    assert all(r["lanes"] == 1 for r in resumed["partial"]["records"])
+    # API attacks of the resumed run attacked both people at once (own runs, not shared)
+    ran = [r for r in resumed["second"].records if r["attack"] != "whitebox"]
+    ran = [r for r in ran if not r.get("shared_from") and r["status"] != "failed"]
+    assert ran and all(r["lanes"] == 2 for r in ran)
 
 
 def test_records_carry_the_schema_and_the_expected_shape(resumed: dict[str, Any]) -> None:
@@ -138,19 +145,23 @@ def test_audit_over_the_real_http_service(tmp_path: Path, resumed: dict[str, Any
         AuditConfig(
             out=out,
             targets=("softmax",),
-            labels=1,
+            labels=2,
             budget=240,
             quick=True,
             defenses=("rate:60/hour",),
             attacks=("blackbox",),
             seed=1,
+            lanes=2,
         )
     )
     final = json.loads((out / "results.json").read_text())
     assert final["status"] == "complete"
-    (record,) = final["records"]
-    assert record["channel"] == "HTTP API"
-    assert record["status"] == "rate_limited" and 0 < record["n_queries"] <= 60
+    records = final["records"]
+    assert [r["label"] for r in sorted(records, key=lambda r: r["label"])] == [0, 1]
+    assert all(r["channel"] == "HTTP API" and r["lanes"] == 2 for r in records)
+    # two people share one account's rate limit: both end rate limited, none failed
+    assert all(r["status"] == "rate_limited" for r in records), [r["error"] for r in records]
+    assert 0 < sum(r["n_queries"] for r in records) <= 60
     assert (out / "service" / "rate_60_hour.sqlite3").exists()  # the service's query log
 
 

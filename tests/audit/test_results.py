@@ -43,6 +43,9 @@ def test_default_matrix_has_a_rate_limit_below_the_budget() -> None:
         ({"budget": 3}, "--budget"),
         ({"defenses": ("none", "none")}, "twice"),
         ({"targets": ()}, "no target"),
+        ({"lanes": 0}, "--lanes"),
+        ({"lanes": 1000}, "--lanes"),
+        ({"lanes": 2.5}, "--lanes"),
     ],
 )
 def test_bad_config_is_refused(kwargs: dict, match: str) -> None:

@@ -165,9 +165,21 @@ def audit(
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue a partial run in --out."),
     quick: bool = typer.Option(False, "--quick", help="Tiny training settings (smoke tests)."),
+    lanes: int | None = typer.Option(
+        None,
+        "--lanes",
+        help="People one API attack attacks at once; their probes share each request "
+        "(default 4; 1 = one person after another).",
+    ),
 ) -> None:
     """Attack the model under every defence, measure, and write DIR/index.html."""
-    from mlinvert.evaluation.audit import ATTACKS, AuditConfig, command_line, run_audit
+    from mlinvert.evaluation.audit import (
+        ATTACKS,
+        DEFAULT_LANES,
+        AuditConfig,
+        command_line,
+        run_audit,
+    )
 
     config = AuditConfig(
         data=data,
@@ -182,6 +194,7 @@ def audit(
         in_process=in_process,
         resume=resume,
         quick=quick,
+        lanes=DEFAULT_LANES if lanes is None else lanes,
         command=command_line(),
     )
     with Progress(

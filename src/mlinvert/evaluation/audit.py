@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import itertools
 import json
 import logging
 import platform
@@ -28,7 +29,9 @@ import shutil
 import sqlite3
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -51,6 +54,10 @@ DEFAULT_POLICIES = ("none", "round:3", "round:2", "round:1", "top:1", "labels")
 #: its likeness reaches this value (see docs/results-schema.md, "recovered").
 LIKENESS_THRESHOLD = 0.5
 TOPK = 3
+#: People one API attack runs on at once (their probes share each request), see
+#: :class:`AuditConfig` and BENCHMARKS.md "Lockstep batching".
+DEFAULT_LANES = 4
+MAX_LANES = 64
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -58,6 +65,17 @@ Event = Callable[[str, dict[str, Any]], None]
 def _no_event(kind: str, data: dict[str, Any]) -> None:
     """Default event sink: log at debug level."""
     log.debug("%s %s", kind, data)
+
+
+def _serialised(events: Event) -> Event:
+    """``events`` called by one thread at a time (lanes report progress concurrently)."""
+    lock = threading.Lock()
+
+    def emit(kind: str, data: dict[str, Any]) -> None:
+        with lock:
+            events(kind, data)
+
+    return emit
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,7 +135,12 @@ class AuditConfig:
     hour (so it visibly stops the black-box attack). ``quick`` trains tiny models
     (tests). ``in_process`` uses LocalOracle through the same Predictor instead of the
     real HTTP service. ``tree_depths`` are the depths L of the privacy-aware CART sweep
-    of the survey (decision-tree) audit (empty: no sweep).
+    of the survey (decision-tree) audit (empty: no sweep). ``lanes`` is how many people
+    one API attack (black-box, label-only) attacks at once under one defence and
+    target: their probe batches travel in one request
+    (:class:`~mlinvert.oracle.lockstep.Coalescer`), each record's ``seconds`` is then
+    that person's wall time while running beside the others; 1 attacks one person
+    after another.
     """
 
     data: str | None = None
@@ -133,6 +156,7 @@ class AuditConfig:
     resume: bool = False
     quick: bool = False
     tree_depths: tuple[int, ...] = (1, 2, 3, 5)
+    lanes: int = DEFAULT_LANES
     command: str = ""
 
     def __post_init__(self) -> None:
@@ -152,6 +176,13 @@ class AuditConfig:
             raise ConfigError(f"--labels must be >= 1, got {self.labels}")
         if self.budget is not None and self.budget < 10:
             raise ConfigError(f"--budget must be at least 10 queries per person, got {self.budget}")
+        if isinstance(self.lanes, bool) or not isinstance(self.lanes, int):
+            raise ConfigError(f"--lanes must be a whole number, got {self.lanes!r}")
+        if not 1 <= self.lanes <= MAX_LANES:
+            raise ConfigError(
+                f"--lanes must be between 1 (one person at a time) and {MAX_LANES}, "
+                f"got {self.lanes}"
+            )
         object.__setattr__(self, "tree_depths", tuple(self.tree_depths))
         if any(d < 0 for d in self.tree_depths):
             raise ConfigError(f"tree depths must be >= 0 (0 is the root), got {self.tree_depths}")
@@ -500,7 +531,7 @@ def run_audit(config: AuditConfig, *, events: Event | None = None) -> Path:
     from mlinvert.data import load
     from mlinvert.report.html import render_report
 
-    emit = events or _no_event
+    emit = _serialised(events or _no_event)
     out = config.out
     results = ResultsFile(out, config)
     results.save()
@@ -887,11 +918,16 @@ def _run_faces(
         if not todo:
             continue
         with _serve(ctx, defense) as oracles:
-            for attack, _, target_name, label in todo:
+            for (attack, target_name), group in itertools.groupby(todo, key=lambda k: (k[0], k[2])):
                 target = next(t for t in targets if t.name == target_name)
-                record = _attack_one(ctx, attack, defense, target, label, oracles)
-                results.add(record)
-                emit("record", record)
+                people = [k[3] for k in group]
+                if attack != "whitebox" and config.lanes > 1:
+                    _attack_lanes(ctx, attack, defense, target, people, oracles)
+                    continue
+                for label in people:
+                    record = _attack_one(ctx, attack, defense, target, label, oracles)
+                    results.add(record)
+                    emit("record", record)
 
 
 # --------------------------------------------------------------------------- pieces
@@ -1134,10 +1170,118 @@ def _attack_one(
     oracles: dict[tuple[str, str], Any],
 ) -> dict[str, Any]:
     """Run one attack on one person under one defence and judge it: one record."""
-    from mlinvert.defenses.predictor import Predictor
-    from mlinvert.oracle.local import WhiteBoxOracle
+    shared = _shared_record(ctx, attack, defense, target, label)
+    if shared is not None:
+        return shared
+    if attack == "whitebox":
+        from mlinvert.defenses.predictor import Predictor
+        from mlinvert.oracle.local import WhiteBoxOracle
 
-    base = {
+        oracle: Any = WhiteBoxOracle(Predictor(target.model, name=target.name))
+    else:
+        oracle = oracles[(target.name, attack)]
+    budget = _budget(ctx, attack)
+    try:
+        outcome: Any = _build_attack(ctx, attack, label).run(
+            oracle, label, seed=ctx.config.seed, budget=budget, progress=_progress(ctx, budget)
+        )
+    except MlinvertError as exc:
+        outcome = exc
+    return _record(ctx, attack, defense, target, label, outcome, lanes=1)
+
+
+def _attack_lanes(
+    ctx: _Context,
+    attack: str,
+    defense: Defense,
+    target: _Target,
+    labels: list[int],
+    oracles: dict[tuple[str, str], Any],
+) -> None:
+    """Attack ``labels`` through one API oracle, ``config.lanes`` people at a time.
+
+    Each person's attack runs unchanged on its own lane of a
+    :class:`~mlinvert.oracle.lockstep.Coalescer` (exact per-person query counts; the
+    probes of all running people share each request). Records are judged, written and
+    reported in this thread as each person finishes.
+    """
+    from mlinvert.oracle.lockstep import map_lanes
+
+    todo = []
+    for label in labels:
+        shared = _shared_record(ctx, attack, defense, target, label)
+        if shared is None:
+            todo.append(label)
+        else:
+            ctx.results.add(shared)
+            ctx.events("record", shared)
+    budget = _budget(ctx, attack)
+    attacks = {}  # built here, not in the lanes: the search spaces are cached in ctx
+    for label in todo:
+        try:
+            attacks[label] = _build_attack(ctx, attack, label)
+        except MlinvertError as exc:
+            record = _record(ctx, attack, defense, target, label, exc, lanes=1)
+            ctx.results.add(record)
+            ctx.events("record", record)
+    todo = [label for label in todo if label in attacks]
+    if not todo:
+        return
+    lanes = min(ctx.config.lanes, len(todo))
+
+    def work(label: int, lane: Any) -> Any:
+        try:
+            return attacks[label].run(
+                lane, label, seed=ctx.config.seed, budget=budget, progress=_progress(ctx, budget)
+            )
+        except MlinvertError as exc:
+            return exc
+
+    def done(label: int, future: Future[Any]) -> None:
+        record = _record(ctx, attack, defense, target, label, future.result(), lanes=lanes)
+        ctx.results.add(record)
+        ctx.events("record", record)
+
+    map_lanes(work, todo, oracles[(target.name, attack)], lanes=lanes, on_done=done)
+
+
+def _budget(ctx: _Context, attack: str) -> int | None:
+    """Queries per person: the API attacks' budget; the white-box attacker pays none."""
+    return None if attack == "whitebox" else int(ctx.results.doc["budget"])
+
+
+def _progress(ctx: _Context, budget: int | None) -> Callable[[Any], None]:
+    def progress(ev: Any) -> None:
+        ctx.events(
+            "attack_progress",
+            {"queries": ev.n_queries, "budget": budget, "confidence": ev.best_confidence},
+        )
+
+    return progress
+
+
+def _shared_record(
+    ctx: _Context, attack: str, defense: Defense, target: _Target, label: int
+) -> dict[str, Any] | None:
+    """The record of an earlier run this one provably equals (see :func:`_shared_run`)."""
+    shared = _shared_run(ctx, attack, defense, target, label)
+    if shared is None:
+        return None
+    source, why = shared
+    keep = {k: v for k, v in source.items() if k not in ("defense", "utility", "channel")}
+    return {
+        **keep,
+        **_base(ctx, attack, defense, target, label),
+        "utility": ctx.results.doc["utility"][target.name][defense.name],
+        "channel": f"{source['channel']} (shared run of '{source['defense']}': {why})",
+        "shared_from": source["defense"],
+    }
+
+
+def _base(
+    ctx: _Context, attack: str, defense: Defense, target: _Target, label: int
+) -> dict[str, Any]:
+    return {
         "attack": attack,
         "defense": defense.name,
         "target_model": target.name,
@@ -1145,47 +1289,43 @@ def _attack_one(
         "label_name": ctx.dataset.class_names[label],
         "seed": ctx.config.seed,
     }
-    util = ctx.results.doc["utility"][target.name][defense.name]
-    shared = _shared_run(ctx, attack, defense, target, label)
-    if shared is not None:
-        source, why = shared
-        keep = {k: v for k, v in source.items() if k not in ("defense", "utility", "channel")}
-        return {
-            **keep,
-            **base,
-            "utility": util,
-            "channel": f"{source['channel']} (shared run of '{source['defense']}': {why})",
-            "shared_from": source["defense"],
-        }
+
+
+def _record(
+    ctx: _Context,
+    attack: str,
+    defense: Defense,
+    target: _Target,
+    label: int,
+    outcome: Any,
+    *,
+    lanes: int,
+) -> dict[str, Any]:
+    """Judge an attack's result (or record its error): one record.
+
+    ``lanes``: how many people this attack ran beside (1: alone; its ``seconds`` are
+    then its own wall time, otherwise the wall time while sharing requests).
+    """
     if attack == "whitebox":
-        oracle: Any = WhiteBoxOracle(Predictor(target.model, name=target.name))
         channel = "model weights"
-        budget = None
     else:
-        oracle = oracles[(target.name, attack)]
         channel = "in-process API" if ctx.config.in_process else "HTTP API"
-        budget = ctx.results.doc["budget"]
-
-    def progress(ev: Any) -> None:
-        ctx.events(
-            "attack_progress",
-            {"queries": ev.n_queries, "budget": budget, "confidence": ev.best_confidence},
-        )
-
-    record: dict[str, Any] = {**base, "channel": channel}
-    try:
-        result = _build_attack(ctx, attack, label).run(
-            oracle, label, seed=ctx.config.seed, budget=budget, progress=progress
-        )
-    except MlinvertError as exc:
+    util = ctx.results.doc["utility"][target.name][defense.name]
+    record: dict[str, Any] = {
+        **_base(ctx, attack, defense, target, label),
+        "channel": channel,
+        "lanes": lanes,
+    }
+    if isinstance(outcome, MlinvertError):
         if not ctx.api_alive():
             raise OracleError(
-                f"the prediction service stopped during the audit ({exc}); continue with --resume"
-            ) from exc
+                f"the prediction service stopped during the audit ({outcome}); continue with "
+                "--resume"
+            ) from outcome
         # e.g. MI-Face against a labels-only API: the attacker gets nothing out
         record.update(
             status="failed",
-            error=str(exc),
+            error=str(outcome),
             n_queries=0,
             seconds=0.0,
             image=None,
@@ -1195,6 +1335,7 @@ def _attack_one(
             **dict.fromkeys(_METRICS),
         )
         return record
+    result = outcome
     image = result.reconstructions[0]
     rel = f"images/{target.name}/{attack}/{defense.slug}/{label}.png"
     save_png(ctx.results.out / rel, image)
