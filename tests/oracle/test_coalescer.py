@@ -154,6 +154,33 @@ def test_a_lane_that_finishes_or_raises_early_does_not_stall_the_others() -> Non
     assert len(inner.batches) < 3 + 15 + 15 + 3 + 3  # probes really were combined
 
 
+def test_lanes_that_fell_out_of_step_join_again() -> None:
+    """One slow first step splits the lanes once; they must not keep alternating
+    (each half's wait running out while the other half's request is in flight)."""
+
+    class _Slow(_Echo):
+        def query(self, x: np.ndarray) -> Response:
+            time.sleep(0.1)  # a request takes longer than max_wait
+            return super().query(x)
+
+    inner = _Slow()
+    co = Coalescer(inner, lanes=4, max_wait=0.05)
+    lanes = [co.lane() for _ in range(4)]
+    steps = 6
+
+    def work(i: int, lane: Lane) -> int:
+        with lane:
+            for s in range(steps):
+                if i == 3 and s == 0:
+                    time.sleep(0.07)  # misses the first request
+                lane.query(_inputs(i, s, 1))
+                time.sleep(0.005)  # the attack computes its next step
+            return lane.n_queries
+
+    assert _in_threads([partial(work, i, lane) for i, lane in enumerate(lanes)]) == [steps] * 4
+    assert len(inner.batches) <= steps + 1, inner.batches
+
+
 def test_an_error_of_the_combined_request_reaches_every_lane_in_it() -> None:
     def fail(request: int, x: np.ndarray) -> None:
         if request == 2:

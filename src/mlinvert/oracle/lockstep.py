@@ -6,13 +6,13 @@ probes per step are k times cheaper per query when their batches travel in one
 request. :class:`Coalescer` owns the real oracle and hands out *lanes*: each lane is
 an :class:`~mlinvert.oracle.Oracle` for one attack (one thread), counting exactly its
 own inputs. ``lane.query(x)`` waits until every open lane is waiting (or ``max_wait``
-seconds have passed since the oldest waiting batch arrived, so a lane that is busy
-computing cannot stall the others for long), then one combined request carries every
-waiting lane's inputs and each lane gets back its own rows. An error of the combined
-request (RateLimited, Blocked, OracleError, ...) is raised in every lane whose inputs
-it carried; a batch refused as bad input (QueryRejected) is re-sent lane by lane so
-only the lane that sent it sees the refusal. :func:`map_lanes` runs a function over
-many items on ``lanes`` worker threads, one lane each.
+seconds have passed since the oldest waiting batch arrived and the last request ended,
+so a lane that is busy computing cannot stall the others for long), then one combined
+request carries every waiting lane's inputs and each lane gets back its own rows. An
+error of the combined request (RateLimited, Blocked, OracleError, ...) is raised in
+every lane whose inputs it carried; a batch refused as bad input (QueryRejected) is
+re-sent lane by lane so only the lane that sent it sees the refusal. :func:`map_lanes`
+runs a function over many items on ``lanes`` worker threads, one lane each.
 """
 
 from __future__ import annotations
@@ -114,6 +114,7 @@ class Coalescer:
         self._busy = False
         self._carry = False  # the queue holds the rest of a batch that was ready
         self._closed = False
+        self._last_done = 0.0  # time.monotonic() at the end of the last request
 
     @property
     def info(self) -> OracleInfo:
@@ -156,7 +157,16 @@ class Coalescer:
             return True
         if self.max_batch is not None and sum(len(i.x) for i in self._queue) >= self.max_batch:
             return True
-        return now >= self._queue[0].arrived + self.max_wait
+        return now >= self._deadline()
+
+    def _deadline(self) -> float:
+        """When the oldest waiting batch goes without the lanes still computing.
+
+        Counted from the later of its arrival and the end of the last request: lanes
+        answered by that request are about to ask again, and waiting for them keeps all
+        lanes in one request (otherwise two halves can settle into alternating requests).
+        """
+        return max(self._queue[0].arrived, self._last_done) + self.max_wait
 
     def _take(self) -> list[_Item]:
         """The first waiting batches that fit in one request (at least one)."""
@@ -189,7 +199,7 @@ class Coalescer:
                         break
                     timeout = None
                     if self._queue and not self._busy:
-                        timeout = max(self._queue[0].arrived + self.max_wait - now, 0.0)
+                        timeout = max(self._deadline() - now, 0.0)
                     self._cond.wait(timeout)
             if batch is not None:  # this thread sends the next request (maybe not its own)
                 try:
@@ -197,6 +207,7 @@ class Coalescer:
                 finally:
                     with self._cond:
                         self._busy = False
+                        self._last_done = time.monotonic()
                         for it in batch:
                             it.done = True
                         self._cond.notify_all()
