@@ -169,7 +169,7 @@ def audit(
         None,
         "--lanes",
         help="People one API attack attacks at once; their probes share each request "
-        "(default 4; 1 = one person after another).",
+        "(default 8; 1 = one person after another).",
     ),
 ) -> None:
     """Attack the model under every defence, measure, and write DIR/index.html."""

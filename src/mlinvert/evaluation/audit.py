@@ -56,7 +56,7 @@ LIKENESS_THRESHOLD = 0.5
 TOPK = 3
 #: People one API attack runs on at once (their probes share each request), see
 #: :class:`AuditConfig` and BENCHMARKS.md "Lockstep batching".
-DEFAULT_LANES = 4
+DEFAULT_LANES = 8
 MAX_LANES = 64
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -1101,55 +1101,51 @@ def _service(
                 o.close()
 
 
-def _space(ctx: _Context, label: int) -> Any:
-    """The search space: ``pca:K`` is an eigenface prior from the attacker's auxiliary
-    photos — the held-out photos of everyone *except* the attacked person (never a
-    private training photo; PCAPrior checks it) — other specs go to parse_space."""
+def search_space(dataset: ImageDataset, label: int, spec: str) -> Any:
+    """The attacks' search space for ``label``, bound to the image size.
+
+    ``pca:K`` is an eigenface prior from the attacker's auxiliary photos — the held-out
+    photos of everyone *except* the attacked person (never a private training photo;
+    PCAPrior checks it) — other specs go to parse_space.
+    """
     from mlinvert.attacks.spaces import PCAPrior, Space, parse_space
 
-    if label not in ctx.spaces:
-        space: Space
-        spec = ctx.preset.space
-        if spec.startswith("pca"):
-            _, _, k = spec.partition(":")
-            x_test, y_test = ctx.dataset.test()
-            x_train, _ = ctx.dataset.train()
-            space = PCAPrior(
-                x_test[y_test != label],
-                int(k or 40),
-                private=x_train,
-                source="held-out photos of other people",
-            )
-        else:
-            space = parse_space(spec)
-        # bound once per person: every attack and defence reuses the same prior
-        ctx.spaces[label] = space.bind(ctx.dataset.image_shape)
-    return ctx.spaces[label]
+    space: Space
+    if spec.startswith("pca"):
+        _, _, k = spec.partition(":")
+        x_test, y_test = dataset.test()
+        x_train, _ = dataset.train()
+        space = PCAPrior(
+            x_test[y_test != label],
+            int(k or 40),
+            private=x_train,
+            source="held-out photos of other people",
+        )
+    else:
+        space = parse_space(spec)
+    return space.bind(dataset.image_shape)
 
 
-def _build_attack(ctx: _Context, attack: str, label: int) -> Any:
+def build_attack(attack: str, preset: Preset, budget: int, space: Any) -> Any:
+    """The audit's ``attack`` (whitebox, blackbox, label-only) with ``preset``'s settings,
+    sized to ``budget`` queries per person, searching ``space``."""
     from mlinvert.attacks.gradients import NES, Exact
     from mlinvert.attacks.miface import MIFace, MIFaceConfig
 
-    p = ctx.preset
+    p = preset
     if attack == "whitebox":
         return MIFace(
-            MIFaceConfig.improved(max_iter=p.whitebox_iters),
-            gradient=Exact(),
-            space=_space(ctx, label),
+            MIFaceConfig.improved(max_iter=p.whitebox_iters), gradient=Exact(), space=space
         )
     if attack == "blackbox":
         return MIFace(
             # as many cosine-annealed NES steps as the per-person budget pays for
-            MIFaceConfig.improved(
-                max_iter=max(int(ctx.results.doc["budget"]) // (2 * p.nes_samples + 1), 1)
-            ),
+            MIFaceConfig.improved(max_iter=max(budget // (2 * p.nes_samples + 1), 1)),
             gradient=NES(samples=p.nes_samples),
-            space=_space(ctx, label),
+            space=space,
         )
     from mlinvert.attacks.label_only import LabelOnly, LabelOnlyConfig
 
-    budget = int(ctx.results.doc["budget"])
     start = max(budget // 5, 10)
     directions = 16
     cfg = LabelOnlyConfig(
@@ -1158,7 +1154,13 @@ def _build_attack(ctx: _Context, attack: str, label: int) -> Any:
         max_iter=max(min(p.label_only_iters, (budget - start) // (directions + 1)), 1),
         batch_size=50,
     )
-    return LabelOnly(cfg, space=_space(ctx, label))
+    return LabelOnly(cfg, space=space)
+
+
+def _build_attack(ctx: _Context, attack: str, label: int) -> Any:
+    if label not in ctx.spaces:  # bound once per person: every attack and defence reuses it
+        ctx.spaces[label] = search_space(ctx.dataset, label, ctx.preset.space)
+    return build_attack(attack, ctx.preset, int(ctx.results.doc["budget"]), ctx.spaces[label])
 
 
 def _attack_one(
