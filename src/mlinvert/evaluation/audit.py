@@ -237,10 +237,11 @@ def preset_for(shape: tuple[int, int], quick: bool) -> Preset:
             quick_targets=True,
         )
     else:
-        # faces: black-box NES with 5 antithetic pairs (11 inputs per request) and as many
-        # cosine-annealed steps as the budget pays for: 1100 queries = 100 steps per
-        # person, what fits the whole 40-person, two-target matrix in 30 minutes on 2
-        # cores (an MLP query costs ~5.5 ms over HTTP here, a softmax one ~1.5 ms).
+        # faces: black-box NES with 5 antithetic pairs (11 inputs per person and step) and
+        # as many cosine-annealed steps as the budget pays for: 1100 queries = 100 steps
+        # per person, what fits the whole 40-person, two-target matrix in 30 minutes on 2
+        # cores (an MLP query costs ~5.5 ms over HTTP here one person at a time, ~2.4 ms
+        # with 8 lanes sharing each request; a softmax one ~1.5 / ~1.0 ms).
         # Measured on AT&T softmax (first 20 people, in process): top-1 0.60, likeness
         # 0.44 at 1100 queries; 0.60 / 0.64 at 2200 (--budget 2200: ~50 minutes). Many
         # small steps beat few large ones at equal queries (20 pairs x 50 steps: likeness
