@@ -72,12 +72,12 @@ def target(ds: ImageDataset, kind: str) -> Any:
     return trained.model, folder
 
 
-def aux_prior(ds: ImageDataset, label: int, k: int = 116) -> PCAPrior:
-    """Eigenfaces from the held-out photos of everyone except ``label`` (117 photos, so at
-    most 116 components)."""
+def aux_prior(ds: ImageDataset, label: int, k: int = 200) -> PCAPrior:
+    """Eigenfaces from the held-out photos of everyone except ``label`` (117 photos, each
+    also mirrored and shifted by 2 px: 702 images, ``k`` = 200 components kept)."""
     xte, yte = ds.test()
     xtr, _ = ds.train()
-    return PCAPrior(xte[yte != label], k, private=xtr, source="att-heldout-others")
+    return PCAPrior(xte[yte != label], k, private=xtr, source="att-heldout-others", augment=True)
 
 
 def judge_for(ds: ImageDataset) -> FaceJudge:

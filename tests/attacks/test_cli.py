@@ -101,7 +101,7 @@ def test_cli_pca_prior_with_detail_and_radius(
     clear error line."""
     out = tmp_path / "pca"
     base = ["attack", "miface", "--model", str(model_dir), "--label", "5", "--out", str(out)]
-    prior = ["--space", "pca", "--aux", "digits", "--pca-k", "10", "--detail", "3"]
+    prior = ["--space", "pca", "--aux", "digits", "--pca-k", "10", "--detail", "3", "--augment"]
     res = CliRunner().invoke(build_app(), [*base, *prior, "--radius", "0.8", "--max-iter", "30"])
     assert res.exit_code == 0, res.output
     space = AttackResult.from_json((out / "result.json").read_text()).config["space"]
@@ -112,6 +112,7 @@ def test_cli_pca_prior_with_detail_and_radius(
         "source": "digits",
         "detail": 3,
         "radius": 0.8,
+        "augment": True,
     }
     with pytest.raises(SystemExit) as stop:
         main([*base, *prior, "--radius", "-1"])

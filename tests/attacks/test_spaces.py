@@ -9,7 +9,7 @@ import pytest
 
 from mlinvert.attacks import MIFace, MIFaceConfig
 from mlinvert.attacks.gradients import Exact
-from mlinvert.attacks.spaces import PCAPrior
+from mlinvert.attacks.spaces import PCAPrior, augment_faces
 from mlinvert.defenses import Predictor
 from mlinvert.errors import ConfigError
 from mlinvert.oracle import WhiteBoxOracle
@@ -36,6 +36,42 @@ def test_detail_adds_whitened_dct_frequencies(digits: Any) -> None:
     err_plain = np.mean((plain.decode(plain.encode(x)) - x) ** 2)
     err_rich = np.mean((rich.decode(rich.encode(x)) - x) ** 2)
     assert err_rich < 0.7 * err_plain
+
+
+def test_augment_adds_mirrored_and_shifted_faces() -> None:
+    """Six images per aux face (itself, mirror, 4 shifts with edges repeated); the prior
+    built from them draws the mirror image of an aux face exactly, the plain one cannot."""
+    faces = np.arange(2 * 6 * 5, dtype=np.float64).reshape(2, 6, 5) / 60.0
+    more = augment_faces(faces, shift=2)
+    assert more.shape == (12, 6, 5)
+    assert np.array_equal(more[:2], faces)
+    assert np.array_equal(more[2:4], faces[:, :, ::-1])
+    up, down, left, right = more[4:6], more[6:8], more[8:10], more[10:12]
+    assert np.array_equal(up[:, 2:], faces[:, :-2])  # content moved down by 2 ...
+    assert np.array_equal(up[:, :2], np.repeat(faces[:, :1], 2, axis=1))  # ... edge repeated
+    assert np.array_equal(down[:, :-2], faces[:, 2:])
+    assert np.array_equal(left[:, :, 2:], faces[:, :, :-2])
+    assert np.array_equal(right[:, :, :-2], faces[:, :, 2:])
+
+    aux = np.random.default_rng(0).uniform(0.0, 1.0, size=(30, 20, 20))  # 180 < 400 px
+    mirrored = aux[:5, :, ::-1]
+    errors = {}
+    for augment in (False, True):
+        space = PCAPrior(aux, 400, augment=augment, radius=None).bind((20, 20))
+        errors[augment] = np.mean((space.raw(space.encode(mirrored)) - mirrored) ** 2)
+    assert errors[True] < 1e-12 < 1e-3 < errors[False]
+    assert PCAPrior(aux, 10).to_dict()["augment"] is False
+
+
+@pytest.mark.parametrize("shape", [(30, 50), (50, 30)])
+def test_principal_axes_match_the_svd_for_few_or_many_images(shape: tuple[int, int]) -> None:
+    from mlinvert.attacks.spaces import _principal_axes
+
+    x = np.random.default_rng(0).normal(size=shape)
+    s, vt = _principal_axes(x)
+    _, s_ref, vt_ref = np.linalg.svd(x, full_matrices=False)
+    assert np.allclose(s, s_ref[: len(s)])
+    assert np.allclose(np.abs(np.sum(vt * vt_ref[: len(s)], axis=1)), 1.0)
 
 
 def test_ball_keeps_points_typical_and_sets_no_extra_prior(digits: Any) -> None:

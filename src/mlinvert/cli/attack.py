@@ -46,7 +46,15 @@ def _oracle(
     return LocalOracle(Predictor(loaded, name=name, policy=parse_policy(policy)))
 
 
-def _space(spec: str, mode: str, aux: str | None, pca_k: int, detail: int, radius: float) -> Any:
+def _space(
+    spec: str,
+    mode: str,
+    aux: str | None,
+    pca_k: int,
+    detail: int,
+    radius: float,
+    augment: bool,
+) -> Any:
     from mlinvert.attacks.spaces import parse_space
 
     if spec == "auto":
@@ -56,7 +64,7 @@ def _space(spec: str, mode: str, aux: str | None, pca_k: int, detail: int, radiu
             spec = {"whitebox": "pixel", "blackbox": "dct:10", "label-only": "dct:8"}[mode]
     if spec == "pca" and aux is not None:
         spec = f"pca:{aux}"
-    return parse_space(spec, k=pca_k, detail=detail, radius=radius or None)
+    return parse_space(spec, k=pca_k, detail=detail, radius=radius or None, augment=augment)
 
 
 def register(app: typer.Typer) -> None:
@@ -95,6 +103,11 @@ def register(app: typer.Typer) -> None:
             "--radius",
             help="PCA prior: search inside ||z|| <= R*sqrt(dim), typical faces (0: no ball).",
         ),
+        augment: bool = typer.Option(
+            False,
+            "--augment",
+            help="PCA prior of FACES: add mirrored and 2-px shifted copies of each aux face.",
+        ),
         paper: bool = typer.Option(False, "--paper", help="Paper settings (GD on 1-p, x0=0)."),
         max_iter: int | None = typer.Option(None, "--max-iter", help="alpha (iterations)."),
         budget: int | None = typer.Option(None, "--budget", help="Queries per label."),
@@ -131,7 +144,7 @@ def register(app: typer.Typer) -> None:
             if all_labels
             else [resolve_label(label or "", info.class_names)]
         )
-        search = _space(space, mode, aux, pca_k, detail, radius)
+        search = _space(space, mode, aux, pca_k, detail, radius, augment)
         attack: Any
         if mode == "label-only":
             attack = LabelOnly(LabelOnlyConfig(), space=search)
