@@ -340,9 +340,9 @@ def map_lanes(
                 if on_done is not None:
                     on_done(todo[index[id(f)]], f)
     except BaseException:
-        coalescer.close()
         for f in futures:
             f.cancel()
+        coalescer.close()
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
