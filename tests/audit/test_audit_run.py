@@ -179,3 +179,7 @@ def test_cli_bad_flag_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> No
         main(["audit", "--attacks", "whitebox,teleport", "--out", "/nonexistent/x"])
     assert exit_info.value.code == 2
     assert "unknown attack" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["audit", "--lanes", "0", "--out", "/nonexistent/x"])
+    assert exit_info.value.code == 2
+    assert "--lanes must be between 1" in capsys.readouterr().err

@@ -252,10 +252,14 @@ def test_bad_input_of_one_lane_is_refused_only_in_that_lane() -> None:
     assert inner.n_queries == 4
 
 
-def test_wrong_shape_is_refused_before_it_reaches_the_queue() -> None:
+def test_wrong_shape_or_empty_batch_is_refused_before_it_reaches_the_queue() -> None:
     inner = _Echo()
-    with Coalescer(inner, lanes=2).lane() as lane, pytest.raises(QueryRejected, match="shape"):
-        lane.query(np.zeros((3, 4), dtype=np.float32))
+    with Coalescer(inner, lanes=2).lane() as lane:
+        with pytest.raises(QueryRejected, match="shape"):
+            lane.query(np.zeros((3, 4), dtype=np.float32))
+        with pytest.raises(QueryRejected, match="empty"):
+            lane.query(np.zeros((0, *SHAPE), dtype=np.float32))
+        assert lane.n_queries == 0
     assert inner.batches == []
 
 

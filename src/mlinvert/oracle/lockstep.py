@@ -289,6 +289,8 @@ class Lane:
                 f"model {self.info.model!r} expects a batch of shape "
                 f"(n, {', '.join(map(str, shape))}), got {arr.shape}"
             )
+        if arr.shape[0] == 0:
+            raise QueryRejected("empty batch: send at least one input")
         return self._coalescer._submit(self, arr)
 
     def close(self) -> None:
