@@ -227,6 +227,26 @@ def test_an_error_of_the_combined_request_reaches_every_lane_in_it() -> None:
     assert inner.n_queries == 12
 
 
+def test_a_short_answer_is_an_error_in_every_lane_not_a_wrong_slice() -> None:
+    class _Short(_Echo):
+        def query(self, x: np.ndarray) -> Response:
+            r = super().query(x)
+            return Response(labels=r.labels[:-1], probs=None)
+
+    co = Coalescer(_Short(), lanes=2, max_wait=5.0)
+    lanes = [co.lane() for _ in range(2)]
+
+    def work(i: int) -> Any:
+        with lanes[i] as lane:
+            try:
+                return lane.query(_inputs(i, 0, 2))
+            except OracleError as exc:
+                return exc
+
+    out = _in_threads([partial(work, i) for i in range(2)])
+    assert all(isinstance(e, OracleError) and "answered 3 rows for 4" in str(e) for e in out)
+
+
 def test_bad_input_of_one_lane_is_refused_only_in_that_lane() -> None:
     def fail(request: int, x: np.ndarray) -> None:
         if float(x.max()) > 1.0:

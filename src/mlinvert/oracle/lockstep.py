@@ -204,6 +204,10 @@ class Coalescer:
             if batch is not None:  # this thread sends the next request (maybe not its own)
                 try:
                     self._send(batch)
+                except BaseException as exc:  # a fault of ours: fail the batch, not the run
+                    for it in batch:
+                        if it.response is None and it.error is None:
+                            it.error = exc
                 finally:
                     with self._cond:
                         self._busy = False
@@ -231,6 +235,13 @@ class Coalescer:
             return
         except BaseException as exc:  # every lane in the request sees the same outcome
             self._fail(batch, exc, self.oracle.n_queries - before)
+            return
+        if len(response) != len(x):
+            self._fail(
+                batch,
+                OracleError(f"the oracle answered {len(response)} rows for {len(x)} inputs"),
+                self.oracle.n_queries - before,
+            )
             return
         self.requests += 1
         self.inputs += len(x)
