@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mlinvert.attacks.gradients import NES, SPSA, Exact, FiniteDifferences, Objective
+from mlinvert.attacks.gradients import NES, SPSA, Broyden, Exact, FiniteDifferences, Objective
 from mlinvert.attacks.spaces import DCT, LowRes, PCAPrior, Pixel, Space
 from mlinvert.defenses import Predictor, parse_policy
 from mlinvert.errors import GradientUnavailable
@@ -64,6 +64,39 @@ def test_exact_matches_autograd_for_log_and_margin(toy_mlp: TorchToy) -> None:
         exact = Exact().estimate(oracle, space, z, obj, rng, {}, 512)
         approx = fd.estimate(LocalOracle(Predictor(toy_mlp, name="m")), space, z, obj, rng, {}, 512)
         assert _cos(exact.grad, approx.grad) > 0.99, kind
+
+
+@pytest.mark.parametrize("kind", ["prob", "log", "margin"])
+def test_broyden_estimates_every_score_once_then_one_query_per_step(
+    toy_mlp: TorchToy, toy_softmax: TorchToy, kind: str
+) -> None:
+    """First step: d + 1 queries, gradient = autograd's for any objective. Later steps: one
+    query each; on the linear softmax the updated Jacobian stays exact far from the start
+    (the model is extracted), on the MLP it tracks the gradient along the path."""
+    space = LowRes(4, 4).bind((8, 8))
+    obj = Objective(kind=kind, label=5)  # type: ignore[arg-type]
+    rng = np.random.default_rng(0)
+    exact_fd = FiniteDifferences(step=1e-4, central=True)
+    for model, floor in ((toy_softmax, 0.999), (toy_mlp, 0.9)):
+        oracle = LocalOracle(Predictor(model, name="m"))
+        source = Broyden(step=1e-3)
+        state: dict[str, Any] = {}
+        z = np.full(space.dim, 0.3)
+        first = source.estimate(oracle, space, z, obj, rng, state, 512)
+        assert first.n_queries == oracle.n_queries == space.dim + 1
+        ref = exact_fd.estimate(
+            LocalOracle(Predictor(model, name="r")), space, z, obj, rng, {}, 512
+        )
+        assert _cos(first.grad, ref.grad) > 0.99, kind
+        path = np.random.default_rng(1).normal(scale=0.02, size=(5, space.dim)).cumsum(axis=0)
+        for step in path:
+            est = source.estimate(oracle, space, z + step, obj, rng, state, 512)
+            assert est.n_queries == 1
+        ref = exact_fd.estimate(
+            LocalOracle(Predictor(model, name="r")), space, z + path[-1], obj, rng, {}, 512
+        )
+        assert _cos(est.grad, ref.grad) > floor, (kind, model.kind)
+        assert state["jacobian_estimates"] == 1.0
 
 
 def test_exact_without_gradient_names_the_fix(toy_mlp: TorchToy) -> None:

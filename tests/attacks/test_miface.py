@@ -10,7 +10,7 @@ import pytest
 
 from mlinvert.attacks.base import AttackResult, ProgressEvent
 from mlinvert.attacks.checkpoint import Checkpoint
-from mlinvert.attacks.gradients import NES, Exact
+from mlinvert.attacks.gradients import NES, Broyden, Exact
 from mlinvert.attacks.miface import MIFace, MIFaceConfig
 from mlinvert.attacks.spaces import PCAPrior, Pixel
 from mlinvert.defenses import Predictor
@@ -93,6 +93,33 @@ def test_blackbox_nes_in_prior_space_within_budget(digits: Any, toy_softmax: Any
     assert hits == 3 and own > 0.5, (hits, own)
 
 
+def test_blackbox_broyden_matches_whitebox_quality_in_few_queries(
+    digits: Any, toy_softmax: Any
+) -> None:
+    """Against a linear softmax, one Jacobian estimate (d + 1 queries) then one query per
+    step reconstructs as well as the white-box attack."""
+    means = _class_means(digits)
+    parts = {}
+    for name, gradient, oracle in (
+        ("broyden", Broyden(), LocalOracle(Predictor(toy_softmax, name="toy"))),
+        ("exact", Exact(), WhiteBoxOracle(Predictor(toy_softmax, name="toy"))),
+    ):
+        runs = [
+            MIFace(
+                MIFaceConfig.improved(max_iter=150),
+                gradient=gradient,
+                space=PCAPrior(_aux_without(digits, label), 20),
+            ).run(oracle, label, seed=0, budget=3000)
+            for label in (0, 3, 6)
+        ]
+        parts[name] = AttackResult.merge(runs)
+    bb, wb = parts["broyden"], parts["exact"]
+    hits, own = _quality(bb, means)
+    assert hits == 3 and own > _quality(wb, means)[1] - 0.05, (hits, own)
+    assert all(p["n_queries"] <= 21 + 151 + 2 * 21 for p in bb.per_label), bb.per_label
+    assert all(p["jacobian_estimates"] <= 3 for p in bb.per_label)
+
+
 def test_budget_is_honoured_and_reported(toy_softmax: Any) -> None:
     base = LocalOracle(Predictor(toy_softmax, name="toy"))
     attack = MIFace(
@@ -105,20 +132,25 @@ def test_budget_is_honoured_and_reported(toy_softmax: Any) -> None:
     assert "budget" in result.per_label[0]["message"]
 
 
+@pytest.mark.parametrize(
+    ("gradient", "stop_at"), [(NES(samples=8, sigma=0.02), 400), (Broyden(tol=0.05), 40)]
+)
 def test_resume_repeats_no_query_and_matches_uninterrupted(
-    toy_softmax: Any, digits: Any, tmp_path: Path
+    toy_softmax: Any, digits: Any, tmp_path: Path, gradient: Any, stop_at: int
 ) -> None:
+    """Also for Broyden, whose Jacobian (an array) must come back from the checkpoint."""
+
     def attack() -> MIFace:
         return MIFace(
             MIFaceConfig.improved(max_iter=60, target_confidence=1.0, patience=1000),
-            gradient=NES(samples=8, sigma=0.02),
+            gradient=gradient,
             space=PCAPrior(_aux_without(digits, 4), 10),
         )
 
     full = attack().run(LocalOracle(Predictor(toy_softmax, name="toy")), 4, seed=3)
     ckpt = Checkpoint(tmp_path / "run.npz")
     first = Recording(LocalOracle(Predictor(toy_softmax, name="toy")))
-    part = attack().run(first, 4, seed=3, budget=400, checkpoint=ckpt)
+    part = attack().run(first, 4, seed=3, budget=stop_at, checkpoint=ckpt)
     assert part.status == "budget_exhausted" and ckpt.exists()
     second = Recording(LocalOracle(Predictor(toy_softmax, name="toy")))
     resumed = attack().run(second, 4, seed=3, budget=10_000, checkpoint=ckpt)

@@ -6,7 +6,14 @@ Black-box is composition: ``MIFace(config, gradient=NES(...), space=PCAPrior(aux
 
 from mlinvert.attacks.base import AttackResult, ProgressEvent, image_grid
 from mlinvert.attacks.checkpoint import Checkpoint
-from mlinvert.attacks.gradients import NES, SPSA, Exact, FiniteDifferences, parse_gradient
+from mlinvert.attacks.gradients import (
+    NES,
+    SPSA,
+    Broyden,
+    Exact,
+    FiniteDifferences,
+    parse_gradient,
+)
 from mlinvert.attacks.label_only import LabelOnly, LabelOnlyConfig
 from mlinvert.attacks.miface import MIFace, MIFaceConfig
 from mlinvert.attacks.spaces import DCT, LowRes, PCAPrior, Pixel, parse_space
@@ -16,6 +23,7 @@ __all__ = [
     "NES",
     "SPSA",
     "AttackResult",
+    "Broyden",
     "Checkpoint",
     "Exact",
     "FiniteDifferences",

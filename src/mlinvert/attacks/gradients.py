@@ -11,6 +11,11 @@ point too (so tracking the best iterate costs nothing extra).
   coordinate: ``d + 1`` queries (forward) or ``2d + 1`` (central, base included).
 - :class:`NES`: antithetic Gaussian sampling (Ilyas et al., ICML 2018).
 - :class:`SPSA`: antithetic Rademacher sampling (Spall 1992; Uesato et al. 2018).
+- :class:`Broyden`: finite differences of *every* class score once (``d + 1``
+  queries), then one query per step and Broyden's secant update of that Jacobian
+  (Broyden 1965); against a softmax over linear logits this is equation-solving model
+  extraction (Tramer et al., USENIX Security 2016) inside the search space, followed by
+  a white-box-quality search.
 
 Rounded confidences: when the API rounds scores to a granularity ``r``, a probe that
 changes the score by less than ``r`` comes back unchanged and the estimate is zero.
@@ -60,6 +65,26 @@ class Objective:
         others = np.delete(p, self.label, axis=1).max(axis=1)
         return np.log(np.maximum(pl, EPS)) - np.log(np.maximum(others, EPS))
 
+    def score_weights(self, probs: np.ndarray) -> np.ndarray:
+        """``d f / d s_j`` at ``probs`` ``(k,)``, where ``s`` are the centred log-scores
+        (:func:`centred_log_scores`; ``log p_j = s_j - log sum exp s``)."""
+        p = np.asarray(probs, dtype=np.float64)
+        own = np.zeros_like(p)
+        own[self.label] = 1.0
+        if self.kind == "margin":
+            rival = np.zeros_like(p)
+            rival[int(np.argmax(np.where(np.arange(p.size) == self.label, -np.inf, p)))] = 1.0
+            return own - rival
+        dlog = own - p
+        return dlog if self.kind == "log" else p[self.label] * dlog
+
+
+def centred_log_scores(probs: np.ndarray) -> np.ndarray:
+    """``log p`` minus its mean over classes, per row: the logits up to the softmax's
+    free constant (exactly linear in the input for a softmax over linear logits)."""
+    logp = np.log(np.maximum(np.asarray(probs, dtype=np.float64), EPS))
+    return np.asarray(logp - logp.mean(axis=-1, keepdims=True))
+
 
 @dataclass
 class Estimate:
@@ -99,7 +124,7 @@ class GradientSource(Protocol):
         z: np.ndarray,
         objective: Objective,
         rng: np.random.Generator,
-        state: dict[str, float],
+        state: dict[str, Any],
         batch_size: int,
     ) -> Estimate:
         """Gradient at ``z`` and the answers at ``z``; may update ``state``."""
@@ -136,7 +161,7 @@ class Exact:
         z: np.ndarray,
         objective: Objective,
         rng: np.random.Generator,
-        state: dict[str, float],
+        state: dict[str, Any],
         batch_size: int,
     ) -> Estimate:
         """Exact gradient by the chain rule through the space's linear map."""
@@ -186,7 +211,7 @@ class Exact:
 
 
 def _adapt(
-    state: dict[str, float], key: str, base: float, zero_share: float, max_scale: float
+    state: dict[str, Any], key: str, base: float, zero_share: float, max_scale: float
 ) -> None:
     cur = state.get(key, base)
     if zero_share > 0.5:
@@ -248,7 +273,7 @@ class FiniteDifferences:
         z: np.ndarray,
         objective: Objective,
         rng: np.random.Generator,
-        state: dict[str, float],
+        state: dict[str, Any],
         batch_size: int,
     ) -> Estimate:
         """Coordinate-wise differences, every probe in batched queries."""
@@ -305,7 +330,7 @@ class NES:
         z: np.ndarray,
         objective: Objective,
         rng: np.random.Generator,
-        state: dict[str, float],
+        state: dict[str, Any],
         batch_size: int,
     ) -> Estimate:
         """Antithetic estimate ``sum (f(z + s u) - f(z - s u)) u / (2 s n)``."""
@@ -333,8 +358,114 @@ class SPSA(NES):
         return rng.choice(np.asarray([-1.0, 1.0]), size=(self.samples, d))
 
 
+@dataclass(frozen=True, kw_only=True)
+class Broyden:
+    """The Jacobian of every class score, estimated once and then kept up to date.
+
+    The first step probes each coordinate of ``z`` (forward differences of ``step``
+    RMS pixel change: ``d + 1`` queries) and keeps the Jacobian ``J`` of the centred
+    log-scores (:func:`centred_log_scores`) with respect to ``z``. Every later step
+    queries only the new point and corrects ``J`` with Broyden's rank-one secant update
+    from the change it observed (Broyden 1965). The objective's gradient is ``J^T``
+    times its derivative with respect to the scores, so one estimate serves any
+    objective and any class.
+
+    For a softmax over linear logits the centred log-scores *are* the logits up to a
+    constant: ``J`` is exact after the first step (pixel clipping aside), i.e. the
+    attack extracts the model inside its search space (equation solving, Tramer et al.,
+    USENIX Security 2016) and then searches with white-box-quality gradients at one
+    query per step. When the observed change of a step disagrees with ``J``'s
+    prediction by more than ``tol`` (relative norm), the next step estimates ``J``
+    afresh (``d + 1`` queries) — so a non-linear target pays for more re-estimates;
+    ``refresh = N`` also re-estimates every ``N`` steps. Probes that rounding leaves
+    unchanged double the step (up to ``max_scale``), as for the other estimators.
+    ``queries_per_step`` is the cost of an ordinary step (1); the per-label record
+    counts the re-estimates (``jacobian_estimates``).
+    """
+
+    step: float = 0.02
+    tol: float = 2.0
+    refresh: int = 0
+    max_scale: float = 64.0
+    name: str = "broyden"
+
+    def __post_init__(self) -> None:
+        if not self.step > 0 or not self.tol > 0 or self.refresh < 0 or not self.max_scale >= 1:
+            raise ConfigError(
+                f"Broyden needs step > 0, tol > 0, refresh >= 0 and max_scale >= 1, got "
+                f"{self.step}, {self.tol}, {self.refresh}, {self.max_scale}"
+            )
+
+    def queries_per_step(self, dim: int) -> int:
+        """1 (plus ``dim + 1`` whenever the Jacobian is estimated afresh)."""
+        return 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return asdict(self)
+
+    def estimate(
+        self,
+        oracle: Oracle,
+        space: Space,
+        z: np.ndarray,
+        objective: Objective,
+        rng: np.random.Generator,
+        state: dict[str, Any],
+        batch_size: int,
+    ) -> Estimate:
+        """Re-estimate ``J`` by differences when due, else one query and a secant update."""
+        jac = state.get("jacobian")
+        since = int(state.get("steps_since_jacobian", 0))
+        fresh = (
+            jac is None
+            or state.get("jacobian_stale", 0.0) > 0
+            or (self.refresh > 0 and since >= self.refresh)
+        )
+        before = oracle.n_queries
+        if fresh:
+            base = self.step / space.pixel_scale
+            h = state.get("broyden_step", base)
+            points = np.concatenate([z[None], z + np.eye(z.size) * h])
+            response = query_batched(oracle, space.decode(points), batch_size)
+            scores = centred_log_scores(_probs(response, oracle.info.n_classes))
+            diff = scores[1:] - scores[0]  # (d, k)
+            jac = diff.T / h
+            unchanged = float(np.mean(np.all(diff == 0.0, axis=1)))
+            _adapt(state, "broyden_step", base, unchanged, self.max_scale)
+            state["jacobian_estimates"] = state.get("jacobian_estimates", 0.0) + 1.0
+            state["jacobian_stale"] = 0.0
+            since = 0
+        else:
+            response = oracle.query(space.decode(z[None]))
+            scores = centred_log_scores(_probs(response, oracle.info.n_classes))
+            dz = z - state["last_z"]
+            observed = scores[0] - state["last_scores"]
+            predicted = jac @ dz
+            miss = float(np.linalg.norm(observed - predicted))
+            scale = max(float(np.linalg.norm(observed)), EPS)
+            state["jacobian_stale"] = float(miss > self.tol * scale)
+            if dz @ dz > 0:
+                jac = jac + np.outer(observed - predicted, dz) / (dz @ dz)
+            since += 1
+        p0 = _probs(response, oracle.info.n_classes)[0]
+        assert jac is not None
+        state["jacobian"] = jac
+        state["last_z"] = z.copy()
+        state["last_scores"] = scores[0]
+        state["steps_since_jacobian"] = float(since)
+        return Estimate(
+            grad=jac.T @ objective.score_weights(p0),
+            value=float(objective.value(p0[None])[0]),
+            probs=p0,
+            predicted=int(response.labels[0]),
+            n_queries=oracle.n_queries - before,
+        )
+
+
 def parse_gradient(spec: str, *, samples: int = 50, sigma: float = 0.01) -> GradientSource:
-    """A gradient source from a CLI name: ``exact``, ``fd``, ``fd-central``, ``nes``, ``spsa``."""
+    """A gradient source from a CLI name: ``exact``, ``fd``, ``fd-central``, ``nes``,
+    ``spsa``, ``broyden``."""
     name = spec.strip().lower()
     if name == "exact":
         return Exact()
@@ -346,4 +477,8 @@ def parse_gradient(spec: str, *, samples: int = 50, sigma: float = 0.01) -> Grad
         return NES(samples=samples, sigma=sigma)
     if name == "spsa":
         return SPSA(samples=samples, sigma=sigma)
-    raise ConfigError(f"unknown gradient source {spec!r}; use exact, fd, fd-central, nes or spsa")
+    if name == "broyden":
+        return Broyden(step=sigma)
+    raise ConfigError(
+        f"unknown gradient source {spec!r}; use exact, fd, fd-central, nes, spsa or broyden"
+    )

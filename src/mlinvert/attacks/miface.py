@@ -162,6 +162,11 @@ class MIFaceConfig:
         return d
 
 
+def _floats(state: dict[str, Any]) -> dict[str, float]:
+    """The scalar part of an estimator's state (arrays go to the checkpoint's arrays)."""
+    return {k: float(v) for k, v in state.items() if not isinstance(v, np.ndarray)}
+
+
 def total_variation(x: np.ndarray, eps: float = 1e-2) -> tuple[float, np.ndarray]:
     """Smoothed isotropic total variation (mean over pixels) of one image and its gradient."""
     x = np.asarray(x, dtype=np.float64)
@@ -221,7 +226,7 @@ class _Run:
     since_best: int = 0
     queries_before: int = 0
     elapsed_before: float = 0.0
-    estimator_state: dict[str, float] = field(default_factory=dict)
+    estimator_state: dict[str, Any] = field(default_factory=dict)  # floats and arrays
     snapshots: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -301,11 +306,14 @@ class MIFace:
             "queries": queries,
             "elapsed": elapsed,
             "rng": rng.bit_generator.state,
-            "estimator_state": run.estimator_state,
+            "estimator_state": _floats(run.estimator_state),
             "optim_t": run.optim.t,
             "snapshots": [{k: v for k, v in s.items() if k != "image"} for s in run.snapshots],
         }
         arrays = {"z": run.z, "best_z": run.best_z, "m": run.optim.m, "v": run.optim.v}
+        for k, v in run.estimator_state.items():
+            if isinstance(v, np.ndarray):
+                arrays[f"estimator:{k}"] = v
         for i, s in enumerate(run.snapshots):
             arrays[f"snap{i}"] = s["image"]
         ckpt.save(State(arrays=arrays, meta=meta), key)
@@ -325,6 +333,9 @@ class MIFace:
         run.queries_before = int(m["queries"])
         run.elapsed_before = float(m["elapsed"])
         run.estimator_state = {k: float(v) for k, v in m["estimator_state"].items()}
+        run.estimator_state.update(
+            {k.partition(":")[2]: v for k, v in state.arrays.items() if k.startswith("estimator:")}
+        )
         run.snapshots = [
             {**s, "image": state.arrays[f"snap{i}"]} for i, s in enumerate(m["snapshots"])
         ]
@@ -479,7 +490,7 @@ class MIFace:
             "best_cost": run.best_cost,
             "queries_per_iteration": self.gradient.queries_per_step(space.dim),
             "message": message,
-            **{k: v for k, v in run.estimator_state.items()},
+            **_floats(run.estimator_state),
         }
         log.info(
             "label %s: %s after %d iterations, %d queries, confidence %.3f",
