@@ -73,10 +73,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     judge = FaceJudge.fit(ds, load_model(MODELS / "evaluation"), seed=0)
     preset = preset_for(ds.image_shape, quick=False)
     labels = list(range(min(args.labels, ds.n_classes)))
-    spaces = {lab: search_space(ds, lab, preset.space) for lab in labels}
+    spaces = {lab: search_space(ds, lab, preset.space, augment=preset.augment) for lab in labels}
 
     def make(label: int) -> Any:
-        return build_attack("blackbox", preset, preset.budget, spaces[label])
+        # the attacker's estimator for an API answering under ``--policy`` (NES unless full)
+        return build_attack("blackbox", preset, preset.budget, spaces[label], policy=args.policy)
 
     rows = []
     with (
@@ -150,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--labels", type=int, default=16, help="first N identities")
     p.add_argument("--lanes", default="1,4,8", help="comma-separated lane counts")
     p.add_argument("--kinds", default="mlp", help="cached targets, comma-separated")
+    p.add_argument(
+        "--policy",
+        default="round:3",
+        help="output policy the attacker plans for: full -> Broyden, otherwise NES (the "
+        "recorded rows); the service itself answers with full scores",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -33,6 +33,7 @@ import numpy as np
 from mlinvert.attacks import (
     NES,
     AttackResult,
+    Broyden,
     Exact,
     FiniteDifferences,
     MIFace,
@@ -53,7 +54,7 @@ DATA = ROOT.parent / "shared" / "data" / "att_faces"
 OUT = ROOT / "benchmarks" / "out"
 IMAGES = ROOT / "docs" / "images"
 log = logging.getLogger("miface_att")
-SNAPS = (1000, 2500, 5000, 10_000, 20_000)  # query counts of the quality curve
+SNAPS = (250, 500, 1000, 2500, 5000, 10_000, 20_000)  # query counts of the quality curve
 
 
 def target(ds: ImageDataset, kind: str) -> Any:
@@ -151,6 +152,13 @@ def row(name: str, s: dict[str, Any]) -> str:
     )
 
 
+def source(args: argparse.Namespace) -> NES | Broyden:
+    """The black-box gradient source the command line asks for."""
+    if args.gradient == "broyden":
+        return Broyden(step=args.sigma)
+    return NES(samples=args.samples, sigma=args.sigma)
+
+
 def curve(res: AttackResult, class_names: tuple[str, ...]) -> dict[str, AttackResult]:
     """Rows of the quality-vs-queries curve: the best image after each of SNAPS queries
     (a run that stopped earlier keeps its final image for the later points)."""
@@ -219,9 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--sigma", type=float, default=0.02)
     p.add_argument(
+        "--gradient",
+        choices=["nes", "broyden"],
+        default="nes",
+        help="black-box and rounding rows: NES (--samples pairs) or Broyden (step --sigma)",
+    )
+    p.add_argument(
         "--objective",
         choices=["prob", "log", "margin"],
-        default="prob",
+        default="margin",
         help="objective of the rounding sweep (prob = the paper's 1 - p cost)",
     )
     p.add_argument(
@@ -279,22 +293,23 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif args.what == "blackbox":
 
-            def nes_attack(lab: int) -> MIFace:
+            def bb_attack(lab: int) -> MIFace:
                 return MIFace(
                     MIFaceConfig.improved(max_iter=args.iters, snapshot_queries=SNAPS),
-                    gradient=NES(samples=args.samples, sigma=args.sigma),
+                    gradient=source(args),
                     space=aux_prior(ds, lab),
                 )
 
+            shown = args.gradient.upper() if args.gradient == "nes" else "Broyden"
             if args.http:
                 with http_oracle(folder, kind) as oracle:
-                    res = run_labels(nes_attack, oracle, labels, args.budget)
-                results["NES in PCA prior ball, HTTP"] = res
+                    res = run_labels(bb_attack, oracle, labels, args.budget)
+                results[f"{shown} in PCA prior ball, HTTP"] = res
             else:
                 res = run_labels(
-                    nes_attack, LocalOracle(Predictor(model, name=kind)), labels, args.budget
+                    bb_attack, LocalOracle(Predictor(model, name=kind)), labels, args.budget
                 )
-                results["NES in PCA prior ball, in-process"] = res
+                results[f"{shown} in PCA prior ball, in-process"] = res
             results.update(curve(res, ds.class_names))
         elif args.what == "fd":
             oracle = LocalOracle(Predictor(model, name=kind))
@@ -329,12 +344,13 @@ def main(argv: list[str] | None = None) -> int:
             ]:
                 oracle = LocalOracle(Predictor(model, name=kind, policy=parse_policy(policy)))
                 gamma = None if args.no_confidence_stop else 1.0
-                results[f"NES/PCA ({args.objective}, gamma {gamma}), r={shown}"] = run_labels(
+                row_name = f"{args.gradient}/PCA ({args.objective}, gamma {gamma}), r={shown}"
+                results[row_name] = run_labels(
                     lambda lab, gamma=gamma: MIFace(  # type: ignore[misc]
                         MIFaceConfig.improved(
-                            max_iter=2000, objective=args.objective, target_confidence=gamma
+                            max_iter=args.iters, objective=args.objective, target_confidence=gamma
                         ),
-                        gradient=NES(samples=args.samples, sigma=args.sigma),
+                        gradient=source(args),
                         space=aux_prior(ds, lab),
                     ),
                     oracle,

@@ -83,7 +83,7 @@ def register(app: typer.Typer) -> None:
         label: str | None = typer.Option(None, "--label", help="Class name (or index)."),
         all_labels: bool = typer.Option(False, "--all-labels", help="Attack every class."),
         mode: str = typer.Option("whitebox", "--mode", help="whitebox|blackbox|label-only"),
-        gradient: str = typer.Option("nes", "--gradient", help="fd|fd-central|nes|spsa"),
+        gradient: str = typer.Option("nes", "--gradient", help="fd|fd-central|nes|spsa|broyden"),
         samples: int = typer.Option(20, "--samples", help="NES/SPSA pairs per step."),
         sigma: float = typer.Option(0.02, "--sigma", help="Probe size (RMS pixel change)."),
         space: str = typer.Option(

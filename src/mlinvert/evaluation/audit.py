@@ -215,6 +215,7 @@ class Preset:
     nes_samples: int
     label_only_iters: int
     space: str  # a mlinvert.attacks.spaces.parse_space spec, or pca:K (see _space)
+    augment: bool = False  # PCA prior: mirrored and shifted aux faces (faces only)
     quick_targets: bool = False
 
 
@@ -237,22 +238,22 @@ def preset_for(shape: tuple[int, int], quick: bool) -> Preset:
             quick_targets=True,
         )
     else:
-        # faces: black-box NES with 5 antithetic pairs (11 inputs per person and step) and
-        # as many cosine-annealed steps as the budget pays for: 1100 queries = 100 steps
-        # per person, what fits the whole 40-person, two-target matrix in 30 minutes on 2
-        # cores (an MLP query costs ~5.5 ms over HTTP here one person at a time, ~2.4 ms
-        # with 8 lanes sharing each request; a softmax one ~1.5 / ~1.0 ms).
-        # Measured on AT&T softmax (first 20 people, in process): top-1 0.60, likeness
-        # 0.44 at 1100 queries; 0.60 / 0.64 at 2200 (--budget 2200: ~50 minutes). Many
-        # small steps beat few large ones at equal queries (20 pairs x 50 steps: likeness
-        # 0.35). 116 eigenfaces: every held-out photo of the 39 other people
-        # (BENCHMARKS.md, "MI-Face" and "Audit").
+        # faces. Black-box against an API with full-precision scores: Broyden (one
+        # Jacobian of every class score by differences, 201 queries in the 200-d prior,
+        # then one query per step): measured on AT&T softmax (first 10 people, in
+        # process, 1100-query budget) recovered 90 % with ~470 queries, NES 10 %. Against
+        # rounded or top-k scores Broyden's differences vanish (round:3: 0 % recovered)
+        # and the attacker uses NES with 5 antithetic pairs (11 inputs per step) and as
+        # many cosine-annealed steps as the budget pays for (1100 queries = 100 steps).
+        # The prior: 200 eigenfaces of the 39 other people's held-out photos, each also
+        # mirrored and shifted 2 px (BENCHMARKS.md, "MI-Face" and "Audit").
         p = Preset(
             budget=1100,
             whitebox_iters=60,
             nes_samples=5,
             label_only_iters=30,
-            space="pca:116",
+            space="pca:200",
+            augment=True,
         )
     if quick:
         p = Preset(
@@ -261,6 +262,7 @@ def preset_for(shape: tuple[int, int], quick: bool) -> Preset:
             nes_samples=p.nes_samples,
             label_only_iters=20,
             space=p.space,
+            augment=p.augment,
             quick_targets=True,
         )
     return p
@@ -1102,12 +1104,13 @@ def _service(
                 o.close()
 
 
-def search_space(dataset: ImageDataset, label: int, spec: str) -> Any:
+def search_space(dataset: ImageDataset, label: int, spec: str, *, augment: bool = False) -> Any:
     """The attacks' search space for ``label``, bound to the image size.
 
     ``pca:K`` is an eigenface prior from the attacker's auxiliary photos — the held-out
     photos of everyone *except* the attacked person (never a private training photo;
-    PCAPrior checks it) — other specs go to parse_space.
+    PCAPrior checks it; ``augment`` adds their mirror images and 2-px shifts) — other
+    specs go to parse_space.
     """
     from mlinvert.attacks.spaces import PCAPrior, Space, parse_space
 
@@ -1121,16 +1124,23 @@ def search_space(dataset: ImageDataset, label: int, spec: str) -> Any:
             int(k or 40),
             private=x_train,
             source="held-out photos of other people",
+            augment=augment,
         )
     else:
         space = parse_space(spec)
     return space.bind(dataset.image_shape)
 
 
-def build_attack(attack: str, preset: Preset, budget: int, space: Any) -> Any:
+def build_attack(
+    attack: str, preset: Preset, budget: int, space: Any, *, policy: str = "full"
+) -> Any:
     """The audit's ``attack`` (whitebox, blackbox, label-only) with ``preset``'s settings,
-    sized to ``budget`` queries per person, searching ``space``."""
-    from mlinvert.attacks.gradients import NES, Exact
+    sized to ``budget`` queries per person, searching ``space``.
+
+    The black-box attacker reads the API's documented output ``policy``: full-precision
+    scores get Broyden's extracted Jacobian, anything coarser NES (see preset_for).
+    """
+    from mlinvert.attacks.gradients import NES, Broyden, Exact
     from mlinvert.attacks.miface import MIFace, MIFaceConfig
 
     p = preset
@@ -1138,6 +1148,8 @@ def build_attack(attack: str, preset: Preset, budget: int, space: Any) -> Any:
         return MIFace(
             MIFaceConfig.improved(max_iter=p.whitebox_iters), gradient=Exact(), space=space
         )
+    if attack == "blackbox" and policy == "full":
+        return MIFace(MIFaceConfig.improved(), gradient=Broyden(), space=space)
     if attack == "blackbox":
         return MIFace(
             # as many cosine-annealed NES steps as the per-person budget pays for
@@ -1158,10 +1170,13 @@ def build_attack(attack: str, preset: Preset, budget: int, space: Any) -> Any:
     return LabelOnly(cfg, space=space)
 
 
-def _build_attack(ctx: _Context, attack: str, label: int) -> Any:
+def _build_attack(ctx: _Context, attack: str, label: int, defense: Defense) -> Any:
     if label not in ctx.spaces:  # bound once per person: every attack and defence reuses it
-        ctx.spaces[label] = search_space(ctx.dataset, label, ctx.preset.space)
-    return build_attack(attack, ctx.preset, int(ctx.results.doc["budget"]), ctx.spaces[label])
+        ctx.spaces[label] = search_space(
+            ctx.dataset, label, ctx.preset.space, augment=ctx.preset.augment
+        )
+    budget = int(ctx.results.doc["budget"])
+    return build_attack(attack, ctx.preset, budget, ctx.spaces[label], policy=defense.policy)
 
 
 def _attack_one(
@@ -1185,7 +1200,7 @@ def _attack_one(
         oracle = oracles[(target.name, attack)]
     budget = _budget(ctx, attack)
     try:
-        outcome: Any = _build_attack(ctx, attack, label).run(
+        outcome: Any = _build_attack(ctx, attack, label, defense).run(
             oracle, label, seed=ctx.config.seed, budget=budget, progress=_progress(ctx, budget)
         )
     except MlinvertError as exc:
@@ -1222,7 +1237,7 @@ def _attack_lanes(
     attacks = {}  # built here, not in the lanes: the search spaces are cached in ctx
     for label in todo:
         try:
-            attacks[label] = _build_attack(ctx, attack, label)
+            attacks[label] = _build_attack(ctx, attack, label, defense)
         except MlinvertError as exc:
             record = _record(ctx, attack, defense, target, label, exc, lanes=1)
             ctx.results.add(record)
