@@ -99,6 +99,15 @@ def test_broyden_estimates_every_score_once_then_one_query_per_step(
         assert state["jacobian_estimates"] == 1.0
 
 
+def test_auto_source_follows_the_api_output_policy() -> None:
+    from mlinvert.attacks.gradients import parse_gradient
+
+    assert isinstance(parse_gradient("auto", policy="full"), Broyden)
+    assert isinstance(parse_gradient("auto", samples=5, policy="round:2"), NES)
+    top = parse_gradient("auto", samples=5, policy="top:1")
+    assert isinstance(top, NES) and top.samples == 5
+
+
 def test_exact_without_gradient_names_the_fix(toy_mlp: TorchToy) -> None:
     oracle = LocalOracle(Predictor(toy_mlp, name="mlp"))
     space = Pixel().bind((8, 8))

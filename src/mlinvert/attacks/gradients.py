@@ -463,10 +463,16 @@ class Broyden:
         )
 
 
-def parse_gradient(spec: str, *, samples: int = 50, sigma: float = 0.01) -> GradientSource:
+def parse_gradient(
+    spec: str, *, samples: int = 50, sigma: float = 0.01, policy: str = "full"
+) -> GradientSource:
     """A gradient source from a CLI name: ``exact``, ``fd``, ``fd-central``, ``nes``,
-    ``spsa``, ``broyden``."""
+    ``spsa``, ``broyden``, or ``auto``: Broyden when the API's output ``policy`` is
+    ``full`` (full-precision scores), NES otherwise (rounded or top-k scores leave
+    Broyden's small differences at zero)."""
     name = spec.strip().lower()
+    if name == "auto":
+        name = "broyden" if policy == "full" else "nes"
     if name == "exact":
         return Exact()
     if name == "fd":
@@ -480,5 +486,5 @@ def parse_gradient(spec: str, *, samples: int = 50, sigma: float = 0.01) -> Grad
     if name == "broyden":
         return Broyden(step=sigma)
     raise ConfigError(
-        f"unknown gradient source {spec!r}; use exact, fd, fd-central, nes, spsa or broyden"
+        f"unknown gradient source {spec!r}; use auto, exact, fd, fd-central, nes, spsa or broyden"
     )

@@ -83,7 +83,11 @@ def register(app: typer.Typer) -> None:
         label: str | None = typer.Option(None, "--label", help="Class name (or index)."),
         all_labels: bool = typer.Option(False, "--all-labels", help="Attack every class."),
         mode: str = typer.Option("whitebox", "--mode", help="whitebox|blackbox|label-only"),
-        gradient: str = typer.Option("nes", "--gradient", help="fd|fd-central|nes|spsa|broyden"),
+        gradient: str = typer.Option(
+            "auto",
+            "--gradient",
+            help="auto|fd|fd-central|nes|spsa|broyden (auto: broyden for full scores, else nes).",
+        ),
         samples: int = typer.Option(20, "--samples", help="NES/SPSA pairs per step."),
         sigma: float = typer.Option(0.02, "--sigma", help="Probe size (RMS pixel change)."),
         space: str = typer.Option(
@@ -154,7 +158,7 @@ def register(app: typer.Typer) -> None:
             source = (
                 Exact()
                 if mode == "whitebox"
-                else parse_gradient(gradient, samples=samples, sigma=sigma)
+                else parse_gradient(gradient, samples=samples, sigma=sigma, policy=info.policy)
             )
             attack = MIFace(cfg, gradient=source, space=search)
         ckpt = None if checkpoint is None else Checkpoint(checkpoint)
