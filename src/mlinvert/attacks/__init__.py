@@ -1,7 +1,9 @@
 """Model-inversion attacks: MI-Face (white-box and black-box), label-only inversion.
 
 Fredrikson, Jha, Ristenpart, CCS 2015 (MI-Face); Kahla et al., CVPR 2022 (BREP-MI).
-Black-box is composition: ``MIFace(config, gradient=NES(...), space=PCAPrior(aux))``.
+Black-box is composition: ``MIFace(config, gradient=Broyden() | NES(...),
+space=PCAPrior(aux))``; :func:`run_lockstep` attacks several labels at once, their
+probes sharing each request.
 """
 
 from mlinvert.attacks.base import AttackResult, ProgressEvent, image_grid
@@ -15,6 +17,7 @@ from mlinvert.attacks.gradients import (
     parse_gradient,
 )
 from mlinvert.attacks.label_only import LabelOnly, LabelOnlyConfig
+from mlinvert.attacks.lockstep import run_lockstep
 from mlinvert.attacks.miface import MIFace, MIFaceConfig
 from mlinvert.attacks.spaces import DCT, LowRes, PCAPrior, Pixel, parse_space
 
@@ -38,4 +41,5 @@ __all__ = [
     "image_grid",
     "parse_gradient",
     "parse_space",
+    "run_lockstep",
 ]
