@@ -23,6 +23,12 @@ def test_verdicts_follow_the_records(tmp_path: Path) -> None:
     assert vs[("softmax", "none")].api_recovered == pytest.approx(0.75)
     recs = recommendations(doc, list(vs.values()))
     assert any("serve with 'round:1'" in r or "serve with 'labels'" in r for r in recs)
+    # the fixture's rate limit leaves the black-box attack recovering faces: said, not
+    # the generic advice to add one
+    assert vs[("softmax", "rate:300/hour")].level == "exposed"
+    assert any("'rate:300/hour' did not stop" in r for r in recs)
+    assert not any("Add a per-account rate limit" in r for r in recs)
+    assert any("Keep the weights private" in r for r in recs)
     cell = next(c for c in cells(doc["records"]) if (c.attack, c.defense) == ("blackbox", "labels"))
     assert cell.eval_top1 == 0 and cell.n == 4
 

@@ -290,11 +290,20 @@ def recommendations(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]
         if best.accuracy_cost is not None:
             line += f", at an accuracy cost of {100 * best.accuracy_cost:.1f} points"
         recs.append(line + ".")
-    if recs:
+    leaky = [v for v in vs if "rate:" in v.defense and v.level == "exposed"]
+    for v in leaky:
         recs.append(
-            "Add a per-account rate limit on top: it caps what one key can spend on a "
-            "query-hungry black-box search, at no cost to accuracy for ordinary clients."
+            f"{v.target_model}: the rate limit '{v.defense}' did not stop the API attacks "
+            f"({_pct(v.api_recovered)} recovered, median {_queries(v.api_queries)} queries "
+            "per person fit in one account's allowance): size a limit for the cheapest "
+            "attack measured, not for a query-hungry sampling search."
         )
+    if recs:
+        if not leaky:
+            recs.append(
+                "Add a per-account rate limit on top: it caps what one key can spend on a "
+                "query-hungry black-box search, at no cost to accuracy for ordinary clients."
+            )
         recs.append(
             "Keep the weights private: the white-box attack is unaffected by every output "
             "defence, so a leaked or downloadable model gives the faces away."
