@@ -65,6 +65,11 @@ class Objective:
         others = np.delete(p, self.label, axis=1).max(axis=1)
         return np.log(np.maximum(pl, EPS)) - np.log(np.maximum(others, EPS))
 
+    def rival(self, probs: np.ndarray) -> int:
+        """The most likely class other than ``label`` for one answer ``probs`` ``(k,)``."""
+        p = np.asarray(probs)
+        return int(np.argmax(np.where(np.arange(p.size) == self.label, -np.inf, p)))
+
     def score_weights(self, probs: np.ndarray) -> np.ndarray:
         """``d f / d s_j`` at ``probs`` ``(k,)``, where ``s`` are the centred log-scores
         (:func:`centred_log_scores`; ``log p_j = s_j - log sum exp s``)."""
@@ -72,9 +77,8 @@ class Objective:
         own = np.zeros_like(p)
         own[self.label] = 1.0
         if self.kind == "margin":
-            rival = np.zeros_like(p)
-            rival[int(np.argmax(np.where(np.arange(p.size) == self.label, -np.inf, p)))] = 1.0
-            return own - rival
+            own[self.rival(p)] = -1.0
+            return own
         dlog = own - p
         return dlog if self.kind == "log" else p[self.label] * dlog
 
@@ -191,7 +195,7 @@ class Exact:
             )
         grad_fn = oracle.class_gradient  # type: ignore[attr-defined]
         if objective.kind == "margin":
-            rival = int(np.argmax(np.where(np.arange(p.size) == label, -np.inf, p)))
+            rival = objective.rival(p)
             g = np.asarray(
                 grad_fn(np.concatenate([x, x]), np.asarray([label, rival])), dtype=np.float64
             )
@@ -428,7 +432,8 @@ class Broyden:
             h = state.get("broyden_step", base)
             points = np.concatenate([z[None], z + np.eye(z.size) * h])
             response = query_batched(oracle, space.decode(points), batch_size)
-            scores = centred_log_scores(_probs(response, oracle.info.n_classes))
+            probs = _probs(response, oracle.info.n_classes)
+            scores = centred_log_scores(probs)
             diff = scores[1:] - scores[0]  # (d, k)
             jac = diff.T / h
             unchanged = float(np.mean(np.all(diff == 0.0, axis=1)))
@@ -438,7 +443,8 @@ class Broyden:
             since = 0
         else:
             response = oracle.query(space.decode(z[None]))
-            scores = centred_log_scores(_probs(response, oracle.info.n_classes))
+            probs = _probs(response, oracle.info.n_classes)
+            scores = centred_log_scores(probs)
             dz = z - state["last_z"]
             observed = scores[0] - state["last_scores"]
             predicted = jac @ dz
@@ -448,7 +454,7 @@ class Broyden:
             if dz @ dz > 0:
                 jac = jac + np.outer(observed - predicted, dz) / (dz @ dz)
             since += 1
-        p0 = _probs(response, oracle.info.n_classes)[0]
+        p0 = probs[0]
         assert jac is not None
         state["jacobian"] = jac
         state["last_z"] = z.copy()
@@ -463,6 +469,14 @@ class Broyden:
         )
 
 
+def auto_gradient(policy: str, *, nes: NES, broyden: Broyden | None = None) -> NES | Broyden:
+    """The attacker's black-box source for an API answering under output ``policy``:
+    ``broyden`` (default ``Broyden()``) for full-precision scores, ``nes`` otherwise —
+    rounded or top-k scores leave Broyden's small differences at zero (BENCHMARKS.md,
+    "Rounded confidences")."""
+    return (broyden or Broyden()) if policy == "full" else nes
+
+
 def parse_gradient(
     spec: str, *, samples: int = 50, sigma: float = 0.01, policy: str = "full"
 ) -> GradientSource:
@@ -472,7 +486,9 @@ def parse_gradient(
     Broyden's small differences at zero)."""
     name = spec.strip().lower()
     if name == "auto":
-        name = "broyden" if policy == "full" else "nes"
+        return auto_gradient(
+            policy, nes=NES(samples=samples, sigma=sigma), broyden=Broyden(step=sigma)
+        )
     if name == "exact":
         return Exact()
     if name == "fd":

@@ -1143,7 +1143,7 @@ def build_attack(
     The black-box attacker reads the API's documented output ``policy``: full-precision
     scores get Broyden's extracted Jacobian, anything coarser NES (see preset_for).
     """
-    from mlinvert.attacks.gradients import NES, Broyden, Exact
+    from mlinvert.attacks.gradients import NES, Exact, auto_gradient
     from mlinvert.attacks.miface import MIFace, MIFaceConfig
 
     p = preset
@@ -1151,15 +1151,12 @@ def build_attack(
         return MIFace(
             MIFaceConfig.improved(max_iter=p.whitebox_iters), gradient=Exact(), space=space
         )
-    if attack == "blackbox" and policy == "full":
-        return MIFace(MIFaceConfig.improved(), gradient=Broyden(), space=space)
     if attack == "blackbox":
-        return MIFace(
-            # as many cosine-annealed NES steps as the per-person budget pays for
-            MIFaceConfig.improved(max_iter=max(budget // (2 * p.nes_samples + 1), 1)),
-            gradient=NES(samples=p.nes_samples),
-            space=space,
-        )
+        source = auto_gradient(policy, nes=NES(samples=p.nes_samples))
+        if isinstance(source, NES):  # as many cosine-annealed steps as the budget pays for
+            steps = max(budget // (2 * p.nes_samples + 1), 1)
+            return MIFace(MIFaceConfig.improved(max_iter=steps), gradient=source, space=space)
+        return MIFace(MIFaceConfig.improved(), gradient=source, space=space)
     from mlinvert.attacks.label_only import LabelOnly, LabelOnlyConfig
 
     start = max(budget // 5, 10)
