@@ -23,7 +23,9 @@ import torch
 from miface_att import HEADER, OUT, aux_prior, judge_for, row, save_grid, summarise, target
 from mlinvert.attacks import AttackResult, Exact, MIFace, MIFaceConfig
 from mlinvert.data import load
+from mlinvert.data.base import ImageDataset
 from mlinvert.defenses import Predictor
+from mlinvert.errors import DataError
 from mlinvert.oracle import WhiteBoxOracle
 
 log = logging.getLogger("miface_vs_art")
@@ -48,7 +50,8 @@ def art_run(
     attack = ArtMIFace(
         clf, max_iter=max_iter, threshold=threshold, learning_rate=0.1, verbose=False
     )
-    recons, per = [], []
+    recons: list[np.ndarray] = []
+    per: list[dict[str, Any]] = []
     for lab in labels:
         t0 = time.perf_counter()
         x0 = np.full((1, h, w), start, dtype=np.float32)
@@ -105,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     from miface_att import DATA
 
     ds = load(f"att:{DATA}", seed=0)
+    if not isinstance(ds, ImageDataset):
+        raise DataError(f"expected the AT&T face images at {DATA}, got {type(ds).__name__}")
     judge = judge_for(ds)
     labels = list(range(min(args.labels, ds.n_classes)))
     print(HEADER)
