@@ -11,6 +11,7 @@ Needs the optional ``bench`` extra: ``pip install adversarial-robustness-toolbox
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
@@ -38,7 +39,11 @@ def art_run(
     from art.attacks.inference.model_inversion import MIFace as ArtMIFace
     from art.estimators.classification import PyTorchClassifier
 
-    net = torch.nn.Sequential(model.net_, torch.nn.Softmax(dim=1))
+    # A frozen copy: ART needs only input gradients, and without this its
+    # PyTorchClassifier also back-propagates into every weight on each of its up to
+    # 10 000 iterations (3.5x slower on the MLP, same images).
+    net = torch.nn.Sequential(copy.deepcopy(model.net_), torch.nn.Softmax(dim=1))
+    net.requires_grad_(False)
     h, w = model.input_shape_
     clf = PyTorchClassifier(
         model=net,
