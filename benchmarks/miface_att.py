@@ -10,7 +10,8 @@ photo of c (checked by PCAPrior(private=...)).
     nice .venv/bin/python benchmarks/miface_att.py whitebox --kinds softmax,mlp,dae
     nice .venv/bin/python benchmarks/miface_att.py blackbox --http --budget 20000 --grid
     (the black-box run also records the best image after 1k/2.5k/5k/10k/20k queries:
-    the curve of identity and likeness against queries)
+    the curve of identity and likeness against queries, plotted to
+    docs/images/miface_curve_KIND_GRADIENT.png)
     nice .venv/bin/python benchmarks/miface_att.py fd --labels 3 --paper-labels 1
     nice .venv/bin/python benchmarks/miface_att.py rounding --labels 10 --objective margin
 """
@@ -55,6 +56,9 @@ OUT = ROOT / "benchmarks" / "out"
 IMAGES = ROOT / "docs" / "images"
 log = logging.getLogger("miface_att")
 SNAPS = (250, 500, 1000, 2500, 5000, 10_000, 20_000)  # query counts of the quality curve
+#: FaceJudge likeness of the noise-template reference (BENCHMARKS.md, "MI-Face"): the level
+#: a reconstruction must clearly beat to count as more than a discriminative template.
+NOISE_TEMPLATE_LIKENESS = 0.08
 
 
 def target(ds: ImageDataset, kind: str) -> Any:
@@ -98,7 +102,10 @@ def summarise(judge: FaceJudge, result: AttackResult) -> dict[str, Any]:
         n=len(per),
         queries_mean=float(np.mean([p["n_queries"] for p in per])),
         seconds_per_identity=float(np.mean([p["elapsed_s"] for p in per])),
-        confidence_mean=float(np.nanmean(result.confidence)),
+        confidence_mean=(
+            float(np.nanmean(result.confidence)) if np.isfinite(result.confidence).any() else None
+        ),
+        queries_max=max((int(p["n_queries"]) for p in per), default=0),
         succeeded=sum(p["status"] == "succeeded" for p in per),
     )
     return s
@@ -188,6 +195,39 @@ def curve(res: AttackResult, class_names: tuple[str, ...]) -> dict[str, AttackRe
             status="succeeded",
         )
     return rows
+
+
+def plot_curve(
+    rows: dict[str, dict[str, Any]], final: dict[str, Any], title: str, name: str
+) -> Path:
+    """Evaluation top-1 and likeness of the best image after each of SNAPS queries, up to
+    the most queries any identity spent, then the final images (``final``, at that
+    count)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spent = int(final["queries_max"])
+    qs = [q for q in SNAPS if f"best image after {q} queries" in rows and q < spent]
+    pts = [rows[f"best image after {q} queries"] for q in qs] + [final]
+    qs.append(spent)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(qs, [p["eval_top1"] for p in pts], "o-", label="evaluation top-1")
+    ax.plot(qs, [p["likeness"] for p in pts], "s-", label="likeness")
+    ax.axhline(NOISE_TEMPLATE_LIKENESS, color="grey", ls=":", label="noise template likeness")
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("queries per identity")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    path = IMAGES / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 HEADER = (
@@ -359,13 +399,19 @@ def main(argv: list[str] | None = None) -> int:
                     labels,
                     args.budget,
                 )
+        kind_rows: dict[str, dict[str, Any]] = {}
         for name, res in results.items():
             s = summarise(judge, res)
-            summary["rows"][f"{kind}: {name}"] = s
+            summary["rows"][f"{kind}: {name}"] = kind_rows[name] = s
             print(row(f"{kind}: {name}", s), flush=True)
             if args.grid:
                 slug = "".join(ch if ch.isalnum() else "_" for ch in f"{kind}_{name}")[:60]
                 print(f"  grid: {save_grid(judge, res, 'miface_' + slug)}", file=sys.stderr)
+        if args.what == "blackbox":
+            title = f"{kind}, {args.gradient}, {'HTTP' if args.http else 'in-process'}"
+            slug = f"miface_curve_{kind}_{args.gradient}"
+            final = kind_rows[next(iter(results))]  # the attack's own row comes first
+            print(f"  curve: {plot_curve(kind_rows, final, title, slug)}", file=sys.stderr)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"miface_{args.what}.json").write_text(json.dumps(summary, indent=1, default=str))
     return 0
