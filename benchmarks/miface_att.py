@@ -209,7 +209,7 @@ def plot_curve(
     import matplotlib.pyplot as plt
 
     spent = int(final["queries_max"])
-    qs = [q for q in SNAPS if f"best image after {q} queries" in rows and q < spent]
+    qs = [q for q in SNAPS if f"best image after {q} queries" in rows and 1.25 * q < spent]
     pts = [rows[f"best image after {q} queries"] for q in qs] + [final]
     qs.append(spent)
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -217,6 +217,8 @@ def plot_curve(
     ax.plot(qs, [p["likeness"] for p in pts], "s-", label="likeness")
     ax.axhline(NOISE_TEMPLATE_LIKENESS, color="grey", ls=":", label="noise template likeness")
     ax.set_xscale("log")
+    ax.set_xticks(qs, [f"{q:,}" for q in qs], fontsize=8)
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_ylim(0, 1)
     ax.set_xlabel("queries per identity")
     ax.set_title(title, fontsize=10)
