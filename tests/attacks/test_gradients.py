@@ -138,3 +138,23 @@ def test_nes_adapts_sigma_to_rounded_scores(toy_mlp: TorchToy, digits: object) -
         est = nes.estimate(oracle, space, z, obj, rng, state, 512)
     assert state["nes_sigma"] > 1e-4 / space.pixel_scale
     assert _cos(est.grad, _autograd(toy_mlp, space, z, 3)) > 0.5
+
+
+def test_margin_floor_follows_the_api_rounding(toy_softmax: TorchToy) -> None:
+    """A rival that flips between reading 0 and one step moves the floored margin by
+    log 2, not by the ~23 nats a 1e-12 floor would add; MI-Face takes the floor from the
+    policy the API documents and reports it."""
+    from mlinvert.attacks.gradients import EPS, score_floor
+    from mlinvert.attacks.miface import MIFace, MIFaceConfig
+
+    answers = np.asarray([[0.98, 0.02, 0.00], [0.99, 0.01, 0.00], [1.00, 0.00, 0.00]])
+    floored = Objective(kind="margin", label=0, floor=score_floor("round:2")).value(answers)
+    assert floored[1] - floored[0] == pytest.approx(np.log(0.99 / 0.98) + np.log(2.0))
+    assert floored[2] - floored[1] == pytest.approx(np.log(1.0 / 0.99) + np.log(2.0))
+    raw = Objective(kind="margin", label=0).value(answers)
+    assert raw[2] - raw[1] > 20.0  # the jump the floor removes
+    for policy, floor in (("full", EPS), ("round:2", 0.005), ("top:3+round-to:0.05", 0.025)):
+        oracle = LocalOracle(Predictor(toy_softmax, name="t", policy=parse_policy(policy)))
+        attack = MIFace(MIFaceConfig.improved(max_iter=2), gradient=NES(samples=4), space=DCT(4))
+        result = attack.run(oracle, 1, seed=0)
+        assert result.per_label[0]["score_floor"] == pytest.approx(floor), policy

@@ -16,6 +16,7 @@ from mlinvert.defenses import (
     TopK,
     parse_policy,
 )
+from mlinvert.defenses.policies import score_step
 from mlinvert.errors import ConfigError
 
 
@@ -144,3 +145,25 @@ def test_spec_names_round_trip(spec: str) -> None:
 def test_bad_specs_name_the_grammar(spec: str) -> None:
     with pytest.raises(ConfigError, match="grammar: full"):
         parse_policy(spec)
+
+
+@pytest.mark.parametrize(
+    ("spec", "step"),
+    [
+        ("full", 0.0),
+        ("round:2", 0.01),
+        ("round:0", 1.0),
+        ("round-to:0.05", 0.05),
+        ("top:3+round:3", 0.001),
+        ("round:1+round-to:0.05", 0.1),
+        ("top:1", 0.0),
+        ("labels", 0.0),
+        ("not a policy", 0.0),
+    ],
+)
+def test_score_step_reads_the_rounding_of_a_policy_spec(spec: str, step: float) -> None:
+    assert score_step(spec) == pytest.approx(step)
+    if step:  # what the policy returns really moves in steps of that size
+        out = parse_policy(spec)(np.asarray([[0.123456, 0.876544]]))
+        assert out is not None
+        assert np.allclose(out / step, np.round(out / step))

@@ -34,6 +34,7 @@ import numpy as np
 
 from mlinvert.attacks.base import query_batched
 from mlinvert.attacks.spaces import Space
+from mlinvert.defenses.policies import score_step
 from mlinvert.errors import ConfigError, GradientUnavailable, OracleError
 from mlinvert.oracle.base import Oracle, Response
 from mlinvert.oracle.wrappers import has_gradient
@@ -49,10 +50,17 @@ class Objective:
     ``prob``: ``p_label`` (the paper's cost is ``1 - p_label``); ``log``: ``log p_label``;
     ``margin``: ``log p_label - log max_{j != label} p_j`` (informative even when
     ``p_label`` is tiny; needs every class score).
+
+    ``floor``: inside the logs a score counts as at least this much. Against rounded
+    scores use :func:`score_floor`: a score that reads 0 lies anywhere below half a
+    rounding step, and reading it as 1e-12 makes the margin jump by ~25 each time a
+    rival flips between 0 and one step — jumps that then steer a sampling estimator
+    instead of the face (BENCHMARKS.md, "Rounded confidences").
     """
 
     kind: ObjectiveKind
     label: int
+    floor: float = EPS
 
     def value(self, probs: np.ndarray) -> np.ndarray:
         """Objective per row of ``probs`` ``(n, k)``."""
@@ -61,9 +69,9 @@ class Objective:
         if self.kind == "prob":
             return pl
         if self.kind == "log":
-            return np.log(np.maximum(pl, EPS))
+            return np.log(np.maximum(pl, self.floor))
         others = np.delete(p, self.label, axis=1).max(axis=1)
-        return np.log(np.maximum(pl, EPS)) - np.log(np.maximum(others, EPS))
+        return np.log(np.maximum(pl, self.floor)) - np.log(np.maximum(others, self.floor))
 
     def rival(self, probs: np.ndarray) -> int:
         """The most likely class other than ``label`` for one answer ``probs`` ``(k,)``."""
@@ -81,6 +89,12 @@ class Objective:
             return own
         dlog = own - p
         return dlog if self.kind == "log" else p[self.label] * dlog
+
+
+def score_floor(policy: str) -> float:
+    """The :class:`Objective` floor for an API answering under output ``policy``: half
+    its rounding step (``round:2`` -> 0.005), or ``EPS`` for unrounded scores."""
+    return max(EPS, score_step(policy) / 2.0)
 
 
 def centred_log_scores(probs: np.ndarray) -> np.ndarray:

@@ -41,6 +41,7 @@ from mlinvert.attacks.gradients import (
     GradientSource,
     Objective,
     ObjectiveKind,
+    score_floor,
 )
 from mlinvert.attacks.spaces import Pixel, Space
 from mlinvert.data.base import Seed, rng_from
@@ -368,7 +369,7 @@ class MIFace:
             )
         space = self.space.bind(info.input_shape)
         rng = rng_from(seed)
-        objective = Objective(kind=cfg.objective, label=label_idx)
+        objective = Objective(kind=cfg.objective, label=label_idx, floor=score_floor(info.policy))
         center = space.prior_center()
         z0 = self._start(space, rng)
         run = _Run(
@@ -489,6 +490,7 @@ class MIFace:
             "predicted": run.best_pred,
             "best_cost": run.best_cost,
             "queries_per_iteration": self.gradient.queries_per_step(space.dim),
+            "score_floor": objective.floor,
             "message": message,
             **_floats(run.estimator_state),
         }

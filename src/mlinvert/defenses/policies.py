@@ -317,6 +317,23 @@ def _parse_one(part: str) -> OutputPolicy:
         raise ConfigError(f"{exc}; grammar: {POLICY_GRAMMAR}") from None
 
 
+def score_step(spec: str) -> float:
+    """The rounding step of the scores an API under output policy ``spec`` returns
+    (``round:2`` -> 0.01, ``round-to:0.05`` -> 0.05, chains -> their coarsest step); 0.0
+    when it does not round or ``spec`` is not a policy of this package."""
+    try:
+        policy = parse_policy(spec)
+    except ConfigError:
+        return 0.0
+    parts = policy.policies if isinstance(policy, Chain) else (policy,)
+    steps = [
+        10.0**-p.decimals if isinstance(p, Round) else p.granularity
+        for p in parts
+        if isinstance(p, Round | RoundTo)
+    ]
+    return max(steps, default=0.0)
+
+
 def parse_policy(spec: str | Sequence[str]) -> OutputPolicy:
     """Build an output policy from a spec such as ``"top:3+round:2"``.
 
