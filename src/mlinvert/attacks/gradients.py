@@ -53,7 +53,7 @@ class Objective:
 
     ``floor``: inside the logs a score counts as at least this much. Against rounded
     scores use :func:`score_floor`: a score that reads 0 lies anywhere below half a
-    rounding step, and reading it as 1e-12 makes the margin jump by ~25 each time a
+    rounding step, and reading it as 1e-12 makes the margin jump by ~23 each time a
     rival flips between 0 and one step — jumps that then steer a sampling estimator
     instead of the face (BENCHMARKS.md, "Rounded confidences").
     """
