@@ -56,9 +56,6 @@ OUT = ROOT / "benchmarks" / "out"
 IMAGES = ROOT / "docs" / "images"
 log = logging.getLogger("miface_att")
 SNAPS = (250, 500, 1000, 2500, 5000, 10_000, 20_000)  # query counts of the quality curve
-#: FaceJudge likeness of the noise-template reference (BENCHMARKS.md, "MI-Face"): the level
-#: a reconstruction must clearly beat to count as more than a discriminative template.
-NOISE_TEMPLATE_LIKENESS = 0.08
 
 
 def target(ds: ImageDataset, kind: str) -> Any:
@@ -198,11 +195,16 @@ def curve(res: AttackResult, class_names: tuple[str, ...]) -> dict[str, AttackRe
 
 
 def plot_curve(
-    rows: dict[str, dict[str, Any]], final: dict[str, Any], title: str, name: str
+    rows: dict[str, dict[str, Any]],
+    final: dict[str, Any],
+    template: dict[str, Any],
+    title: str,
+    name: str,
 ) -> Path:
     """Evaluation top-1 and likeness of the best image after each of SNAPS queries, up to
     the most queries any identity spent, then the final images (``final``, at that
-    count)."""
+    count), beside the likeness of the noise-template reference (``template``): the level
+    a reconstruction must clearly beat to be more than a discriminative template."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,7 +217,7 @@ def plot_curve(
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot(qs, [p["eval_top1"] for p in pts], "o-", label="evaluation top-1")
     ax.plot(qs, [p["likeness"] for p in pts], "s-", label="likeness")
-    ax.axhline(NOISE_TEMPLATE_LIKENESS, color="grey", ls=":", label="noise template likeness")
+    ax.axhline(template["likeness"], color="grey", ls=":", label="noise template likeness")
     ax.set_xscale("log")
     ax.set_xticks(qs, [f"{q:,}" for q in qs], fontsize=8)
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -299,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     lab_arr = np.asarray(labels)
     summary: dict[str, Any] = {"what": args.what, "labels": len(labels), "rows": {}}
     print(HEADER)
-    for name, s in references(judge, lab_arr).items():
+    refs = references(judge, lab_arr)
+    for name, s in refs.items():
         print(row(f"reference: {name}", s))
     for kind in args.kinds.split(","):
         model, folder = target(ds, kind)
@@ -413,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
             title = f"{kind}, {args.gradient}, {'HTTP' if args.http else 'in-process'}"
             slug = f"miface_curve_{kind}_{args.gradient}"
             final = kind_rows[next(iter(results))]  # the attack's own row comes first
-            print(f"  curve: {plot_curve(kind_rows, final, title, slug)}", file=sys.stderr)
+            plot = plot_curve(kind_rows, final, refs["noise_template"], title, slug)
+            print(f"  curve: {plot}", file=sys.stderr)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"miface_{args.what}.json").write_text(json.dumps(summary, indent=1, default=str))
     return 0
