@@ -32,9 +32,7 @@ from typing import Any
 import numpy as np
 
 from mlinvert.attacks import (
-    NES,
     AttackResult,
-    Broyden,
     Exact,
     FiniteDifferences,
     MIFace,
@@ -42,6 +40,7 @@ from mlinvert.attacks import (
     PCAPrior,
     Pixel,
 )
+from mlinvert.attacks.gradients import GradientSource, parse_gradient
 from mlinvert.attacks.spaces import DAECode
 from mlinvert.data import load
 from mlinvert.data.base import ImageDataset
@@ -158,11 +157,9 @@ def row(name: str, s: dict[str, Any]) -> str:
     )
 
 
-def source(args: argparse.Namespace) -> NES | Broyden:
-    """The black-box gradient source the command line asks for."""
-    if args.gradient == "broyden":
-        return Broyden(step=args.sigma)
-    return NES(samples=args.samples, sigma=args.sigma)
+def source(args: argparse.Namespace) -> GradientSource:
+    """The black-box gradient source the command line asks for (the attack CLI's parser)."""
+    return parse_gradient(args.gradient, samples=args.samples, sigma=args.sigma)
 
 
 def curve(res: AttackResult, class_names: tuple[str, ...]) -> dict[str, AttackResult]:
