@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from mlinvert.attacks import AttackResult
 from mlinvert.cli.main import build_app, main
 from mlinvert.data import load
+from mlinvert.errors import ConfigError
 from mlinvert.targets import save, train_target
 
 
@@ -118,3 +120,69 @@ def test_cli_pca_prior_with_detail_and_radius(
         main([*base, *prior, "--radius", "-1"])
     assert stop.value.code == 2
     assert "radius must be > 0" in capsys.readouterr().err
+
+
+def test_cli_lanes_resume_every_label_and_match_one_by_one(model_dir: Path, tmp_path: Path) -> None:
+    """--lanes 4 attacks the 10 digits 4 at a time; interrupted by a budget and re-run
+    with a larger one, every label resumes from its own checkpoint and ends where an
+    uninterrupted one-by-one run ends (same queries per label, same images)."""
+    base = ["attack", "miface", "--model", str(model_dir), "--all-labels", "--mode", "blackbox"]
+    base += ["--gradient", "nes", "--space", "dct:4", "--samples", "5"]
+    runner = CliRunner()
+    app = build_app()
+
+    def run(out: str, *extra: str) -> AttackResult:
+        res = runner.invoke(app, [*base, "--out", str(tmp_path / out), *extra])
+        assert res.exit_code == 0, res.output
+        return AttackResult.from_json((tmp_path / out / "result.json").read_text())
+
+    ckpt = str(tmp_path / "ck" / "run.npz")
+    part = run("part", "--lanes", "4", "--budget", "110", "--checkpoint", ckpt)
+    assert [p["status"] for p in part.per_label] == ["budget_exhausted"] * 10
+    assert len(list((tmp_path / "ck").glob("run.label*.npz"))) == 10
+    resumed = run("resumed", "--lanes", "4", "--budget", "330", "--checkpoint", ckpt)
+    alone = run("alone", "--lanes", "1", "--budget", "330")
+    assert resumed.labels.tolist() == alone.labels.tolist() == list(range(10))
+    assert [p["n_queries"] for p in resumed.per_label] == [p["n_queries"] for p in alone.per_label]
+    assert all(110 < p["n_queries"] <= 330 for p in resumed.per_label)
+    np.testing.assert_allclose(resumed.reconstructions, alone.reconstructions, atol=1e-5)
+    assert len(list((tmp_path / "resumed").glob("*.png"))) == 10
+    # the lanes read the checkpoints: another seed is another attack, refused
+    other = runner.invoke(
+        app,
+        [*base, "--out", str(tmp_path / "o"), "--lanes", "4", "--seed", "1", "--checkpoint", ckpt],
+    )
+    assert isinstance(other.exception, ConfigError)
+    assert "different attack configuration" in str(other.exception)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--lanes", "4"], "white-box attack runs in process"),
+        (["--lanes", "0", "--mode", "blackbox"], "between 1 (one person at a time) and 64"),
+    ],
+)
+def test_cli_lanes_errors_are_one_line(
+    model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    message: str,
+) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(
+            [
+                "attack",
+                "miface",
+                "--model",
+                str(model_dir),
+                "--all-labels",
+                *extra,
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

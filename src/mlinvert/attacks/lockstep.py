@@ -13,9 +13,10 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from mlinvert.attacks.base import AttackResult, ProgressFn
+from mlinvert.attacks.checkpoint import Checkpoint
 from mlinvert.errors import ConfigError
 from mlinvert.oracle.base import Oracle
-from mlinvert.oracle.lockstep import map_lanes
+from mlinvert.oracle.lockstep import check_lanes, map_lanes
 
 
 class LabelAttack(Protocol):
@@ -43,6 +44,7 @@ def run_lockstep(
     seed: int | None = None,
     budget: int | None = None,
     progress: ProgressFn | None = None,
+    checkpoint: Checkpoint | None = None,
     max_wait: float = 0.05,
 ) -> list[AttackResult]:
     """Run ``make_attack(label).run(lane, label, seed=seed, budget=budget, ...)`` for
@@ -50,11 +52,12 @@ def run_lockstep(
 
     ``seed`` is an int or None (every label gets it, as :meth:`MIFace.run_all` does; a
     shared Generator would be drawn from in a thread-dependent order). ``progress`` is
-    called from the worker threads. The first error of any label is raised once every
-    label has finished.
+    called from the worker threads. ``checkpoint`` (attacks that take one, MIFace) gives
+    each label its own file, ``checkpoint.for_label(label)``, so an interrupted run
+    resumes every lane where it stopped. The first error of any label is raised once
+    every label has finished.
     """
-    if lanes < 1:
-        raise ConfigError(f"lanes must be >= 1, got {lanes}")
+    check_lanes(lanes)
     if seed is not None and not isinstance(seed, int):
         raise ConfigError(
             f"run_lockstep needs an int seed (or None), got {type(seed).__name__}: labels run "
@@ -62,7 +65,12 @@ def run_lockstep(
         )
 
     def attack(label: int, lane: Oracle) -> AttackResult:
-        return make_attack(label).run(lane, label, seed=seed, budget=budget, progress=progress)
+        extra: dict[str, Any] = {}
+        if checkpoint is not None:
+            extra["checkpoint"] = checkpoint.for_label(label)
+        return make_attack(label).run(
+            lane, label, seed=seed, budget=budget, progress=progress, **extra
+        )
 
     futures = map_lanes(attack, labels, oracle, lanes=lanes, max_wait=max_wait)
     return [f.result() for f in futures]

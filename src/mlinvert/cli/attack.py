@@ -121,6 +121,12 @@ def register(app: typer.Typer) -> None:
         checkpoint: Path | None = typer.Option(
             None, "--checkpoint", help="Checkpoint file; an interrupted run resumes from it."
         ),
+        lanes: int = typer.Option(
+            1,
+            "--lanes",
+            help="With --all-labels through an API (blackbox, label-only): attack N people "
+            "at once, their probes sent together in one request per step (1: one by one).",
+        ),
         seed: int = typer.Option(0, "--seed"),
     ) -> None:
         """Reconstruct a person's face (MI-Face, Fredrikson et al. CCS 2015; BREP-MI)."""
@@ -133,14 +139,22 @@ def register(app: typer.Typer) -> None:
             MIFace,
             MIFaceConfig,
             parse_gradient,
+            run_lockstep,
         )
         from mlinvert.attacks.base import ProgressEvent
         from mlinvert.attacks.miface import resolve_label
+        from mlinvert.oracle.lockstep import check_lanes
 
         if mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
         if (label is None) == (not all_labels):
             raise ConfigError("pass --label NAME or --all-labels (exactly one)")
+        check_lanes(lanes)
+        if lanes > 1 and mode == "whitebox":
+            raise ConfigError(
+                "--lanes batches the API queries of --mode blackbox or label-only; a "
+                "white-box attack runs in process on the model's gradients: drop --lanes"
+            )
         oracle = _oracle(model, target, api_key, mode, policy)
         info = oracle.info
         labels = (
@@ -148,7 +162,8 @@ def register(app: typer.Typer) -> None:
             if all_labels
             else [resolve_label(label or "", info.class_names)]
         )
-        search = _space(space, mode, aux, pca_k, detail, radius, augment)
+        # bound once here, so every label shares one prior instead of fitting its own
+        search = _space(space, mode, aux, pca_k, detail, radius, augment).bind(info.input_shape)
         attack: Any
         if mode == "label-only":
             attack = LabelOnly(LabelOnlyConfig(), space=search)
@@ -162,7 +177,7 @@ def register(app: typer.Typer) -> None:
             )
             attack = MIFace(cfg, gradient=source, space=search)
         ckpt = None if checkpoint is None else Checkpoint(checkpoint)
-        results = []
+        results: list[AttackResult] = []
         t0 = time.perf_counter()
         columns = (
             TextColumn("[bold]{task.description}"),
@@ -173,32 +188,52 @@ def register(app: typer.Typer) -> None:
             TimeElapsedColumn(),
         )
         with Progress(*columns, console=console, transient=False) as bar:
-            for lab in labels:
-                name = info.class_names[lab]
-                task = bar.add_task(name, total=budget, metric="", rate=0.0)
+            tasks = {
+                lab: bar.add_task(info.class_names[lab], total=budget, metric="", rate=0.0)
+                for lab in labels
+            }
 
-                def show(ev: ProgressEvent, task: Any = task) -> None:
-                    metric = (
-                        f"in-class {ev.confidence:.2f} r={ev.best_confidence:.2f}"
-                        if mode == "label-only"
-                        else f"conf {ev.confidence:.3f} best {ev.best_confidence:.3f}"
-                    )
-                    bar.update(
-                        task,
-                        completed=ev.n_queries,
-                        metric=metric,
-                        rate=ev.n_queries / max(ev.elapsed_s, 1e-9),
-                    )
+            def show(ev: ProgressEvent) -> None:
+                metric = (
+                    f"in-class {ev.confidence:.2f} r={ev.best_confidence:.2f}"
+                    if mode == "label-only"
+                    else f"conf {ev.confidence:.3f} best {ev.best_confidence:.3f}"
+                )
+                bar.update(
+                    tasks[ev.label],
+                    completed=ev.n_queries,
+                    metric=metric,
+                    rate=ev.n_queries / max(ev.elapsed_s, 1e-9),
+                )
 
-                kwargs: dict[str, Any] = {"seed": seed, "budget": budget, "progress": show}
-                if ckpt is not None and mode != "label-only":
-                    kwargs["checkpoint"] = ckpt.for_label(lab)
-                result = attack.run(oracle, lab, **kwargs)
-                bar.update(task, completed=result.n_queries, total=result.n_queries or 1)
-                results.append(result)
-                if result.status in ("rate_limited", "blocked"):
-                    console.print(f"[yellow]{result.status}[/]: {result.per_label[0]['message']}")
-                    break
+            ckpt_all = ckpt if mode != "label-only" else None
+            if lanes > 1 and len(labels) > 1:
+                results = run_lockstep(
+                    lambda lab: attack,
+                    oracle,
+                    labels,
+                    lanes=min(lanes, len(labels)),
+                    seed=seed,
+                    budget=budget,
+                    progress=show,
+                    checkpoint=ckpt_all,
+                )
+            else:
+                for lab in labels:
+                    kwargs: dict[str, Any] = {"seed": seed, "budget": budget, "progress": show}
+                    if ckpt_all is not None:
+                        kwargs["checkpoint"] = ckpt_all.for_label(lab)
+                    results.append(attack.run(oracle, lab, **kwargs))
+                    if results[-1].status in ("rate_limited", "blocked"):
+                        break  # the API refuses this account: the next labels would fail too
+            for result in results:
+                bar.update(
+                    tasks[result.labels[0]], completed=result.n_queries, total=result.n_queries or 1
+                )
+        stopped = {r.status: r.per_label[0]["message"] for r in results}
+        for status in ("rate_limited", "blocked"):
+            if status in stopped:
+                console.print(f"[yellow]{status}[/]: {stopped[status]}")
         merged = AttackResult.merge(results)
         merged.extra["target"] = target or str(model)
         merged.extra["mode"] = mode

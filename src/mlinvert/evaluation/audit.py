@@ -43,6 +43,7 @@ from threadpoolctl import threadpool_limits
 from mlinvert.data.base import ImageDataset, Split
 from mlinvert.errors import ConfigError, DataError, MlinvertError, ModelError, OracleError
 from mlinvert.oracle.base import Response
+from mlinvert.oracle.lockstep import check_lanes
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,6 @@ TOPK = 3
 #: People one API attack runs on at once (their probes share each request), see
 #: :class:`AuditConfig` and BENCHMARKS.md "Lockstep batching".
 DEFAULT_LANES = 8
-MAX_LANES = 64
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -176,13 +176,7 @@ class AuditConfig:
             raise ConfigError(f"--labels must be >= 1, got {self.labels}")
         if self.budget is not None and self.budget < 10:
             raise ConfigError(f"--budget must be at least 10 queries per person, got {self.budget}")
-        if isinstance(self.lanes, bool) or not isinstance(self.lanes, int):
-            raise ConfigError(f"--lanes must be a whole number, got {self.lanes!r}")
-        if not 1 <= self.lanes <= MAX_LANES:
-            raise ConfigError(
-                f"--lanes must be between 1 (one person at a time) and {MAX_LANES}, "
-                f"got {self.lanes}"
-            )
+        check_lanes(self.lanes)
         object.__setattr__(self, "tree_depths", tuple(self.tree_depths))
         if any(d < 0 for d in self.tree_depths):
             raise ConfigError(f"tree depths must be >= 0 (0 is the root), got {self.tree_depths}")

@@ -35,6 +35,20 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
+#: The most lanes (people attacked at once) a caller may ask for.
+MAX_LANES = 64
+
+
+def check_lanes(lanes: object) -> int:
+    """``lanes`` if it is a whole number in 1..MAX_LANES, else a ConfigError saying so."""
+    if isinstance(lanes, bool) or not isinstance(lanes, int):
+        raise ConfigError(f"--lanes must be a whole number, got {lanes!r}")
+    if not 1 <= lanes <= MAX_LANES:
+        raise ConfigError(
+            f"--lanes must be between 1 (one person at a time) and {MAX_LANES}, got {lanes}"
+        )
+    return lanes
+
 
 @dataclass(eq=False)
 class _Item:
