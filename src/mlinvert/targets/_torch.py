@@ -274,7 +274,9 @@ class TorchTarget:
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Class probabilities ``(n, k)`` float64."""
         self._check_fitted()
-        x = check_images(X, self.input_shape_)
+        # torch refuses to wrap a read-only array quietly (a request body decoded by
+        # np.frombuffer is one): copy only those
+        x = np.require(check_images(X, self.input_shape_), requirements="W")
         out = []
         with torch.no_grad():
             for start in range(0, x.shape[0], PREDICT_CHUNK):
