@@ -12,6 +12,7 @@ from mlinvert.attacks import DCT, NES, LabelOnly, LabelOnlyConfig, MIFace, MIFac
 from mlinvert.attacks.base import AttackResult
 from mlinvert.attacks.lockstep import run_lockstep
 from mlinvert.defenses import Predictor
+from mlinvert.defenses.ratelimit import RateLimiter
 from mlinvert.errors import ConfigError
 from mlinvert.oracle import LocalOracle, Response
 from mlinvert.oracle.wrappers import Recording
@@ -107,3 +108,27 @@ def test_run_lockstep_refuses_a_shared_generator(toy_softmax: Any) -> None:
         run_lockstep(lambda lab: LabelOnly(), oracle, [0], lanes=2, seed=np.random.default_rng())  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="lanes"):
         run_lockstep(lambda lab: LabelOnly(), oracle, [0], lanes=0)
+
+
+def test_a_refused_account_stops_new_labels(toy_softmax: Any) -> None:
+    """Two lanes spend a 100-input budget and end rate_limited; with stop_on the six
+    labels not yet started are skipped (left out), without it each is tried and refused."""
+
+    def make(label: int) -> MIFace:
+        return MIFace(
+            MIFaceConfig.improved(max_iter=25, start="grey"), gradient=NES(samples=5), space=DCT(6)
+        )
+
+    def oracle() -> LocalOracle:
+        limit = RateLimiter("100/hour")
+        return LocalOracle(Predictor(_RowWise(toy_softmax), name="toy", guards=[limit]))
+
+    labels = list(range(8))
+    stopped = run_lockstep(make, oracle(), labels, lanes=2, seed=0, stop_on=("rate_limited",))
+    assert [r.labels[0] for r in stopped] == [0, 1]
+    assert all(r.status == "rate_limited" for r in stopped)
+    assert sum(r.n_queries for r in stopped) <= 100
+    every = run_lockstep(make, oracle(), labels, lanes=2, seed=0)
+    assert [r.labels[0] for r in every] == labels
+    assert all(r.status == "rate_limited" for r in every)
+    assert all(r.n_queries == 0 for r in every[2:])

@@ -9,6 +9,7 @@ API sees ``lanes`` times fewer, larger requests.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -45,6 +46,7 @@ def run_lockstep(
     budget: int | None = None,
     progress: ProgressFn | None = None,
     checkpoint: Checkpoint | None = None,
+    stop_on: tuple[str, ...] = (),
     max_wait: float = 0.05,
 ) -> list[AttackResult]:
     """Run ``make_attack(label).run(lane, label, seed=seed, budget=budget, ...)`` for
@@ -54,8 +56,10 @@ def run_lockstep(
     shared Generator would be drawn from in a thread-dependent order). ``progress`` is
     called from the worker threads. ``checkpoint`` (attacks that take one, MIFace) gives
     each label its own file, ``checkpoint.for_label(label)``, so an interrupted run
-    resumes every lane where it stopped. The first error of any label is raised once
-    every label has finished.
+    resumes every lane where it stopped. Once a label ends with a status in ``stop_on``
+    (``rate_limited``, ``blocked``: the API refuses the account), labels not yet started
+    are skipped and left out of the results, as a one-by-one loop would stop there. The
+    first error of any label is raised once every started label has finished.
     """
     check_lanes(lanes)
     if seed is not None and not isinstance(seed, int):
@@ -64,16 +68,23 @@ def run_lockstep(
             "concurrently, so a shared Generator would not give reproducible results"
         )
 
-    def attack(label: int, lane: Oracle) -> AttackResult:
+    stop = threading.Event()
+
+    def attack(label: int, lane: Oracle) -> AttackResult | None:
+        if stop.is_set():
+            return None
         extra: dict[str, Any] = {}
         if checkpoint is not None:
             extra["checkpoint"] = checkpoint.for_label(label)
-        return make_attack(label).run(
+        result = make_attack(label).run(
             lane, label, seed=seed, budget=budget, progress=progress, **extra
         )
+        if result.status in stop_on:
+            stop.set()
+        return result
 
     futures = map_lanes(attack, labels, oracle, lanes=lanes, max_wait=max_wait)
-    return [f.result() for f in futures]
+    return [r for r in (f.result() for f in futures) if r is not None]
 
 
 __all__ = ["LabelAttack", "run_lockstep"]

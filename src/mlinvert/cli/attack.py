@@ -13,6 +13,8 @@ from mlinvert.cli.common import console, out, write_json
 from mlinvert.errors import ConfigError
 
 MODES = ("whitebox", "blackbox", "label-only")
+#: Statuses that mean the API refuses this account: the labels after it are not attacked.
+STOPPED = ("rate_limited", "blocked")
 
 
 def _oracle(
@@ -217,6 +219,7 @@ def register(app: typer.Typer) -> None:
                     budget=budget,
                     progress=show,
                     checkpoint=ckpt_all,
+                    stop_on=STOPPED,
                 )
             else:
                 for lab in labels:
@@ -224,14 +227,18 @@ def register(app: typer.Typer) -> None:
                     if ckpt_all is not None:
                         kwargs["checkpoint"] = ckpt_all.for_label(lab)
                     results.append(attack.run(oracle, lab, **kwargs))
-                    if results[-1].status in ("rate_limited", "blocked"):
+                    if results[-1].status in STOPPED:
                         break  # the API refuses this account: the next labels would fail too
             for result in results:
                 bar.update(
-                    tasks[result.labels[0]], completed=result.n_queries, total=result.n_queries or 1
+                    tasks.pop(int(result.labels[0])),
+                    completed=result.n_queries,
+                    total=result.n_queries or 1,
                 )
+            for task in tasks.values():  # skipped after the API refused the account
+                bar.update(task, metric="not attacked")
         stopped = {r.status: r.per_label[0]["message"] for r in results}
-        for status in ("rate_limited", "blocked"):
+        for status in STOPPED:
             if status in stopped:
                 console.print(f"[yellow]{status}[/]: {stopped[status]}")
         merged = AttackResult.merge(results)
