@@ -1,5 +1,6 @@
 """Coalescer lanes: exact per-lane counts, the right rows back, few combined requests,
-errors in every lane of a request, and no deadlock when a lane stops early."""
+errors in every lane of a request (lane by lane for bad input and an overdrawn rate
+limit), and no deadlock when a lane stops early."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from mlinvert.defenses import Predictor
+from mlinvert.defenses.ratelimit import RateLimiter
 from mlinvert.errors import (
+    Blocked,
     BudgetExhausted,
     ConfigError,
     OracleError,
@@ -73,6 +77,22 @@ class _Echo:
         finally:
             with self._lock:
                 self.concurrent -= 1
+
+
+class _Rows:
+    """A two-class model to serve behind a Predictor: p = (mean pixel, 1 - mean pixel)."""
+
+    kind = "toy"
+    classes_ = np.arange(2)
+    class_names_: tuple[str, ...] = ("a", "b")
+    input_shape_: tuple[int, ...] = SHAPE
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        m = np.asarray(X).reshape(len(X), -1).mean(axis=1)
+        return np.stack([m, 1 - m], axis=1)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.predict_proba(X).argmax(axis=1)
 
 
 def _inputs(lane: int, step: int, n: int) -> np.ndarray:
@@ -206,7 +226,7 @@ def test_an_interrupt_in_the_caller_stops_the_running_lanes_at_once() -> None:
 def test_an_error_of_the_combined_request_reaches_every_lane_in_it() -> None:
     def fail(request: int, x: np.ndarray) -> None:
         if request == 2:
-            raise RateLimited("rate limit reached", retry_after=3.0)
+            raise Blocked("account flagged for investigation")
 
     inner = _Echo(fail)
     co = Coalescer(inner, lanes=3, max_wait=5.0)
@@ -217,14 +237,37 @@ def test_an_error_of_the_combined_request_reaches_every_lane_in_it() -> None:
             for s in range(5):
                 try:
                     lane.query(_inputs(i, s, 2))
-                except RateLimited as exc:
+                except Blocked as exc:
                     return lane.n_queries, exc
             return lane.n_queries, None
 
     out = _in_threads([partial(work, i) for i in range(3)])
     for n, exc in out:
-        assert n == 4 and isinstance(exc, RateLimited) and exc.retry_after == 3.0
+        assert n == 4 and isinstance(exc, Blocked)
     assert inner.n_queries == 12
+
+
+def test_a_rate_limit_the_combined_batch_overdraws_still_admits_the_lanes_that_fit() -> None:
+    """A 50-input bucket, 26 inputs spent: three lanes of 8 rows (24) fit, one request of
+    all four (32) does not; re-sent lane by lane, three are answered and the fourth sees
+    the 429 with its own retry-after, exactly as one-at-a-time attacks would."""
+    limited = LocalOracle(Predictor(_Rows(), name="toy", guards=[RateLimiter("50/hour")]))
+    limited.query(np.zeros((26, *SHAPE), dtype=np.float32))
+    co = Coalescer(limited, lanes=4, max_wait=5.0)
+    lanes = [co.lane() for _ in range(4)]
+
+    def work(i: int) -> Any:
+        with lanes[i] as lane:
+            try:
+                return lane.query(_inputs(i, 0, 8)).labels.tolist()
+            except RateLimited as exc:
+                return exc
+
+    out = _in_threads([partial(work, i) for i in range(4)])
+    answered = [o for o in out if isinstance(o, list)]
+    refused = [o for o in out if isinstance(o, RateLimited)]
+    assert len(answered) == 3 and len(refused) == 1 and refused[0].retry_after > 0
+    assert limited.n_queries == 26 + 24
 
 
 def test_a_short_answer_is_an_error_in_every_lane_not_a_wrong_slice() -> None:
@@ -332,24 +375,8 @@ def test_close_aborts_a_waiting_lane_and_bad_settings_are_refused() -> None:
 
 
 def test_batch_limit_of_a_local_oracle_includes_the_rate_limit_burst() -> None:
-    from mlinvert.defenses import Predictor
-    from mlinvert.defenses.ratelimit import RateLimiter
-
-    class _Model:
-        kind = "toy"
-        classes_ = np.arange(2)
-        class_names_: tuple[str, ...] = ("a", "b")
-        input_shape_: tuple[int, ...] = SHAPE
-
-        def predict_proba(self, X: np.ndarray) -> np.ndarray:
-            m = np.asarray(X).reshape(len(X), -1).mean(axis=1)
-            return np.stack([m, 1 - m], axis=1)
-
-        def predict(self, X: np.ndarray) -> np.ndarray:
-            return self.predict_proba(X).argmax(axis=1)
-
-    plain = LocalOracle(Predictor(_Model(), name="m", max_batch=64))
-    limited = LocalOracle(Predictor(_Model(), name="m", guards=[RateLimiter("30/hour")]))
+    plain = LocalOracle(Predictor(_Rows(), name="m", max_batch=64))
+    limited = LocalOracle(Predictor(_Rows(), name="m", guards=[RateLimiter("30/hour")]))
     assert batch_limit(plain) == 64
     assert batch_limit(limited) == 30
     assert batch_limit(_Echo()) is None

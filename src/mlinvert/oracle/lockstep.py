@@ -9,10 +9,12 @@ own inputs. ``lane.query(x)`` waits until every open lane is waiting (or ``max_w
 seconds have passed since the oldest waiting batch arrived and the last request ended,
 so a lane that is busy computing cannot stall the others for long), then one combined
 request carries every waiting lane's inputs and each lane gets back its own rows. An
-error of the combined request (RateLimited, Blocked, OracleError, ...) is raised in
-every lane whose inputs it carried; a batch refused as bad input (QueryRejected) is
-re-sent lane by lane so only the lane that sent it sees the refusal. :func:`map_lanes`
-runs a function over many items on ``lanes`` worker threads, one lane each.
+error of the combined request (Blocked, OracleError, ...) is raised in every lane whose
+inputs it carried; a batch refused as bad input (QueryRejected) or by a rate limit it
+overdraws (RateLimited) is re-sent lane by lane, so only the lane that sent the bad input
+sees the refusal and the lanes whose own batches still fit the account's remaining
+budget are answered. :func:`map_lanes` runs a function over many items on ``lanes``
+worker threads, one lane each.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from mlinvert.errors import ConfigError, OracleError, QueryRejected
+from mlinvert.errors import ConfigError, OracleError, QueryRejected, RateLimited
 from mlinvert.oracle.base import Oracle, OracleInfo, Response
 
 log = logging.getLogger(__name__)
@@ -240,8 +242,10 @@ class Coalescer:
         x = batch[0].x if len(batch) == 1 else np.concatenate([i.x for i in batch])
         try:
             response = self.oracle.query(x)
-        except QueryRejected as exc:
-            if len(batch) > 1:  # bad input of one lane: only that lane is refused
+        except (QueryRejected, RateLimited) as exc:
+            # bad input of one lane: only that lane is refused; a rate limit that the
+            # combined batch overdraws may still admit some lanes' own batches
+            if len(batch) > 1:
                 for it in batch:
                     self._send([it])
                 return
