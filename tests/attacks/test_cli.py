@@ -103,15 +103,15 @@ def test_cli_pca_prior_with_detail_and_radius(
     clear error line."""
     out = tmp_path / "pca"
     base = ["attack", "miface", "--model", str(model_dir), "--label", "5", "--out", str(out)]
-    prior = ["--space", "pca", "--aux", "digits", "--pca-k", "10", "--detail", "3", "--augment"]
+    prior = ["--space", "pca", "--aux", "lfw", "--pca-k", "10", "--detail", "3", "--augment"]
     res = CliRunner().invoke(build_app(), [*base, *prior, "--radius", "0.8", "--max-iter", "30"])
     assert res.exit_code == 0, res.output
     space = AttackResult.from_json((out / "result.json").read_text()).config["space"]
     assert space == {
         "name": "pca",
         "k": 10,
-        "n_aux": 1797,
-        "source": "digits",
+        "n_aux": 100,
+        "source": "lfw",
         "detail": 3,
         "radius": 0.8,
         "augment": True,
@@ -120,6 +120,31 @@ def test_cli_pca_prior_with_detail_and_radius(
         main([*base, *prior, "--radius", "-1"])
     assert stop.value.code == 2
     assert "radius must be > 0" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_prior_that_holds_the_models_training_photos(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The model card says it trained on digits: --aux digits holds those very images."""
+    with pytest.raises(SystemExit) as stop:
+        main(
+            [
+                "attack",
+                "miface",
+                "--model",
+                str(model_dir),
+                "--label",
+                "5",
+                "--aux",
+                "digits",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "coincides with private training image" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
 
 
 def test_cli_lanes_resume_every_label_and_match_one_by_one(model_dir: Path, tmp_path: Path) -> None:

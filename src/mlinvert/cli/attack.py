@@ -69,6 +69,32 @@ def _space(
     return parse_space(spec, k=pca_k, detail=detail, radius=radius or None, augment=augment)
 
 
+def _check_prior_is_public(model: Path, aux: str) -> None:
+    """Refuse ``--aux`` images that include the local model's private training photos.
+
+    The model card names its data set and split; when that data is on this machine, an
+    auxiliary image (nearly) equal to a training photo is a ConfigError — a prior built
+    from the target's own photos would measure nothing. Without the data nothing can be
+    checked, and the attack goes on (the card's data set may live elsewhere).
+    """
+    from mlinvert.attacks.spaces import check_disjoint, load_aux
+    from mlinvert.data import load
+    from mlinvert.errors import MlinvertError
+    from mlinvert.targets.io import read_card
+
+    card = read_card(model)
+    spec, split = card.get("dataset"), card.get("split")
+    if not spec or not isinstance(split, dict):
+        return
+    try:
+        images = getattr(load(spec), "images", None)
+    except MlinvertError as exc:
+        console.print(f"[yellow]note[/]: cannot check --aux against {spec!r} ({exc})")
+        return
+    if images is not None:
+        check_disjoint(load_aux(aux), images[split["train"]])
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``attack`` command group."""
     attack_app = typer.Typer(help="Model-inversion attacks.", no_args_is_help=True)
@@ -158,6 +184,8 @@ def register(app: typer.Typer) -> None:
                 "white-box attack runs in process on the model's gradients: drop --lanes"
             )
         oracle = _oracle(model, target, api_key, mode, policy)
+        if model is not None and aux is not None:
+            _check_prior_is_public(model, aux)
         info = oracle.info
         labels = (
             list(range(info.n_classes))
