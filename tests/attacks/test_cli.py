@@ -211,3 +211,32 @@ def test_cli_lanes_errors_are_one_line(
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_cli_heldout_prior_per_person(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--aux heldout: each digit's prior is the card's held-out images of the OTHER nine
+    digits (the benchmark's prior), so no image of the attacked class is in it, and the
+    white-box reconstructions are still classified as their digit."""
+    out = tmp_path / "held"
+    args = ["attack", "miface", "--model", str(model_dir), "--all-labels", "--aux", "heldout"]
+    args += ["--pca-k", "12", "--max-iter", "60", "--out", str(out)]
+    res = CliRunner().invoke(build_app(), args)
+    assert res.exit_code == 0, res.output
+    result = AttackResult.from_json((out / "result.json").read_text())
+    assert result.config["space"]["source"] == "held-out photos of other people"
+    data = load("digits", seed=0)
+    _, y_test = data.test()
+    assert result.config["space"]["n_aux"] == int((y_test != 0).sum())  # first label: 0
+    predicted = [p["predicted"] for p in result.per_label]
+    assert sum(int(p) == lab for p, lab in zip(predicted, result.labels, strict=True)) >= 8
+    api = ["--target", "http://127.0.0.1:9/v1/models/x", "--api-key", "k", "--mode", "blackbox"]
+    for argv, message in [
+        ([*args, "--space", "dct:4"], "use --space pca"),
+        ([a for a in args if a not in ("--model", str(model_dir))] + api, "needs --model DIR"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2
+        assert message in capsys.readouterr().err

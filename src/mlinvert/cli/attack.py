@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,8 @@ from mlinvert.cli.common import console, out, write_json
 from mlinvert.errors import ConfigError
 
 MODES = ("whitebox", "blackbox", "label-only")
+#: ``--aux heldout``: per person, the local model's held-out photos of everyone else.
+HELDOUT = "heldout"
 #: Statuses that mean the API refuses this account: the labels after it are not attacked.
 STOPPED = ("rate_limited", "blocked")
 
@@ -69,6 +72,25 @@ def _space(
     return parse_space(spec, k=pca_k, detail=detail, radius=radius or None, augment=augment)
 
 
+def _training_data(model: Path) -> Any:
+    """The local model's image data set with its card's split (DataError if not here)."""
+    import dataclasses
+
+    from mlinvert.data import load
+    from mlinvert.data.base import ImageDataset, Split
+    from mlinvert.errors import DataError
+    from mlinvert.targets.io import read_card
+
+    card = read_card(model)
+    spec, split = card.get("dataset"), card.get("split")
+    if not spec or not isinstance(split, dict):
+        raise DataError(f"the model card in {model} names no data set and split")
+    data = load(spec)
+    if not isinstance(data, ImageDataset):
+        raise DataError(f"the model in {model} was trained on {spec!r}, not on images")
+    return dataclasses.replace(data, split=Split.from_dict(split))
+
+
 def _check_prior_is_public(model: Path, aux: str) -> None:
     """Refuse ``--aux`` images that include the local model's private training photos.
 
@@ -78,21 +100,47 @@ def _check_prior_is_public(model: Path, aux: str) -> None:
     checked, and the attack goes on (the card's data set may live elsewhere).
     """
     from mlinvert.attacks.spaces import check_disjoint, load_aux
-    from mlinvert.data import load
     from mlinvert.errors import MlinvertError
-    from mlinvert.targets.io import read_card
 
-    card = read_card(model)
-    spec, split = card.get("dataset"), card.get("split")
-    if not spec or not isinstance(split, dict):
-        return
     try:
-        images = getattr(load(spec), "images", None)
+        private, _ = _training_data(model).train()
     except MlinvertError as exc:
-        console.print(f"[yellow]note[/]: cannot check --aux against {spec!r} ({exc})")
+        console.print(f"[yellow]note[/]: cannot check --aux against the model's data ({exc})")
         return
-    if images is not None:
-        check_disjoint(load_aux(aux), images[split["train"]])
+    check_disjoint(load_aux(aux), private)
+
+
+def _priors(
+    model: Path | None,
+    spec: str,
+    mode: str,
+    aux: str | None,
+    shape: tuple[int, ...],
+    *,
+    pca_k: int,
+    detail: int,
+    radius: float,
+    augment: bool,
+) -> Callable[[int], Any]:
+    """The search space of each label: one shared space, or with ``--aux heldout`` an
+    eigenface prior per person from the held-out photos of everyone else."""
+    if aux == HELDOUT:
+        assert model is not None  # checked before the oracle is built
+        if spec not in ("auto", "pca"):
+            raise ConfigError(
+                f"--aux heldout builds an eigenface prior: use --space pca, not {spec!r}"
+            )
+        from mlinvert.evaluation.audit import search_space
+
+        data = _training_data(model)
+        return lambda lab: search_space(
+            data, lab, f"pca:{pca_k}", augment=augment, detail=detail, radius=radius or None
+        )
+    if model is not None and aux is not None:
+        _check_prior_is_public(model, aux)
+    # bound once here, so every label shares one prior instead of fitting its own
+    shared = _space(spec, mode, aux, pca_k, detail, radius, augment).bind(shape)
+    return lambda lab: shared
 
 
 def register(app: typer.Typer) -> None:
@@ -124,7 +172,10 @@ def register(app: typer.Typer) -> None:
             help="pixel|lowres:WxH|dct:K|pca:AUX (auto: pca with --aux, else pixel/dct).",
         ),
         aux: str | None = typer.Option(
-            None, "--aux", help="Auxiliary public faces of OTHER people: lfw or a data spec."
+            None,
+            "--aux",
+            help="Auxiliary public faces of OTHER people: lfw, a data spec, or heldout "
+            "(--model only: per person, the card's held-out photos of everyone else).",
         ),
         pca_k: int = typer.Option(40, "--pca-k", help="Eigenfaces kept by the PCA prior."),
         detail: int = typer.Option(
@@ -183,29 +234,43 @@ def register(app: typer.Typer) -> None:
                 "--lanes batches the API queries of --mode blackbox or label-only; a "
                 "white-box attack runs in process on the model's gradients: drop --lanes"
             )
+        if aux == HELDOUT and model is None:
+            raise ConfigError(
+                "--aux heldout reads the held-out photos a local model's card names: it "
+                "needs --model DIR (an API attacker brings public photos: --aux lfw or "
+                "--aux folder:PATH)"
+            )
         oracle = _oracle(model, target, api_key, mode, policy)
-        if model is not None and aux is not None:
-            _check_prior_is_public(model, aux)
         info = oracle.info
         labels = (
             list(range(info.n_classes))
             if all_labels
             else [resolve_label(label or "", info.class_names)]
         )
-        # bound once here, so every label shares one prior instead of fitting its own
-        search = _space(space, mode, aux, pca_k, detail, radius, augment).bind(info.input_shape)
-        attack: Any
-        if mode == "label-only":
-            attack = LabelOnly(LabelOnlyConfig(), space=search)
-        else:
-            overrides = {} if max_iter is None else {"max_iter": max_iter}
-            cfg = MIFaceConfig.paper(**overrides) if paper else MIFaceConfig.improved(**overrides)
+        prior = _priors(
+            model,
+            space,
+            mode,
+            aux,
+            info.input_shape,
+            pca_k=pca_k,
+            detail=detail,
+            radius=radius,
+            augment=augment,
+        )
+        overrides = {} if max_iter is None else {"max_iter": max_iter}
+        cfg = MIFaceConfig.paper(**overrides) if paper else MIFaceConfig.improved(**overrides)
+
+        def make(lab: int) -> Any:
+            if mode == "label-only":
+                return LabelOnly(LabelOnlyConfig(), space=prior(lab))
             source = (
                 Exact()
                 if mode == "whitebox"
                 else parse_gradient(gradient, samples=samples, sigma=sigma, policy=info.policy)
             )
-            attack = MIFace(cfg, gradient=source, space=search)
+            return MIFace(cfg, gradient=source, space=prior(lab))
+
         ckpt = None if checkpoint is None else Checkpoint(checkpoint)
         results: list[AttackResult] = []
         t0 = time.perf_counter()
@@ -239,7 +304,7 @@ def register(app: typer.Typer) -> None:
             ckpt_all = ckpt if mode != "label-only" else None
             if lanes > 1 and len(labels) > 1:
                 results = run_lockstep(
-                    lambda lab: attack,
+                    make,
                     oracle,
                     labels,
                     lanes=min(lanes, len(labels)),
@@ -254,7 +319,7 @@ def register(app: typer.Typer) -> None:
                     kwargs: dict[str, Any] = {"seed": seed, "budget": budget, "progress": show}
                     if ckpt_all is not None:
                         kwargs["checkpoint"] = ckpt_all.for_label(lab)
-                    results.append(attack.run(oracle, lab, **kwargs))
+                    results.append(make(lab).run(oracle, lab, **kwargs))
                     if results[-1].status in STOPPED:
                         break  # the API refuses this account: the next labels would fail too
             for result in results:

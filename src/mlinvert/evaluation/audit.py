@@ -1101,13 +1101,21 @@ def _service(
                 o.close()
 
 
-def search_space(dataset: ImageDataset, label: int, spec: str, *, augment: bool = False) -> Any:
+def search_space(
+    dataset: ImageDataset,
+    label: int,
+    spec: str,
+    *,
+    augment: bool = False,
+    detail: int = 0,
+    radius: float | None = 1.0,
+) -> Any:
     """The attacks' search space for ``label``, bound to the image size.
 
     ``pca:K`` is an eigenface prior from the attacker's auxiliary photos — the held-out
     photos of everyone *except* the attacked person (never a private training photo;
-    PCAPrior checks it; ``augment`` adds their mirror images and 2-px shifts) — other
-    specs go to parse_space.
+    PCAPrior checks it; ``augment`` adds their mirror images and 2-px shifts; ``detail``
+    and ``radius`` as in PCAPrior) — other specs go to parse_space.
     """
     from mlinvert.attacks.spaces import PCAPrior, Space, parse_space
 
@@ -1122,6 +1130,8 @@ def search_space(dataset: ImageDataset, label: int, spec: str, *, augment: bool 
             private=x_train,
             source="held-out photos of other people",
             augment=augment,
+            detail=detail,
+            radius=radius,
         )
     else:
         space = parse_space(spec)
