@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from lockstep_timing import MODELS, ROOT, _requests
+from lockstep_timing import MODELS, ROOT, add_requests
 from mlinvert.attacks import AttackResult
 from mlinvert.data import load
 from mlinvert.data.base import ImageDataset
@@ -97,10 +97,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "likeness": float(np.mean([float(s["likeness"]) for s in scores])),
                     }
                 )
-        for row in rows:  # the service's own log, read once it has stopped
-            requests, inputs = _requests(store, f"cli-lanes{row['lanes']}")
-            row["requests"] = requests
-            row["inputs_per_request"] = round(inputs / max(requests, 1), 1)
+        add_requests(rows, store, lambda row: f"cli-lanes{row['lanes']}")
     return rows
 
 

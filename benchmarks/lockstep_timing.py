@@ -25,6 +25,7 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -55,10 +56,15 @@ MODELS = ROOT / "benchmarks" / "out" / "models"
 log = logging.getLogger("lockstep_timing")
 
 
-def _requests(store: Store, account: str) -> tuple[int, int]:
-    """Answered requests and inputs of ``account`` in the service's query log."""
-    rows = [q for q in store.queries() if str(q.account) == account and q.status == 200]
-    return len(rows), sum(int(q.n_inputs) for q in rows)
+def add_requests(rows: list[dict[str, Any]], store: Store, account: Callable[[dict], str]) -> None:
+    """Give each row its answered ``requests`` and ``inputs_per_request`` from the
+    service's own query log (read once the service has stopped), ``account(row)`` being
+    the account that row's run used."""
+    log_rows = store.queries()
+    for row in rows:
+        mine = [q for q in log_rows if str(q.account) == account(row) and q.status == 200]
+        row["requests"] = len(mine)
+        row["inputs_per_request"] = round(sum(int(q.n_inputs) for q in mine) / max(len(mine), 1), 1)
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -122,10 +128,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 }
                 log.info("%s", json.dumps(row))
                 rows.append(row)
-        for row in rows:  # the service's own log, read once it has stopped
-            requests, inputs = _requests(store, f"bench-{row['kind']}-lanes{row['lanes']}")
-            row["requests"] = requests
-            row["inputs_per_request"] = round(inputs / max(requests, 1), 1)
+        add_requests(rows, store, lambda row: f"bench-{row['kind']}-lanes{row['lanes']}")
     return rows
 
 
