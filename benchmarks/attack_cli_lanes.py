@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from lockstep_timing import MODELS, ROOT, add_requests
+from lockstep_timing import LANE_COLUMNS, MODELS, ROOT, add_requests, markdown
 from mlinvert.attacks import AttackResult
 from mlinvert.data import load
 from mlinvert.data.base import ImageDataset
@@ -101,21 +101,6 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    """The rows as the BENCHMARKS.md table."""
-    head = (
-        "| target | lanes | people | wall s | queries | requests | inputs/request "
-        "| same as first row | eval top-1 | likeness |\n|---|---|---|---|---|---|---|---|---|---|"
-    )
-    lines = [
-        f"| {r['kind']} | {r['lanes']} | {r['people']} | {r['seconds']:.1f} | {r['queries']:,} "
-        f"| {r['requests']:,} | {r['inputs_per_request']:.1f} | {r['same_as_first']} "
-        f"| {r['eval_top1']:.3f} | {r['likeness']:.2f} |"
-        for r in rows
-    ]
-    return "\n".join([head, *lines])
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run, print JSON lines and the table."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -125,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(p.parse_args(argv))
     for r in rows:
         print(json.dumps(r))
-    print(markdown(rows))
+    extra = [("same as first row", "same_as_first", ""), ("eval top-1", "eval_top1", ".3f")]
+    print(markdown(rows, [*LANE_COLUMNS, *extra, ("likeness", "likeness", ".2f")]))
     return 0
 
 

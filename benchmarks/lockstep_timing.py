@@ -132,19 +132,24 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    """The rows as the BENCHMARKS.md table."""
-    head = (
-        "| target | lanes | people | wall s | queries | requests | inputs/request | ms/query "
-        "| eval top-1 | likeness |\n|---|---|---|---|---|---|---|---|---|---|"
-    )
-    lines = [
-        f"| {r['kind']} | {r['lanes']} | {r['people']} | {r['seconds']:.1f} | {r['queries']:,} "
-        f"| {r['requests']:,} | {r['inputs_per_request']:.1f} | {r['ms_per_query']:.2f} "
-        f"| {r['eval_top1']:.2f} | {r['likeness']:.2f} |"
-        for r in rows
-    ]
-    return "\n".join([head, *lines])
+def markdown(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    """``rows`` as a BENCHMARKS.md table; ``columns`` are (header, key, format spec)."""
+    head = "| " + " | ".join(h for h, _, _ in columns) + " |"
+    rule = "|" + "---|" * len(columns)
+    lines = ["| " + " | ".join(format(r[k], f) for _, k, f in columns) + " |" for r in rows]
+    return "\n".join([head, rule, *lines])
+
+
+#: (header, key, format) of the lane tables.
+LANE_COLUMNS = [
+    ("target", "kind", ""),
+    ("lanes", "lanes", ""),
+    ("people", "people", ""),
+    ("wall s", "seconds", ".1f"),
+    ("queries", "queries", ","),
+    ("requests", "requests", ","),
+    ("inputs/request", "inputs_per_request", ".1f"),
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = run(args)
     for r in rows:
         print(json.dumps(r))
-    print(markdown(rows))
+    extra = [("ms/query", "ms_per_query", ".2f"), ("eval top-1", "eval_top1", ".2f")]
+    print(markdown(rows, [*LANE_COLUMNS, *extra, ("likeness", "likeness", ".2f")]))
     return 0
 
 
