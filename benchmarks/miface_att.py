@@ -57,17 +57,18 @@ log = logging.getLogger("miface_att")
 SNAPS = (250, 500, 1000, 2500, 5000, 10_000, 20_000)  # query counts of the quality curve
 
 
-def target(ds: ImageDataset, kind: str) -> Any:
-    """The project's trained target of ``kind`` (cached as a model folder)."""
+def target(ds: ImageDataset, kind: str, seed: int = 0) -> Any:
+    """The project's trained target of ``kind`` (cached as a model folder; a training
+    ``seed`` other than 0 gets its own folder, ``KIND-seedS``)."""
     from mlinvert.targets import load as load_model
     from mlinvert.targets.io import save
     from mlinvert.targets.training import train_target
 
-    folder = OUT / "models" / kind
+    folder = OUT / "models" / (kind if seed == 0 else f"{kind}-seed{seed}")
     if (folder / "model.json").exists():
         return load_model(folder), folder
     t0 = time.perf_counter()
-    trained = train_target(ds, kind, seed=0)
+    trained = train_target(ds, kind, seed=seed)
     save(trained.model, folder, card=trained.card)
     log.info("trained %s in %.0f s", kind, time.perf_counter() - t0)
     return trained.model, folder
@@ -83,9 +84,10 @@ def aux_prior(ds: ImageDataset, label: int, k: int = 200) -> PCAPrior:
     return space
 
 
-def judge_for(ds: ImageDataset) -> FaceJudge:
-    """FaceJudge with the project's evaluation model when it can be trained."""
-    eval_model, _ = target(ds, "evaluation")
+def judge_for(ds: ImageDataset, seed: int = 0) -> FaceJudge:
+    """FaceJudge with the project's evaluation model (training ``seed``; 0 is the judge
+    of every table, other seeds measure how much the numbers owe to that one model)."""
+    eval_model, _ = target(ds, "evaluation", seed)
     return FaceJudge.fit(ds, eval_model, seed=0)
 
 
@@ -288,12 +290,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--http", action="store_true", help="black-box over the real HTTP service")
     p.add_argument("--grid", action="store_true", help="save image grids under docs/images")
+    p.add_argument(
+        "--judge-seeds",
+        default="",
+        help="also score every row with evaluation models trained with these seeds (1,2,3)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     ds = load(f"att:{DATA}", seed=0)
     if not isinstance(ds, ImageDataset):
         raise DataError(f"expected the AT&T face images at {DATA}, got {type(ds).__name__}")
     judge = judge_for(ds)
+    others = {int(v): judge_for(ds, int(v)) for v in args.judge_seeds.split(",") if v.strip()}
     labels = list(range(min(args.labels, ds.n_classes)))
     lab_arr = np.asarray(labels)
     summary: dict[str, Any] = {"what": args.what, "labels": len(labels), "rows": {}}
@@ -301,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     refs = references(judge, lab_arr)
     for name, s in refs.items():
         print(row(f"reference: {name}", s))
+    for seed, other in others.items():
+        for name, s in references(other, lab_arr).items():
+            summary["rows"][f"reference: {name}, judge seed {seed}"] = s
+            print(row(f"reference: {name}, judge seed {seed}", s))
     for kind in args.kinds.split(","):
         model, folder = target(ds, kind)
         results: dict[str, AttackResult] = {}
@@ -406,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
             s = summarise(judge, res)
             summary["rows"][f"{kind}: {name}"] = kind_rows[name] = s
             print(row(f"{kind}: {name}", s), flush=True)
+            for seed, other in others.items():
+                summary["rows"][f"{kind}: {name}, judge seed {seed}"] = o = summarise(other, res)
+                print(row(f"{kind}: {name}, judge seed {seed}", o), flush=True)
             if args.grid:
                 slug = "".join(ch if ch.isalnum() else "_" for ch in f"{kind}_{name}")[:60]
                 print(f"  grid: {save_grid(judge, res, 'miface_' + slug)}", file=sys.stderr)
