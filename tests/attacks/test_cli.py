@@ -69,6 +69,28 @@ def test_cli_blackbox_writes_pngs_and_result(model_dir: Path, tmp_path: Path) ->
     assert doc["per_label"][0]["n_queries"] == result.n_queries
 
 
+def test_cli_objective_reaches_the_attack_and_is_checked(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--objective prob against rounded scores (where BENCHMARKS finds it can beat the
+    margin) is what the attack climbs; a wrong name or label-only mode is one line."""
+    args = ["attack", "miface", "--model", str(model_dir), "--label", "3", "--mode", "blackbox"]
+    args += ["--policy", "round:2", "--space", "dct:4", "--budget", "200", "--samples", "5"]
+    for objective in ("prob", "margin"):
+        out = tmp_path / objective
+        res = CliRunner().invoke(build_app(), [*args, "--objective", objective, "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        result = AttackResult.from_json((out / "result.json").read_text())
+        assert result.config["objective"] == objective
+        assert result.per_label[0]["score_floor"] == pytest.approx(0.005)
+    bad = _one_line_error([*args, "--objective", "odds", "--out", str(tmp_path / "x")], capsys)
+    assert "objective must be prob, log or margin" in bad
+    label_only = [*args[:6], "--mode", "label-only", "--objective", "prob"]
+    assert "label-only attack has no scores" in _one_line_error(
+        [*label_only, "--out", str(tmp_path / "y")], capsys
+    )
+
+
 def test_cli_whitebox_all_labels_and_errors(model_dir: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     app = build_app()

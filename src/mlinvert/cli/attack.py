@@ -192,6 +192,12 @@ def register(app: typer.Typer) -> None:
             help="PCA prior of FACES: add mirrored and 2-px shifted copies of each aux face.",
         ),
         paper: bool = typer.Option(False, "--paper", help="Paper settings (GD on 1-p, x0=0)."),
+        objective: str | None = typer.Option(
+            None,
+            "--objective",
+            help="What MI-Face climbs: prob (the paper's 1-p), log, or margin (default: "
+            "prob with --paper, else margin; against rounded scores prob can do better).",
+        ),
         max_iter: int | None = typer.Option(None, "--max-iter", help="alpha (iterations)."),
         budget: int | None = typer.Option(None, "--budget", help="Queries per label."),
         policy: str = typer.Option(
@@ -258,7 +264,14 @@ def register(app: typer.Typer) -> None:
             radius=radius,
             augment=augment,
         )
-        overrides = {} if max_iter is None else {"max_iter": max_iter}
+        overrides: dict[str, Any] = {} if max_iter is None else {"max_iter": max_iter}
+        if objective is not None:
+            if mode == "label-only":
+                raise ConfigError(
+                    "--objective sets what MI-Face climbs; the label-only attack has no "
+                    "scores to climb: drop --objective or use --mode whitebox/blackbox"
+                )
+            overrides["objective"] = objective
         cfg = MIFaceConfig.paper(**overrides) if paper else MIFaceConfig.improved(**overrides)
 
         def make(lab: int) -> Any:
