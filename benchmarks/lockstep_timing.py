@@ -103,14 +103,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 oracle = HttpOracle(service.model_url(kind), key, max_wait=0.0)
                 oracle.info  # noqa: B018 - fetched before the clock starts
                 t0 = time.perf_counter()
-                if lanes == 1:  # the audit's sequential loop
-                    results = [
-                        make(lab).run(oracle, lab, seed=0, budget=preset.budget) for lab in labels
-                    ]
-                else:
-                    results = run_lockstep(
-                        make, oracle, labels, lanes=lanes, seed=0, budget=preset.budget
-                    )
+                # one lane: one person after another on the oracle itself
+                results = run_lockstep(
+                    make, oracle, labels, lanes=lanes, seed=0, budget=preset.budget
+                )
                 seconds = time.perf_counter() - t0
                 oracle.close()
                 merged = AttackResult.merge(results)

@@ -8,13 +8,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mlinvert.attacks import DCT, NES, LabelOnly, LabelOnlyConfig, MIFace, MIFaceConfig
+from mlinvert.attacks import DCT, NES, Exact, LabelOnly, LabelOnlyConfig, MIFace, MIFaceConfig
 from mlinvert.attacks.base import AttackResult
 from mlinvert.attacks.lockstep import run_lockstep
 from mlinvert.defenses import Predictor
 from mlinvert.defenses.ratelimit import RateLimiter
 from mlinvert.errors import ConfigError
-from mlinvert.oracle import LocalOracle, Response
+from mlinvert.oracle import LocalOracle, Response, WhiteBoxOracle
 from mlinvert.oracle.wrappers import Recording
 
 
@@ -105,7 +105,7 @@ def test_label_only_lockstep_equals_sequential(toy_softmax: Any) -> None:
 def test_run_lockstep_refuses_a_shared_generator(toy_softmax: Any) -> None:
     oracle = LocalOracle(Predictor(_RowWise(toy_softmax), name="toy"))
     with pytest.raises(ConfigError, match="int seed"):
-        run_lockstep(lambda lab: LabelOnly(), oracle, [0], lanes=2, seed=np.random.default_rng())  # type: ignore[arg-type]
+        run_lockstep(lambda lab: LabelOnly(), oracle, [0], lanes=2, seed=np.random.default_rng())
     with pytest.raises(ConfigError, match="lanes"):
         run_lockstep(lambda lab: LabelOnly(), oracle, [0], lanes=0)
 
@@ -132,3 +132,22 @@ def test_a_refused_account_stops_new_labels(toy_softmax: Any) -> None:
     assert [r.labels[0] for r in every] == labels
     assert all(r.status == "rate_limited" for r in every)
     assert all(r.n_queries == 0 for r in every[2:])
+
+
+def test_one_lane_runs_on_the_oracle_itself(toy_softmax: Any) -> None:
+    """lanes=1 keeps a white-box oracle's gradients (no Coalescer in between) and accepts
+    a Generator seed; MIFace.run_all is that loop and stops at a refused account."""
+    make = lambda lab: MIFace(  # noqa: E731
+        MIFaceConfig.improved(max_iter=20), gradient=Exact(), space=DCT(6)
+    )
+    white = WhiteBoxOracle(Predictor(toy_softmax, name="toy"))
+    got = run_lockstep(make, white, [0, 1, 2], lanes=1, seed=np.random.default_rng(0))
+    assert [r.labels[0] for r in got] == [0, 1, 2]
+    assert sum(r.per_label[0]["predicted"] == r.labels[0] for r in got) >= 2
+    limit = RateLimiter("100/hour")
+    api = LocalOracle(Predictor(_RowWise(toy_softmax), name="toy", guards=[limit]))
+    nes = MIFace(
+        MIFaceConfig.improved(max_iter=25, start="grey"), gradient=NES(samples=5), space=DCT(6)
+    )
+    merged = nes.run_all(api, [0, 1, 2, 3], seed=0)
+    assert merged.labels.tolist() == [0] and merged.status == "rate_limited"

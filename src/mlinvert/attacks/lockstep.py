@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from mlinvert.attacks.base import AttackResult, ProgressFn
 from mlinvert.attacks.checkpoint import Checkpoint
+from mlinvert.data.base import Seed
 from mlinvert.errors import ConfigError
 from mlinvert.oracle.base import Oracle
 from mlinvert.oracle.lockstep import check_lanes, map_lanes
@@ -42,7 +43,7 @@ def run_lockstep(
     labels: list[int],
     *,
     lanes: int,
-    seed: int | None = None,
+    seed: Seed = None,
     budget: int | None = None,
     progress: ProgressFn | None = None,
     checkpoint: Checkpoint | None = None,
@@ -52,17 +53,19 @@ def run_lockstep(
     """Run ``make_attack(label).run(lane, label, seed=seed, budget=budget, ...)`` for
     every label, ``lanes`` labels at a time; results in label order.
 
-    ``seed`` is an int or None (every label gets it, as :meth:`MIFace.run_all` does; a
-    shared Generator would be drawn from in a thread-dependent order). ``progress`` is
-    called from the worker threads. ``checkpoint`` (attacks that take one, MIFace) gives
-    each label its own file, ``checkpoint.for_label(label)``, so an interrupted run
-    resumes every lane where it stopped. Once a label ends with a status in ``stop_on``
+    With one lane the labels run one after another in the caller's thread on ``oracle``
+    itself (a white-box oracle keeps its gradients) and the first error is raised at
+    once. With more, ``seed`` must be an int or None (every label gets it; a shared
+    Generator would be drawn from in a thread-dependent order), ``progress`` is called
+    from the worker threads, and the first error of any label is raised once every
+    started label has finished. ``checkpoint`` (attacks that take one, MIFace) gives each
+    label its own file, ``checkpoint.for_label(label)``, so an interrupted run resumes
+    every label where it stopped. Once a label ends with a status in ``stop_on``
     (``rate_limited``, ``blocked``: the API refuses the account), labels not yet started
-    are skipped and left out of the results, as a one-by-one loop would stop there. The
-    first error of any label is raised once every started label has finished.
+    are skipped and left out of the results.
     """
     check_lanes(lanes)
-    if seed is not None and not isinstance(seed, int):
+    if lanes > 1 and seed is not None and not isinstance(seed, int):
         raise ConfigError(
             f"run_lockstep needs an int seed (or None), got {type(seed).__name__}: labels run "
             "concurrently, so a shared Generator would not give reproducible results"
@@ -83,8 +86,12 @@ def run_lockstep(
             stop.set()
         return result
 
-    futures = map_lanes(attack, labels, oracle, lanes=lanes, max_wait=max_wait)
-    return [r for r in (f.result() for f in futures) if r is not None]
+    if lanes == 1:
+        done = (attack(label, oracle) for label in labels)
+    else:
+        futures = map_lanes(attack, labels, oracle, lanes=lanes, max_wait=max_wait)
+        done = (f.result() for f in futures)
+    return [r for r in done if r is not None]
 
 
 __all__ = ["LabelAttack", "run_lockstep"]

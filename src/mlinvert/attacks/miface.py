@@ -43,6 +43,7 @@ from mlinvert.attacks.gradients import (
     ObjectiveKind,
     score_floor,
 )
+from mlinvert.attacks.lockstep import run_lockstep
 from mlinvert.attacks.spaces import Pixel, Space
 from mlinvert.data.base import Seed, rng_from
 from mlinvert.errors import AttackError, ConfigError, OracleError
@@ -545,19 +546,17 @@ class MIFace:
         Stops early (keeping what it has) when the API rate-limits or blocks.
         """
         todo = list(range(oracle.info.n_classes)) if labels is None else labels
-        results = []
-        for lab in todo:
-            r = self.run(
-                oracle,
-                lab,
-                seed=seed,
-                budget=budget,
-                progress=progress,
-                checkpoint=None if checkpoint is None else checkpoint.for_label(lab),
-            )
-            results.append(r)
-            if r.status in ("rate_limited", "blocked"):
-                break
+        results = run_lockstep(
+            lambda lab: self,
+            oracle,
+            todo,
+            lanes=1,
+            seed=seed,
+            budget=budget,
+            progress=progress,
+            checkpoint=checkpoint,
+            stop_on=("rate_limited", "blocked"),
+        )
         return AttackResult.merge(results)
 
 

@@ -284,8 +284,8 @@ def register(app: typer.Typer) -> None:
             )
             return MIFace(cfg, gradient=source, space=prior(lab))
 
-        ckpt = None if checkpoint is None else Checkpoint(checkpoint)
-        results: list[AttackResult] = []
+        # the label-only attack keeps no state worth resuming
+        ckpt = None if checkpoint is None or mode == "label-only" else Checkpoint(checkpoint)
         t0 = time.perf_counter()
         columns = (
             TextColumn("[bold]{task.description}"),
@@ -314,27 +314,17 @@ def register(app: typer.Typer) -> None:
                     rate=ev.n_queries / max(ev.elapsed_s, 1e-9),
                 )
 
-            ckpt_all = ckpt if mode != "label-only" else None
-            if lanes > 1 and len(labels) > 1:
-                results = run_lockstep(
-                    make,
-                    oracle,
-                    labels,
-                    lanes=min(lanes, len(labels)),
-                    seed=seed,
-                    budget=budget,
-                    progress=show,
-                    checkpoint=ckpt_all,
-                    stop_on=STOPPED,
-                )
-            else:
-                for lab in labels:
-                    kwargs: dict[str, Any] = {"seed": seed, "budget": budget, "progress": show}
-                    if ckpt_all is not None:
-                        kwargs["checkpoint"] = ckpt_all.for_label(lab)
-                    results.append(make(lab).run(oracle, lab, **kwargs))
-                    if results[-1].status in STOPPED:
-                        break  # the API refuses this account: the next labels would fail too
+            results = run_lockstep(
+                make,
+                oracle,
+                labels,
+                lanes=min(lanes, len(labels)),
+                seed=seed,
+                budget=budget,
+                progress=show,
+                checkpoint=ckpt,
+                stop_on=STOPPED,
+            )
             for result in results:
                 bar.update(
                     tasks.pop(int(result.labels[0])),
