@@ -1,6 +1,15 @@
 """Defences: output policies, guards (rate limit, detector) and the Predictor."""
 
 from mlinvert.defenses.base import Guard, OutputPolicy
+from mlinvert.defenses.detector import (
+    DETECTOR_GRAMMAR,
+    DetectorConfig,
+    Flag,
+    FlagStore,
+    MemoryFlags,
+    QueryDetector,
+    parse_detector,
+)
 from mlinvert.defenses.policies import (
     POLICY_GRAMMAR,
     Chain,
@@ -23,15 +32,21 @@ from mlinvert.defenses.ratelimit import (
 )
 
 __all__ = [
+    "DETECTOR_GRAMMAR",
     "POLICY_GRAMMAR",
     "Chain",
+    "DetectorConfig",
+    "Flag",
+    "FlagStore",
     "FullScores",
     "GaussianNoise",
     "Guard",
     "LabelsOnly",
     "MemoryBuckets",
+    "MemoryFlags",
     "OutputPolicy",
     "Predictor",
+    "QueryDetector",
     "Rate",
     "RateLimiter",
     "RedisBuckets",
@@ -39,6 +54,7 @@ __all__ = [
     "Round",
     "RoundTo",
     "TopK",
+    "parse_detector",
     "parse_policy",
     "parse_rate",
 ]

@@ -1,0 +1,160 @@
+"""The query detector: fingerprints, near duplicates, flags and blocking."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from mlinvert.defenses import Predictor
+from mlinvert.defenses.detector import (
+    DetectorConfig,
+    MemoryFlags,
+    QueryDetector,
+    fingerprints,
+    parse_detector,
+)
+from mlinvert.errors import Blocked, ConfigError
+from mlinvert.oracle import LocalOracle
+
+
+def _faces(n: int, seed: int = 0) -> np.ndarray:
+    """Smooth random 'photos' (distinct low-frequency images, like different faces)."""
+    rng = np.random.default_rng(seed)
+    small = rng.random((n, 6, 5))
+    big = np.kron(small, np.ones((8, 8)))[:, :46, :38]
+    return np.clip(big + rng.normal(0, 0.05, big.shape), 0, 1).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("spec", "action", "after"),
+    [
+        ("detect", "flag", 100),
+        ("detect:block", "block", 100),
+        ("detect:flag:500", "flag", 500),
+        ("detect:7", "flag", 7),
+        (" DETECT:BLOCK:3 ", "block", 3),
+    ],
+)
+def test_parse_detector(spec: str, action: str, after: int) -> None:
+    cfg = parse_detector(spec)
+    assert (cfg.action, cfg.after) == (action, after)
+    assert parse_detector(cfg.name) == cfg
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "detector",
+        "detect:stop",
+        "detect:5:block",
+        "detect:0",
+        "detect:flag:block",
+        "detect:1:2",
+        "detect:block:-3",
+        "",
+    ],
+)
+def test_parse_detector_rejects_with_the_grammar(spec: str) -> None:
+    with pytest.raises(ConfigError, match="detect"):
+        parse_detector(spec)
+
+
+def test_config_rejects_bad_values() -> None:
+    with pytest.raises(ConfigError, match="match"):
+        DetectorConfig(match=0.0)
+    with pytest.raises(ConfigError, match="step"):
+        DetectorConfig(step=0.001)
+
+
+def test_fingerprints_equal_a_direct_window_hash() -> None:
+    """Each window hash is the polynomial hash of its levels, read off prefix sums."""
+    from mlinvert.defenses.detector import _BASE, _mix
+
+    x = _faces(2)
+    cfg = DetectorConfig(window=7, hashes=30)
+    got = fingerprints(x, cfg)
+    levels = np.floor(x[1].reshape(-1) / np.float32(cfg.step)).astype(np.uint64)
+    weights = np.array([pow(_BASE, j, 2**64) for j in range(7)], dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        direct = [int((levels[i : i + 7] * weights).sum()) for i in range(len(levels) - 6)]
+        want = np.unique(_mix(np.array(direct, dtype=np.uint64)))[:30]
+    assert np.array_equal(got[1], want)
+    assert [len(f) for f in got] == [30, 30]
+
+
+def test_small_input_keeps_what_it_has() -> None:
+    """An input shorter than the window is one window; few distinct windows, short print."""
+    cfg = DetectorConfig()
+    (fp,) = fingerprints(np.full((1, 3, 4), 0.5, dtype=np.float32), cfg)
+    assert len(fp) == 1
+    (fp,) = fingerprints(np.zeros((1, 40, 40), dtype=np.float32), cfg)
+    assert len(fp) == 1  # a flat image: every window is the same
+
+
+def test_probes_are_near_duplicates_and_different_photos_are_not() -> None:
+    rng = np.random.default_rng(1)
+    photos = _faces(60)
+    det = QueryDetector(DetectorConfig(after=10**6))
+    det.check("honest", photos, 0.0)
+    assert det.status("honest") == {"inputs": 60, "near_duplicates": 0}
+    base = photos[0]
+    # an attack's probes: one photo plus small smooth steps (as in a low-dimensional prior)
+    steps = np.kron(rng.normal(0, 0.01, (60, 6, 5)), np.ones((8, 8)))[:, :46, :38]
+    probes = np.clip(base + steps, 0, 1).astype(np.float32)
+    det.check("mallory", probes, 0.0)
+    # most probes repeat half the windows of an earlier one (measured: 45 of 59)
+    assert det.status("mallory")["near_duplicates"] >= 40
+
+
+def test_an_account_is_flagged_after_enough_near_duplicates_and_others_are_not(
+    toys: ModuleType,
+) -> None:
+    flags = MemoryFlags()
+    det = QueryDetector(DetectorConfig(after=20), flags)
+    pred = Predictor(toys.ToySoftmax((46, 38)), name="m", guards=[det], clock=lambda: 42.0)
+    honest = LocalOracle(pred, account="alice")
+    mallory = LocalOracle(pred, account="mallory")
+    photos = _faces(40, seed=3)
+    honest.query(photos)
+    base = photos[:1]
+    for _ in range(3):  # flag mode keeps answering
+        mallory.query(np.repeat(base, 10, axis=0))
+    flag = flags.flagged("mallory")
+    # counted per batch: the third batch of ten crossed 20 (9 + 10 + 10)
+    assert flag is not None and flag.at == 42.0 and flag.near_duplicates == 29
+    assert "29 of the 30 inputs" in flag.detail and flag.inputs == 30
+    assert flags.flagged("alice") is None
+
+
+def test_block_mode_refuses_the_crossing_batch_and_everything_after(toys: ModuleType) -> None:
+    flags = MemoryFlags()
+    det = QueryDetector("detect:block:15", flags)
+    pred = Predictor(toys.ToySoftmax((46, 38)), name="m", guards=[det])
+    mallory = LocalOracle(pred, account="mallory")
+    x = np.repeat(_faces(1), 10, axis=0)
+    mallory.query(x)  # 9 near duplicates: answered
+    with pytest.raises(Blocked, match="mlinvert keys unflag mallory"):
+        mallory.query(x)
+    with pytest.raises(Blocked):
+        mallory.query(_faces(1, seed=9))  # even a fresh photo: the account is blocked
+    LocalOracle(pred, account="alice").query(_faces(5, seed=9))  # others unaffected
+    flags.clear("mallory")
+    mallory.query(_faces(1, seed=9))  # cleared: answered, and counting starts afresh
+    assert det.status("mallory")["near_duplicates"] == 0
+
+
+def test_history_forgets_old_inputs_and_bounds_memory() -> None:
+    det = QueryDetector(DetectorConfig(after=10**6, history=5))
+    photos = _faces(8, seed=4)
+    det.check("a", photos[:1], 0.0)
+    det.check("a", photos[1:7], 0.0)  # pushes the first photo out of the history
+    det.check("a", photos[:1], 0.0)
+    assert det.status("a")["near_duplicates"] == 0
+    det.check("a", photos[6:7], 0.0)  # still remembered
+    assert det.status("a")["near_duplicates"] == 1
+    state = det._accounts["a"]
+    assert len(state.order) == 5
+    remembered = {int(h) for _, fp in state.order for h in fp}
+    assert set(state.index) == remembered
