@@ -140,7 +140,7 @@ def test_block_mode_refuses_the_crossing_batch_and_everything_after(toys: Module
     with pytest.raises(Blocked):
         mallory.query(_faces(1, seed=9))  # even a fresh photo: the account is blocked
     LocalOracle(pred, account="alice").query(_faces(5, seed=9))  # others unaffected
-    flags.clear("mallory")
+    flags.unflag("mallory")
     mallory.query(_faces(1, seed=9))  # cleared: answered, and counting starts afresh
     assert det.status("mallory")["near_duplicates"] == 0
 

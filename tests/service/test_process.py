@@ -31,24 +31,6 @@ POLICIES = {
 SHAPE = (8, 8)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
-    """A small softmax target (the real torch class) on synthetic 8x8 images, saved."""
-    from mlinvert.targets.io import load, save
-    from mlinvert.targets.torch_models import SoftmaxConfig, SoftmaxRegression
-
-    rng = np.random.default_rng(0)
-    centres = rng.random((5, *SHAPE), dtype=np.float32)
-    y = np.repeat(np.arange(5), 12)
-    X = np.clip(centres[y] + rng.normal(0, 0.1, (60, *SHAPE)), 0, 1).astype(np.float32)
-    model = SoftmaxRegression(SoftmaxConfig(seed=0, max_iter=20)).fit(
-        X, y, class_names=tuple(f"s{i}" for i in range(5))
-    )
-    folder = tmp_path_factory.mktemp("models") / "toy-softmax"
-    save(model, folder)
-    return folder, load(folder)
-
-
 def inputs(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).random((n, *SHAPE), dtype=np.float32)
 

@@ -79,6 +79,30 @@ def test_log_synchronous_flag_and_variable(
     assert pragma == {"FULL": 2, "NORMAL": 1}[mode]
 
 
+@pytest.mark.parametrize(
+    ("args", "env", "spec"),
+    [
+        ([], {}, None),
+        (["--detect", "detect:block:50"], {}, "detect:block:50"),
+        ([], {"MLINVERT_DETECTOR": "detect"}, "detect"),
+        (["--detect", "detect:7"], {"MLINVERT_DETECTOR": "detect:block"}, "detect:7"),
+    ],
+)
+def test_detect_flag_and_variable(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    args: list[str],
+    env: dict[str, str],
+    spec: str | None,
+) -> None:
+    monkeypatch.delenv("MLINVERT_DETECTOR", raising=False)
+    settings = _settings_from_cli(monkeypatch, tmp_path, args, env)
+    assert settings.detector == spec
+    models: dict[str, Any] = {"faces": ToySoftmax()}
+    (predictor,) = build_predictors(models, settings).values()
+    assert [g.name for g in predictor.guards] == ([] if spec is None else ["detector"])
+
+
 def test_bad_log_synchronous_value_is_a_config_error(tmp_path: Path) -> None:
     env = {"MLINVERT_DB": str(tmp_path / "s.db"), "MLINVERT_LOG_SYNCHRONOUS": "sometimes"}
     with pytest.raises(ConfigError, match=r"FULL .* or NORMAL"):

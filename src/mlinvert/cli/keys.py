@@ -1,4 +1,4 @@
-"""``mlinvert keys``: create, list and revoke API keys of the prediction service."""
+"""``mlinvert keys``: API keys of the prediction service, and the detector's flags."""
 
 from __future__ import annotations
 
@@ -63,6 +63,37 @@ def revoke(
     count = store.revoke(name)
     store.close()
     console.print(f"revoked {count} key(s) of {name!r}")
+
+
+@keys_app.command("flags")
+def list_flags(db: Path = DbOption) -> None:
+    """List accounts the query detector flagged for investigation, and the evidence."""
+    store = _store(db)
+    records = store.flags()
+    store.close()
+    if not records:
+        console.print("no account has been flagged")
+        return
+    out.print(
+        f"{'account':<24} {'flagged (UTC)':<17} {'cleared (UTC)':<17} evidence", highlight=False
+    )
+    for r in records:
+        out.print(
+            f"{r.flag.account:<24} {_when(r.flag.at):<17} {_when(r.cleared):<17} {r.flag.detail}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+@keys_app.command("unflag")
+def unflag(name: str = typer.Argument(..., help="Account name."), db: Path = DbOption) -> None:
+    """Clear an account's flag after investigation (a blocked account is answered again)."""
+    store = _store(db)
+    try:
+        store.unflag(name)
+    finally:
+        store.close()
+    console.print(f"cleared the flag of {name!r}; the flag stays in `mlinvert keys flags`")
 
 
 def register(app: typer.Typer) -> None:

@@ -22,6 +22,12 @@ def serve_command(
     rate_limit: str = typer.Option(
         None, "--rate-limit", help="Per-account input budget, e.g. 2000/hour. [MLINVERT_RATE_LIMIT]"
     ),
+    detect: str = typer.Option(
+        None,
+        "--detect",
+        help="Query detector: flag (or block) accounts sending near-duplicate inputs, "
+        "detect[:flag|block][:AFTER], e.g. detect:block:100. [MLINVERT_DETECTOR]",
+    ),
     db: Path = typer.Option(None, help="SQLite file for accounts and the query log. [MLINVERT_DB]"),
     host: str = typer.Option(None, help="Interface to bind (default 127.0.0.1). [MLINVERT_HOST]"),
     port: int = typer.Option(None, help="TCP port (default 8000). [MLINVERT_PORT]"),
@@ -47,6 +53,7 @@ def serve_command(
         policy=policy,
         model_policies=tuple(model_policy) if model_policy else None,
         rate_limit=rate_limit,
+        detector=detect,
         db=db,
         host=host,
         port=port,

@@ -196,8 +196,8 @@ class MemoryFlags:
         with self._lock:
             return self._flags.get(account)
 
-    def clear(self, account: str) -> None:
-        """Lift an account's flag."""
+    def unflag(self, account: str) -> None:
+        """Clear an account's flag."""
         with self._lock:
             self._flags.pop(account, None)
 

@@ -142,6 +142,7 @@ class HttpOracle:
                         extra={
                             "max_batch": int(m["max_batch"]),
                             "rate_limit": m.get("rate_limit"),
+                            "detector": m.get("detector"),
                             "feature_names": m.get("feature_names"),
                             "url": self.url,
                         },

@@ -27,6 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from mlinvert import __version__
+from mlinvert.defenses.base import Guard
+from mlinvert.defenses.detector import FlagStore, QueryDetector
 from mlinvert.defenses.policies import parse_policy
 from mlinvert.defenses.predictor import Predictor
 from mlinvert.defenses.ratelimit import BucketStore, MemoryBuckets, RateLimiter, RedisBuckets
@@ -75,20 +77,26 @@ def build_predictors(
     settings: ServiceSettings,
     *,
     bucket_store: BucketStore | None = None,
+    flags: FlagStore | None = None,
 ) -> dict[str, Predictor]:
-    """Wrap each model in a Predictor with its policy and one shared rate limiter.
+    """Wrap each model in a Predictor with its policy, one rate limiter and one detector.
 
     One :class:`RateLimiter` serves every model, so an account has one budget; its
     buckets live in Redis when ``settings.redis_url`` is set. The clock is wall time,
-    which every process sharing Redis agrees on.
+    which every process sharing Redis agrees on. One :class:`QueryDetector` (when
+    ``settings.detector`` is set) sees an account's inputs to every model; it runs after
+    the rate limiter, so it fingerprints only admitted batches, and records its flags in
+    ``flags`` (the service passes its SQLite store, so every process sees a flag).
     """
-    guards = []
+    guards: list[Guard] = []
     if settings.rate_limit is not None:
         if bucket_store is None:
             bucket_store = (
                 RedisBuckets(settings.redis_url) if settings.redis_url else MemoryBuckets()
             )
         guards.append(RateLimiter(settings.rate_limit, bucket_store))
+    if settings.detector is not None:
+        guards.append(QueryDetector(settings.detector, flags))
     return {
         name: Predictor(
             model,
@@ -113,6 +121,7 @@ def _max_batch(predictor: Predictor) -> int:
 def _model_info(predictor: Predictor) -> ModelInfo:
     info = predictor.info
     rate = next((str(g.rate) for g in predictor.guards if isinstance(g, RateLimiter)), None)
+    detector = next((g.config.name for g in predictor.guards if isinstance(g, QueryDetector)), None)
     model = predictor.model
     return ModelInfo(
         name=info.model,
@@ -123,6 +132,7 @@ def _model_info(predictor: Predictor) -> ModelInfo:
         carries=info.carries,
         max_batch=_max_batch(predictor),
         rate_limit=rate,
+        detector=detector,
         feature_names=list(model.feature_names_) if isinstance(model, Tabular) else None,
     )
 

@@ -46,6 +46,7 @@ class ServiceProcess:
         policy: str = "full",
         model_policies: Mapping[str, str] | None = None,
         rate_limit: str | None = None,
+        detector: str | None = None,
         redis_url: str | None = None,
         max_batch: int | None = None,
         max_body_bytes: int | None = None,
@@ -66,6 +67,8 @@ class ServiceProcess:
             args += ["--model-policy", f"{name}={spec}"]
         if rate_limit is not None:
             args += ["--rate-limit", rate_limit]
+        if detector is not None:
+            args += ["--detect", detector]
         if redis_url is not None:
             args += ["--redis", redis_url]
         if max_batch is not None:

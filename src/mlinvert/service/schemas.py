@@ -80,6 +80,7 @@ class ModelInfo(BaseModel):
     carries: str
     max_batch: int
     rate_limit: str | None
+    detector: str | None = None
     feature_names: list[str] | None = None
 
 

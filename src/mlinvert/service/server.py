@@ -9,6 +9,7 @@ from pathlib import Path
 from mlinvert.errors import ConfigError
 from mlinvert.service.app import build_predictors, create_app
 from mlinvert.service.settings import ServiceSettings
+from mlinvert.service.store import Store
 from mlinvert.targets.base import Target
 
 log = logging.getLogger(__name__)
@@ -45,15 +46,17 @@ def serve(settings: ServiceSettings, *, log_level: str = "warning") -> None:
     """Load ``settings.models``, build the app and run it until interrupted."""
     import uvicorn
 
-    predictors = build_predictors(load_models(settings.models), settings)
-    app = create_app(settings, predictors)
+    store = Store(settings.db, synchronous=settings.log_synchronous)
+    predictors = build_predictors(load_models(settings.models), settings, flags=store)
+    app = create_app(settings, predictors, store=store)
     log.warning(
-        "serving %s on http://%s:%d (rate limit %s%s)",
+        "serving %s on http://%s:%d (rate limit %s%s, detector %s)",
         ", ".join(f"{name} [{p.policy.name}]" for name, p in predictors.items()),
         settings.host,
         settings.port,
         settings.rate_limit or "none",
         f", shared via {settings.redis_url}" if settings.redis_url else "",
+        settings.detector or "off",
     )
     uvicorn.run(
         app,

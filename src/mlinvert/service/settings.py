@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from mlinvert.defenses.detector import parse_detector
 from mlinvert.defenses.policies import parse_policy
 from mlinvert.defenses.ratelimit import parse_rate
 from mlinvert.errors import ConfigError
@@ -25,7 +26,7 @@ class ServiceSettings:
     """Everything the prediction service needs besides its models.
 
     Environment names are ``MLINVERT_`` + the upper-cased field: ``MLINVERT_DB``,
-    ``MLINVERT_POLICY``, ``MLINVERT_RATE_LIMIT``, ``MLINVERT_REDIS_URL``,
+    ``MLINVERT_POLICY``, ``MLINVERT_RATE_LIMIT``, ``MLINVERT_DETECTOR``, ``MLINVERT_REDIS_URL``,
     ``MLINVERT_MAX_BATCH``, ``MLINVERT_MAX_BODY_BYTES``, ``MLINVERT_HOST``,
     ``MLINVERT_PORT``, ``MLINVERT_LOG_SYNCHRONOUS``, ``MLINVERT_MODELS`` (model folders,
     ``NAME=DIR`` or ``DIR``, separated by ``os.pathsep``), ``MLINVERT_MODEL_POLICIES``
@@ -43,6 +44,7 @@ class ServiceSettings:
     db: Path
     policy: str = "full"
     rate_limit: str | None = None
+    detector: str | None = None
     redis_url: str | None = None
     max_batch: int = 256
     max_body_bytes: int = 64 * 2**20
@@ -57,6 +59,8 @@ class ServiceSettings:
         parse_policy(self.policy)
         if self.rate_limit is not None:
             parse_rate(self.rate_limit)
+        if self.detector is not None:
+            parse_detector(self.detector)
         if self.redis_url is not None and not self.redis_url.startswith(
             ("redis://", "rediss://", "unix://")
         ):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlinvert.defenses.detector import Flag
 from mlinvert.errors import ConfigError, Unauthorized
 
 KEY_PATTERN = re.compile(r"^mli_[A-Za-z0-9_-]{43}$")
@@ -48,6 +49,16 @@ CREATE TABLE IF NOT EXISTS queries (
     digests TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS queries_account_ts ON queries(account, ts);
+CREATE TABLE IF NOT EXISTS flags (
+    id INTEGER PRIMARY KEY,
+    account TEXT NOT NULL,
+    ts REAL NOT NULL,
+    near_duplicates INTEGER NOT NULL,
+    inputs INTEGER NOT NULL,
+    detail TEXT NOT NULL,
+    cleared REAL
+);
+CREATE INDEX IF NOT EXISTS flags_account ON flags(account);
 """
 
 
@@ -59,6 +70,14 @@ class KeyRecord:
     key_id: str
     created: float
     revoked: float | None
+
+
+@dataclass(frozen=True)
+class FlagRecord:
+    """One flag the query detector raised, and when an operator cleared it."""
+
+    flag: Flag
+    cleared: float | None
 
 
 @dataclass(frozen=True)
@@ -210,6 +229,54 @@ class Store:
                 "SELECT account FROM keys WHERE key_hash = ?", (hash_key(key),)
             ).fetchone()
         return None if row is None else str(row[0])
+
+    # flags (the query detector's FlagStore) ------------------------------------
+    def flag(self, flag: Flag) -> None:
+        """Record ``flag`` unless the account already has a standing one (atomic)."""
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO flags(account, ts, near_duplicates, inputs, detail) "
+                "SELECT ?, ?, ?, ?, ? WHERE NOT EXISTS "
+                "(SELECT 1 FROM flags WHERE account = ? AND cleared IS NULL)",
+                (
+                    flag.account,
+                    flag.at,
+                    flag.near_duplicates,
+                    flag.inputs,
+                    flag.detail[:2000],
+                    flag.account,
+                ),
+            )
+
+    def flagged(self, account: str) -> Flag | None:
+        """The account's standing (not cleared) flag, or None."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT account, ts, near_duplicates, inputs, detail FROM flags "
+                "WHERE account = ? AND cleared IS NULL",
+                (account,),
+            ).fetchone()
+        return None if row is None else Flag(*row)
+
+    def unflag(self, account: str) -> int:
+        """Clear the account's standing flag (kept in the history); ConfigError if none."""
+        with self._tx() as conn:
+            count = conn.execute(
+                "UPDATE flags SET cleared = ? WHERE account = ? AND cleared IS NULL",
+                (time.time(), account),
+            ).rowcount
+        if count == 0:
+            raise ConfigError(f"account {account!r} is not flagged; see `mlinvert keys flags`")
+        return count
+
+    def flags(self) -> list[FlagRecord]:
+        """Every flag ever raised, oldest first, with when it was cleared."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT account, ts, near_duplicates, inputs, detail, cleared FROM flags "
+                "ORDER BY id"
+            ).fetchall()
+        return [FlagRecord(Flag(*r[:5]), r[5]) for r in rows]
 
     # query log ----------------------------------------------------------------
     def log_query(
