@@ -13,6 +13,7 @@ import pytest
 
 from mlinvert.cli.main import main
 from mlinvert.evaluation.audit import AuditConfig, record_key, run_audit
+from mlinvert.service import Store
 
 REQUIRED = (
     "attack",
@@ -32,7 +33,7 @@ REQUIRED = (
     "utility",
     "recovered",
 )
-DEFENSES = ("none", "round:1", "labels", "rate:60/hour")
+DEFENSES = ("none", "round:1", "labels", "rate:60/hour", "detect:block:20")
 
 
 class _Stop:
@@ -122,13 +123,22 @@ def test_records_carry_the_schema_and_the_expected_shape(resumed: dict[str, Any]
     # the rate limit stops the black-box attack before its budget
     rl = [by[("blackbox", "rate:60/hour", lab)] for lab in (0, 1)]
     assert all(r["status"] == "rate_limited" and r["n_queries"] <= 60 for r in rl)
+    # the detector blocks the account of each API attack after its first near duplicates
+    for attack in ("blackbox", "label-only"):
+        blocked = [by[(attack, "detect:block:20", lab)] for lab in (0, 1)]
+        assert all(r["status"] == "blocked" and r["n_queries"] < 100 for r in blocked), blocked
     # white-box reconstructions of digits point to the right class
     assert sum(by[("whitebox", "none", lab)]["eval_top1"] for lab in (0, 1)) >= 1
     util = final["utility"]["softmax"]
     assert util["labels"]["carries"] == "label"
     assert util["labels"]["brier"] > util["none"]["brier"]
+    # an honest client sending the held-out digits is not refused by the detector
+    assert util["detect:block:20"]["honest_refused"] == 0
+    assert util["detect:block:20"]["accuracy"] == util["none"]["accuracy"]
     html = resumed["index"].read_text()
     assert "AML.T0024" in html and "rate:60/hour" in html
+    assert "Query detector (detect:block:20): the attack accounts ended blocked 2" in html
+    assert "It stops an account, not an attacker" in html
 
 
 def test_audit_over_the_real_http_service(tmp_path: Path, resumed: dict[str, Any]) -> None:
@@ -148,7 +158,7 @@ def test_audit_over_the_real_http_service(tmp_path: Path, resumed: dict[str, Any
             labels=2,
             budget=240,
             quick=True,
-            defenses=("rate:60/hour",),
+            defenses=("rate:60/hour", "detect:block:20"),
             attacks=("blackbox",),
             seed=1,
             lanes=2,
@@ -156,13 +166,20 @@ def test_audit_over_the_real_http_service(tmp_path: Path, resumed: dict[str, Any
     )
     final = json.loads((out / "results.json").read_text())
     assert final["status"] == "complete"
-    records = final["records"]
+    records = [r for r in final["records"] if r["defense"] == "rate:60/hour"]
     assert [r["label"] for r in sorted(records, key=lambda r: r["label"])] == [0, 1]
     assert all(r["channel"] == "HTTP API" and r["lanes"] == 2 for r in records)
     # two people share one account's rate limit: both end rate limited, none failed
     assert all(r["status"] == "rate_limited" for r in records), [r["error"] for r in records]
     assert 0 < sum(r["n_queries"] for r in records) <= 60
     assert (out / "service" / "rate_60_hour.sqlite3").exists()  # the service's query log
+    # the service's detector blocks the attacking account (403) and records the flag
+    blocked = [r for r in final["records"] if r["defense"] == "detect:block:20"]
+    assert len(blocked) == 2 and all(r["status"] == "blocked" for r in blocked), blocked
+    store = Store(out / "service" / "detect_block_20.sqlite3")
+    (flag,) = store.flags()
+    assert flag.flag.account == "audit-detect_block_20-softmax-blackbox"
+    assert flag.flag.near_duplicates >= 20
 
 
 def test_cli_bad_flag_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:

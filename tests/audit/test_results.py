@@ -28,11 +28,29 @@ def test_defense_specs() -> None:
         Defense.parse("round:two")
     with pytest.raises(ConfigError):
         Defense.parse("rate:fast")
+    d = Defense.parse("round:2+detect:block")
+    assert (d.policy, d.rate, d.detector) == ("round:2", None, "detect:block:100")
+    assert [g.name for g in d.guards()] == ["detector"]
+    both = Defense.parse("detect:40+rate:10/minute")
+    assert [g.name for g in both.guards()] == ["rate-limit", "detector"]
+    with pytest.raises(ConfigError, match="two detectors"):
+        Defense.parse("detect+detect:block")
+    with pytest.raises(ConfigError, match="detect"):
+        Defense.parse("detect:often")
 
 
 def test_default_matrix_has_a_rate_limit_below_the_budget() -> None:
     names = [d.name for d in resolve_defenses(AuditConfig(), budget=4000)]
-    assert names == ["none", "round:3", "round:2", "round:1", "top:1", "labels", "rate:1000/hour"]
+    assert names == [
+        "none",
+        "round:3",
+        "round:2",
+        "round:1",
+        "top:1",
+        "labels",
+        "rate:1000/hour",
+        "detect:block",
+    ]
 
 
 @pytest.mark.parametrize(

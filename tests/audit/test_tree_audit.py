@@ -147,8 +147,10 @@ def test_in_process_route_on_an_existing_tree_folder(tmp_path: Path) -> None:
 
 
 def test_a_rate_limit_on_survey_data_is_a_clear_error(tmp_path: Path) -> None:
-    config = AuditConfig(data="fair", out=tmp_path, defenses=("none", "rate:500/hour"))
-    with pytest.raises(ConfigError, match=r"output policies only.*rate:500/hour"):
+    config = AuditConfig(
+        data="fair", out=tmp_path, defenses=("none", "rate:500/hour", "labels+detect")
+    )
+    with pytest.raises(ConfigError, match=r"output policies only.*rate:500/hour, labels\+detect"):
         run_audit(config)
     assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
 

@@ -149,8 +149,9 @@ def audit(
     defenses: str | None = typer.Option(
         None,
         "--defenses",
-        help="Comma-separated defences, e.g. none,round:2,top:1,labels,rate:500/hour "
-        "(default: none, round:3, round:2, round:1, top:1, labels, a rate limit).",
+        help="Comma-separated defences, e.g. none,round:2,top:1,labels,rate:500/hour,"
+        "detect:block (default: none, round:3, round:2, round:1, top:1, labels, a rate limit, "
+        "detect:block).",
     ),
     labels: int | None = typer.Option(
         None, "--labels", help="Attack only the first N classes (default: every class)."

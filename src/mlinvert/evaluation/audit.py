@@ -1,7 +1,8 @@
 """The audit: attack a model under every defence, measure, write ``results.json``.
 
 For each target model and each defence of the matrix (none; rounding to 3, 2 and 1
-decimals; top-1 score only; labels only; a per-account rate limit) the audit runs the
+decimals; top-1 score only; labels only; a per-account rate limit; a query detector
+that blocks an account sending near-duplicate inputs) the audit runs the
 attack suite on every attacked person — white-box MI-Face (the attacker holds the
 weights), black-box MI-Face and label-only inversion (both through the prediction API
 with a fresh API key) — judges each reconstruction on both axes (identity and
@@ -51,6 +52,8 @@ SCHEMA = "mlinvert-audit/1"
 ATTACKS = ("whitebox", "blackbox", "label-only")
 #: Output-policy part of the default defence matrix; the rate limit is added per budget.
 DEFAULT_POLICIES = ("none", "round:3", "round:2", "round:1", "top:1", "labels")
+#: The query detector's row of the default matrix (blocks after 100 near duplicates).
+DEFAULT_DETECTOR = "detect:block"
 #: A reconstruction counts as *recovered* when the evaluation model's top-1 is right AND
 #: its likeness reaches this value (see docs/results-schema.md, "recovered").
 LIKENESS_THRESHOLD = 0.5
@@ -80,27 +83,33 @@ def _serialised(events: Event) -> Event:
 
 @dataclass(frozen=True, kw_only=True)
 class Defense:
-    """One row of the defence matrix: an output policy and an optional rate limit.
+    """One row of the defence matrix: an output policy, a rate limit, a query detector.
 
     ``name`` is the spec the user wrote (``none``, ``round:2``, ``rate:500/hour``,
-    ``round:2+rate:500/hour``); ``policy`` is a :func:`mlinvert.defenses.parse_policy`
-    spec, ``rate`` a :func:`mlinvert.defenses.ratelimit.parse_rate` spec or ``None``.
+    ``detect:block``, ``round:2+rate:500/hour``); ``policy`` is a
+    :func:`mlinvert.defenses.parse_policy` spec, ``rate`` a
+    :func:`mlinvert.defenses.ratelimit.parse_rate` spec or ``None``, ``detector`` a
+    :func:`mlinvert.defenses.parse_detector` spec or ``None``.
     """
 
     name: str
     policy: str = "full"
     rate: str | None = None
+    detector: str | None = None
 
     @classmethod
     def parse(cls, spec: str) -> Defense:
-        """Parse ``none`` | POLICY | ``rate:N/PERIOD`` | POLICY``+rate:N/PERIOD``."""
+        """Parse POLICY parts, ``rate:N/PERIOD`` and ``detect[:ACTION][:AFTER]`` joined by +."""
+        from mlinvert.defenses.detector import parse_detector
         from mlinvert.defenses.policies import parse_policy
         from mlinvert.defenses.ratelimit import parse_rate
 
         spec = spec.strip()
         if not spec:
-            raise ConfigError("empty defence spec; use e.g. none, round:2, labels, rate:500/hour")
-        policy_parts, rate = [], None
+            raise ConfigError(
+                "empty defence spec; use e.g. none, round:2, labels, rate:500/hour, detect:block"
+            )
+        policy_parts, rate, detector = [], None, None
         for part in spec.split("+"):
             part = part.strip()
             if part.startswith("rate:"):
@@ -108,11 +117,27 @@ class Defense:
                     raise ConfigError(f"defence {spec!r} has two rate limits; keep one")
                 rate = part.removeprefix("rate:")
                 parse_rate(rate)
+            elif part.startswith("detect"):
+                if detector is not None:
+                    raise ConfigError(f"defence {spec!r} has two detectors; keep one")
+                detector = parse_detector(part).name
             elif part not in ("none", "full"):
                 policy_parts.append(part)
         policy = "+".join(policy_parts) or "full"
         parse_policy(policy)
-        return cls(name=spec, policy=policy, rate=rate)
+        return cls(name=spec, policy=policy, rate=rate, detector=detector)
+
+    def guards(self) -> list[Any]:
+        """Fresh guards for this row, in the service's order: rate limit, then detector."""
+        from mlinvert.defenses.detector import QueryDetector
+        from mlinvert.defenses.ratelimit import RateLimiter
+
+        guards: list[Any] = []
+        if self.rate is not None:
+            guards.append(RateLimiter(self.rate))
+        if self.detector is not None:
+            guards.append(QueryDetector(self.detector))
+        return guards
 
     @property
     def slug(self) -> str:
@@ -287,6 +312,7 @@ def served_utility(
 
     ``accuracy``: the served label; ``ece``: calibration error of the returned score of
     the served label (a labels-only answer is read as confidence 1, as a client must);
+    A refused row (label -1, no scores) is a wrong answer with confidence 0.
     ``topk_accuracy``: true class among the ``k`` highest returned scores, ties broken
     against the user (withheld classes are not ranked above anything); ``brier``: mean
     squared distance of the returned score vector (withheld scores 0, labels one-hot)
@@ -295,14 +321,16 @@ def served_utility(
     y = np.asarray(y, dtype=np.int64)
     labels = np.asarray(responses.labels, dtype=np.int64)
     correct = labels == y
+    rows = np.arange(len(y))
+    answered = labels >= 0  # -1: the API refused the row (see _honest_client)
     if responses.probs is None:
         scores = np.zeros((len(y), n_classes))
-        scores[np.arange(len(y)), labels] = 1.0
+        scores[rows[answered], labels[answered]] = 1.0
         carries = "label"
     else:
         scores = np.asarray(responses.probs, dtype=np.float64)
         carries = "probs"
-    conf = scores[np.arange(len(y)), labels]
+    conf = np.where(answered, scores[rows, np.maximum(labels, 0)], 0.0)
     true_score = scores[np.arange(len(y)), y]
     ahead = (scores >= true_score[:, None]).sum(axis=1) - 1  # others tying or beating y
     k = min(k, n_classes)
@@ -478,7 +506,7 @@ def resolve_defenses(config: AuditConfig, budget: int) -> list[Defense]:
     if config.defenses is not None:
         return [Defense.parse(d) for d in config.defenses]
     rate = max(budget // 4, 10)
-    return [Defense.parse(d) for d in (*DEFAULT_POLICIES, f"rate:{rate}/hour")]
+    return [Defense.parse(d) for d in (*DEFAULT_POLICIES, f"rate:{rate}/hour", DEFAULT_DETECTOR)]
 
 
 #: Environment of the service subprocess: one math thread (see :func:`single_threaded`).
@@ -586,12 +614,12 @@ def _run_tree(config: AuditConfig, results: ResultsFile, dataset: Any, emit: Eve
 
     emit("stage", {"name": f"decision-tree audit on {dataset.spec}"})
     defenses = [Defense.parse(x) for x in (config.defenses or TREE_DEFENSES)]
-    limited = [d.name for d in defenses if d.rate is not None]
+    limited = [d.name for d in defenses if d.rate is not None or d.detector is not None]
     if limited:
         raise ConfigError(
-            f"the survey (decision-tree) audit runs output policies only, not rate limits "
-            f"({', '.join(limited)}): every estimator needs all its candidate rows answered; "
-            "drop the rate: part"
+            f"the survey (decision-tree) audit runs output policies only, not rate limits or "
+            f"detectors ({', '.join(limited)}): every estimator needs all its candidate rows "
+            "answered; drop the rate: and detect parts"
         )
     policies = tuple(dict.fromkeys(d.policy for d in defenses))
     from mlinvert.targets import io
@@ -979,17 +1007,61 @@ def _utilities(
         per: dict[str, Any] = {}
         for d in defenses:
             predictor = Predictor(
-                t.model, name=t.name, policy=parse_policy(d.policy), max_batch=max(len(x), 1)
+                t.model,
+                name=t.name,
+                policy=parse_policy(d.policy),
+                guards=[g for g in d.guards() if d.detector and g.name == "detector"],
+                max_batch=max(len(x), 1),
             )
-            served = predictor.predict(x, account="utility")
+            served, refused = _honest_client(predictor, x)
             util = served_utility(served, y, len(t.model.class_names_))
             util["labels_unchanged"] = bool(
                 np.array_equal(served.labels, np.asarray(t.model.predict(x)))
             )
             util["policy"] = d.policy
             util["rate_limit"] = d.rate
+            util["detector"] = d.detector
+            if d.detector is not None:
+                util["honest_refused"] = refused
             per[d.name] = util
         results.doc["utility"][t.name] = per
+
+
+def _honest_client(predictor: Any, x: np.ndarray, batch: int = 16) -> tuple[Response, int]:
+    """Serve the held-out rows as one honest account would send them, ``batch`` at a time.
+
+    Rows a guard refuses (the detector blocking the account) count as answered wrongly:
+    label -1 and, under a score policy, all-zero scores. Returns the answers and how many
+    rows were refused.
+    """
+    from mlinvert.errors import Blocked
+
+    labels: list[np.ndarray] = []
+    probs: list[np.ndarray | None] = []
+    refused = 0
+    for start in range(0, len(x), batch):
+        chunk = x[start : start + batch]
+        try:
+            r = predictor.predict(chunk, account="honest-utility")
+        except Blocked:
+            refused += len(chunk)
+            labels.append(np.full(len(chunk), -1, dtype=np.int64))
+            probs.append(None)
+            continue
+        labels.append(np.asarray(r.labels))
+        probs.append(r.probs)
+    width = next((p.shape[1] for p in probs if p is not None), None)
+    scores = (
+        None
+        if width is None
+        else np.concatenate(
+            [
+                np.zeros((len(lab), width)) if p is None else p
+                for lab, p in zip(labels, probs, strict=True)
+            ]
+        )
+    )
+    return Response(labels=np.concatenate(labels), probs=scores), refused
 
 
 def _recovered(metrics: dict[str, Any]) -> bool:
@@ -1012,18 +1084,16 @@ def _serve(ctx: _Context, defense: Defense) -> Iterator[dict[tuple[str, str], An
 
     api_attacks = [a for a in ctx.config.attacks if a != "whitebox"]
     if ctx.config.in_process or not api_attacks:
-        guards = []
-        if defense.rate is not None:
-            from mlinvert.defenses.ratelimit import RateLimiter
-
-            guards.append(RateLimiter(defense.rate))
+        guards = defense.guards()  # one set for every model, as in the service
         oracles: dict[tuple[str, str], Any] = {}
         for t in ctx.targets:
             predictor = Predictor(
                 t.model, name=t.name, policy=parse_policy(defense.policy), guards=guards
             )
-            for a in api_attacks:
-                oracles[(t.name, a)] = LocalOracle(predictor, account=f"{defense.slug}-{a}")
+            for a in api_attacks:  # one account per target and attack, as over HTTP
+                oracles[(t.name, a)] = LocalOracle(
+                    predictor, account=f"audit-{defense.slug}-{t.name}-{a}"
+                )
         yield oracles
         return
     from mlinvert.service.store import Store
@@ -1085,6 +1155,7 @@ def _service(
         db=db,
         policy=defense.policy,
         rate_limit=defense.rate,
+        detector=defense.detector,
         env=ONE_THREAD_ENV,
     ) as service:
         oracles = {
@@ -1392,6 +1463,7 @@ def _shared_run(
     elif (
         attack == "label-only"
         and defense.rate is None
+        and defense.detector is None
         and ctx.results.doc["utility"][target.name][defense.name].get("labels_unchanged")
     ):
         why = "this policy serves the same labels, and the attack sees only labels"
@@ -1404,6 +1476,7 @@ def _shared_run(
             and not r.get("shared_from")
             and (attack == "whitebox" or util[r["defense"]].get("labels_unchanged"))
             and (attack == "whitebox" or util[r["defense"]].get("rate_limit") is None)
+            and (attack == "whitebox" or util[r["defense"]].get("detector") is None)
         ):
             return r, why
     return None

@@ -232,6 +232,16 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                         f"at {rate} per account that is about {hours:,.1f} {period}(s) of one "
                         "account per person (many accounts or a slow attack still get there)."
                     )
+            if util.get("detector") and api:
+                details.append(
+                    f"Query detector ({util['detector']}): the attack accounts ended "
+                    f"{best.status_text}. "
+                    f"An honest client sending the {util.get('n_test', '?')} held-out inputs had "
+                    f"{util.get('honest_refused', 0)} refused. It stops an account, not an "
+                    "attacker: a fresh key before each flag, or probes blinded with noise "
+                    "coarser than its quantisation, get past it (BENCHMARKS.md, 'Query "
+                    "detector')."
+                )
             if util:
                 parts = [f"served accuracy {_pct(acc)}"]
                 if cost is not None:
@@ -266,6 +276,11 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
     return out
 
 
+def _per_account(defense: str) -> bool:
+    """A defence row that adds a per-account guard (rate limit or query detector)."""
+    return any(part.strip().startswith(("rate:", "detect")) for part in defense.split("+"))
+
+
 def recommendations(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]:
     """Recommended settings, derived from the measured verdicts."""
     recs: list[str] = []
@@ -274,8 +289,11 @@ def recommendations(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]
         mine = [v for v in vs if v.target_model == target and v.level != "not measured"]
         if not mine:
             continue
-        cheap = [v for v in mine if v.accuracy_cost is None or v.accuracy_cost <= max_cost]
-        pool = cheap or mine
+        # the output policy to serve with; per-account guards (rate limit, detector) stop
+        # one key, not an attacker with many, so they are recommended on top, not instead
+        policies = [v for v in mine if not _per_account(v.defense)] or mine
+        cheap = [v for v in policies if v.accuracy_cost is None or v.accuracy_cost <= max_cost]
+        pool = cheap or policies
         best = min(
             pool,
             key=lambda v: (v.api_recovered, v.api_identity, v.api_lineup, -(v.topk or 0.0)),
@@ -298,6 +316,24 @@ def recommendations(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]
             "per person fit in one account's allowance): size a limit for the cheapest "
             "attack measured, not for a query-hungry sampling search."
         )
+    for v in vs:
+        if "detect" not in v.defense or v.level == "not measured":
+            continue
+        if v.level == "exposed":
+            recs.append(
+                f"{v.target_model}: the query detector '{v.defense}' did not stop the API "
+                f"attacks ({_pct(v.api_recovered)} recovered, median "
+                f"{_queries(v.api_queries)} queries per person)."
+            )
+        else:
+            recs.append(
+                f"{v.target_model}: add the query detector ('{v.defense}') to flag attacking "
+                f"accounts for investigation: the strongest API attack recovered "
+                f"{_pct(v.api_recovered)} through one account it watched (median "
+                f"{_queries(v.api_queries)} queries per person before it was stopped). Count it "
+                "as a tripwire, not a wall: a fresh key before each flag, or probes blinded "
+                "with noise, get past it."
+            )
     if recs:
         if not leaky:
             recs.append(
