@@ -137,7 +137,8 @@ def test_records_carry_the_schema_and_the_expected_shape(resumed: dict[str, Any]
     assert util["detect:block:20"]["accuracy"] == util["none"]["accuracy"]
     html = resumed["index"].read_text()
     assert "AML.T0024" in html and "rate:60/hour" in html
-    assert "Query detector (detect:block:20): the attack accounts ended blocked 2" in html
+    assert "Query detector (detect:block:20), how the attacks ended:" in html
+    assert "(labels through the API): blocked 2" in html
     assert "It stops an account, not an attacker" in html
 
 

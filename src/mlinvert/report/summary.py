@@ -233,9 +233,9 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                         "account per person (many accounts or a slow attack still get there)."
                     )
             if util.get("detector") and api:
+                outcomes = "; ".join(f"{attack_title(c.attack)}: {c.status_text}" for c in api)
                 details.append(
-                    f"Query detector ({util['detector']}): the attack accounts ended "
-                    f"{best.status_text}. "
+                    f"Query detector ({util['detector']}), how the attacks ended: {outcomes}. "
                     f"An honest client sending the {util.get('n_test', '?')} held-out inputs had "
                     f"{util.get('honest_refused', 0)} refused. It stops an account, not an "
                     "attacker: a fresh key before each flag, or probes blinded with noise "
