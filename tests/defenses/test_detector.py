@@ -147,14 +147,26 @@ def test_block_mode_refuses_the_crossing_batch_and_everything_after(toys: Module
 
 def test_history_forgets_old_inputs_and_bounds_memory() -> None:
     det = QueryDetector(DetectorConfig(after=10**6, history=5))
-    photos = _faces(8, seed=4)
+    photos = _faces(12, seed=4)
     det.check("a", photos[:1], 0.0)
     det.check("a", photos[1:7], 0.0)  # pushes the first photo out of the history
     det.check("a", photos[:1], 0.0)
     assert det.status("a")["near_duplicates"] == 0
     det.check("a", photos[6:7], 0.0)  # still remembered
     assert det.status("a")["near_duplicates"] == 1
+    for i in range(8, 12):  # one at a time: the store is compacted as inputs age out
+        det.check("a", photos[i : i + 1], 0.0)
     state = det._accounts["a"]
-    assert len(state.order) == 5
-    remembered = {int(h) for _, fp in state.order for h in fp}
-    assert set(state.index) == remembered
+    assert state.inputs == 13 and state.ids.min() >= 13 - 5 - 1
+    assert len(state.keys) == len(state.ids) <= 6 * 50
+    assert np.all(np.diff(state.keys.astype(np.float64)) >= 0)  # still sorted
+
+
+def test_per_hash_cap_still_finds_the_latest_near_duplicate() -> None:
+    """Thousands of inputs sharing windows: only the latest per hash are looked at."""
+    det = QueryDetector(DetectorConfig(after=10**6, per_hash=4))
+    x = np.repeat(_faces(1, seed=5), 300, axis=0)
+    det.check("a", x[:150], 0.0)
+    for i in range(150, 300, 10):
+        det.check("a", x[i : i + 10], 0.0)
+    assert det.status("a") == {"inputs": 300, "near_duplicates": 299}
