@@ -33,6 +33,22 @@ def test_verdicts_follow_the_records(tmp_path: Path) -> None:
     assert cell.eval_top1 == 0 and cell.n == 4
 
 
+def test_a_per_account_guard_is_never_the_policy_to_serve_with(tmp_path: Path) -> None:
+    doc = make_results(tmp_path)
+    for r in doc["records"]:  # the rate limit now stops every attack
+        if r["defense"] == "rate:300/hour":
+            r.update(recovered=False, eval_top1=False, lineup_correct=False)
+    vs = verdicts(doc)
+    assert next(v for v in vs if v.defense == "rate:300/hour").api_recovered == 0
+    recs = recommendations(doc, vs)
+    assert not any("serve with 'rate:300/hour'" in r for r in recs)
+    assert any("serve with 'round:1'" in r or "serve with 'labels'" in r for r in recs)
+    # only a guard audited: no output policy to recommend
+    doc["defenses"] = [{"name": "rate:300/hour"}]
+    doc["records"] = [r for r in doc["records"] if r["defense"] == "rate:300/hour"]
+    assert not any("serve with" in r for r in recommendations(doc, verdicts(doc)))
+
+
 def test_report_is_self_contained(tmp_path: Path) -> None:
     make_results(tmp_path, status="interrupted")
     html = render_report(tmp_path).read_text()

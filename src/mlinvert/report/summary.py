@@ -291,7 +291,9 @@ def recommendations(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]
             continue
         # the output policy to serve with; per-account guards (rate limit, detector) stop
         # one key, not an attacker with many, so they are recommended on top, not instead
-        policies = [v for v in mine if not _per_account(v.defense)] or mine
+        policies = [v for v in mine if not _per_account(v.defense)]
+        if not policies:
+            continue
         cheap = [v for v in policies if v.accuracy_cost is None or v.accuracy_cost <= max_cost]
         pool = cheap or policies
         best = min(
@@ -329,8 +331,8 @@ def recommendations(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]
             recs.append(
                 f"{v.target_model}: add the query detector ('{v.defense}') to flag attacking "
                 f"accounts for investigation: the strongest API attack recovered "
-                f"{_pct(v.api_recovered)} through one account it watched (median "
-                f"{_queries(v.api_queries)} queries per person before it was stopped). Count it "
+                f"{_pct(v.api_recovered)} through one account it watched (a median of "
+                f"{_queries(v.api_queries)} answered queries per person). Count it "
                 "as a tripwire, not a wall: a fresh key before each flag, or probes blinded "
                 "with noise, get past it."
             )
