@@ -7,7 +7,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from mlinvert.defenses import Predictor
+from mlinvert.defenses import Predictor, detector
 from mlinvert.defenses.detector import (
     DetectorConfig,
     MemoryFlags,
@@ -46,6 +46,7 @@ def test_parse_detector(spec: str, action: str, after: int) -> None:
 @pytest.mark.parametrize(
     "spec",
     [
+        "detect:\u00b2",
         "detector",
         "detect:stop",
         "detect:5:block",
@@ -145,7 +146,8 @@ def test_block_mode_refuses_the_crossing_batch_and_everything_after(toys: Module
     assert det.status("mallory")["near_duplicates"] == 0
 
 
-def test_history_forgets_old_inputs_and_bounds_memory() -> None:
+def test_history_forgets_old_inputs_and_bounds_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(detector, "_MERGE_EVERY", 1)  # merge into the sorted store each time
     det = QueryDetector(DetectorConfig(after=10**6, history=5))
     photos = _faces(12, seed=4)
     det.check("a", photos[:1], 0.0)
@@ -160,6 +162,39 @@ def test_history_forgets_old_inputs_and_bounds_memory() -> None:
     assert state.inputs == 13 and state.ids.min() >= 13 - 5 - 1
     assert len(state.keys) == len(state.ids) <= 6 * 50
     assert np.all(np.diff(state.keys.astype(np.float64)) >= 0)  # still sorted
+
+
+@pytest.mark.parametrize("history", [10_000, 40])
+def test_waiting_hashes_and_the_sorted_store_decide_alike(
+    monkeypatch: pytest.MonkeyPatch, history: int
+) -> None:
+    """Merging every input or every 256 gives the same near duplicates, input by input."""
+    rng = np.random.default_rng(7)
+    base = _faces(1, seed=8)
+    steps = np.kron(rng.normal(0, 0.01, (300, 6, 5)), np.ones((8, 8)))[:, :46, :38]
+    stream = np.concatenate([_faces(100, seed=9), np.clip(base + steps, 0, 1)])
+    stream = stream[rng.permutation(len(stream))].astype(np.float32)
+    counts = []
+    for every in (1, 7, 256):
+        monkeypatch.setattr(detector, "_MERGE_EVERY", every)
+        det = QueryDetector(DetectorConfig(after=10**6, history=history))
+        seen = []
+        for i in range(0, len(stream), 5):
+            det.check("a", stream[i : i + 5], 0.0)
+            seen.append(det.status("a")["near_duplicates"])
+        counts.append(seen)
+    assert counts[0] == counts[1] == counts[2]
+    assert counts[0][-1] > 100  # of the 300 probes (fewer with a 40-input history)
+
+
+def test_a_flat_input_is_not_a_near_duplicate_of_everything() -> None:
+    """A blank image has one distinct window; it must share half of a full print."""
+    det = QueryDetector(DetectorConfig(after=10**6))
+    photos = _faces(20, seed=10)
+    photos[:, :10, :] = 0.0  # every photo has a flat band, so a blank window is common
+    det.check("a", photos, 0.0)
+    det.check("a", np.zeros((3, 46, 38), dtype=np.float32), 0.0)
+    assert det.status("a")["near_duplicates"] == 0
 
 
 def test_per_hash_cap_still_finds_the_latest_near_duplicate() -> None:

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 import typer
-from toys import ToySoftmax
+from toys import ToySoftmax, ToyTabular
 from typer.testing import CliRunner
 
 from mlinvert.cli import serve as serve_cli
@@ -98,9 +98,10 @@ def test_detect_flag_and_variable(
     monkeypatch.delenv("MLINVERT_DETECTOR", raising=False)
     settings = _settings_from_cli(monkeypatch, tmp_path, args, env)
     assert settings.detector == spec
-    models: dict[str, Any] = {"faces": ToySoftmax()}
-    (predictor,) = build_predictors(models, settings).values()
-    assert [g.name for g in predictor.guards] == ([] if spec is None else ["detector"])
+    models: dict[str, Any] = {"faces": ToySoftmax(), "survey": ToyTabular()}
+    predictors = build_predictors(models, settings)
+    assert [g.name for g in predictors["faces"].guards] == ([] if spec is None else ["detector"])
+    assert predictors["survey"].guards == ()  # no pixel windows in a survey row
 
 
 def test_bad_log_synchronous_value_is_a_config_error(tmp_path: Path) -> None:

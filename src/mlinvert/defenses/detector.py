@@ -14,9 +14,10 @@ of them it is **flagged for investigation** (a :class:`Flag` goes to the flag st
 the SQLite account database in the service) and, with ``action="block"``, refused
 with Blocked (HTTP 403) from then on until an operator clears the flag.
 
-What it cannot see (measured in BENCHMARKS.md): an attacker spreading the probes over
-many accounts, probing with perturbations larger than ``step`` or far apart, or going
-slowly enough that ``history`` forgets the earlier probes.
+It is meant for images: the service gives survey (tabular) models none. What it cannot
+see (measured in BENCHMARKS.md, "Query detector"): an attacker spreading the probes over
+many accounts, blinding each probe with noise of about ``step`` / 4 or more, or sending
+``history`` other inputs between two probes.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def parse_detector(spec: str) -> DetectorConfig:
     for part in parts[1:]:
         if part in ("flag", "block") and "action" not in values and "after" not in values:
             values["action"] = part
-        elif part.isdigit() and "after" not in values:
+        elif part.isascii() and part.isdigit() and "after" not in values:
             values["after"] = int(part)
         else:
             raise ConfigError(
@@ -119,6 +120,16 @@ def parse_detector(spec: str) -> DetectorConfig:
                 f"grammar: {DETECTOR_GRAMMAR}"
             )
     return DetectorConfig(**values)  # type: ignore[arg-type]
+
+
+#: Inputs an account's latest hashes wait in a dict before one merge into its store.
+_MERGE_EVERY = 256
+
+
+def _n_windows(x: np.ndarray, config: DetectorConfig) -> int:
+    """How many windows one input of ``x``'s shape has."""
+    d = int(np.prod(x.shape[1:]))
+    return d - min(config.window, d) + 1
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
@@ -204,11 +215,18 @@ class MemoryFlags:
 
 @dataclass
 class _History:
-    """One account's remembered window hashes: ``keys`` sorted, ``ids`` the input each
-    came from (equal keys in the order they arrived), 16 bytes per hash."""
+    """One account's remembered window hashes.
+
+    ``keys`` sorted, ``ids`` the input each came from (equal keys in the order they
+    arrived), 16 bytes per hash; the latest inputs wait in ``recent`` (hash -> inputs)
+    and are merged in every ``_MERGE_EVERY`` inputs, so a one-input request does not
+    copy the whole store.
+    """
 
     keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
     ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    recent: dict[int, list[int]] = field(default_factory=dict)
+    pending: list[np.ndarray] = field(default_factory=list)  # fingerprints in ``recent``
     inputs: int = 0
     near: int = 0
     forgotten_below: int = 0  # ids below this were compacted away
@@ -241,15 +259,17 @@ class QueryDetector:
         prints = fingerprints(x, cfg)
         with self._lock:
             state = self._accounts.setdefault(account, _History())
-            within: dict[int, list[int]] = {}  # this batch's hashes -> its inputs
+            need = math.ceil(cfg.match * min(cfg.hashes, _n_windows(x, cfg)))
             for fp in prints:
                 qid = state.inputs
                 state.inputs += 1
-                if self._is_near_duplicate(state, fp, qid, within):
+                if self._is_near_duplicate(state, fp, qid, need):
                     state.near += 1
                 for h in fp.tolist():
-                    within.setdefault(h, []).append(qid)
-            self._remember(state, prints)
+                    state.recent.setdefault(h, []).append(qid)
+                state.pending.append(fp)
+            if len(state.pending) >= _MERGE_EVERY:
+                self._merge(state)
             crossed = state.near >= cfg.after
             if crossed:
                 near, inputs = state.near, state.inputs
@@ -296,16 +316,17 @@ class QueryDetector:
                 f"`mlinvert keys unflag {account}`"
             )
 
-    def _is_near_duplicate(
-        self, state: _History, fp: np.ndarray, qid: int, within: dict[int, list[int]]
-    ) -> bool:
-        """Does ``fp`` share ``match`` of its hashes with one remembered input?
+    def _is_near_duplicate(self, state: _History, fp: np.ndarray, qid: int, need: int) -> bool:
+        """Does ``fp`` share ``need`` hashes with one remembered input?
 
-        Per hash only its ``per_hash`` latest inputs are looked at (an attack repeats a
-        background window thousands of times); inputs older than ``history`` are ignored.
+        ``need`` is ``match`` of the fingerprint size an input of this shape can have,
+        so a flat, low-texture input (few distinct windows) is not a near duplicate of
+        everything. Per hash only its ``per_hash`` latest inputs are looked at (an
+        attack repeats a background window thousands of times); inputs older than
+        ``history`` are ignored.
         """
         cfg = self.config
-        need = math.ceil(cfg.match * len(fp))
+        within = state.recent
         lo = np.searchsorted(state.keys, fp, side="left")
         hi = np.searchsorted(state.keys, fp, side="right")
         hashes = fp.tolist()
@@ -319,9 +340,10 @@ class QueryDetector:
         ids = ids[ids >= qid - cfg.history]
         return ids.size >= need and int(np.bincount(ids - ids.min()).max()) >= need
 
-    def _remember(self, state: _History, prints: list[np.ndarray]) -> None:
-        """Merge a batch's hashes into the sorted store; compact away forgotten inputs."""
+    def _merge(self, state: _History) -> None:
+        """Merge the waiting hashes into the sorted store; compact away forgotten inputs."""
         cfg = self.config
+        prints, state.pending, state.recent = state.pending, [], {}
         first = state.inputs - len(prints)
         keys = np.concatenate(prints)
         ids = np.repeat(np.arange(first, state.inputs, dtype=np.int64), [len(f) for f in prints])

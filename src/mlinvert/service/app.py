@@ -84,9 +84,11 @@ def build_predictors(
     One :class:`RateLimiter` serves every model, so an account has one budget; its
     buckets live in Redis when ``settings.redis_url`` is set. The clock is wall time,
     which every process sharing Redis agrees on. One :class:`QueryDetector` (when
-    ``settings.detector`` is set) sees an account's inputs to every model; it runs after
-    the rate limiter, so it fingerprints only admitted batches, and records its flags in
-    ``flags`` (the service passes its SQLite store, so every process sees a flag).
+    ``settings.detector`` is set) sees an account's inputs to every image model; it runs
+    after the rate limiter, so it fingerprints only admitted batches, and records its
+    flags in ``flags`` (the service passes its SQLite store, so every process sees a
+    flag). Survey (tabular) models get no detector: its pixel-window fingerprints would
+    call any two short rows of category codes near duplicates.
     """
     guards: list[Guard] = []
     if settings.rate_limit is not None:
@@ -95,14 +97,15 @@ def build_predictors(
                 RedisBuckets(settings.redis_url) if settings.redis_url else MemoryBuckets()
             )
         guards.append(RateLimiter(settings.rate_limit, bucket_store))
+    image_guards = list(guards)
     if settings.detector is not None:
-        guards.append(QueryDetector(settings.detector, flags))
+        image_guards.append(QueryDetector(settings.detector, flags))
     return {
         name: Predictor(
             model,
             name=name,
             policy=parse_policy(settings.policy_for(name)),
-            guards=guards,
+            guards=guards if isinstance(model, Tabular) else image_guards,
             max_batch=settings.max_batch,
             clock=time.time,
         )
