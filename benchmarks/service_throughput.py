@@ -6,13 +6,17 @@ queries it with one HttpOracle client at batch 1, 16 and 64 in the three request
 (JSON nested lists, base64 in JSON, raw application/octet-stream bytes; plus four
 concurrent raw clients at batch 64), with no defence vs rounding + a rate limit (set
 high enough never to refuse, so only its cost shows), next to the in-process
-LocalOracle rate through the same Predictor (the ceiling).
+LocalOracle rate through the same Predictor (the ceiling). ``--detector SPEC`` adds the
+query detector to the defended service (e.g. ``detect:flag:1000000000``: it fingerprints
+and matches every input but never refuses; the benchmark re-sends the same inputs, so
+every input is a near duplicate: the detector's most expensive path).
 
 The machine is shared, so both services run at once and every measurement alternates
 no defence / defences, ``--repeats`` times; the table gives the medians of the repeats
 and the load average before and after.
 
-    nice .venv/bin/python benchmarks/service_throughput.py [--seconds 1.5] [--repeats 3]
+    nice .venv/bin/python benchmarks/service_throughput.py [--seconds 1.5] [--repeats 3] \
+        [--detector detect:flag:1000000000]
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mlinvert.data import load as load_data
-from mlinvert.defenses import Predictor, RateLimiter, parse_policy
+from mlinvert.defenses import Predictor, QueryDetector, RateLimiter, parse_policy
 from mlinvert.oracle import HttpOracle, LocalOracle
 from mlinvert.service import Store
 from mlinvert.service.runner import ServiceProcess
@@ -40,7 +45,6 @@ from mlinvert.targets.training import train_target
 
 BATCHES = (1, 16, 64)
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-DEFENCES = {"none": ("full", None), "round:2 + rate limit": ("round:2", "1000000000/hour")}
 
 
 def measure(call: Callable[[], object], batch: int, seconds: float) -> tuple[float, float, float]:
@@ -100,7 +104,14 @@ def main() -> None:
     parser.add_argument("--data", default="../shared/data/att_faces")
     parser.add_argument("--seconds", type=float, default=1.5)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--detector", default=None, help="add this query detector when defended")
     args = parser.parse_args()
+    defended = "round:2 + rate limit" + (f" + {args.detector}" if args.detector else "")
+    # label -> (policy, rate limit, detector): the two configurations every row alternates
+    defences = {
+        "none": ("full", None, None),
+        defended: ("round:2", "1000000000/hour", args.detector),
+    }
 
     dataset = load_data(f"att:{args.data}", seed=0)
     trained = train_target(dataset, "softmax", seed=0)
@@ -117,8 +128,10 @@ def main() -> None:
         key, _ = Store(db).create_key("bench")
         local: dict[str, LocalOracle] = {}
         urls: dict[str, str] = {}
-        for label, (policy, rate) in DEFENCES.items():
-            guards = [RateLimiter(rate)] if rate else []
+        for label, (policy, rate, detector) in defences.items():
+            guards: list[Any] = [RateLimiter(rate)] if rate else []
+            if detector:
+                guards.append(QueryDetector(detector))
             local[label] = LocalOracle(
                 Predictor(
                     model, name="att", policy=parse_policy(policy), guards=guards, max_batch=64
@@ -130,6 +143,7 @@ def main() -> None:
                     db=db,
                     policy=policy,
                     rate_limit=rate,
+                    detector=detector,
                     max_batch=64,
                     env=ONE_THREAD,
                 )
@@ -137,12 +151,12 @@ def main() -> None:
             urls[label] = service.model_url("att")
         oracles = {
             (label, encoding): stack.enter_context(HttpOracle(urls[label], key, encoding=encoding))  # type: ignore[arg-type]
-            for label in DEFENCES
+            for label in defences
             for encoding, _ in ENCODINGS
         }
 
         def jobs() -> Iterator[tuple[Row, str, Callable[[], tuple[float, float, float]]]]:
-            for label in DEFENCES:
+            for label in defences:
                 for b in BATCHES:
                     call = partial(local[label].query, inputs[b])
                     yield ("in-process", b), label, partial(measure, call, b, args.seconds)
@@ -156,7 +170,7 @@ def main() -> None:
                     partial(measure_clients, urls[label], key, inputs[64], args.seconds, 4),
                 )
 
-        n_jobs = sum(1 for _ in jobs()) // len(DEFENCES)
+        n_jobs = sum(1 for _ in jobs()) // len(defences)
         for _ in range(args.repeats):
             per_defence = [list(jobs())[i * n_jobs : (i + 1) * n_jobs] for i in range(2)]
             for pair in zip(*per_defence, strict=True):  # no defence, then defences, alternating
@@ -170,7 +184,7 @@ def main() -> None:
         f"{'/'.join(f'{v:.1f}' for v in load_after)} after; one client unless said; "
         f"medians of {args.repeats} alternating repeats of {args.seconds:g} s each"
     )
-    none, defended = DEFENCES
+    none = "none"
     print(
         "| path | batch | none inputs/s | none p50 ms | none p99 ms "
         "| defended inputs/s | defended p50 ms | defended p99 ms | defence cost |"

@@ -122,6 +122,8 @@ def parse_detector(spec: str) -> DetectorConfig:
     return DetectorConfig(**values)  # type: ignore[arg-type]
 
 
+#: Latest inputs per hash compared first (then up to ``per_hash``).
+_FIRST_LOOK = 32
 #: Inputs an account's latest hashes wait in a dict before one merge into its store.
 _MERGE_EVERY = 256
 
@@ -333,12 +335,19 @@ class QueryDetector:
         present = hi > lo
         if int(present.sum()) + sum(1 for h in hashes if h in within) < need:
             return False
-        lo = np.maximum(lo, hi - cfg.per_hash)
-        parts = [state.ids[a:b] for a, b in zip(lo.tolist(), hi.tolist(), strict=True) if b > a]
-        parts += [np.asarray(within[h][-cfg.per_hash :]) for h in hashes if h in within]
-        ids = np.concatenate(parts)
-        ids = ids[ids >= qid - cfg.history]
-        return ids.size >= need and int(np.bincount(ids - ids.min()).max()) >= need
+        # most near duplicates repeat one of the latest inputs: look at those first
+        for depth in sorted({min(_FIRST_LOOK, cfg.per_hash), cfg.per_hash}):
+            start = np.maximum(lo, hi - depth)
+            parts = [state.ids[a:b] for a, b in zip(start.tolist(), hi.tolist(), strict=True)]
+            parts += [np.asarray(within[h][-depth:]) for h in hashes if h in within]
+            ids = np.concatenate(parts)
+            ids = ids[ids >= qid - cfg.history]
+            if ids.size >= need and int(np.bincount(ids - ids.min()).max()) >= need:
+                return True
+            cut = bool((start > lo).any()) or any(len(within.get(h, ())) > depth for h in hashes)
+            if not cut:
+                return False
+        return False
 
     def _merge(self, state: _History) -> None:
         """Merge the waiting hashes into the sorted store; compact away forgotten inputs."""
