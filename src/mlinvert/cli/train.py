@@ -15,23 +15,35 @@ KIND_HELP = (
 )
 
 
-def run_train(data: str, kind: str, out_dir: Path, seed: int, quick: bool) -> dict[str, object]:
-    """Load ``data``, train ``kind``, save to ``out_dir``; return the card."""
+def run_train(
+    data: str,
+    kind: str,
+    out_dir: Path,
+    seed: int,
+    quick: bool,
+    dp_epsilon: float | None = None,
+    dp_delta: float | None = None,
+) -> dict[str, object]:
+    """Load ``data``, train ``kind`` (by DP-SGD if ``dp_epsilon`` is given), save to
+    ``out_dir``; return the card."""
     from mlinvert.data import load as load_data
     from mlinvert.errors import ConfigError
     from mlinvert.targets.io import save
-    from mlinvert.targets.training import KINDS, train_target
+    from mlinvert.targets.training import KINDS, dp_config, train_target
 
     if kind.strip().lower() not in KINDS:
         raise ConfigError(f"unknown model kind {kind!r}; choose one of: {', '.join(KINDS)}")
     if seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {seed}")
+    if dp_delta is not None and dp_epsilon is None:
+        raise ConfigError("--dp-delta needs --dp-epsilon (the privacy target of DP-SGD)")
+    dp = None if dp_epsilon is None else dp_config(kind, dp_epsilon, delta=dp_delta, quick=quick)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file; pass a folder path")
     with console.status(f"[bold]loading[/] {data} ..."):
         dataset = load_data(data, seed=seed)
     with console.status(f"[bold]training[/] {kind} on {dataset.spec} (seed {seed}) ..."):
-        trained = train_target(dataset, kind, seed=seed, quick=quick)
+        trained = train_target(dataset, kind, seed=seed, quick=quick, dp=dp)
     save(trained.model, out_dir, card=trained.card)
     return trained.card
 
@@ -56,6 +68,17 @@ def register(app: typer.Typer) -> None:
         quick: bool = typer.Option(
             False, "--quick", help="Tiny training settings (smoke tests, not for audits)."
         ),
+        dp_epsilon: float | None = typer.Option(
+            None,
+            "--dp-epsilon",
+            help="Train by DP-SGD (softmax, mlp) to this privacy target epsilon: Poisson "
+            "batches, per-example clipping, Gaussian noise sized by an RDP accountant.",
+        ),
+        dp_delta: float | None = typer.Option(
+            None,
+            "--dp-delta",
+            help="DP delta (default min(1e-5, n^-1.1) for n training images).",
+        ),
     ) -> None:
         """Train a target model on the private split of a data set and save it.
 
@@ -66,8 +89,11 @@ def register(app: typer.Typer) -> None:
 
             mlinvert train --data att:../shared/data/att_faces --model softmax \\
                 --out models/att-softmax
+
+        With --dp-epsilon the card also records the privacy spent (epsilon achieved,
+        delta, noise multiplier, clip, sampling rate, steps, accountant).
         """
-        card = run_train(data, model, out_dir, seed, quick)
+        card = run_train(data, model, out_dir, seed, quick, dp_epsilon, dp_delta)
         test = card.get("test_accuracy")
         chance = card.get("chance_accuracy")
         out.print(
@@ -77,4 +103,11 @@ def register(app: typer.Typer) -> None:
             + (f" (chance {chance:.3f})" if chance else "")
             + f", {card['train_seconds']:.1f} s"
         )
+        privacy = card.get("privacy")
+        if isinstance(privacy, dict):
+            out.print(
+                f"DP-SGD: epsilon {privacy['epsilon']:.3f} at delta {privacy['delta']:.2g} "
+                f"(noise multiplier {privacy['noise_multiplier']:.3f}, clip {privacy['clip']}, "
+                f"sampling rate {privacy['sample_rate']:.3f}, {privacy['steps']} steps)"
+            )
         out.print(f"wrote {out_dir}/model.json and weights.safetensors")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from typing import Any, ClassVar, Self
 
 import numpy as np
@@ -21,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mlinvert.errors import ConfigError, DataError, ModelError, NotFittedError
+from mlinvert.targets.dp import PUBLIC_PIXEL_STATS, PrivacySpent, config_dict
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,8 @@ class TorchTarget:
     Subclasses set ``kind`` and ``config_cls`` and implement :meth:`_build` (the
     network from input shape and class count) and :meth:`_train`. ``threads`` is the
     number of torch threads used while fitting (restored afterwards; None keeps
-    torch's setting); predictions use torch's setting.
+    torch's setting); predictions use torch's setting. ``privacy_`` is what DP training
+    spent (:class:`~mlinvert.targets.dp.PrivacySpent`), None for a model trained without DP.
     """
 
     kind: ClassVar[str]
@@ -221,6 +222,7 @@ class TorchTarget:
         self.classes_: np.ndarray = np.empty(0, dtype=np.int64)
         self.input_shape_: tuple[int, int] = (0, 0)
         self.net_: nn.Module | None = None
+        self.privacy_: PrivacySpent | None = None
 
     # -- to implement -------------------------------------------------------------
     def _build(self, shape: tuple[int, int], n_classes: int, mean: float, std: float) -> nn.Module:
@@ -230,6 +232,13 @@ class TorchTarget:
     def _train(self, net: nn.Module, X: torch.Tensor, y: torch.Tensor) -> None:
         """Fit ``net`` in place (inside a seeded context)."""
         raise NotImplementedError
+
+    def _pixel_stats(self, x: np.ndarray) -> tuple[float, float]:
+        """Mean and std for the Standardise layer: the training set's, or fixed public
+        values when the config asks for DP training (the statistics are private data)."""
+        if getattr(self.config, "dp", None) is not None:
+            return PUBLIC_PIXEL_STATS
+        return float(x.mean()), float(x.std()) or 1.0
 
     # -- scikit-learn face ------------------------------------------------------------
     def fit(
@@ -249,8 +258,9 @@ class TorchTarget:
             raise DataError("need at least 2 classes to train a classifier")
         names = tuple(str(i) for i in range(k)) if class_names is None else tuple(class_names)
         shape = (int(x.shape[1]), int(x.shape[2]))
+        self.privacy_ = None
         with seeded(self.config.seed), torch_threads(self.threads):
-            net = self._build(shape, k, float(x.mean()), float(x.std()) or 1.0)
+            net = self._build(shape, k, *self._pixel_stats(x))
             net.train()
             self._train(net, torch.from_numpy(x), torch.from_numpy(labels.astype(np.int64)))
         net.eval()
@@ -319,10 +329,12 @@ class TorchTarget:
         net = self._check_fitted()
         tensors = {k: v.detach().cpu().numpy().copy() for k, v in net.state_dict().items()}
         params = {
-            "config": asdict(self.config),
+            "config": config_dict(self.config),
             "class_names": list(self.class_names_),
             "input_shape": list(self.input_shape_),
         }
+        if self.privacy_ is not None:
+            params["privacy"] = self.privacy_.to_dict()
         return tensors, params
 
     @classmethod
@@ -332,7 +344,9 @@ class TorchTarget:
             config = cls.config_cls(**params["config"])
             names = tuple(str(n) for n in params["class_names"])
             h, w = (int(v) for v in params["input_shape"])
-        except (KeyError, TypeError, ValueError) as exc:
+            privacy = params.get("privacy")
+            spent = None if privacy is None else PrivacySpent.from_dict(privacy)
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:
             raise ModelError(
                 f"model parameters for kind {cls.kind!r} are malformed: {exc}"
             ) from exc
@@ -364,6 +378,7 @@ class TorchTarget:
         model.class_names_ = names
         model.classes_ = np.arange(len(names), dtype=np.int64)
         model.input_shape_ = (h, w)
+        model.privacy_ = spent
         return model
 
 

@@ -34,19 +34,25 @@ from mlinvert.targets._torch import (
     log,
     same_identity_mix,
 )
+from mlinvert.targets.dp import DPConfig
+from mlinvert.targets.dp_sgd import train_dp
 
 
 @dataclass(frozen=True, kw_only=True)
 class SoftmaxConfig:
-    """Softmax regression trained by full-batch L-BFGS with an L2 penalty."""
+    """Softmax regression trained by full-batch L-BFGS with an L2 penalty, or by DP-SGD
+    (:mod:`mlinvert.targets.dp`) from zero weights when ``dp`` is set (then ``l2`` and
+    ``max_iter`` are unused)."""
 
     seed: int = 0
     l2: float = 1e-3
     max_iter: int = 150
+    dp: DPConfig | None = None
 
     def __post_init__(self) -> None:
         check_seed(self.seed)
         check_positive(l2=self.l2, max_iter=self.max_iter)
+        object.__setattr__(self, "dp", DPConfig.from_value(self.dp))
 
 
 class SoftmaxRegression(TorchTarget):
@@ -65,6 +71,11 @@ class SoftmaxRegression(TorchTarget):
         assert isinstance(net, nn.Sequential)
         linear = net[2]
         assert isinstance(linear, nn.Linear)
+        if self.config.dp is not None:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+            self.privacy_ = train_dp(net, X, y, self.config.dp)
+            return
         xs = net[1](net[0](X))
         loss = lbfgs_first_layer(
             linear,
@@ -80,19 +91,23 @@ class SoftmaxRegression(TorchTarget):
 
 @dataclass(frozen=True, kw_only=True)
 class MLPConfig:
-    """One hidden layer of sigmoid units, full-batch L-BFGS with an L2 penalty."""
+    """One hidden layer of sigmoid units, full-batch L-BFGS with an L2 penalty, or DP-SGD
+    (:mod:`mlinvert.targets.dp`) from torch's default initialisation when ``dp`` is set
+    (then ``l2``, ``max_iter`` and ``init_scale`` are unused)."""
 
     seed: int = 0
     hidden: int = 3000
     l2: float = 1e-3
     max_iter: int = 200
     init_scale: float = 1.0
+    dp: DPConfig | None = None
 
     def __post_init__(self) -> None:
         check_seed(self.seed)
         check_positive(
             hidden=self.hidden, l2=self.l2, max_iter=self.max_iter, init_scale=self.init_scale
         )
+        object.__setattr__(self, "dp", DPConfig.from_value(self.dp))
 
 
 class MLP(TorchTarget):
@@ -115,8 +130,11 @@ class MLP(TorchTarget):
         assert isinstance(net, nn.Sequential)
         first = net[2]
         assert isinstance(first, nn.Linear)
-        xs = net[1](net[0](X))
         c = self.config
+        if c.dp is not None:
+            self.privacy_ = train_dp(net, X, y, c.dp)
+            return
+        xs = net[1](net[0](X))
         loss = lbfgs_first_layer(
             first,
             nn.Sequential(net[3], net[4]),

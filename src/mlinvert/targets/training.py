@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from mlinvert.data.base import ImageDataset, Seed
 from mlinvert.errors import ConfigError, DataError
+from mlinvert.targets.dp import DPConfig, config_dict
 
 log = logging.getLogger(__name__)
 
 FACE_KINDS = ("softmax", "mlp", "dae", "cnn", "evaluation")
 KINDS = (*FACE_KINDS, "tree")
+#: Face kinds that DP-SGD can train (every trainable layer is nn.Linear).
+DP_KINDS = ("softmax", "mlp")
 
 #: The evaluation model gets this offset added to the seed, so a target and the model
 #: that judges attacks on it never share their initialisation.
@@ -78,6 +81,27 @@ def face_config(kind: str, *, seed: int, quick: bool) -> Any:
     raise ConfigError(f"unknown model kind {kind!r}; choose one of: {', '.join(KINDS)}")
 
 
+def dp_config(
+    kind: str, epsilon: float, *, delta: float | None = None, quick: bool = False
+) -> DPConfig:
+    """DP-SGD settings for ``kind`` at privacy target ``(epsilon, delta)``.
+
+    Chosen for test accuracy on AT&T at epsilon 8 (BENCHMARKS.md, "DP-SGD training"):
+    expected Poisson batch 70 (sampling rate 0.25 of 280 images), 30 epochs (120 steps),
+    clip 1, SGD momentum 0.9 with lr 0.01 (a larger lr lost 15-30 points). ``quick``
+    halves the epochs (tests).
+    """
+    kind = kind.strip().lower()
+    if kind not in DP_KINDS:
+        raise ConfigError(
+            f"DP-SGD training is available for {', '.join(DP_KINDS)}, not {kind!r}; "
+            "train without --dp-epsilon or pick one of those kinds"
+        )
+    return DPConfig(
+        epsilon=epsilon, delta=delta, clip=1.0, epochs=15 if quick else 30, batch_size=70, lr=0.01
+    )
+
+
 def make_face_model(kind: str, config: Any) -> Any:
     """An unfitted face model of ``kind`` with ``config``."""
     from mlinvert.targets.io import model_class
@@ -94,17 +118,27 @@ def _train_tree(dataset: Any, seed: int, quick: bool) -> TrainedTarget:
     return TrainedTarget(model=model, card=card)
 
 
-def train_target(dataset: Any, kind: str, *, seed: Seed, quick: bool = False) -> TrainedTarget:
+def train_target(
+    dataset: Any, kind: str, *, seed: Seed, quick: bool = False, dp: DPConfig | None = None
+) -> TrainedTarget:
     """Train ``kind`` on ``dataset``'s private split and return the model and its card.
 
     Face kinds: ``softmax``, ``mlp``, ``dae``, ``cnn``, ``evaluation`` on an
     :class:`~mlinvert.data.ImageDataset`; ``tree`` on a survey data set. ``quick``
     picks tiny settings (for tests). The card holds the data spec, split (train/test
     indices), seed, config, train/test accuracy, chance level and training seconds.
+    ``dp`` (see :func:`dp_config`) trains a ``softmax`` or ``mlp`` by DP-SGD instead;
+    its card then also holds ``privacy``: the achieved epsilon, delta, noise multiplier,
+    clip, sampling rate, steps and accountant.
     """
     kind = kind.strip().lower()
     if kind not in KINDS:
         raise ConfigError(f"unknown model kind {kind!r}; choose one of: {', '.join(KINDS)}")
+    if dp is not None and kind not in DP_KINDS:
+        raise ConfigError(
+            f"DP-SGD training is available for {', '.join(DP_KINDS)}, not {kind!r}; "
+            "train without --dp-epsilon or pick one of those kinds"
+        )
     s = resolve_seed(seed)
     is_image = isinstance(dataset, ImageDataset)
     if kind == "tree" or not is_image:
@@ -124,6 +158,8 @@ def train_target(dataset: Any, kind: str, *, seed: Seed, quick: bool = False) ->
     if X.shape[0] == 0:
         raise DataError(f"data set {dataset.spec!r} has no training images")
     config = face_config(kind, seed=s, quick=quick)
+    if dp is not None:
+        config = replace(config, dp=dp)
     model = make_face_model(kind, config)
     log.info(
         "training %s on %s (%d images %dx%d, %d classes)",
@@ -152,7 +188,7 @@ def train_target(dataset: Any, kind: str, *, seed: Seed, quick: bool = False) ->
         "split": dataset.split.to_dict(),
         "seed": s,
         "quick": quick,
-        "config": asdict(config),
+        "config": config_dict(config),
         "n_train": int(X.shape[0]),
         "n_test": int(Xt.shape[0]),
         "chance_accuracy": 1.0 / dataset.n_classes,
@@ -160,6 +196,8 @@ def train_target(dataset: Any, kind: str, *, seed: Seed, quick: bool = False) ->
         "test_accuracy": test_acc,
         "train_seconds": round(seconds, 3),
     }
+    if model.privacy_ is not None:
+        card["privacy"] = model.privacy_.to_dict()
     if kind == "dae" and yt.size:
         recon = model.decode(model.encode(Xt))
         card["test_reconstruction_mse"] = float(((recon - Xt) ** 2).mean())
