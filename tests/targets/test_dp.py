@@ -171,7 +171,11 @@ def test_a_dp_step_moves_the_weights_by_at_most_lr_clip_plus_noise() -> None:
             assert move > 0.01 * lr * clip
 
 
-def test_non_linear_trainable_layers_are_refused() -> None:
+def test_networks_the_ghost_norm_does_not_cover_are_refused() -> None:
+    shared = nn.Linear(2, 2)
+    twice = nn.Sequential(shared, nn.ReLU(), shared)
+    with pytest.raises(ConfigError, match="used once"):
+        clipped_gradient_sum(twice, torch.zeros(2, 2), torch.zeros(2, dtype=torch.long), 1.0)
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2))
     with pytest.raises(ConfigError, match=r"nn\.Linear"):
         clipped_gradient_sum(net, torch.zeros(2, 1, 3, 3), torch.zeros(2, dtype=torch.long), 1.0)

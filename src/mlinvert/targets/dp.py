@@ -35,7 +35,7 @@ from mlinvert.errors import ConfigError
 #: statistics (which are private data): a [0, 1] grey image's rough, public values.
 PUBLIC_PIXEL_STATS = (0.5, 0.25)
 
-#: delta never exceeds this (the usual choice, Abadi et al.); see :func:`default_delta`.
+#: The default delta's ceiling (the usual choice, Abadi et al.); see :func:`default_delta`.
 DEFAULT_DELTA = 1e-5
 
 #: Opacus' name of the accountant used for the noise search and the final epsilon.

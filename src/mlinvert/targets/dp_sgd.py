@@ -43,7 +43,8 @@ def clipped_gradient_sum(
 
     Returns the sums in the order of ``net.parameters()`` (trainable only) and the
     per-example gradient norms before clipping ``(n,)``. ``net`` must train only
-    ``nn.Linear`` layers, each applied to ``(n, d)`` inputs (see the module docstring).
+    ``nn.Linear`` layers, each applied once to ``(n, d)`` inputs (see
+    :mod:`mlinvert.targets.dp`).
     """
     layers = _linear_layers(net)
     seen: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -55,6 +56,8 @@ def clipped_gradient_sum(
                 f"got shape {tuple(args[0].shape)}"
             )
         assert isinstance(module, nn.Linear)
+        if module in seen:
+            raise ConfigError("DP-SGD per-example clipping needs each Linear layer used once")
         seen[module] = (args[0].detach(), output)
 
     hooks = [layer.register_forward_hook(keep) for layer in layers]
