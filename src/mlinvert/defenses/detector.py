@@ -6,8 +6,10 @@ Jacobian's basis steps, a label-only attack's neighbours). Following Blacklight
 (Li et al., "Blacklight: Scalable Defense for Neural Networks against Query-Based
 Black-Box Attacks", USENIX Security 2022), each input is quantised (``step``), cut
 into sliding windows of ``window`` consecutive values, every window hashed, and the
-``hashes`` smallest distinct hashes kept as its fingerprint. Two inputs are near
-duplicates when their fingerprints share at least ``match`` of their hashes. The
+``hashes`` smallest distinct hashes kept as its fingerprint. An input is a near
+duplicate of an earlier one when their fingerprints share ``match`` (a half) of the
+fingerprint size an input of that shape can have, so a flat image with few distinct
+windows matches nothing. The
 guard keeps the fingerprints of each account's last ``history`` inputs and counts the
 inputs that are near duplicates of an earlier one. Once an account has sent ``after``
 of them it is **flagged for investigation** (a :class:`Flag` goes to the flag store,
