@@ -312,11 +312,11 @@ def served_utility(
 
     ``accuracy``: the served label; ``ece``: calibration error of the returned score of
     the served label (a labels-only answer is read as confidence 1, as a client must);
-    A refused row (label -1, no scores) is a wrong answer with confidence 0.
     ``topk_accuracy``: true class among the ``k`` highest returned scores, ties broken
     against the user (withheld classes are not ranked above anything); ``brier``: mean
     squared distance of the returned score vector (withheld scores 0, labels one-hot)
-    to the one-hot truth — the information an honest client loses shows up here.
+    to the one-hot truth — the information an honest client loses shows up here. A
+    row the API refused (label -1, all-zero scores) is a wrong answer with confidence 0.
     """
     y = np.asarray(y, dtype=np.int64)
     labels = np.asarray(responses.labels, dtype=np.int64)
@@ -999,6 +999,7 @@ def _private_photos(dataset: ImageDataset, labels: list[int], results: ResultsFi
 def _utilities(
     targets: list[_Target], defenses: list[Defense], dataset: ImageDataset, results: ResultsFile
 ) -> None:
+    from mlinvert.defenses.detector import QueryDetector
     from mlinvert.defenses.policies import parse_policy
     from mlinvert.defenses.predictor import Predictor
 
@@ -1006,14 +1007,19 @@ def _utilities(
     for t in targets:
         per: dict[str, Any] = {}
         for d in defenses:
+            # an honest client goes through the detector (not the rate limit, which
+            # does not change answers), a few inputs per request
             predictor = Predictor(
                 t.model,
                 name=t.name,
                 policy=parse_policy(d.policy),
-                guards=[g for g in d.guards() if d.detector and g.name == "detector"],
+                guards=[QueryDetector(d.detector)] if d.detector else [],
                 max_batch=max(len(x), 1),
             )
-            served, refused = _honest_client(predictor, x)
+            if d.detector:
+                served, refused = _honest_client(predictor, x)
+            else:
+                served, refused = predictor.predict(x, account="utility"), 0
             util = served_utility(served, y, len(t.model.class_names_))
             util["labels_unchanged"] = bool(
                 np.array_equal(served.labels, np.asarray(t.model.predict(x)))
