@@ -84,6 +84,7 @@ def test_noise_search_hits_the_target_epsilon(epsilon: float, q: float, steps: i
     assert epsilon_spent(sigma * 0.97, q, steps, 1e-5) > spent  # not needlessly noisy
 
 
+@pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
 def test_unreachable_epsilon_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="raise epsilon"):
         noise_for(1e-9, 1e-12, 1.0, 10_000)
