@@ -137,12 +137,14 @@ def _n_windows(x: np.ndarray, config: DetectorConfig) -> int:
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: spreads polynomial window hashes over all 64 bits."""
-    z = z ^ (z >> np.uint64(30))
-    z = z * np.uint64(0xBF58476D1CE4E5B9)
-    z = z ^ (z >> np.uint64(27))
-    z = z * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
+    """splitmix64's finaliser, in place: spreads polynomial window hashes over 64 bits."""
+    with np.errstate(over="ignore"):
+        z ^= z >> np.uint64(30)
+        z *= np.uint64(0xBF58476D1CE4E5B9)
+        z ^= z >> np.uint64(27)
+        z *= np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return z
 
 
 def fingerprints(x: np.ndarray, config: DetectorConfig) -> list[np.ndarray]:
@@ -341,8 +343,8 @@ class QueryDetector:
         for depth in sorted({min(_FIRST_LOOK, cfg.per_hash), cfg.per_hash}):
             start = np.maximum(lo, hi - depth)
             parts = [state.ids[a:b] for a, b in zip(start.tolist(), hi.tolist(), strict=True)]
-            parts += [np.asarray(within[h][-depth:]) for h in hashes if h in within]
-            ids = np.concatenate(parts)
+            waiting = [i for h in hashes if h in within for i in within[h][-depth:]]
+            ids = np.concatenate([*parts, np.asarray(waiting, dtype=np.int64)])
             ids = ids[ids >= qid - cfg.history]
             if ids.size >= need and int(np.bincount(ids - ids.min()).max()) >= need:
                 return True
