@@ -43,8 +43,8 @@ from mlinvert.defenses.detector import DetectorConfig, QueryDetector, fingerprin
 from mlinvert.errors import DataError
 from mlinvert.evaluation.audit import build_attack, preset_for, search_space
 from mlinvert.evaluation.faces import FaceJudge
-from mlinvert.oracle import LocalOracle, Oracle, Response
-from mlinvert.oracle.wrappers import _Wrapper
+from mlinvert.oracle import LocalOracle, Oracle
+from mlinvert.oracle.wrappers import Blinded
 
 log = logging.getLogger("detector_eval")
 BATCH = 64  # honest clients send batches of this size
@@ -78,22 +78,6 @@ class Counted:
             "flagged": flag is not None,
             "flagged_at_input": None if flag is None else flag.inputs,
         }
-
-
-class Blinded(_Wrapper):
-    """Query blinding (the adaptive attacker of Blacklight's section 7): every probe gets
-    independent uniform noise in [-amplitude, amplitude] per pixel (clipped to [0, 1])
-    before it reaches the API, so no two probes share their quantised windows."""
-
-    def __init__(self, oracle: Oracle, amplitude: float, *, seed: int) -> None:
-        super().__init__(oracle)
-        self.amplitude = amplitude
-        self.rng = np.random.default_rng(seed)
-
-    def query(self, x: np.ndarray) -> Response:
-        """Send ``x`` plus fresh noise."""
-        noise = self.rng.uniform(-self.amplitude, self.amplitude, size=np.shape(x))
-        return self.inner.query(np.clip(x + noise, 0.0, 1.0).astype(np.float32))
 
 
 # ------------------------------------------------------------------ 1. honest traffic

@@ -91,6 +91,27 @@ def test_cli_objective_reaches_the_attack_and_is_checked(
     )
 
 
+def test_cli_blind_sends_noisy_probes_and_is_checked(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--blind wraps the API in Blinded (query blinding against a detector): recorded in
+    result.json; with white-box, or an amplitude outside (0, 1], it is one line."""
+    args = ["attack", "miface", "--model", str(model_dir), "--label", "3", "--mode", "blackbox"]
+    args += ["--space", "dct:4", "--budget", "200", "--samples", "5", "--gradient", "nes"]
+    out = tmp_path / "blind"
+    res = CliRunner().invoke(build_app(), [*args, "--blind", "0.05", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    result = AttackResult.from_json((out / "result.json").read_text())
+    assert result.extra["blind"] == 0.05 and 0 < result.n_queries <= 200
+    white = ["attack", "miface", "--model", str(model_dir), "--label", "3", "--blind", "0.05"]
+    assert "drop --blind" in _one_line_error(
+        [*white, "--out", str(tmp_path / "w")], capsys
+    )
+    assert "amplitude must be" in _one_line_error(
+        [*args, "--blind", "2", "--out", str(tmp_path / "b")], capsys
+    )
+
+
 def test_cli_whitebox_all_labels_and_errors(model_dir: Path, tmp_path: Path) -> None:
     runner = CliRunner()
     app = build_app()

@@ -1,4 +1,5 @@
-"""Budgeted, Recording and Cached keep the Oracle interface; counting stays in the base."""
+"""Budgeted, Recording, Cached and Blinded keep the Oracle interface; counting stays in
+the base."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from mlinvert.data import load
 from mlinvert.defenses import Predictor
 from mlinvert.errors import BudgetExhausted, ConfigError, GradientUnavailable
 from mlinvert.oracle import LocalOracle, Oracle
-from mlinvert.oracle.wrappers import Budgeted, Cached, Recording, has_gradient
+from mlinvert.oracle.wrappers import Blinded, Budgeted, Cached, Recording, has_gradient
 
 
 class _Mean:
@@ -105,3 +106,50 @@ def test_cached_on_real_loader_shapes() -> None:
     cached.query(x)
     cached.query(x)
     assert cached.n_queries == 3 and cached.hits == 3
+
+
+def test_blinded_adds_fresh_bounded_noise_and_counts_in_the_base(base: LocalOracle) -> None:
+    rec = Recording(base)
+    blind = Blinded(rec, 0.05, seed=3)
+    x = np.full((2, 4, 4), 0.5, dtype=np.float32)
+    x[1] = 0.99  # near the top: the noise is clipped to [0, 1]
+    blind.query(x)
+    blind.query(x)
+    sent = rec.all_inputs()
+    assert blind.n_queries == base.n_queries == 4
+    assert np.abs(sent[0] - 0.5).max() <= 0.05 + 1e-6 and sent.max() <= 1.0
+    assert np.abs(sent[0] - 0.5).max() > 0.01  # really noisy
+    assert not np.array_equal(sent[0], sent[2])  # fresh noise for a repeated probe
+    again = Recording(LocalOracle(Predictor(_Mean(), name="mean")))
+    Blinded(again, 0.05, seed=3).query(x)
+    np.testing.assert_array_equal(again.all_inputs(), sent[:2])  # seeded
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match="amplitude"):
+            Blinded(base, bad)
+
+
+def test_blinding_gets_probes_past_the_query_detector() -> None:
+    """Probes a blocking detector refuses pass once each carries noise of +-0.1."""
+    from mlinvert.defenses import QueryDetector
+    from mlinvert.errors import Blocked
+
+    rng = np.random.default_rng(0)
+    face = np.kron(rng.random((6, 5)), np.ones((8, 8)))[:46, :38].astype(np.float32)
+    probes = np.clip(face + rng.normal(0, 0.005, (60, 46, 38)), 0, 1).astype(np.float32)
+
+    def attacker(blind: float | None) -> Oracle:
+        model = _Mean()
+        model.input_shape_ = (46, 38)
+        oracle = LocalOracle(
+            Predictor(model, name="m", guards=[QueryDetector("detect:block:20")]), account="m"
+        )
+        return oracle if blind is None else Blinded(oracle, blind, seed=1)
+
+    plain = attacker(None)
+    with pytest.raises(Blocked):
+        for i in range(0, 60, 10):
+            plain.query(probes[i : i + 10])
+    blinded = attacker(0.1)
+    for i in range(0, 60, 10):
+        blinded.query(probes[i : i + 10])
+    assert blinded.n_queries == 60

@@ -212,6 +212,12 @@ def register(app: typer.Typer) -> None:
             help="With --all-labels through an API (blackbox, label-only): attack N people "
             "at once, their probes sent together in one request per step (1: one by one).",
         ),
+        blind: float | None = typer.Option(
+            None,
+            "--blind",
+            help="Query blinding against a query detector: add fresh uniform noise of "
+            "+-A to every probe sent (e.g. 0.05; Blacklight, Section 7).",
+        ),
         seed: int = typer.Option(0, "--seed"),
     ) -> None:
         """Reconstruct a person's face (MI-Face, Fredrikson et al. CCS 2015; BREP-MI)."""
@@ -247,6 +253,15 @@ def register(app: typer.Typer) -> None:
                 "--aux folder:PATH)"
             )
         oracle = _oracle(model, target, api_key, mode, policy)
+        if blind is not None:
+            if mode == "whitebox":
+                raise ConfigError(
+                    "--blind adds noise to the probes sent to an API; a white-box attack "
+                    "sends none: drop --blind or use --mode blackbox/label-only"
+                )
+            from mlinvert.oracle.wrappers import Blinded
+
+            oracle = Blinded(oracle, blind, seed=seed)
         info = oracle.info
         labels = (
             list(range(info.n_classes))
@@ -340,6 +355,7 @@ def register(app: typer.Typer) -> None:
         merged = AttackResult.merge(results)
         merged.extra["target"] = target or str(model)
         merged.extra["mode"] = mode
+        merged.extra["blind"] = blind
         paths = merged.save_pngs(out_dir, scale=3)
         write_json(out_dir / "result.json", merged.to_dict())
         for per in merged.per_label:

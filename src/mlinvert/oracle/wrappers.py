@@ -2,7 +2,8 @@
 
 ``Budgeted`` refuses a batch that would exceed an attacker-side budget, ``Recording``
 keeps every query and answer, ``Cached`` answers repeated inputs without asking the
-wrapped oracle again. Counting stays in the base oracle: ``n_queries`` of a wrapper is
+wrapped oracle again, ``Blinded`` adds fresh noise to every probe (the adaptive attacker
+against a query detector). Counting stays in the base oracle: ``n_queries`` of a wrapper is
 the wrapped oracle's count, so a stack reports the queries that really reached the API.
 """
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from mlinvert.data.base import Seed, rng_from
 from mlinvert.errors import BudgetExhausted, ConfigError, GradientUnavailable
 from mlinvert.oracle.base import Oracle, OracleInfo, Response
 
@@ -177,3 +179,28 @@ class Cached(_Wrapper):
             None if rows[0][2] is None else np.asarray([r[2] for r in rows], dtype=np.float64)
         )
         return Response(labels=labels, probs=probs, confidence=confidence)
+
+
+class Blinded(_Wrapper):
+    """Query blinding: every probe gets fresh uniform noise in ``[-amplitude, amplitude]``
+    per value (clipped to [0, 1]) before it reaches the wrapped oracle.
+
+    The adaptive attacker against a stateful query detector (Li et al., "Blacklight",
+    USENIX Security 2022, Section 7; :class:`mlinvert.defenses.QueryDetector`): noise
+    coarser than the detector's quantisation leaves no two probes with the same windows.
+    The attack then climbs noisy scores; BENCHMARKS.md ("Query detector") measures what
+    it still recovers.
+    """
+
+    def __init__(self, oracle: Oracle, amplitude: float, *, seed: Seed = None) -> None:
+        super().__init__(oracle)
+        if not (np.isfinite(amplitude) and 0.0 < amplitude <= 1.0):
+            raise ConfigError(f"blinding amplitude must be in (0, 1], got {amplitude}")
+        self.amplitude = float(amplitude)
+        self.rng = rng_from(seed)
+
+    def query(self, x: np.ndarray) -> Response:
+        """Send ``x`` plus fresh noise."""
+        x = np.asarray(x, dtype=np.float32)
+        noise = self.rng.uniform(-self.amplitude, self.amplitude, size=x.shape)
+        return self.inner.query(np.clip(x + noise, 0.0, 1.0).astype(np.float32))
