@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from mlinvert.cli.main import main
-from mlinvert.evaluation.audit import AuditConfig, record_key, run_audit
+from mlinvert.errors import ConfigError
+from mlinvert.evaluation.audit import AuditConfig, ResultsFile, record_key, run_audit
 from mlinvert.service import Store
 
 REQUIRED = (
@@ -62,6 +63,7 @@ def resumed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         in_process=True,
         defenses=DEFENSES,
         seed=1,
+        blind=0.0,  # a naive attacker: the detector row shows what the detector catches
     )
     # the first run attacks two people at a time (lanes) and is interrupted while a lane
     # is still running; the resume attacks one person after another
@@ -139,19 +141,74 @@ def test_records_carry_the_schema_and_the_expected_shape(resumed: dict[str, Any]
     assert "AML.T0024" in html and "rate:60/hour" in html
     assert "Query detector (detect:block:20), how the attacks ended:" in html
     assert "(labels through the API): blocked 2" in html
-    assert "It stops an account, not an attacker" in html
+    assert "attacker did not adapt (--blind 0)" in html
+    assert all(r["blinded"] is None for r in final["records"])
+
+
+def _copy_models(src: Path, out: Path) -> None:
+    """Reuse the in-process run's trained models (same data, seed and quick flag)."""
+    (out / "models").mkdir(parents=True)
+    for kind in ("softmax", "evaluation"):
+        (out / "models" / kind).mkdir()
+        for f in (src / "models" / kind).iterdir():
+            (out / "models" / kind / f.name).write_bytes(f.read_bytes())
+
+
+def test_the_attacker_blinds_its_probes_against_an_advertised_detector(
+    tmp_path: Path, resumed: dict[str, Any]
+) -> None:
+    out = tmp_path / "adaptive"
+    _copy_models(resumed["out"], out)
+    index = run_audit(
+        AuditConfig(
+            out=out,
+            targets=("softmax",),
+            labels=2,
+            budget=240,
+            quick=True,
+            in_process=True,
+            defenses=("detect:block:20",),
+            attacks=("whitebox", "label-only"),
+            seed=1,
+        )
+    )
+    final = json.loads((out / "results.json").read_text())
+    assert final["config"]["blind"] == 0.05
+    by = {(r["attack"], r["label"]): r for r in final["records"]}
+    naive = {
+        r["label"]: r
+        for r in resumed["final"]["records"]
+        if (r["attack"], r["defense"]) == ("label-only", "detect:block:20")
+    }
+    for lab in (0, 1):
+        adaptive = by[("label-only", lab)]
+        # the naive attacker was blocked; the same attack with noise on every probe is not
+        assert naive[lab]["status"] == "blocked"
+        assert adaptive["blinded"] == 0.05 and adaptive["status"] != "blocked", adaptive
+        assert adaptive["n_queries"] > naive[lab]["n_queries"]
+        assert by[("whitebox", lab)]["blinded"] is None  # no API, nothing to blind
+    html = index.read_text()
+    assert "so the attacker adapted and added fresh noise of ±0.05 to every probe" in html
+    assert "an API attacker whose probes carried ±0.05 noise" in html
+    # resuming with another blinding would mix two attackers in one row
+    other = AuditConfig(
+        out=out,
+        targets=("softmax",),
+        labels=2,
+        budget=240,
+        quick=True,
+        seed=1,
+        resume=True,
+        blind=0.0,
+    )
+    with pytest.raises(ConfigError, match=r"blind: 0\.05 -> 0\.0"):
+        ResultsFile(out, other)
 
 
 def test_audit_over_the_real_http_service(tmp_path: Path, resumed: dict[str, Any]) -> None:
     # reuse the trained models of the in-process run (same data, seed and quick flag)
     out = tmp_path / "http"
-    (out / "models").mkdir(parents=True)
-    for kind in ("softmax", "evaluation"):
-        src = resumed["out"] / "models" / kind
-        dst = out / "models" / kind
-        dst.mkdir()
-        for f in src.iterdir():
-            (dst / f.name).write_bytes(f.read_bytes())
+    _copy_models(resumed["out"], out)
     run_audit(
         AuditConfig(
             out=out,
@@ -175,8 +232,11 @@ def test_audit_over_the_real_http_service(tmp_path: Path, resumed: dict[str, Any
     assert 0 < sum(r["n_queries"] for r in records) <= 60
     assert (out / "service" / "rate_60_hour.sqlite3").exists()  # the service's query log
     # the service's detector blocks the attacking account (403) and records the flag
+    # (even blinded: noise of +-0.05 moves too few of these 8x8 probes' pixels across the
+    # detector's 0.2 quantisation steps to break up their 20-pixel windows)
     blocked = [r for r in final["records"] if r["defense"] == "detect:block:20"]
     assert len(blocked) == 2 and all(r["status"] == "blocked" for r in blocked), blocked
+    assert all(r["blinded"] == 0.05 for r in blocked)
     store = Store(out / "service" / "detect_block_20.sqlite3")
     (flag,) = store.flags()
     assert flag.flag.account == "audit-detect_block_20-softmax-blackbox"
@@ -201,3 +261,7 @@ def test_cli_bad_flag_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> No
         main(["audit", "--lanes", "0", "--out", "/nonexistent/x"])
     assert exit_info.value.code == 2
     assert "--lanes must be between 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["audit", "--blind", "2", "--out", "/nonexistent/x"])
+    assert exit_info.value.code == 2
+    assert "--blind must be in [0, 1]" in capsys.readouterr().err

@@ -172,10 +172,18 @@ def audit(
         help="People one API attack attacks at once; their probes share each request "
         "(default 8; 1 = one person after another).",
     ),
+    blind: float | None = typer.Option(
+        None,
+        "--blind",
+        help="Query blinding the API attacker uses under a defence with a query detector: "
+        "fresh uniform noise of +-A on every probe (default 0.05; 0 = a naive attacker "
+        "who does not adapt).",
+    ),
 ) -> None:
     """Attack the model under every defence, measure, and write DIR/index.html."""
     from mlinvert.evaluation.audit import (
         ATTACKS,
+        DEFAULT_BLIND,
         DEFAULT_LANES,
         AuditConfig,
         command_line,
@@ -196,6 +204,7 @@ def audit(
         resume=resume,
         quick=quick,
         lanes=DEFAULT_LANES if lanes is None else lanes,
+        blind=DEFAULT_BLIND if blind is None else blind,
         command=command_line(),
     )
     with Progress(

@@ -61,6 +61,10 @@ TOPK = 3
 #: People one API attack runs on at once (their probes share each request), see
 #: :class:`AuditConfig` and BENCHMARKS.md "Lockstep batching".
 DEFAULT_LANES = 8
+#: Query blinding of the audit's API attacker under a defence with a query detector
+#: (+-0.05 per value: past the detector at the default quantisation, BENCHMARKS.md
+#: "Query detector").
+DEFAULT_BLIND = 0.05
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -165,7 +169,10 @@ class AuditConfig:
     target: their probe batches travel in one request
     (:class:`~mlinvert.oracle.lockstep.Coalescer`), each record's ``seconds`` is then
     that person's wall time while running beside the others; 1 attacks one person
-    after another.
+    after another. ``blind`` is the adaptive attacker's answer to a query detector: under
+    a defence with one (which ``/v1/models`` advertises), every probe of the black-box and
+    label-only attacks gets fresh uniform noise of +-``blind`` per value
+    (:class:`~mlinvert.oracle.wrappers.Blinded`); 0 is a naive attacker who does not adapt.
     """
 
     data: str | None = None
@@ -182,6 +189,7 @@ class AuditConfig:
     quick: bool = False
     tree_depths: tuple[int, ...] = (1, 2, 3, 5)
     lanes: int = DEFAULT_LANES
+    blind: float = DEFAULT_BLIND
     command: str = ""
 
     def __post_init__(self) -> None:
@@ -202,6 +210,8 @@ class AuditConfig:
         if self.budget is not None and self.budget < 10:
             raise ConfigError(f"--budget must be at least 10 queries per person, got {self.budget}")
         check_lanes(self.lanes)
+        if not (np.isfinite(self.blind) and 0.0 <= self.blind <= 1.0):
+            raise ConfigError(f"--blind must be in [0, 1] (0: no blinding), got {self.blind}")
         object.__setattr__(self, "tree_depths", tuple(self.tree_depths))
         if any(d < 0 for d in self.tree_depths):
             raise ConfigError(f"tree depths must be >= 0 (0 is the root), got {self.tree_depths}")
@@ -368,7 +378,9 @@ def record_key(r: dict[str, Any]) -> RecordKey:
 
 
 #: Config fields that must match for ``--resume`` to continue a run.
-_RESUME_FIELDS = ("data", "model_dir", "targets", "seed", "quick", "budget")
+_RESUME_FIELDS = ("data", "model_dir", "targets", "seed", "quick", "budget", "blind")
+#: What a results file written before a field existed ran with.
+_RESUME_DEFAULTS: dict[str, Any] = {"blind": 0.0}
 
 
 class ResultsFile:
@@ -419,6 +431,7 @@ class ResultsFile:
             if old.get("schema") != SCHEMA:
                 raise DataError(f"{self.path} has schema {old.get('schema')!r}, not {SCHEMA}")
             new_cfg, old_cfg = config.to_dict(), old.get("config", {})
+            old_cfg = {**_RESUME_DEFAULTS, **old_cfg}
             diff = [f for f in _RESUME_FIELDS if old_cfg.get(f) != new_cfg.get(f)]
             if diff:
                 changes = ", ".join(f"{f}: {old_cfg.get(f)!r} -> {new_cfg.get(f)!r}" for f in diff)
@@ -1278,7 +1291,7 @@ def _attack_one(
 
         oracle: Any = WhiteBoxOracle(Predictor(target.model, name=target.name))
     else:
-        oracle = oracles[(target.name, attack)]
+        oracle = _adapted(ctx, attack, defense, oracles[(target.name, attack)], label)
     budget = _budget(ctx, attack)
     try:
         outcome: Any = _build_attack(ctx, attack, label, defense).run(
@@ -1331,7 +1344,11 @@ def _attack_lanes(
     def work(label: int, lane: Any) -> Any:
         try:
             return attacks[label].run(
-                lane, label, seed=ctx.config.seed, budget=budget, progress=_progress(ctx, budget)
+                _adapted(ctx, attack, defense, lane, label),
+                label,
+                seed=ctx.config.seed,
+                budget=budget,
+                progress=_progress(ctx, budget),
             )
         except MlinvertError as exc:
             return exc
@@ -1342,6 +1359,27 @@ def _attack_lanes(
         ctx.events("record", record)
 
     map_lanes(work, todo, oracles[(target.name, attack)], lanes=lanes, on_done=done)
+
+
+def _blinding(ctx: _Context, attack: str, defense: Defense) -> float | None:
+    """The blinding amplitude the API attacker uses under ``defense`` (None: none).
+
+    The attacker reads the service's documentation (``/v1/models`` advertises the
+    detector) as it reads the output policy, and adapts: against a query detector it
+    blinds every probe (``AuditConfig.blind``)."""
+    if attack == "whitebox" or defense.detector is None or ctx.config.blind <= 0:
+        return None
+    return ctx.config.blind
+
+
+def _adapted(ctx: _Context, attack: str, defense: Defense, oracle: Any, label: int) -> Any:
+    """``oracle`` as the attacker uses it under ``defense``: blinded against a detector."""
+    from mlinvert.oracle.wrappers import Blinded
+
+    amplitude = _blinding(ctx, attack, defense)
+    if amplitude is None:
+        return oracle
+    return Blinded(oracle, amplitude, seed=np.random.default_rng([ctx.config.seed, label]))
 
 
 def _budget(ctx: _Context, attack: str) -> int | None:
@@ -1414,6 +1452,7 @@ def _record(
         **_base(ctx, attack, defense, target, label),
         "channel": channel,
         "lanes": lanes,
+        "blinded": _blinding(ctx, attack, defense),
     }
     if isinstance(outcome, MlinvertError):
         if not ctx.api_alive():

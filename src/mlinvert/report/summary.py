@@ -67,6 +67,7 @@ class Cell:
     median_seconds: float | None
     statuses: dict[str, int]
     shared_from: str | None = None
+    blinded: float | None = None  # the attacker's query blinding (+-amplitude), if any
 
     @property
     def status_text(self) -> str:
@@ -103,6 +104,7 @@ def cells(records: Sequence[dict[str, Any]]) -> list[Cell]:
                 median_seconds=_median(r.get("seconds") for r in rs),
                 statuses=statuses,
                 shared_from=next((r["shared_from"] for r in rs if r.get("shared_from")), None),
+                blinded=next((r["blinded"] for r in rs if r.get("blinded")), None),
             )
         )
     return out
@@ -131,6 +133,7 @@ class Verdict:
     ece: float | None
     brier: float | None
     topk: float | None
+    blinded: float | None = None  # the API attacker's query blinding, if it adapted
 
 
 def _pct(x: float | None) -> str:
@@ -232,16 +235,27 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                         f"at {rate} per account that is about {hours:,.1f} {period}(s) of one "
                         "account per person (many accounts or a slow attack still get there)."
                     )
+            blinded = next((c.blinded for c in api if c.blinded), None)
             if util.get("detector") and api:
                 outcomes = "; ".join(f"{attack_title(c.attack)}: {c.status_text}" for c in api)
-                details.append(
-                    f"Query detector ({util['detector']}), how the attacks ended: {outcomes}. "
-                    f"An honest client sending the {util.get('n_test', '?')} held-out inputs had "
-                    f"{util.get('honest_refused', 0)} refused. It stops an account, not an "
-                    "attacker: a fresh key before each flag, or probes blinded with noise "
-                    "coarser than its quantisation, get past it (BENCHMARKS.md, 'Query "
-                    "detector')."
+                honest = (
+                    f"An honest client sending the {util.get('n_test', '?')} held-out inputs "
+                    f"had {util.get('honest_refused', 0)} refused."
                 )
+                if blinded:
+                    details.append(
+                        f"Query detector ({util['detector']}): the API advertises it, so the "
+                        f"attacker adapted and added fresh noise of ±{blinded:g} to every probe "
+                        f"(query blinding). How the attacks ended: {outcomes}. {honest}"
+                    )
+                else:
+                    details.append(
+                        f"Query detector ({util['detector']}), how the attacks ended: "
+                        f"{outcomes}. {honest} This audit's attacker did not adapt (--blind 0). "
+                        "The detector stops an account, not an attacker: a fresh key before "
+                        "each flag, or probes blinded with noise coarser than its "
+                        "quantisation, get past it (BENCHMARKS.md, 'Query detector')."
+                    )
             if util:
                 parts = [f"served accuracy {_pct(acc)}"]
                 if cost is not None:
@@ -271,6 +285,7 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                     ece=util.get("ece"),
                     brier=util.get("brier"),
                     topk=util.get("topk_accuracy"),
+                    blinded=blinded,
                 )
             )
     return out
@@ -321,11 +336,21 @@ def recommendations(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]
     for v in vs:
         if "detect" not in v.defense or v.level == "not measured":
             continue
+        how = f" whose probes carried ±{v.blinded:g} noise" if v.blinded else ""
         if v.level == "exposed":
             recs.append(
-                f"{v.target_model}: the query detector '{v.defense}' did not stop the API "
-                f"attacks ({_pct(v.api_recovered)} recovered, median "
-                f"{_queries(v.api_queries)} queries per person)."
+                f"{v.target_model}: the query detector '{v.defense}' did not stop an API "
+                f"attacker{how} ({_pct(v.api_recovered)} recovered, median "
+                f"{_queries(v.api_queries)} queries per person); keep it for the naive "
+                "attacker it flags, not as protection."
+            )
+        elif v.blinded:
+            recs.append(
+                f"{v.target_model}: under '{v.defense}' an API attacker{how} recovered "
+                f"{_pct(v.api_recovered)} (top-1 {_pct(v.api_identity)}, a median of "
+                f"{_queries(v.api_queries)} answered queries per person). The detector "
+                "flags near-identical probes; the row's details say whether it caught "
+                "this attacker."
             )
         else:
             recs.append(
