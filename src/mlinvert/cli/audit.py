@@ -141,7 +141,10 @@ def audit(
         None, "--model", help="Audit an existing trained model folder instead of training."
     ),
     targets: str = typer.Option(
-        "softmax,mlp", "--targets", help="Target kinds to train (comma-separated)."
+        "softmax,mlp",
+        "--targets",
+        help="Target kinds to train (comma-separated); KIND@dp:EPS trains that kind by "
+        "DP-SGD at privacy budget EPS (softmax, mlp), audited beside the others.",
     ),
     attacks: str | None = typer.Option(
         None, "--attacks", help="Subset of whitebox,blackbox,label-only (default: all)."

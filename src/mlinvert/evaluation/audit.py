@@ -155,8 +155,9 @@ class AuditConfig:
 
     ``data`` is a :func:`mlinvert.data.load` spec (``None``: the data set recorded in the
     ``model_dir`` card, else the embedded default ``digits``); ``model_dir`` audits an
-    existing model folder instead of training ``targets`` (its card's private/held-out
-    split is used, so the judge compares with what the model really trained on);
+    existing model folder (its card's private/held-out split is used, so the judge
+    compares with what the model really trained on) instead of training ``targets``
+    (specs of :func:`parse_target`: a kind, or ``KIND@dp:EPSILON`` for a DP-SGD model);
     ``labels`` attacks the first N classes (``None``: all); ``budget`` caps the API
     queries of one black-box or label-only attack on one person (``None``: the preset
     for the image size); ``defenses``
@@ -205,6 +206,9 @@ class AuditConfig:
             raise ConfigError(f"attacks listed twice: {', '.join(self.attacks)}")
         if not self.targets and self.model_dir is None:
             raise ConfigError("no target model: give target kinds or --model DIR")
+        names = [parse_target(t)[0] for t in self.targets]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"targets listed twice: {', '.join(self.targets)}")
         if self.labels is not None and self.labels < 1:
             raise ConfigError(f"--labels must be >= 1, got {self.labels}")
         if self.budget is not None and self.budget < 10:
@@ -838,29 +842,64 @@ def markdown_table(text: str, title: str) -> dict[str, Any]:
 
 def _load_or_train(
     ctx_out: Path,
-    kind: str,
+    spec: str,
     dataset: ImageDataset,
     config: AuditConfig,
     emit: Event,
     *,
     quick: bool,
 ) -> _Target:
+    """The target of ``spec`` (see :func:`parse_target`): reloaded from the run's
+    ``models/NAME`` folder if there, else trained and saved there."""
     from mlinvert.targets import io
-    from mlinvert.targets.training import train_target
+    from mlinvert.targets.training import dp_config, train_target
 
-    folder = ctx_out / "models" / kind
+    name, kind, epsilon = parse_target(spec)
+    folder = ctx_out / "models" / name
     if (folder / "model.json").exists():
-        emit("stage", {"name": f"loading {kind} from {folder}"})
+        emit("stage", {"name": f"loading {name} from {folder}"})
         try:
             model = io.load(folder)
         except ModelError as exc:  # retrain (same seed) rather than give up the resume
             log.warning("cannot reload %s (%s); training it again", folder, exc)
         else:
-            return _Target(name=kind, model=model, card=io.read_card(folder), folder=folder)
-    emit("stage", {"name": f"training {kind}"})
-    trained = train_target(dataset, kind, seed=config.seed, quick=quick)
+            return _Target(name=name, model=model, card=io.read_card(folder), folder=folder)
+    dp = None if epsilon is None else dp_config(kind, epsilon, quick=quick)
+    emit("stage", {"name": f"training {name}" + ("" if dp is None else " (DP-SGD)")})
+    trained = train_target(dataset, kind, seed=config.seed, quick=quick, dp=dp)
     io.save(trained.model, folder, card=trained.card)
-    return _Target(name=kind, model=trained.model, card=io.read_card(folder), folder=folder)
+    return _Target(name=name, model=trained.model, card=io.read_card(folder), folder=folder)
+
+
+def parse_target(spec: str) -> tuple[str, str, float | None]:
+    """``(name, kind, epsilon)`` of an audit target spec.
+
+    ``KIND`` trains that face model as usual; ``KIND@dp:EPSILON`` trains it by DP-SGD
+    at privacy budget epsilon (:func:`mlinvert.targets.training.dp_config`; softmax and
+    mlp), named ``KIND-dpEPSILON`` in the results, so a DP model is audited beside the
+    plain one under the same defences.
+    """
+    from mlinvert.targets.training import DP_KINDS, dp_config
+
+    kind, sep, rest = spec.strip().partition("@")
+    kind = kind.strip().lower()
+    if not sep:
+        return kind, kind, None
+    how, _, value = rest.partition(":")
+    try:
+        if how.strip().lower() != "dp":
+            raise ValueError
+        epsilon = float(value)
+    except ValueError:
+        raise ConfigError(
+            f"target {spec!r}: write KIND or KIND@dp:EPSILON, e.g. softmax@dp:8"
+        ) from None
+    if kind not in DP_KINDS:
+        raise ConfigError(
+            f"target {spec!r}: DP-SGD training is available for {', '.join(DP_KINDS)}, not {kind!r}"
+        )
+    dp_config(kind, epsilon)  # checks epsilon
+    return f"{kind}-dp{epsilon:g}", kind, epsilon
 
 
 def _test_accuracy(model: Any, dataset: ImageDataset) -> float:
@@ -918,6 +957,7 @@ def _run_faces(
             "kind": t.model.kind,
             "test_accuracy": _test_accuracy(t.model, dataset),
             "model_dir": str(t.folder),
+            "privacy": t.card.get("privacy"),
         }
     evaluator = _load_or_train(out, "evaluation", dataset, config, emit, quick=config.quick)
     doc["evaluation_model"] = {

@@ -296,6 +296,56 @@ def _per_account(defense: str) -> bool:
     return any(part.strip().startswith(("rate:", "detect")) for part in defense.split("+"))
 
 
+def _dp_comparisons(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]:
+    """For each DP-SGD target, what the noise bought against the same kind trained
+    plainly in the same run (no output defence): recovered faces and test accuracy."""
+    targets = results.get("targets", {})
+    by = {(v.target_model, v.defense): v for v in vs}
+    white = {
+        (c.target_model, c.defense): c
+        for c in cells(results.get("records", []))
+        if c.attack == "whitebox"
+    }
+    lines = []
+    for name, info in targets.items():
+        privacy = info.get("privacy")
+        plain = next(
+            (
+                n
+                for n, i in targets.items()
+                if i.get("kind") == info.get("kind") and not i.get("privacy")
+            ),
+            None,
+        )
+        if not privacy or plain is None:
+            continue
+        parts = []
+        dp_v, plain_v = by.get((name, "none")), by.get((plain, "none"))
+        if dp_v and plain_v and "not measured" not in (dp_v.level, plain_v.level):
+            parts.append(
+                f"the strongest API attack recovered {_pct(dp_v.api_recovered)} (top-1 "
+                f"{_pct(dp_v.api_identity)}) against {_pct(plain_v.api_recovered)} (top-1 "
+                f"{_pct(plain_v.api_identity)}) for {plain}"
+            )
+        dp_w, plain_w = white.get((name, "none")), white.get((plain, "none"))
+        if dp_w is not None and plain_w is not None:
+            parts.append(
+                f"the white-box attack recovered {_pct(dp_w.recovered)} (top-1 "
+                f"{_pct(dp_w.eval_top1)}) against {_pct(plain_w.recovered)} "
+                f"(top-1 {_pct(plain_w.eval_top1)})"
+            )
+        if not parts:
+            continue
+        line = (
+            f"{name}: DP-SGD at epsilon {privacy['epsilon']:.2g} — with no output defence "
+            + "; ".join(parts)
+            + f"; test accuracy {_pct(info.get('test_accuracy'))} against "
+            f"{_pct(targets[plain].get('test_accuracy'))} for {plain}."
+        )
+        lines.append(line)
+    return lines
+
+
 def recommendations(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]:
     """Recommended settings, derived from the measured verdicts."""
     recs: list[str] = []
@@ -361,6 +411,7 @@ def recommendations(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]
                 "as a tripwire, not a wall: a fresh key before each flag, or probes blinded "
                 "with noise, get past it."
             )
+    recs.extend(_dp_comparisons(results, vs))
     if recs:
         if not leaky:
             recs.append(
