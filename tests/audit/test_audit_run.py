@@ -142,6 +142,11 @@ def test_records_carry_the_schema_and_the_expected_shape(resumed: dict[str, Any]
     assert "Query detector (detect:block:20), how the attacks ended:" in html
     assert "(labels through the API): blocked 2" in html
     assert "attacker did not adapt (--blind 0)" in html
+    # the detector flagged both attacking accounts, and the report says when
+    flags = final["detector_flags"]["detect:block:20"]["softmax"]
+    for attack in ("blackbox", "label-only"):
+        assert 20 <= flags[attack]["near_duplicates"] <= flags[attack]["inputs"] < 200, flags
+    assert f"flagged at input {flags['blackbox']['inputs']} (" in html
     assert all(r["blinded"] is None for r in final["records"])
 
 
@@ -187,9 +192,11 @@ def test_the_attacker_blinds_its_probes_against_an_advertised_detector(
         assert adaptive["blinded"] == 0.05 and adaptive["status"] != "blocked", adaptive
         assert adaptive["n_queries"] > naive[lab]["n_queries"]
         assert by[("whitebox", lab)]["blinded"] is None  # no API, nothing to blind
+    assert final["detector_flags"]["detect:block:20"]["softmax"] == {"label-only": None}
     html = index.read_text()
     assert "so the attacker adapted and added fresh noise of ±0.05 to every probe" in html
     assert "an API attacker whose probes carried ±0.05 noise" in html
+    assert "Label-only inversion (labels through the API): never flagged" in html
     # resuming with another blinding would mix two attackers in one row
     other = AuditConfig(
         out=out,
@@ -241,6 +248,9 @@ def test_audit_over_the_real_http_service(tmp_path: Path, resumed: dict[str, Any
     (flag,) = store.flags()
     assert flag.flag.account == "audit-detect_block_20-softmax-blackbox"
     assert flag.flag.near_duplicates >= 20
+    # the audit read the flag back from the service's account database
+    noted = final["detector_flags"]["detect:block:20"]["softmax"]["blackbox"]
+    assert noted == {"inputs": flag.flag.inputs, "near_duplicates": flag.flag.near_duplicates}
 
 
 def test_cli_bad_flag_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1137,6 +1137,7 @@ def _serve(ctx: _Context, defense: Defense) -> Iterator[dict[tuple[str, str], An
     Every API attack gets its own fresh account (API key); the white-box attacker gets
     the model itself (no API, so no output policy and no rate limit apply).
     """
+    from mlinvert.defenses.detector import QueryDetector
     from mlinvert.defenses.policies import parse_policy
     from mlinvert.defenses.predictor import Predictor
     from mlinvert.oracle.local import LocalOracle
@@ -1150,10 +1151,13 @@ def _serve(ctx: _Context, defense: Defense) -> Iterator[dict[tuple[str, str], An
                 t.model, name=t.name, policy=parse_policy(defense.policy), guards=guards
             )
             for a in api_attacks:  # one account per target and attack, as over HTTP
-                oracles[(t.name, a)] = LocalOracle(
-                    predictor, account=f"audit-{defense.slug}-{t.name}-{a}"
-                )
-        yield oracles
+                oracles[(t.name, a)] = LocalOracle(predictor, account=_account(defense, t.name, a))
+        try:
+            yield oracles
+        finally:
+            for g in guards:
+                if isinstance(g, QueryDetector):
+                    _note_flags(ctx, defense, api_attacks, g.flags)
         return
     from mlinvert.service.store import Store
 
@@ -1162,14 +1166,43 @@ def _serve(ctx: _Context, defense: Defense) -> Iterator[dict[tuple[str, str], An
         store = Store(db)
         try:
             keys = {
-                (t.name, a): store.create_key(f"audit-{defense.slug}-{t.name}-{a}")[0]
+                (t.name, a): store.create_key(_account(defense, t.name, a))[0]
                 for t in ctx.targets
                 for a in api_attacks
             }
         finally:
             store.close()
-        with _service(ctx, defense, db, keys) as oracles:
-            yield oracles
+        try:
+            with _service(ctx, defense, db, keys) as oracles:
+                yield oracles
+        finally:
+            if defense.detector is not None:
+                store = Store(db)  # the service keeps its flags in the account database
+                try:
+                    _note_flags(ctx, defense, api_attacks, store)
+                finally:
+                    store.close()
+
+
+def _account(defense: Defense, target: str, attack: str) -> str:
+    """The API account of one attack on one target under ``defense``."""
+    return f"audit-{defense.slug}-{target}-{attack}"
+
+
+def _note_flags(ctx: _Context, defense: Defense, attacks: list[str], flags: Any) -> None:
+    """Record in ``detector_flags`` whether the detector flagged each attacking account
+    (``flags``: a :class:`~mlinvert.defenses.detector.FlagStore`); a flag an earlier,
+    resumed run recorded is kept."""
+    mine = ctx.results.doc.setdefault("detector_flags", {}).setdefault(defense.name, {})
+    for t in ctx.targets:
+        row = mine.setdefault(t.name, {})
+        for a in attacks:
+            flag = flags.flagged(_account(defense, t.name, a))
+            if flag is not None:
+                row[a] = {"inputs": flag.inputs, "near_duplicates": flag.near_duplicates}
+            else:
+                row.setdefault(a, None)
+    ctx.results.save()
 
 
 @contextlib.contextmanager

@@ -242,6 +242,9 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                     f"An honest client sending the {util.get('n_test', '?')} held-out inputs "
                     f"had {util.get('honest_refused', 0)} refused."
                 )
+                flagged = _flag_text(results, defense, target, api)
+                if flagged:
+                    honest = f"{flagged} {honest}"
                 if blinded:
                     details.append(
                         f"Query detector ({util['detector']}): the API advertises it, so the "
@@ -289,6 +292,28 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                 )
             )
     return out
+
+
+def _flag_text(results: dict[str, Any], defense: str, target: str, api: Sequence[Cell]) -> str:
+    """Whether the detector flagged each attacking account (``detector_flags``)."""
+    flags = results.get("detector_flags", {}).get(defense, {}).get(target)
+    if not flags:
+        return ""
+    parts = []
+    for c in api:
+        if c.attack not in flags:
+            continue
+        flag = flags[c.attack]
+        parts.append(
+            f"{attack_title(c.attack)}: "
+            + (
+                "never flagged"
+                if flag is None
+                else f"flagged at input {flag['inputs']:,} ({flag['near_duplicates']:,} "
+                "near duplicates)"
+            )
+        )
+    return f"The attacking accounts — {'; '.join(parts)}." if parts else ""
 
 
 def _per_account(defense: str) -> bool:
