@@ -20,7 +20,7 @@ def test_target_specs_parse_and_bad_ones_say_how_to_write_them() -> None:
     for bad, words in [
         ("softmax@dp:x", "KIND@dp:EPSILON"),
         ("softmax@noise:8", "KIND@dp:EPSILON"),
-        ("cnn@dp:8", "available for softmax, mlp, not 'cnn'"),
+        ("dae@dp:8", "available for softmax, mlp, cnn, not 'dae'"),
         ("softmax@dp:0", "epsilon must be a finite number > 0"),
         ("softmax@dp:inf", "epsilon must be a finite number > 0"),
     ]:

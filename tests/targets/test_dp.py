@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from mlinvert.cli.main import build_app, main
 from mlinvert.data.base import ImageDataset
 from mlinvert.errors import ConfigError
+from mlinvert.targets import dp_sgd as dp_sgd_module
 from mlinvert.targets import load, save
 from mlinvert.targets._torch import seeded
 from mlinvert.targets.dp import DPConfig, default_delta, epsilon_spent, noise_for
@@ -172,14 +173,55 @@ def test_a_dp_step_moves_the_weights_by_at_most_lr_clip_plus_noise() -> None:
             assert move > 0.01 * lr * clip
 
 
-def test_networks_the_ghost_norm_does_not_cover_are_refused() -> None:
+def test_a_linear_layer_used_twice_is_refused() -> None:
     shared = nn.Linear(2, 2)
     twice = nn.Sequential(shared, nn.ReLU(), shared)
     with pytest.raises(ConfigError, match="used once"):
         clipped_gradient_sum(twice, torch.zeros(2, 2), torch.zeros(2, dtype=torch.long), 1.0)
-    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2))
-    with pytest.raises(ConfigError, match=r"nn\.Linear"):
-        clipped_gradient_sum(net, torch.zeros(2, 1, 3, 3), torch.zeros(2, dtype=torch.long), 1.0)
+
+
+def _conv(batchnorm: bool = False) -> nn.Module:
+    with seeded(0):
+        layers: list[nn.Module] = [nn.Conv2d(1, 3, 3, padding=1)]
+        if batchnorm:
+            layers.append(nn.BatchNorm2d(3))
+        return nn.Sequential(*layers, nn.ReLU(), nn.Flatten(), nn.Linear(3 * 3 * 4, 3))
+
+
+def test_conv_nets_are_clipped_per_example_exactly() -> None:
+    # more examples than one chunk, so the chunked path is exercised too
+    net, (x, y) = _conv(), _batch(n=dp_sgd_module._CHUNK + 5)
+    x = x[:, None]  # (n, 1, 3, 4) images
+    x[0] *= 1e3  # a huge gradient: scaled up and labelled as its least likely class
+    y[0] = net(x[:1]).argmin()
+    clip = 0.5
+    sums, norms = clipped_gradient_sum(net, x, y, clip)
+    params = list(net.parameters())
+    want = [torch.zeros_like(p) for p in params]
+    for i in range(x.shape[0]):
+        grads = torch.autograd.grad(F.cross_entropy(net(x[i : i + 1]), y[i : i + 1]), params)
+        norm = _norm(list(grads))
+        assert float(norms[i]) == pytest.approx(norm, rel=1e-4)
+        for w, g in zip(want, grads, strict=True):
+            w += g * min(1.0, clip / norm)
+    assert float(norms[0]) > 10 * clip
+    for got, w in zip(sums, want, strict=True):
+        torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-6)
+
+
+def test_the_per_example_path_agrees_with_the_ghost_norm() -> None:
+    net, (x, y) = _mlp(), _batch()
+    ghost, ghost_norms = clipped_gradient_sum(net, x, y, 0.3)
+    explicit, norms = dp_sgd_module._per_example_clipped_sum(net, x, y, 0.3)
+    torch.testing.assert_close(norms, ghost_norms, rtol=1e-4, atol=1e-6)
+    for a, b in zip(explicit, ghost, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_batch_normalisation_is_refused() -> None:
+    x = torch.zeros(2, 1, 3, 4)
+    with pytest.raises(ConfigError, match="batch normalisation"):
+        clipped_gradient_sum(_conv(batchnorm=True), x, torch.zeros(2, dtype=torch.long), 1.0)
 
 
 @pytest.mark.parametrize(
@@ -270,11 +312,31 @@ def test_training_without_dp_writes_no_privacy_fields(trained) -> None:  # type:
     assert "privacy" not in params and "dp" not in params["config"]
 
 
+def test_dp_cnn_learns_on_digits_and_reloads(digits: ImageDataset, tmp_path: Path) -> None:
+    trained = train_target(digits, "cnn", seed=0, quick=True, dp=dp_config("cnn", 8.0))
+    card = trained.card
+    assert card["test_accuracy"] > 0.6
+    assert card["privacy"]["epsilon"] <= 8.0
+    assert card["config"]["dp"]["epsilon"] == 8.0
+    assert list(card["config"]["channels"]) == [8, 16]  # the small DP network (DP_CNN)
+    save(trained.model, tmp_path / "cnn", card=card)
+    x, _ = digits.test()
+    again = load(tmp_path / "cnn")
+    np.testing.assert_allclose(again.predict_proba(x[:50]), trained.model.predict_proba(x[:50]))
+
+
 def test_dp_is_refused_for_kinds_it_cannot_train(digits: ImageDataset) -> None:
-    with pytest.raises(ConfigError, match="softmax, mlp"):
-        train_target(digits, "cnn", seed=0, quick=True, dp=DPConfig(epsilon=1.0))
-    with pytest.raises(ConfigError, match="softmax, mlp"):
+    with pytest.raises(ConfigError, match="softmax, mlp, cnn"):
+        train_target(digits, "evaluation", seed=0, quick=True, dp=DPConfig(epsilon=1.0))
+    with pytest.raises(ConfigError, match="softmax, mlp, cnn"):
         dp_config("dae", 1.0)
+    # the judge's batch normalisation has no per-example gradient
+    from mlinvert.targets.torch_models import EvaluationConfig, EvaluationNet
+
+    judge = EvaluationNet(EvaluationConfig(channels=(2,), epochs=1, dp=DPConfig(epsilon=8.0)))
+    x, y = digits.train()
+    with pytest.raises(ConfigError, match="batch normalisation"):
+        judge.fit(x[:20], y[:20] % 2)
 
 
 def test_cli_trains_with_dp(tmp_path: Path) -> None:
@@ -297,7 +359,7 @@ def test_cli_trains_with_dp(tmp_path: Path) -> None:
         (["--dp-delta", "1e-6"], "--dp-delta needs --dp-epsilon"),
         (["--dp-epsilon", "1", "--dp-delta", "2"], "delta"),
         (["--dp-epsilon", "1", "--dp-delta", "0.01"], "1/n"),
-        (["--dp-epsilon", "1", "--model", "cnn"], "softmax, mlp"),
+        (["--dp-epsilon", "1", "--model", "dae"], "softmax, mlp, cnn"),
     ],
 )
 def test_cli_bad_dp_input_is_one_clear_line(

@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
         dp_epsilon: float | None = typer.Option(
             None,
             "--dp-epsilon",
-            help="Train by DP-SGD (softmax, mlp) to this privacy target epsilon: Poisson "
+            help="Train by DP-SGD (softmax, mlp, cnn) to this privacy target epsilon: Poisson "
             "batches, per-example clipping, Gaussian noise sized by an RDP accountant.",
         ),
         dp_delta: float | None = typer.Option(

@@ -17,7 +17,10 @@ all ``nn.Linear`` on ``(n, d)`` inputs, example ``i``'s gradient of a layer is t
 product ``delta_i a_i^T`` (output gradient times input), so its squared norm is
 ``|delta_i|^2 (|a_i|^2 + 1)`` with the bias, and the clipped sum is one matrix product
 ``(c * delta)^T a`` (the "ghost clipping" identity; Goodfellow 2015, Li et al. 2022).
-That keeps the paper's 3000-unit MLP (31 M weights) trainable on a CPU.
+That keeps the paper's 3000-unit MLP (31 M weights) trainable on a CPU. Any other
+network (the CNN's convolutions) is clipped from explicit per-example gradients
+(``torch.func.vmap`` of ``grad``, a chunk of examples at a time); batch normalisation,
+which mixes the examples of a batch, is refused.
 
 Normalisation: a DP model must not standardise with its private training set's pixel
 statistics, so it uses the fixed public constants :data:`PUBLIC_PIXEL_STATS`.
