@@ -1,6 +1,6 @@
 """DP-SGD against MI-Face on AT&T: accuracy cost and what the audit's attacks recover.
 
-For each target kind (softmax, MLP) and privacy target epsilon (inf = the project's
+For each target kind (softmax, MLP, CNN) and privacy target epsilon (inf = the project's
 cached non-DP model; otherwise DP-SGD with ``mlinvert.targets.training.dp_config``,
 delta 1e-5, models cached under benchmarks/out/models/KIND-dp-epsE), trained on all 40
 people's private photos: test accuracy, then the audit's white-box and black-box
@@ -24,6 +24,7 @@ import logging
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +71,13 @@ def clip_only_target(ds: ImageDataset, kind: str) -> Any:
     from mlinvert.targets._torch import seeded, torch_threads
     from mlinvert.targets.dp import PUBLIC_PIXEL_STATS
     from mlinvert.targets.dp_sgd import dp_sgd
-    from mlinvert.targets.training import dp_config, face_config, make_face_model
+    from mlinvert.targets.training import DP_CNN, dp_config, face_config, make_face_model
 
     dp = dp_config(kind, 8.0)
-    model = make_face_model(kind, face_config(kind, seed=0, quick=False))
+    config = face_config(kind, seed=0, quick=False)
+    if kind == "cnn":  # the network train_target gives a DP CNN
+        config = replace(config, **DP_CNN)
+    model = make_face_model(kind, config)
     x, y = ds.train()
     with seeded(0), torch_threads(1):
         net = model._build(ds.image_shape, ds.n_classes, *PUBLIC_PIXEL_STATS)
@@ -169,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             elif math.isinf(eps):
                 model, folder = target(ds, kind)
                 card = json.loads((Path(folder) / "model.json").read_text())
-                training = "lbfgs"
+                training = "lbfgs" if kind in ("softmax", "mlp") else "adamw"
             else:
                 model, card = dp_target(ds, kind, eps)
                 training = "dp-sgd"
@@ -215,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         elif r["training"] == "sgd-clip-no-noise":
             eps_text = "inf: clip-only SGD control"
         else:
-            eps_text = "inf (no DP, L-BFGS)"
+            eps_text = f"inf (no DP, {'L-BFGS' if r['training'] == 'lbfgs' else 'AdamW'})"
         sigma = "-" if pr is None else f"{pr['noise_multiplier']:.2f}"
         w, b = r["whitebox"], r["blackbox"]
         print(
