@@ -275,3 +275,7 @@ def test_cli_bad_flag_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> No
         main(["audit", "--blind", "2", "--out", "/nonexistent/x"])
     assert exit_info.value.code == 2
     assert "--blind must be in [0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["audit", "--targets", "softmax,softmax@dp:abc", "--out", "/nonexistent/x"])
+    assert exit_info.value.code == 2
+    assert "write KIND or KIND@dp:EPSILON" in capsys.readouterr().err
