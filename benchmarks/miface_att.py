@@ -8,6 +8,9 @@ of the other 39 people: none of the target's private training photos, and nobody
 photo of c (checked by PCAPrior(private=...)).
 
     nice .venv/bin/python benchmarks/miface_att.py whitebox --kinds softmax,mlp,dae
+    nice .venv/bin/python benchmarks/miface_att.py whitebox --kinds softmax --data-seeds 0,1,2,3
+    (the improved white-box row on other 7/3 train/test splits of AT&T: per split its own
+    target, evaluation CNN and priors; one table, with mean, sd and splits >= 0.95)
     nice .venv/bin/python benchmarks/miface_att.py blackbox --http --budget 20000 --grid
     (the black-box run also records the best image after 1k/2.5k/5k/10k/20k queries:
     the curve of identity and likeness against queries, plotted to
@@ -57,15 +60,29 @@ log = logging.getLogger("miface_att")
 SNAPS = (250, 500, 1000, 2500, 5000, 10_000, 20_000)  # query counts of the quality curve
 
 
+def dataset(data_seed: int = 0) -> ImageDataset:
+    """AT&T with the 7/3 train/test split drawn by ``data_seed`` (0: every table's split)."""
+    ds = load(f"att:{DATA}", seed=data_seed)
+    if not isinstance(ds, ImageDataset):
+        raise DataError(f"expected the AT&T face images at {DATA}, got {type(ds).__name__}")
+    return ds
+
+
 def target(ds: ImageDataset, kind: str, seed: int = 0) -> Any:
     """The project's trained target of ``kind`` (cached as a model folder; a training
-    ``seed`` other than 0 gets its own folder, ``KIND-seedS``)."""
+    ``seed`` other than 0 gets its own folder, ``KIND-seedS``, and a data set split with a
+    seed other than 0 its own, ``KIND-dataD``; a cached model trained on another split
+    than ``ds``'s is an error)."""
     from mlinvert.targets import load as load_model
     from mlinvert.targets.io import save
     from mlinvert.targets.training import train_target
 
-    folder = OUT / "models" / (kind if seed == 0 else f"{kind}-seed{seed}")
+    name = kind + (f"-data{ds.split.seed}" if ds.split.seed else "")
+    folder = OUT / "models" / (name if seed == 0 else f"{name}-seed{seed}")
     if (folder / "model.json").exists():
+        card = json.loads((folder / "model.json").read_text())
+        if card.get("split", {}).get("train") != ds.split.train.tolist():
+            raise DataError(f"{folder} was trained on another train/test split; remove it")
         return load_model(folder), folder
     t0 = time.perf_counter()
     trained = train_target(ds, kind, seed=seed)
@@ -89,6 +106,17 @@ def judge_for(ds: ImageDataset, seed: int = 0) -> FaceJudge:
     of every table, other seeds measure how much the numbers owe to that one model)."""
     eval_model, _ = target(ds, "evaluation", seed)
     return FaceJudge.fit(ds, eval_model, seed=0)
+
+
+def improved_whitebox(ds: ImageDataset, model: Any, kind: str, labels: list[int]) -> AttackResult:
+    """The improved white-box attack (``MIFaceConfig.improved()``, exact gradients, the
+    ``aux_prior`` of each identity) on every label."""
+    return run_labels(
+        lambda lab: MIFace(MIFaceConfig.improved(), gradient=Exact(), space=aux_prior(ds, lab)),
+        WhiteBoxOracle(Predictor(model, name=kind)),
+        labels,
+        None,
+    )
 
 
 def summarise(judge: FaceJudge, result: AttackResult) -> dict[str, Any]:
@@ -233,6 +261,51 @@ def plot_curve(
     return path
 
 
+def split_table(data_seeds: list[int], kinds: list[str], n_labels: int) -> dict[str, Any]:
+    """The improved white-box row on the 7/3 splits drawn by ``data_seeds``: per split its
+    own targets, evaluation CNN (training seed 0) and priors (that split's held-out photos
+    of the other people). Prints one Markdown table, then mean, sd (n - 1) and how many
+    splits reach 0.95."""
+    cols = ["held_out_photo"] + [f"{k}: {m}" for k in kinds for m in ("top1", "top5", "likeness")]
+    print(
+        "| split seed | held-out photo top-1 |"
+        + "".join(f" {k} top-1 | {k} top-5 | {k} likeness |" for k in kinds)
+    )
+    print("|---" * len(cols) + "|---|")
+    table: dict[str, dict[str, float]] = {}
+    for data_seed in data_seeds:
+        ds = dataset(data_seed)
+        judge = judge_for(ds)
+        labels = list(range(min(n_labels, ds.n_classes)))
+        ref = references(judge, np.asarray(labels))["held_out_photo"]
+        cells = {"held_out_photo": float(ref["eval_top1"])}
+        for kind in kinds:
+            model, _ = target(ds, kind)
+            s = summarise(judge, improved_whitebox(ds, model, kind, labels))
+            cells[f"{kind}: top1"] = s["eval_top1"]
+            cells[f"{kind}: top5"] = s["eval_top5"]
+            cells[f"{kind}: likeness"] = s["likeness"]
+        table[str(data_seed)] = cells
+        print(f"| {data_seed} | " + " | ".join(f"{cells[c]:.3f}" for c in cols) + " |", flush=True)
+    values = {c: np.asarray([cells[c] for cells in table.values()]) for c in cols}
+    sd = {c: float(np.std(v, ddof=1)) if len(v) > 1 else float("nan") for c, v in values.items()}
+    at_bar = {c: int(np.sum(v >= 0.95 - 1e-9)) for c, v in values.items()}
+    n = len(table)
+    print("| mean | " + " | ".join(f"{values[c].mean():.3f}" for c in cols) + " |")
+    print("| sd | " + " | ".join(f"{sd[c]:.3f}" for c in cols) + " |")
+    print(
+        "| splits >= 0.95 | "
+        + " | ".join(f"{at_bar[c]}/{n}" if "likeness" not in c else "-" for c in cols)
+        + " |"
+    )
+    return {
+        "splits": table,
+        "mean": {c: float(v.mean()) for c, v in values.items()},
+        "sd": sd,
+        "splits_at_0.95": at_bar,
+    }
+
+
 HEADER = (
     "| attack | eval top-1 | top-5 | likeness | lineup | pixel-NN | SSIM | queries/id "
     "| s/id |\n|---|---|---|---|---|---|---|---|---|"
@@ -295,11 +368,25 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="also score every row with evaluation models trained with these seeds (1,2,3)",
     )
+    p.add_argument(
+        "--data-seeds",
+        default="",
+        help="whitebox: only the improved row (no paper rows), on the train/test splits drawn "
+        "by these seeds (0,1,...,7), each with its own targets, judge and priors; one table",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    ds = load(f"att:{DATA}", seed=0)
-    if not isinstance(ds, ImageDataset):
-        raise DataError(f"expected the AT&T face images at {DATA}, got {type(ds).__name__}")
+    if args.data_seeds:
+        if args.what != "whitebox" or args.judge_seeds or args.grid:
+            p.error("--data-seeds is for whitebox, without --judge-seeds and --grid")
+        data_seeds = [int(v) for v in args.data_seeds.split(",") if v.strip()]
+        kinds = args.kinds.split(",")
+        splits = split_table(data_seeds, kinds, args.labels)
+        OUT.mkdir(parents=True, exist_ok=True)
+        out = OUT / "miface_whitebox_splits.json"
+        out.write_text(json.dumps({"kinds": kinds, "labels": args.labels} | splits, indent=1))
+        return 0
+    ds = dataset(0)
     judge = judge_for(ds)
     others = {int(v): judge_for(ds, int(v)) for v in args.judge_seeds.split(",") if v.strip()}
     labels = list(range(min(args.labels, ds.n_classes)))
@@ -337,16 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                     labels[: args.paper_labels],
                     None,
                 )
-            results["improved (PCA prior ball, Adam)"] = run_labels(
-                lambda lab: MIFace(
-                    MIFaceConfig.improved(),
-                    gradient=Exact(),
-                    space=aux_prior(ds, lab),
-                ),
-                wb,
-                labels,
-                None,
-            )
+            results["improved (PCA prior ball, Adam)"] = improved_whitebox(ds, model, kind, labels)
         elif args.what == "blackbox":
 
             def bb_attack(lab: int) -> MIFace:
