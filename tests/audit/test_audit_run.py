@@ -216,7 +216,7 @@ def test_audit_over_the_real_http_service(tmp_path: Path, resumed: dict[str, Any
     # reuse the trained models of the in-process run (same data, seed and quick flag)
     out = tmp_path / "http"
     _copy_models(resumed["out"], out)
-    run_audit(
+    index = run_audit(
         AuditConfig(
             out=out,
             targets=("softmax",),
@@ -227,6 +227,7 @@ def test_audit_over_the_real_http_service(tmp_path: Path, resumed: dict[str, Any
             attacks=("blackbox",),
             seed=1,
             lanes=2,
+            accounts=2,  # a fresh API key when the first is refused
         )
     )
     final = json.loads((out / "results.json").read_text())
@@ -234,9 +235,11 @@ def test_audit_over_the_real_http_service(tmp_path: Path, resumed: dict[str, Any
     records = [r for r in final["records"] if r["defense"] == "rate:60/hour"]
     assert [r["label"] for r in sorted(records, key=lambda r: r["label"])] == [0, 1]
     assert all(r["channel"] == "HTTP API" and r["lanes"] == 2 for r in records)
-    # two people share one account's rate limit: both end rate limited, none failed
+    # two people share the attacker's two accounts' rate limits: once the first key is
+    # refused the second is used; both people end rate limited, none failed
     assert all(r["status"] == "rate_limited" for r in records), [r["error"] for r in records]
-    assert 0 < sum(r["n_queries"] for r in records) <= 60
+    assert all(r["accounts"] == 2 for r in records)
+    assert 60 < sum(r["n_queries"] for r in records) <= 120
     assert (out / "service" / "rate_60_hour.sqlite3").exists()  # the service's query log
     # the service's detector blocks the attacking account (403) and records the flag
     # (even blinded: noise of +-0.05 moves too few of these 8x8 probes' pixels across the
@@ -245,12 +248,20 @@ def test_audit_over_the_real_http_service(tmp_path: Path, resumed: dict[str, Any
     assert len(blocked) == 2 and all(r["status"] == "blocked" for r in blocked), blocked
     assert all(r["blinded"] == 0.05 for r in blocked)
     store = Store(out / "service" / "detect_block_20.sqlite3")
-    (flag,) = store.flags()
+    flag, second = store.flags()  # the first key, then the fresh one, both blocked
     assert flag.flag.account == "audit-detect_block_20-softmax-blackbox"
+    assert second.flag.account == "audit-detect_block_20-softmax-blackbox-2"
     assert flag.flag.near_duplicates >= 20
-    # the audit read the flag back from the service's account database
+    # the audit read the flags back from the service's account database
     noted = final["detector_flags"]["detect:block:20"]["softmax"]["blackbox"]
-    assert noted == {"inputs": flag.flag.inputs, "near_duplicates": flag.flag.near_duplicates}
+    assert noted == {
+        "inputs": flag.flag.inputs,
+        "near_duplicates": flag.flag.near_duplicates,
+        "accounts_flagged": 2,
+    }
+    html = index.read_text()
+    assert "the attacker opened up to 2 accounts, a fresh API key whenever one was refused" in html
+    assert "2 of the 2 accounts it opened flagged" in html
 
 
 def test_cli_bad_flag_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -279,3 +290,7 @@ def test_cli_bad_flag_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> No
         main(["audit", "--targets", "softmax,softmax@dp:abc", "--out", "/nonexistent/x"])
     assert exit_info.value.code == 2
     assert "write KIND or KIND@dp:EPSILON" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["audit", "--accounts", "0", "--out", "/nonexistent/x"])
+    assert exit_info.value.code == 2
+    assert "--accounts must be between 1 and 1000" in capsys.readouterr().err

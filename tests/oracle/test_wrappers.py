@@ -153,3 +153,30 @@ def test_blinding_gets_probes_past_the_query_detector() -> None:
     for i in range(0, 60, 10):
         blinded.query(probes[i : i + 10])
     assert blinded.n_queries == 60
+
+
+def test_rotating_moves_to_a_fresh_account_when_one_is_refused() -> None:
+    """Three accounts of 10 inputs an hour each: the batch an account cannot pay for is
+    re-sent through the next; the last account's refusal reaches the attacker."""
+    from mlinvert.defenses.ratelimit import RateLimiter
+    from mlinvert.errors import RateLimited
+    from mlinvert.oracle.wrappers import Rotating
+
+    predictor = Predictor(_Mean(), name="mean", guards=[RateLimiter("10/hour")])
+    accounts = [LocalOracle(predictor, account=f"sybil-{i}") for i in range(3)]
+    oracle = Rotating(accounts)
+    assert oracle.info == accounts[0].info
+    x = _batch(6)
+    first = oracle.query(x)  # account 0: 6 of its 10
+    np.testing.assert_array_equal(first.labels, _Mean().predict(x))
+    oracle.query(x)  # 12 > 10: refused, re-sent through account 1
+    assert oracle.accounts_used == 2
+    assert [a.n_queries for a in accounts] == [6, 6, 0]
+    oracle.query(x)  # account 1 cannot pay: account 2
+    assert [a.n_queries for a in accounts] == [6, 6, 6]
+    assert oracle.n_queries == 18
+    with pytest.raises(RateLimited):
+        oracle.query(x)  # every account spent
+    assert oracle.n_queries == 18 and oracle.accounts_used == 3
+    with pytest.raises(ConfigError, match="at least one"):
+        Rotating([])

@@ -182,6 +182,12 @@ def audit(
         "fresh uniform noise of +-A on every probe (default 0.05; 0 = a naive attacker "
         "who does not adapt).",
     ),
+    accounts: int = typer.Option(
+        1,
+        "--accounts",
+        help="API accounts each API attack may open: when the service refuses one (rate "
+        "limited or blocked) the attacker continues through a fresh key (default 1).",
+    ),
 ) -> None:
     """Attack the model under every defence, measure, and write DIR/index.html."""
     from mlinvert.evaluation.audit import (
@@ -208,6 +214,7 @@ def audit(
         quick=quick,
         lanes=DEFAULT_LANES if lanes is None else lanes,
         blind=DEFAULT_BLIND if blind is None else blind,
+        accounts=accounts,
         command=command_line(),
     )
     with Progress(

@@ -65,6 +65,8 @@ DEFAULT_LANES = 8
 #: (+-0.05 per value: past the detector at the default quantisation, BENCHMARKS.md
 #: "Query detector").
 DEFAULT_BLIND = 0.05
+#: Most API accounts one attack may open (``--accounts``): every one is a real API key.
+MAX_ACCOUNTS = 1000
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -174,6 +176,9 @@ class AuditConfig:
     a defence with one (which ``/v1/models`` advertises), every probe of the black-box and
     label-only attacks gets fresh uniform noise of +-``blind`` per value
     (:class:`~mlinvert.oracle.wrappers.Blinded`); 0 is a naive attacker who does not adapt.
+    ``accounts`` is how many API accounts each API attack may open: when the service
+    refuses one (rate limited or blocked) the attacker re-sends through the next
+    (:class:`~mlinvert.oracle.wrappers.Rotating`); 1 is a single account.
     """
 
     data: str | None = None
@@ -191,6 +196,7 @@ class AuditConfig:
     tree_depths: tuple[int, ...] = (1, 2, 3, 5)
     lanes: int = DEFAULT_LANES
     blind: float = DEFAULT_BLIND
+    accounts: int = 1
     command: str = ""
 
     def __post_init__(self) -> None:
@@ -214,6 +220,10 @@ class AuditConfig:
         if self.budget is not None and self.budget < 10:
             raise ConfigError(f"--budget must be at least 10 queries per person, got {self.budget}")
         check_lanes(self.lanes)
+        if isinstance(self.accounts, bool) or not 1 <= self.accounts <= MAX_ACCOUNTS:
+            raise ConfigError(
+                f"--accounts must be between 1 and {MAX_ACCOUNTS}, got {self.accounts}"
+            )
         if not (np.isfinite(self.blind) and 0.0 <= self.blind <= 1.0):
             raise ConfigError(f"--blind must be in [0, 1] (0: no blinding), got {self.blind}")
         object.__setattr__(self, "tree_depths", tuple(self.tree_depths))
@@ -382,9 +392,18 @@ def record_key(r: dict[str, Any]) -> RecordKey:
 
 
 #: Config fields that must match for ``--resume`` to continue a run.
-_RESUME_FIELDS = ("data", "model_dir", "targets", "seed", "quick", "budget", "blind")
+_RESUME_FIELDS = (
+    "data",
+    "model_dir",
+    "targets",
+    "seed",
+    "quick",
+    "budget",
+    "blind",
+    "accounts",
+)
 #: What a results file written before a field existed ran with.
-_RESUME_DEFAULTS: dict[str, Any] = {"blind": 0.0}
+_RESUME_DEFAULTS: dict[str, Any] = {"blind": 0.0, "accounts": 1}
 
 
 class ResultsFile:
@@ -1151,7 +1170,12 @@ def _serve(ctx: _Context, defense: Defense) -> Iterator[dict[tuple[str, str], An
                 t.model, name=t.name, policy=parse_policy(defense.policy), guards=guards
             )
             for a in api_attacks:  # one account per target and attack, as over HTTP
-                oracles[(t.name, a)] = LocalOracle(predictor, account=_account(defense, t.name, a))
+                oracles[(t.name, a)] = _many(
+                    [
+                        LocalOracle(predictor, account=_account(defense, t.name, a, i))
+                        for i in range(ctx.config.accounts)
+                    ]
+                )
         try:
             yield oracles
         finally:
@@ -1166,7 +1190,10 @@ def _serve(ctx: _Context, defense: Defense) -> Iterator[dict[tuple[str, str], An
         store = Store(db)
         try:
             keys = {
-                (t.name, a): store.create_key(_account(defense, t.name, a))[0]
+                (t.name, a): [
+                    store.create_key(_account(defense, t.name, a, i))[0]
+                    for i in range(ctx.config.accounts)
+                ]
                 for t in ctx.targets
                 for a in api_attacks
             }
@@ -1184,22 +1211,37 @@ def _serve(ctx: _Context, defense: Defense) -> Iterator[dict[tuple[str, str], An
                     store.close()
 
 
-def _account(defense: Defense, target: str, attack: str) -> str:
-    """The API account of one attack on one target under ``defense``."""
-    return f"audit-{defense.slug}-{target}-{attack}"
+def _account(defense: Defense, target: str, attack: str, i: int = 0) -> str:
+    """The ``i``-th API account of one attack on one target under ``defense``."""
+    return f"audit-{defense.slug}-{target}-{attack}" + (f"-{i + 1}" if i else "")
+
+
+def _many(accounts: list[Any]) -> Any:
+    """One attacker's oracle over its accounts: the only one, or a Rotating over them."""
+    from mlinvert.oracle.wrappers import Rotating
+
+    return accounts[0] if len(accounts) == 1 else Rotating(accounts)
 
 
 def _note_flags(ctx: _Context, defense: Defense, attacks: list[str], flags: Any) -> None:
-    """Record in ``detector_flags`` whether the detector flagged each attacking account
-    (``flags``: a :class:`~mlinvert.defenses.detector.FlagStore`); a flag an earlier,
-    resumed run recorded is kept."""
+    """Record in ``detector_flags`` whether the detector flagged each attack's accounts
+    (``flags``: a :class:`~mlinvert.defenses.detector.FlagStore`): the first account's
+    flag and how many were flagged; a flag an earlier, resumed run recorded is kept."""
     mine = ctx.results.doc.setdefault("detector_flags", {}).setdefault(defense.name, {})
     for t in ctx.targets:
         row = mine.setdefault(t.name, {})
         for a in attacks:
-            flag = flags.flagged(_account(defense, t.name, a))
-            if flag is not None:
-                row[a] = {"inputs": flag.inputs, "near_duplicates": flag.near_duplicates}
+            found = [
+                f
+                for i in range(ctx.config.accounts)
+                if (f := flags.flagged(_account(defense, t.name, a, i))) is not None
+            ]
+            if found:
+                row[a] = {
+                    "inputs": found[0].inputs,
+                    "near_duplicates": found[0].near_duplicates,
+                    "accounts_flagged": len(found),
+                }
             else:
                 row.setdefault(a, None)
     ctx.results.save()
@@ -1236,9 +1278,10 @@ def _copy_sqlite(src: Path, dst: Path) -> None:
 
 @contextlib.contextmanager
 def _service(
-    ctx: _Context, defense: Defense, db: Path, keys: dict[tuple[str, str], str]
+    ctx: _Context, defense: Defense, db: Path, keys: dict[tuple[str, str], list[str]]
 ) -> Iterator[dict[tuple[str, str], Any]]:
-    """Run ``mlinvert serve`` with the defence; yield an HttpOracle per (target, attack)."""
+    """Run ``mlinvert serve`` with the defence; yield per (target, attack) an HttpOracle
+    per API key, rotated through when there are several."""
     from mlinvert.oracle.http import HttpOracle
     from mlinvert.service.runner import ServiceProcess
 
@@ -1250,18 +1293,21 @@ def _service(
         detector=defense.detector,
         env=ONE_THREAD_ENV,
     ) as service:
-        oracles = {
-            (name, a): HttpOracle(service.model_url(name), key, max_wait=0.0)
-            for (name, a), key in keys.items()
+        clients = {
+            (name, a): [
+                HttpOracle(service.model_url(name), key, max_wait=0.0) for key in account_keys
+            ]
+            for (name, a), account_keys in keys.items()
         }
         process = service.process
         ctx.api_alive = lambda: process is not None and process.poll() is None
         try:
-            yield oracles
+            yield {k: _many(accounts) for k, accounts in clients.items()}
         finally:
             ctx.api_alive = lambda: True
-            for o in oracles.values():
-                o.close()
+            for accounts in clients.values():
+                for client in accounts:
+                    client.close()
 
 
 def search_space(
@@ -1358,13 +1404,15 @@ def _attack_one(
     shared = _shared_record(ctx, attack, defense, target, label)
     if shared is not None:
         return shared
+    base: Any = None  # the API attacker's account(s)
     if attack == "whitebox":
         from mlinvert.defenses.predictor import Predictor
         from mlinvert.oracle.local import WhiteBoxOracle
 
         oracle: Any = WhiteBoxOracle(Predictor(target.model, name=target.name))
     else:
-        oracle = _adapted(ctx, attack, defense, oracles[(target.name, attack)], label)
+        base = oracles[(target.name, attack)]
+        oracle = _adapted(ctx, attack, defense, base, label)
     budget = _budget(ctx, attack)
     try:
         outcome: Any = _build_attack(ctx, attack, label, defense).run(
@@ -1372,7 +1420,8 @@ def _attack_one(
         )
     except MlinvertError as exc:
         outcome = exc
-    return _record(ctx, attack, defense, target, label, outcome, lanes=1)
+    accounts = None if base is None else getattr(base, "accounts_used", 1)
+    return _record(ctx, attack, defense, target, label, outcome, lanes=1, accounts=accounts)
 
 
 def _attack_lanes(
@@ -1427,7 +1476,16 @@ def _attack_lanes(
             return exc
 
     def done(label: int, future: Future[Any]) -> None:
-        record = _record(ctx, attack, defense, target, label, future.result(), lanes=lanes)
+        record = _record(
+            ctx,
+            attack,
+            defense,
+            target,
+            label,
+            future.result(),
+            lanes=lanes,
+            accounts=getattr(oracles[(target.name, attack)], "accounts_used", 1),
+        )
         ctx.results.add(record)
         ctx.events("record", record)
 
@@ -1510,11 +1568,13 @@ def _record(
     outcome: Any,
     *,
     lanes: int,
+    accounts: int | None = None,
 ) -> dict[str, Any]:
     """Judge an attack's result (or record its error): one record.
 
     ``lanes``: how many people this attack ran beside (1: alone; its ``seconds`` are
     then its own wall time, otherwise the wall time while sharing requests).
+    ``accounts``: API accounts the attacker had opened when it ended (None: white-box).
     """
     if attack == "whitebox":
         channel = "model weights"
@@ -1526,6 +1586,7 @@ def _record(
         "channel": channel,
         "lanes": lanes,
         "blinded": _blinding(ctx, attack, defense),
+        "accounts": accounts,
     }
     if isinstance(outcome, MlinvertError):
         if not ctx.api_alive():

@@ -3,19 +3,22 @@
 ``Budgeted`` refuses a batch that would exceed an attacker-side budget, ``Recording``
 keeps every query and answer, ``Cached`` answers repeated inputs without asking the
 wrapped oracle again, ``Blinded`` adds fresh noise to every probe (the adaptive attacker
-against a query detector). Counting stays in the base oracle: ``n_queries`` of a wrapper is
-the wrapped oracle's count, so a stack reports the queries that really reached the API.
+against a query detector), ``Rotating`` moves to a fresh account when one is refused
+(the Sybil attacker against per-account guards). Counting stays in the base oracle:
+``n_queries`` of a wrapper is the wrapped oracle's count (``Rotating``'s the sum over its
+accounts), so a stack reports the queries that really reached the API.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from mlinvert.data.base import Seed, rng_from
-from mlinvert.errors import BudgetExhausted, ConfigError, GradientUnavailable
+from mlinvert.errors import Blocked, BudgetExhausted, ConfigError, GradientUnavailable, RateLimited
 from mlinvert.oracle.base import Oracle, OracleInfo, Response
 
 
@@ -204,3 +207,45 @@ class Blinded(_Wrapper):
         x = np.asarray(x, dtype=np.float32)
         noise = self.rng.uniform(-self.amplitude, self.amplitude, size=x.shape)
         return self.inner.query(np.clip(x + noise, 0.0, 1.0).astype(np.float32))
+
+
+class Rotating:
+    """Many accounts: queries go through ``oracles[i]`` (one per API account) until that
+    account is refused for its own sake — rate limited (429) or blocked (403) — and the
+    refused batch is then re-sent through the next one.
+
+    The Sybil attacker against per-account guards (rate limits, the query detector).
+    ``n_queries`` is the sum over the accounts; ``accounts_used`` how many it has opened;
+    when the last account is refused its error is raised.
+    """
+
+    def __init__(self, oracles: Sequence[Oracle]) -> None:
+        if not oracles:
+            raise ConfigError("Rotating needs at least one oracle (one per account)")
+        self.oracles = list(oracles)
+        self.current = 0
+
+    @property
+    def info(self) -> OracleInfo:
+        """The first account's view of the model (every account sees the same)."""
+        return self.oracles[0].info
+
+    @property
+    def n_queries(self) -> int:
+        """Inputs answered through every account."""
+        return sum(o.n_queries for o in self.oracles)
+
+    @property
+    def accounts_used(self) -> int:
+        """Accounts opened so far (the current one included)."""
+        return self.current + 1
+
+    def query(self, x: np.ndarray) -> Response:
+        """Answer ``x`` through the current account, moving on while accounts refuse."""
+        while True:
+            try:
+                return self.oracles[self.current].query(x)
+            except (RateLimited, Blocked):
+                if self.current + 1 >= len(self.oracles):
+                    raise
+                self.current += 1

@@ -68,6 +68,7 @@ class Cell:
     statuses: dict[str, int]
     shared_from: str | None = None
     blinded: float | None = None  # the attacker's query blinding (+-amplitude), if any
+    accounts: int = 1  # most API accounts one attack opened
 
     @property
     def status_text(self) -> str:
@@ -105,6 +106,7 @@ def cells(records: Sequence[dict[str, Any]]) -> list[Cell]:
                 statuses=statuses,
                 shared_from=next((r["shared_from"] for r in rs if r.get("shared_from")), None),
                 blinded=next((r["blinded"] for r in rs if r.get("blinded")), None),
+                accounts=max((int(r.get("accounts") or 1) for r in rs), default=1),
             )
         )
     return out
@@ -205,7 +207,13 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                         f"{attack_title(c.attack)}: recovered {_pct(c.recovered)} of "
                         f"{c.n} people; evaluation-model top-1 {_pct(c.eval_top1)}, top-5 "
                         f"{_pct(c.eval_top5)}; lineup {_pct(c.lineup)} (chance 20 %); "
-                        f"median {_queries(c.median_queries)} queries ({c.status_text})."
+                        f"median {_queries(c.median_queries)} queries ({c.status_text})"
+                        + (
+                            f"; the attacker opened up to {c.accounts} accounts, a fresh API "
+                            "key whenever one was refused."
+                            if c.accounts > 1
+                            else "."
+                        )
                     )
                 api_identity, api_recovered, api_lineup = (
                     best.eval_top1,
@@ -304,15 +312,15 @@ def _flag_text(results: dict[str, Any], defense: str, target: str, api: Sequence
         if c.attack not in flags:
             continue
         flag = flags[c.attack]
-        parts.append(
-            f"{attack_title(c.attack)}: "
-            + (
-                "never flagged"
-                if flag is None
-                else f"flagged at input {flag['inputs']:,} ({flag['near_duplicates']:,} "
-                "near duplicates)"
+        text = "never flagged"
+        if flag is not None:
+            text = (
+                f"flagged at input {flag['inputs']:,} ({flag['near_duplicates']:,} near duplicates)"
             )
-        )
+            if c.accounts > 1:
+                flagged = flag.get("accounts_flagged", 1)
+                text += f"; {flagged} of the {c.accounts} accounts it opened flagged"
+        parts.append(f"{attack_title(c.attack)}: {text}")
     return f"The attacking accounts — {'; '.join(parts)}." if parts else ""
 
 
