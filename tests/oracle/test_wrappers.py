@@ -180,3 +180,20 @@ def test_rotating_moves_to_a_fresh_account_when_one_is_refused() -> None:
     assert oracle.n_queries == 18 and oracle.accounts_used == 3
     with pytest.raises(ConfigError, match="at least one"):
         Rotating([])
+
+
+def test_rotating_does_not_burn_accounts_on_a_batch_every_account_refuses() -> None:
+    """A fresh account blocked by its first batch (ten copies of one image, a
+    near-duplicate burst) says the batch is refused, not the account: raised at once."""
+    from mlinvert.defenses import QueryDetector
+    from mlinvert.errors import Blocked
+    from mlinvert.oracle.wrappers import Rotating
+
+    model = _Mean()
+    model.input_shape_ = (46, 38)
+    predictor = Predictor(model, name="m", guards=[QueryDetector("detect:block:5")])
+    oracle = Rotating([LocalOracle(predictor, account=f"sybil-{i}") for i in range(3)])
+    image = np.random.default_rng(0).random((46, 38)).astype(np.float32)
+    with pytest.raises(Blocked):
+        oracle.query(np.repeat(image[None], 10, axis=0))
+    assert oracle.accounts_used == 1 and oracle.n_queries == 0

@@ -215,8 +215,11 @@ class Rotating:
     refused batch is then re-sent through the next one.
 
     The Sybil attacker against per-account guards (rate limits, the query detector).
-    ``n_queries`` is the sum over the accounts; ``accounts_used`` how many it has opened;
-    when the last account is refused its error is raised.
+    ``n_queries`` is the sum over the accounts; ``accounts_used`` how many it has opened.
+    A refusal is raised, not rotated, by the last account and by an account that has
+    answered nothing yet: a fresh account refusing says the batch itself is refused (too
+    large for any account's allowance, or near duplicates of itself), so the caller must
+    split or change it rather than burn the remaining accounts.
     """
 
     def __init__(self, oracles: Sequence[Oracle]) -> None:
@@ -246,6 +249,7 @@ class Rotating:
             try:
                 return self.oracles[self.current].query(x)
             except (RateLimited, Blocked):
-                if self.current + 1 >= len(self.oracles):
+                spent = self.oracles[self.current].n_queries > 0
+                if not spent or self.current + 1 >= len(self.oracles):
                     raise
                 self.current += 1
