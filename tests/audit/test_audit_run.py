@@ -274,23 +274,14 @@ def test_cli_bad_flag_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> No
     )
     assert bad.returncode == 2
     assert "No such option" in bad.stderr and "Traceback" not in bad.stderr
-    with pytest.raises(SystemExit) as exit_info:
-        main(["audit", "--attacks", "whitebox,teleport", "--out", "/nonexistent/x"])
-    assert exit_info.value.code == 2
-    assert "unknown attack" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        main(["audit", "--lanes", "0", "--out", "/nonexistent/x"])
-    assert exit_info.value.code == 2
-    assert "--lanes must be between 1" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        main(["audit", "--blind", "2", "--out", "/nonexistent/x"])
-    assert exit_info.value.code == 2
-    assert "--blind must be in [0, 1]" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        main(["audit", "--targets", "softmax,softmax@dp:abc", "--out", "/nonexistent/x"])
-    assert exit_info.value.code == 2
-    assert "write KIND or KIND@dp:EPSILON" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        main(["audit", "--accounts", "0", "--out", "/nonexistent/x"])
-    assert exit_info.value.code == 2
-    assert "--accounts must be between 1 and 1000" in capsys.readouterr().err
+    for flags, words in [
+        (["--attacks", "whitebox,teleport"], "unknown attack"),
+        (["--lanes", "0"], "--lanes must be between 1"),
+        (["--blind", "2"], "--blind must be in [0, 1]"),
+        (["--targets", "softmax,softmax@dp:abc"], "write KIND or KIND@dp:EPSILON"),
+        (["--accounts", "0"], "--accounts must be between 1 and 1000"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["audit", *flags, "--out", "/nonexistent/x"])
+        assert exit_info.value.code == 2
+        assert words in capsys.readouterr().err
