@@ -263,9 +263,10 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                     details.append(
                         f"Query detector ({util['detector']}), how the attacks ended: "
                         f"{outcomes}. {honest} This audit's attacker did not adapt (--blind 0). "
-                        "The detector stops an account, not an attacker: a fresh key before "
-                        "each flag, or probes blinded with noise coarser than its "
-                        "quantisation, get past it (BENCHMARKS.md, 'Query detector')."
+                        "The detector stops an account, not an attacker: probes blinded with "
+                        "noise coarser than its quantisation (--blind), or spread over enough "
+                        "keys that none sends 100 near duplicates, get past it (BENCHMARKS.md, "
+                        "'Query detector')."
                     )
             if util:
                 parts = [f"served accuracy {_pct(acc)}"]
@@ -441,8 +442,8 @@ def recommendations(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]
                 f"accounts for investigation: the strongest API attack recovered "
                 f"{_pct(v.api_recovered)} through one account it watched (a median of "
                 f"{_queries(v.api_queries)} answered queries per person). Count it "
-                "as a tripwire, not a wall: a fresh key before each flag, or probes blinded "
-                "with noise, get past it."
+                "as a tripwire, not a wall: probes blinded with noise, or spread thinly "
+                "over many keys, get past it."
             )
     recs.extend(_dp_comparisons(results, vs))
     if recs:
