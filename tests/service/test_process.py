@@ -136,3 +136,53 @@ def test_two_processes_share_one_budget_through_redis(
             assert spend(urls, key) == BUDGET - BUDGET % 3
         finally:
             second.stop()
+
+
+def test_attack_cli_moves_to_the_next_api_key_when_one_is_refused(
+    tmp_path: Path, model_dir: tuple[Path, Any]
+) -> None:
+    """`--api-key K1,K2,K3`: each key gets 40 inputs an hour; the black-box attack spends
+    one key, then the next, past what any single key allows."""
+    import json
+
+    from mlinvert.cli.main import main
+
+    folder, _ = model_dir
+    db = tmp_path / "service.db"
+    store = Store(db)
+    keys = [store.create_key(f"sybil-{i}")[0] for i in range(3)]
+    out = tmp_path / "attack"
+    with (
+        ServiceProcess([f"toy={folder}"], db=db, rate_limit="40/hour") as service,
+        pytest.raises(SystemExit) as done,
+    ):
+        main(
+            [
+                "attack",
+                "miface",
+                "--target",
+                service.model_url("toy"),
+                "--api-key",
+                ",".join(keys),
+                "--mode",
+                "blackbox",
+                "--gradient",
+                "nes",
+                "--samples",
+                "5",
+                "--label",
+                "s0",
+                "--budget",
+                "100",
+                "--out",
+                str(out),
+            ]
+        )
+    assert done.value.code == 0
+    result = json.loads((out / "result.json").read_text())
+    answered = [
+        sum(q.n_inputs for q in store.queries(f"sybil-{i}") if q.outcome == "ok") for i in range(3)
+    ]
+    assert answered[0] > 30 and answered[1] > 30 and answered[2] > 0, answered
+    assert result["n_queries"] == sum(answered) > 80
+    assert result["extra"]["api_keys_used"] == 3

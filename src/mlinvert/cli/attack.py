@@ -34,11 +34,19 @@ def _oracle(
                 "--mode whitebox needs the model itself (--model DIR); an API "
                 "--target allows --mode blackbox or label-only"
             )
-        if not api_key:
+        keys = [k.strip() for k in (api_key or "").split(",") if k.strip()]
+        if not keys:
             raise ConfigError("--target needs --api-key KEY (create one with `mlinvert keys`)")
         from mlinvert.oracle.http import HttpOracle
+        from mlinvert.oracle.wrappers import Rotating
 
-        return HttpOracle(target, api_key)
+        if len(keys) == 1:
+            return HttpOracle(target, keys[0])
+        # several keys: a refused key hands over at once; the last one waits out a 429
+        return Rotating(
+            [HttpOracle(target, k, max_wait=0.0) for k in keys[:-1]]
+            + [HttpOracle(target, keys[-1])]
+        )
     from mlinvert.defenses import Predictor, parse_policy
     from mlinvert.oracle import LocalOracle, WhiteBoxOracle
     from mlinvert.targets import load
@@ -155,7 +163,13 @@ def register(app: typer.Typer) -> None:
         target: str | None = typer.Option(
             None, "--target", help="API URL http://HOST:PORT/v1/models/NAME."
         ),
-        api_key: str | None = typer.Option(None, "--api-key", envvar="MLINVERT_API_KEY"),
+        api_key: str | None = typer.Option(
+            None,
+            "--api-key",
+            envvar="MLINVERT_API_KEY",
+            help="API key; several, comma-separated, are used in turn: when the service "
+            "refuses one (429 rate limited, 403 blocked) the attack continues with the next.",
+        ),
         label: str | None = typer.Option(None, "--label", help="Class name (or index)."),
         all_labels: bool = typer.Option(False, "--all-labels", help="Attack every class."),
         mode: str = typer.Option("whitebox", "--mode", help="whitebox|blackbox|label-only"),
@@ -252,7 +266,8 @@ def register(app: typer.Typer) -> None:
                 "needs --model DIR (an API attacker brings public photos: --aux lfw or "
                 "--aux folder:PATH)"
             )
-        oracle = _oracle(model, target, api_key, mode, policy)
+        base = _oracle(model, target, api_key, mode, policy)
+        oracle = base
         if blind is not None:
             if mode == "whitebox":
                 raise ConfigError(
@@ -356,6 +371,7 @@ def register(app: typer.Typer) -> None:
         merged.extra["target"] = target or str(model)
         merged.extra["mode"] = mode
         merged.extra["blind"] = blind
+        merged.extra["api_keys_used"] = getattr(base, "accounts_used", 1 if target else 0)
         paths = merged.save_pngs(out_dir, scale=3)
         write_json(out_dir / "result.json", merged.to_dict())
         for per in merged.per_label:
