@@ -260,7 +260,7 @@ def test_audit_over_the_real_http_service(tmp_path: Path, resumed: dict[str, Any
         "accounts_flagged": 2,
     }
     html = index.read_text()
-    assert "the attacker opened up to 2 accounts, a fresh API key whenever one was refused" in html
+    assert "the attacker had 2 API keys and opened 2, a fresh one whenever one was refused" in html
     assert "2 of the 2 accounts it opened flagged" in html
 
 

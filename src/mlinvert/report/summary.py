@@ -160,6 +160,7 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
     exposed_rate = float(th.get("exposed_rate", 0.2))
     identity_rate = float(th.get("identity_rate", 0.3))
     n_classes = int(results.get("dataset", {}).get("n_classes", 0)) or None
+    keys = int(results.get("config", {}).get("accounts") or 1)  # API keys per attack
     chance = 1.0 / n_classes if n_classes else None
     all_cells = cells(results.get("records", []))
     by_key = {(c.target_model, c.attack, c.defense): c for c in all_cells}
@@ -209,9 +210,9 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                         f"{_pct(c.eval_top5)}; lineup {_pct(c.lineup)} (chance 20 %); "
                         f"median {_queries(c.median_queries)} queries ({c.status_text})"
                         + (
-                            f"; the attacker opened up to {c.accounts} accounts, a fresh API "
-                            "key whenever one was refused."
-                            if c.accounts > 1
+                            f"; the attacker had {keys} API keys and opened {c.accounts}, a "
+                            "fresh one whenever one was refused."
+                            if keys > 1
                             else "."
                         )
                     )
