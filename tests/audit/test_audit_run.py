@@ -159,22 +159,23 @@ def _copy_models(src: Path, out: Path) -> None:
             (out / "models" / kind / f.name).write_bytes(f.read_bytes())
 
 
+def _small(out: Path, **settings: Any) -> AuditConfig:
+    """The small audit of these tests (softmax, 2 digits, 240 queries, quick, seed 1)."""
+    base: dict[str, Any] = dict(targets=("softmax",), labels=2, budget=240, quick=True, seed=1)
+    return AuditConfig(out=out, **(base | settings))
+
+
 def test_the_attacker_blinds_its_probes_against_an_advertised_detector(
     tmp_path: Path, resumed: dict[str, Any]
 ) -> None:
     out = tmp_path / "adaptive"
     _copy_models(resumed["out"], out)
     index = run_audit(
-        AuditConfig(
-            out=out,
-            targets=("softmax",),
-            labels=2,
-            budget=240,
-            quick=True,
+        _small(
+            out,
             in_process=True,
             defenses=("detect:block:20",),
             attacks=("whitebox", "label-only"),
-            seed=1,
         )
     )
     final = json.loads((out / "results.json").read_text())
@@ -198,18 +199,8 @@ def test_the_attacker_blinds_its_probes_against_an_advertised_detector(
     assert "an API attacker whose probes carried ±0.05 noise" in html
     assert "Label-only inversion (labels through the API): never flagged" in html
     # resuming with another blinding would mix two attackers in one row
-    other = AuditConfig(
-        out=out,
-        targets=("softmax",),
-        labels=2,
-        budget=240,
-        quick=True,
-        seed=1,
-        resume=True,
-        blind=0.0,
-    )
     with pytest.raises(ConfigError, match=r"blind: 0\.05 -> 0\.0"):
-        ResultsFile(out, other)
+        ResultsFile(out, _small(out, resume=True, blind=0.0))
 
 
 def test_audit_over_the_real_http_service(tmp_path: Path, resumed: dict[str, Any]) -> None:
@@ -217,15 +208,10 @@ def test_audit_over_the_real_http_service(tmp_path: Path, resumed: dict[str, Any
     out = tmp_path / "http"
     _copy_models(resumed["out"], out)
     index = run_audit(
-        AuditConfig(
-            out=out,
-            targets=("softmax",),
-            labels=2,
-            budget=240,
-            quick=True,
+        _small(
+            out,
             defenses=("rate:60/hour", "detect:block:20"),
             attacks=("blackbox",),
-            seed=1,
             lanes=2,
             accounts=2,  # a fresh API key when the first is refused
         )
