@@ -107,8 +107,8 @@ def _per_example_clipped_sum(
             "DP-SGD needs per-example gradients, and batch normalisation mixes the "
             "examples of a batch: train a network without BatchNorm layers"
         )
-    names = [n for n, p in net.named_parameters() if p.requires_grad]
     params = {n: p.detach() for n, p in net.named_parameters() if p.requires_grad}
+    names = list(params)
     frozen = {n: p.detach() for n, p in net.named_parameters() if not p.requires_grad}
     buffers = dict(net.named_buffers())
 
