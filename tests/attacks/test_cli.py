@@ -103,6 +103,7 @@ def test_cli_blind_sends_noisy_probes_and_is_checked(
     assert res.exit_code == 0, res.output
     result = AttackResult.from_json((out / "result.json").read_text())
     assert result.extra["blind"] == 0.05 and 0 < result.n_queries <= 200
+    assert result.extra["blinded_up_to"] == 0.05  # one key: nothing to raise it with
     white = ["attack", "miface", "--model", str(model_dir), "--label", "3", "--blind", "0.05"]
     assert "drop --blind" in _one_line_error([*white, "--out", str(tmp_path / "w")], capsys)
     assert "amplitude must be" in _one_line_error(

@@ -229,25 +229,27 @@ def test_audit_over_the_real_http_service(tmp_path: Path, resumed: dict[str, Any
     assert (out / "service" / "rate_60_hour.sqlite3").exists()  # the service's query log
     # the service's detector blocks the attacking account (403) and records the flag
     # (even blinded: noise of +-0.05 moves too few of these 8x8 probes' pixels across the
-    # detector's 0.2 quantisation steps to break up their 20-pixel windows)
-    blocked = [r for r in final["records"] if r["defense"] == "detect:block:20"]
-    assert len(blocked) == 2 and all(r["status"] == "blocked" for r in blocked), blocked
-    assert all(r["blinded"] == 0.05 for r in blocked)
+    # detector's 0.2 quantisation steps to break up their 20-pixel windows); the attacker
+    # learns from the 403, doubles its noise and goes on through its second key unseen
+    adapted = [r for r in final["records"] if r["defense"] == "detect:block:20"]
+    assert len(adapted) == 2 and all(r["status"] != "blocked" for r in adapted), adapted
+    assert all(r["blinded"] == 0.05 and r["blinded_up_to"] == 0.1 for r in adapted)
+    assert all(r["accounts"] == 2 and r["n_queries"] > 0 for r in adapted)
     store = Store(out / "service" / "detect_block_20.sqlite3")
-    flag, second = store.flags()  # the first key, then the fresh one, both blocked
+    (flag,) = store.flags()  # the first key only
     assert flag.flag.account == "audit-detect_block_20-softmax-blackbox"
-    assert second.flag.account == "audit-detect_block_20-softmax-blackbox-2"
     assert flag.flag.near_duplicates >= 20
-    # the audit read the flags back from the service's account database
+    # the audit read the flag back from the service's account database
     noted = final["detector_flags"]["detect:block:20"]["softmax"]["blackbox"]
     assert noted == {
         "inputs": flag.flag.inputs,
         "near_duplicates": flag.flag.near_duplicates,
-        "accounts_flagged": 2,
+        "accounts_flagged": 1,
     }
     html = index.read_text()
     assert "the attacker had 2 API keys and opened 2, a fresh one whenever one was refused" in html
-    assert "2 of the 2 accounts it opened flagged" in html
+    assert "doubling it each time the service blocked one of its accounts (up to ±0.1)" in html
+    assert "1 of the 2 accounts it opened flagged" in html
 
 
 def test_cli_bad_flag_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:

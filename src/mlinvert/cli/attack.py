@@ -230,7 +230,8 @@ def register(app: typer.Typer) -> None:
             None,
             "--blind",
             help="Query blinding against a query detector: add fresh uniform noise of "
-            "+-A to every probe sent (e.g. 0.05; Blacklight, Section 7).",
+            "+-A to every probe sent (e.g. 0.05; Blacklight, Section 7); with several "
+            "--api-key keys, doubled each time the service blocks one.",
         ),
         seed: int = typer.Option(0, "--seed"),
     ) -> None:
@@ -276,7 +277,13 @@ def register(app: typer.Typer) -> None:
                 )
             from mlinvert.oracle.wrappers import Blinded
 
-            oracle = Blinded(oracle, blind, seed=seed)
+            blocked = getattr(base, "blocked", None)  # several keys: raise the noise
+            oracle = Blinded(  # each time the service blocks one
+                oracle,
+                blind,
+                seed=seed,
+                caught=None if blocked is None else lambda: int(base.blocked),
+            )
         info = oracle.info
         labels = (
             list(range(info.n_classes))
@@ -371,6 +378,7 @@ def register(app: typer.Typer) -> None:
         merged.extra["target"] = target or str(model)
         merged.extra["mode"] = mode
         merged.extra["blind"] = blind
+        merged.extra["blinded_up_to"] = getattr(oracle, "largest", None) or None
         merged.extra["api_keys_used"] = getattr(base, "accounts_used", 1 if target else 0)
         paths = merged.save_pngs(out_dir, scale=3)
         write_json(out_dir / "result.json", merged.to_dict())

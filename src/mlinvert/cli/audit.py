@@ -180,7 +180,7 @@ def audit(
         "--blind",
         help="Query blinding the API attacker uses under a defence with a query detector: "
         "fresh uniform noise of +-A on every probe (default 0.05; 0 = a naive attacker "
-        "who does not adapt).",
+        "who does not adapt), doubled each time the service blocks one of its --accounts.",
     ),
     accounts: int = typer.Option(
         1,

@@ -178,7 +178,8 @@ class AuditConfig:
     (:class:`~mlinvert.oracle.wrappers.Blinded`); 0 is a naive attacker who does not adapt.
     ``accounts`` is how many API accounts each API attack may open: when the service
     refuses one (rate limited or blocked) the attacker re-sends through the next
-    (:class:`~mlinvert.oracle.wrappers.Rotating`); 1 is a single account.
+    (:class:`~mlinvert.oracle.wrappers.Rotating`); 1 is a single account. A blinding
+    attacker doubles its noise each time the service blocks one of its accounts.
     """
 
     data: str | None = None
@@ -1412,7 +1413,7 @@ def _attack_one(
         oracle: Any = WhiteBoxOracle(Predictor(target.model, name=target.name))
     else:
         base = oracles[(target.name, attack)]
-        oracle = _adapted(ctx, attack, defense, base, label)
+        oracle = _adapted(ctx, attack, defense, base, label, base)
     budget = _budget(ctx, attack)
     try:
         outcome: Any = _build_attack(ctx, attack, label, defense).run(
@@ -1421,7 +1422,17 @@ def _attack_one(
     except MlinvertError as exc:
         outcome = exc
     accounts = None if base is None else getattr(base, "accounts_used", 1)
-    return _record(ctx, attack, defense, target, label, outcome, lanes=1, accounts=accounts)
+    return _record(
+        ctx,
+        attack,
+        defense,
+        target,
+        label,
+        outcome,
+        lanes=1,
+        accounts=accounts,
+        blinded_up_to=_largest_blinding(oracle),
+    )
 
 
 def _attack_lanes(
@@ -1462,11 +1473,14 @@ def _attack_lanes(
     if not todo:
         return
     lanes = min(ctx.config.lanes, len(todo))
+    sybil = oracles[(target.name, attack)]  # the attacker's account(s)
+    adapted: dict[int, Any] = {}
 
     def work(label: int, lane: Any) -> Any:
+        adapted[label] = _adapted(ctx, attack, defense, lane, label, sybil)
         try:
             return attacks[label].run(
-                _adapted(ctx, attack, defense, lane, label),
+                adapted[label],
                 label,
                 seed=ctx.config.seed,
                 budget=budget,
@@ -1484,7 +1498,8 @@ def _attack_lanes(
             label,
             future.result(),
             lanes=lanes,
-            accounts=getattr(oracles[(target.name, attack)], "accounts_used", 1),
+            accounts=getattr(sybil, "accounts_used", 1),
+            blinded_up_to=_largest_blinding(adapted.get(label)),
         )
         ctx.results.add(record)
         ctx.events("record", record)
@@ -1503,14 +1518,30 @@ def _blinding(ctx: _Context, attack: str, defense: Defense) -> float | None:
     return ctx.config.blind
 
 
-def _adapted(ctx: _Context, attack: str, defense: Defense, oracle: Any, label: int) -> Any:
-    """``oracle`` as the attacker uses it under ``defense``: blinded against a detector."""
+def _adapted(
+    ctx: _Context, attack: str, defense: Defense, oracle: Any, label: int, accounts: Any
+) -> Any:
+    """``oracle`` as the attacker uses it under ``defense``: blinded against a detector,
+    the noise doubled each time the service blocks one of its ``accounts`` (a
+    :class:`~mlinvert.oracle.wrappers.Rotating`; one account has none to spare)."""
     from mlinvert.oracle.wrappers import Blinded
 
     amplitude = _blinding(ctx, attack, defense)
     if amplitude is None:
         return oracle
-    return Blinded(oracle, amplitude, seed=np.random.default_rng([ctx.config.seed, label]))
+    caught = getattr(accounts, "blocked", None)
+    return Blinded(
+        oracle,
+        amplitude,
+        seed=np.random.default_rng([ctx.config.seed, label]),
+        caught=None if caught is None else lambda: int(accounts.blocked),
+    )
+
+
+def _largest_blinding(oracle: Any) -> float | None:
+    """The largest noise amplitude a blinded attacker sent (None: not blinded, or no
+    probe sent)."""
+    return getattr(oracle, "largest", 0.0) or None
 
 
 def _budget(ctx: _Context, attack: str) -> int | None:
@@ -1569,12 +1600,15 @@ def _record(
     *,
     lanes: int,
     accounts: int | None = None,
+    blinded_up_to: float | None = None,
 ) -> dict[str, Any]:
     """Judge an attack's result (or record its error): one record.
 
     ``lanes``: how many people this attack ran beside (1: alone; its ``seconds`` are
     then its own wall time, otherwise the wall time while sharing requests).
     ``accounts``: API accounts the attacker had opened when it ended (None: white-box).
+    ``blinded_up_to``: the largest blinding noise its probes carried (``blinded`` is
+    the amplitude it started with; larger after the service blocked an account).
     """
     if attack == "whitebox":
         channel = "model weights"
@@ -1586,6 +1620,7 @@ def _record(
         "channel": channel,
         "lanes": lanes,
         "blinded": _blinding(ctx, attack, defense),
+        "blinded_up_to": blinded_up_to,
         "accounts": accounts,
     }
     if isinstance(outcome, MlinvertError):

@@ -12,7 +12,7 @@ accounts), so a stack reports the queries that really reached the API.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -193,19 +193,42 @@ class Blinded(_Wrapper):
     coarser than the detector's quantisation leaves no two probes with the same windows.
     The attack then climbs noisy scores; BENCHMARKS.md ("Query detector") measures what
     it still recovers.
+
+    ``caught`` (optional) counts the times the attacker learnt its probes were caught,
+    for instance :attr:`Rotating.blocked` (accounts the service blocked): the amplitude
+    doubles with each, up to 1, so an attacker with spare accounts raises its noise
+    until the detector no longer sees it. ``amplitude`` is the one in use now,
+    ``largest`` the largest one sent so far (0 before the first probe).
     """
 
-    def __init__(self, oracle: Oracle, amplitude: float, *, seed: Seed = None) -> None:
+    def __init__(
+        self,
+        oracle: Oracle,
+        amplitude: float,
+        *,
+        seed: Seed = None,
+        caught: Callable[[], int] | None = None,
+    ) -> None:
         super().__init__(oracle)
         if not (np.isfinite(amplitude) and 0.0 < amplitude <= 1.0):
             raise ConfigError(f"blinding amplitude must be in (0, 1], got {amplitude}")
-        self.amplitude = float(amplitude)
+        self.start = float(amplitude)
+        self.caught = caught
+        self.largest = 0.0
         self.rng = rng_from(seed)
+
+    @property
+    def amplitude(self) -> float:
+        """The noise amplitude now: the start, doubled each time the attacker was caught."""
+        times = 0 if self.caught is None else self.caught()
+        return min(self.start * 2.0**times, 1.0)
 
     def query(self, x: np.ndarray) -> Response:
         """Send ``x`` plus fresh noise."""
         x = np.asarray(x, dtype=np.float32)
-        noise = self.rng.uniform(-self.amplitude, self.amplitude, size=x.shape)
+        a = self.amplitude
+        self.largest = max(self.largest, a)
+        noise = self.rng.uniform(-a, a, size=x.shape)
         return self.inner.query(np.clip(x + noise, 0.0, 1.0).astype(np.float32))
 
 
@@ -215,7 +238,9 @@ class Rotating:
     refused batch is then re-sent through the next one.
 
     The Sybil attacker against per-account guards (rate limits, the query detector).
-    ``n_queries`` is the sum over the accounts; ``accounts_used`` how many it has opened.
+    ``n_queries`` is the sum over the accounts; ``accounts_used`` how many it has opened;
+    ``blocked`` how many of them the service blocked (what tells an attacker its probes
+    were recognised, unlike a rate limit).
     A refusal is raised, not rotated, by the last account and by an account that has
     answered nothing yet: a fresh account refusing says the batch itself is refused (too
     large for any account's allowance, or near duplicates of itself), so the caller must
@@ -227,6 +252,7 @@ class Rotating:
             raise ConfigError("Rotating needs at least one oracle (one per account)")
         self.oracles = list(oracles)
         self.current = 0
+        self.blocked = 0
 
     @property
     def info(self) -> OracleInfo:
@@ -248,8 +274,9 @@ class Rotating:
         while True:
             try:
                 return self.oracles[self.current].query(x)
-            except (RateLimited, Blocked):
+            except (RateLimited, Blocked) as exc:
                 spent = self.oracles[self.current].n_queries > 0
                 if not spent or self.current + 1 >= len(self.oracles):
                     raise
+                self.blocked += isinstance(exc, Blocked)
                 self.current += 1

@@ -68,6 +68,7 @@ class Cell:
     statuses: dict[str, int]
     shared_from: str | None = None
     blinded: float | None = None  # the attacker's query blinding (+-amplitude), if any
+    blinded_up_to: float | None = None  # the largest blinding after blocked accounts
     accounts: int = 1  # most API accounts one attack opened
 
     @property
@@ -106,6 +107,10 @@ def cells(records: Sequence[dict[str, Any]]) -> list[Cell]:
                 statuses=statuses,
                 shared_from=next((r["shared_from"] for r in rs if r.get("shared_from")), None),
                 blinded=next((r["blinded"] for r in rs if r.get("blinded")), None),
+                blinded_up_to=max(
+                    (float(r["blinded_up_to"]) for r in rs if r.get("blinded_up_to")),
+                    default=None,
+                ),
                 accounts=max((int(r.get("accounts") or 1) for r in rs), default=1),
             )
         )
@@ -255,10 +260,17 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                 if flagged:
                     honest = f"{flagged} {honest}"
                 if blinded:
+                    raised = max((c.blinded_up_to or 0.0 for c in api), default=0.0)
+                    more = (
+                        f", doubling it each time the service blocked one of its accounts "
+                        f"(up to ±{raised:g})"
+                        if raised > blinded
+                        else ""
+                    )
                     details.append(
                         f"Query detector ({util['detector']}): the API advertises it, so the "
                         f"attacker adapted and added fresh noise of ±{blinded:g} to every probe "
-                        f"(query blinding). How the attacks ended: {outcomes}. {honest}"
+                        f"(query blinding){more}. How the attacks ended: {outcomes}. {honest}"
                     )
                 else:
                     details.append(
