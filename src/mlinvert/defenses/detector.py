@@ -16,6 +16,14 @@ of them it is **flagged for investigation** (a :class:`Flag` goes to the flag st
 the SQLite account database in the service) and, with ``action="block"``, refused
 with Blocked (HTTP 403) from then on until an operator clears the flag.
 
+The fingerprints live in a :class:`HistoryStore`: :class:`MemoryHistory` (this process
+only) or :class:`RedisHistory` (one atomic Lua script per batch, so every service
+process using that Redis sees all of an account's inputs, as ``mlinvert serve --redis``
+does; if Redis cannot be reached a batch is refused with RateLimited, HTTP 429). Both
+decide input by input alike: input ``q`` is a near duplicate when an input among
+``q - history`` .. ``q - 1`` is among the ``per_hash`` latest inputs of ``need`` of
+``q``'s hashes.
+
 It is meant for images: the service gives survey (tabular) models none. What it cannot
 see (measured in BENCHMARKS.md, "Query detector"): an attacker spreading the probes over
 many accounts, blinding each probe with noise of about ``step`` / 4 or more, or sending
@@ -25,14 +33,19 @@ many accounts, blinding each probe with noise of about ``step`` / 4 or more, or 
 from __future__ import annotations
 
 import functools
+import hashlib
+import logging
 import math
 import threading
-from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from mlinvert.errors import Blocked, ConfigError
+from mlinvert.errors import Blocked, ConfigError, OracleError, RateLimited
+
+log = logging.getLogger(__name__)
 
 DETECTOR_GRAMMAR = (
     "detect[:ACTION][:AFTER] with ACTION flag (flag for investigation, keep answering) or "
@@ -219,6 +232,41 @@ class MemoryFlags:
             self._flags.pop(account, None)
 
 
+@dataclass(frozen=True)
+class Recorded:
+    """What one batch did to an account's history.
+
+    ``near`` says, input by input, which were near duplicates; ``inputs`` is the
+    account's input count after the batch; ``crossed`` is the near-duplicate count at the
+    moment the batch took it to ``after`` or beyond (the count then restarts at 0), or
+    None when it did not.
+    """
+
+    near: tuple[bool, ...]
+    inputs: int
+    crossed: int | None
+
+
+class HistoryStore(Protocol):
+    """Where an account's fingerprints and counts live; ``record`` is atomic per batch.
+
+    Both stores decide alike: input ``q`` is a near duplicate when one of the account's
+    inputs ``q - history`` .. ``q - 1`` is among the ``per_hash`` latest inputs of at
+    least ``need`` of ``q``'s hashes; the count of near duplicates is compared with
+    ``after`` once per batch.
+    """
+
+    def record(
+        self, account: str, prints: Sequence[np.ndarray], need: int, config: DetectorConfig
+    ) -> Recorded:
+        """Match each fingerprint, in order, against the history, then remember it."""
+        ...
+
+    def status(self, account: str, config: DetectorConfig) -> dict[str, int]:
+        """``inputs`` seen and ``near_duplicates`` counted since the account's last flag."""
+        ...
+
+
 @dataclass
 class _History:
     """One account's remembered window hashes.
@@ -238,49 +286,387 @@ class _History:
     forgotten_below: int = 0  # ids below this were compacted away
 
 
+class MemoryHistory:
+    """Fingerprints in this process's memory (thread-safe, not shared across processes).
+
+    16 bytes per remembered hash: 8 MB per account at 10 000 inputs of 50 hashes.
+    """
+
+    def __init__(self) -> None:
+        self._accounts: dict[str, _History] = {}
+        self._lock = threading.Lock()
+
+    def record(
+        self, account: str, prints: Sequence[np.ndarray], need: int, config: DetectorConfig
+    ) -> Recorded:
+        """Match and remember the batch under one lock."""
+        near: list[bool] = []
+        with self._lock:
+            state = self._accounts.setdefault(account, _History())
+            for fp in prints:
+                qid = state.inputs
+                state.inputs += 1
+                near.append(self._is_near_duplicate(state, fp, qid, need, config))
+                state.near += near[-1]
+                for h in fp.tolist():
+                    state.recent.setdefault(h, []).append(qid)
+                state.pending.append(fp)
+            if len(state.pending) >= _MERGE_EVERY:
+                self._merge(state, config)
+            crossed = None
+            if state.near >= config.after:
+                crossed, state.near = state.near, 0  # a cleared account starts counting afresh
+            return Recorded(near=tuple(near), inputs=state.inputs, crossed=crossed)
+
+    def status(self, account: str, config: DetectorConfig) -> dict[str, int]:
+        """Inputs remembered and near duplicates counted since the account's last flag."""
+        with self._lock:
+            state = self._accounts.get(account)
+            if state is None:
+                return {"inputs": 0, "near_duplicates": 0}
+            return {"inputs": state.inputs, "near_duplicates": state.near}
+
+    @staticmethod
+    def _is_near_duplicate(
+        state: _History, fp: np.ndarray, qid: int, need: int, cfg: DetectorConfig
+    ) -> bool:
+        """Does ``fp`` share ``need`` hashes with one remembered input?
+
+        Per hash only its ``per_hash`` latest inputs are looked at, whether they wait in
+        ``recent`` or were merged into the sorted store (an attack repeats a background
+        window thousands of times); inputs older than ``history`` are ignored.
+        """
+        within = state.recent
+        lo = np.searchsorted(state.keys, fp, side="left")
+        hi = np.searchsorted(state.keys, fp, side="right")
+        hashes = fp.tolist()
+        waiting_all = [within.get(h, ()) for h in hashes]
+        n_waiting = np.fromiter((len(w) for w in waiting_all), dtype=np.int64, count=len(hashes))
+        if int(((hi > lo) | (n_waiting > 0)).sum()) < need:
+            return False
+        available = hi - lo + n_waiting
+        # most near duplicates repeat one of the latest inputs: look at those first
+        for depth in sorted({min(_FIRST_LOOK, cfg.per_hash), cfg.per_hash}):
+            # the ``depth`` latest per hash: the waiting ones first, then the store's
+            start = np.maximum(lo, hi - np.maximum(depth - n_waiting, 0))
+            parts = [state.ids[a:b] for a, b in zip(start.tolist(), hi.tolist(), strict=True)]
+            waiting = [i for w in waiting_all for i in w[-depth:]]
+            ids = np.concatenate([*parts, np.asarray(waiting, dtype=np.int64)])
+            ids = ids[ids >= qid - cfg.history]
+            if ids.size >= need and int(np.bincount(ids - ids.min()).max()) >= need:
+                return True
+            if not bool((available > depth).any()):
+                return False
+        return False
+
+    @staticmethod
+    def _merge(state: _History, cfg: DetectorConfig) -> None:
+        """Merge the waiting hashes into the sorted store; compact away forgotten inputs."""
+        prints, state.pending, state.recent = state.pending, [], {}
+        first = state.inputs - len(prints)
+        keys = np.concatenate(prints)
+        ids = np.repeat(np.arange(first, state.inputs, dtype=np.int64), [len(f) for f in prints])
+        order = np.argsort(keys, kind="stable")
+        at = np.searchsorted(state.keys, keys[order], side="right")
+        state.keys = np.insert(state.keys, at, keys[order])
+        state.ids = np.insert(state.ids, at, ids[order])
+        oldest = state.inputs - cfg.history
+        if oldest - state.forgotten_below >= max(cfg.history // 10, 1):
+            keep = state.ids >= oldest
+            state.keys, state.ids = state.keys[keep], state.ids[keep]
+            state.forgotten_below = oldest
+
+
+#: One batch in one atomic call. KEYS: the account's counters (hash) and ring (string);
+#: ARGV: history, per_hash, first look, after, need, buckets, ttl ms, ring record bytes,
+#: the fingerprints (per input: 2-byte count, then 8-byte hashes), the bucket key prefix.
+_LUA_RECORD = """
+local history = tonumber(ARGV[1])
+local per_hash = tonumber(ARGV[2])
+local first_look = tonumber(ARGV[3])
+local after = tonumber(ARGV[4])
+local need = tonumber(ARGV[5])
+local buckets = tonumber(ARGV[6])
+local ttl = tonumber(ARGV[7])
+local width = tonumber(ARGV[8])
+local blob = ARGV[9]
+local prefix = ARGV[10]
+local WRAP = 4294967296
+local state = redis.call('HMGET', KEYS[1], 'inputs', 'near')
+local inputs = tonumber(state[1]) or 0
+local near = tonumber(state[2]) or 0
+
+-- an input id is stored as 4 bytes (big-endian, modulo 2^32), newest first per hash
+local function pack(q)
+  local v = q % WRAP
+  return string.char(math.floor(v / 16777216), math.floor(v / 65536) % 256,
+                     math.floor(v / 256) % 256, v % 256)
+end
+local function bucket(h)  -- from the hash's low 24 bits (its high bits are small)
+  local a, b, c = string.byte(h, 6, 8)
+  return prefix .. ((a * 65536 + b * 256 + c) % buckets)
+end
+local function scan(values, n, qid, depth)
+  -- near duplicate among the ``depth`` latest ids per hash? and was any list cut?
+  local counts = {}
+  local cut = false
+  for k = 1, n do
+    local v = values[k]
+    local m = #v / 4
+    local stop = math.min(m, depth)
+    local aged = false
+    for i = 1, stop do
+      local a, b, c, d = string.byte(v, 4 * i - 3, 4 * i)
+      local id = ((a * 256 + b) * 256 + c) * 256 + d
+      if (qid - id) % WRAP > history then
+        aged = true
+        break
+      end
+      local seen = (counts[id] or 0) + 1
+      if seen >= need then
+        return true, cut
+      end
+      counts[id] = seen
+    end
+    if m > depth and not aged then
+      cut = true
+    end
+  end
+  return false, cut
+end
+
+local verdicts = {}
+local touched = {}
+local pos = 1
+while pos < #blob do
+  local hi, lo = string.byte(blob, pos, pos + 1)
+  local n = hi * 256 + lo
+  local record = string.sub(blob, pos, pos + 1 + 8 * n)
+  pos = pos + 2 + 8 * n
+  local qid = inputs
+  inputs = inputs + 1
+  local slot = qid % (history + 1)
+  -- forget the input that just left the history: it is the oldest id of every list
+  local gone = qid - history - 1
+  if gone >= 0 then
+    local old = redis.call('GETRANGE', KEYS[2], slot * width, slot * width + width - 1)
+    if #old >= 2 then
+      local tail = pack(gone)
+      local oh, ol = string.byte(old, 1, 2)
+      for k = 0, math.min(oh * 256 + ol, math.floor((#old - 2) / 8)) - 1 do
+        local h = string.sub(old, 3 + 8 * k, 10 + 8 * k)
+        local key = bucket(h)
+        local v = redis.call('HGET', key, h)
+        if v and string.sub(v, -4) == tail then
+          if #v == 4 then
+            redis.call('HDEL', key, h)
+          else
+            redis.call('HSET', key, h, string.sub(v, 1, -5))
+          end
+        end
+      end
+    end
+  end
+  local hashes, keys, values = {}, {}, {}
+  local present = 0
+  for k = 1, n do
+    local h = string.sub(record, 3 + 8 * (k - 1), 10 + 8 * (k - 1))
+    local key = bucket(h)
+    local v = redis.call('HGET', key, h) or ''
+    hashes[k], keys[k], values[k] = h, key, v
+    if v ~= '' then
+      present = present + 1
+    end
+  end
+  local dup = false
+  if present >= need then
+    local q = qid % WRAP
+    local cut
+    dup, cut = scan(values, n, q, math.min(first_look, per_hash))
+    if not dup and cut and per_hash > first_look then
+      dup = scan(values, n, q, per_hash)
+    end
+  end
+  if dup then
+    near = near + 1
+    verdicts[#verdicts + 1] = '1'
+  else
+    verdicts[#verdicts + 1] = '0'
+  end
+  local mine = pack(qid)
+  for k = 1, n do
+    redis.call('HSET', keys[k], hashes[k], string.sub(mine .. values[k], 1, 4 * per_hash))
+    touched[keys[k]] = true
+  end
+  redis.call('SETRANGE', KEYS[2], slot * width, record)
+end
+local crossed = -1
+if near >= after then
+  crossed = near
+  near = 0
+end
+redis.call('HSET', KEYS[1], 'inputs', inputs, 'near', near)
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('PEXPIRE', KEYS[2], ttl)
+for key in pairs(touched) do
+  redis.call('PEXPIRE', key, ttl)
+end
+return {crossed, inputs, table.concat(verdicts)}
+"""
+
+
+class RedisHistory:
+    """Fingerprints in Redis, matched by one Lua script per batch (atomic), so several
+    service processes pointing at the same Redis see all of an account's inputs.
+
+    Decides exactly as :class:`MemoryHistory` (same ``per_hash`` and ``history`` rules,
+    batch inputs compared with each other). Per account and detector configuration the
+    keys are: a hash of counters (inputs, near duplicates), a ring of the last
+    ``history`` + 1 fingerprints (to forget an input's hashes when it leaves the
+    history: 8 bytes per hash) and the remembered hashes, each mapped to the 4-byte ids
+    of its ``per_hash`` latest inputs, spread over Redis hashes of about 64 fields
+    (compact listpack encoding). Every key expires ``ttl`` seconds after the last batch
+    that wrote it, so an account idle that long starts afresh. Measured in
+    BENCHMARKS.md; about 20 bytes per remembered hash plus the ring.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "mlinvert:det:",
+        ttl: float = 86_400.0,
+        client: Any = None,
+    ) -> None:
+        import redis
+
+        if not (math.isfinite(ttl) and ttl >= 1.0):
+            raise ConfigError(f"the detector history's ttl must be >= 1 second, got {ttl!r}")
+        self.url = url
+        self.prefix = prefix
+        self.ttl = ttl
+        self.client = client if client is not None else redis.Redis.from_url(url)
+        self._script = self.client.register_script(_LUA_RECORD)
+
+    def keys(self, account: str, config: DetectorConfig) -> tuple[str, str, str]:
+        """The account's counters key, ring key and bucket key prefix under ``config``."""
+        if config.history >= 2**31:
+            raise ConfigError(
+                f"a Redis detector history holds at most 2**31 - 1 inputs, got {config.history}"
+            )
+        base = f"{self.prefix}{_config_digest(config)}:{{{account}}}:"
+        return base + "n", base + "r", base + "b:"
+
+    def record(
+        self, account: str, prints: Sequence[np.ndarray], need: int, config: DetectorConfig
+    ) -> Recorded:
+        """Match and remember the batch in one EVALSHA.
+
+        Fails closed: if Redis cannot be reached the batch is refused with RateLimited
+        (retry after 1 s), never answered unwatched.
+        """
+        import redis
+
+        counters, ring, buckets = self.keys(account, config)
+        blob = b"".join(len(fp).to_bytes(2, "big") + fp.astype(">u8").tobytes() for fp in prints)
+        args = [
+            config.history,
+            config.per_hash,
+            _FIRST_LOOK,
+            config.after,
+            need,
+            _n_buckets(config),
+            math.ceil(self.ttl * 1000),
+            2 + 8 * config.hashes,
+            blob,
+            buckets,
+        ]
+        try:
+            crossed, inputs, verdicts = self._script(keys=[counters, ring], args=args)
+        except redis.RedisError as exc:
+            log.error("detector history store %s failed: %s", self.url, exc)
+            raise RateLimited(
+                f"the query detector's history store (Redis) is unreachable "
+                f"({type(exc).__name__}); the batch was refused, retry in a second",
+                retry_after=1.0,
+            ) from None
+        return Recorded(
+            near=tuple(c == ord("1") for c in bytes(verdicts)),
+            inputs=int(inputs),
+            crossed=None if int(crossed) < 0 else int(crossed),
+        )
+
+    def status(self, account: str, config: DetectorConfig) -> dict[str, int]:
+        """The account's counters, read from Redis (OracleError if it cannot be reached)."""
+        import redis
+
+        try:
+            inputs, near = self.client.hmget(self.keys(account, config)[0], "inputs", "near")
+        except redis.RedisError as exc:
+            raise OracleError(
+                f"the query detector's history store {self.url} cannot be read "
+                f"({type(exc).__name__}: {exc}); check that redis-server runs there"
+            ) from None
+        return {"inputs": int(inputs or 0), "near_duplicates": int(near or 0)}
+
+    def forget(self, account: str, config: DetectorConfig) -> int:
+        """Delete the account's keys under ``config``; how many there were."""
+        counters, ring, buckets = self.keys(account, config)
+        doomed = [counters, ring, *self.client.scan_iter(match=_glob(buckets) + "*", count=1000)]
+        return int(self.client.delete(*doomed))
+
+
+def _config_digest(config: DetectorConfig) -> str:
+    """Twelve hex digits naming what the history depends on (all but ``action``)."""
+    fields_ = {k: v for k, v in asdict(config).items() if k != "action"}
+    return hashlib.sha1(repr(sorted(fields_.items())).encode()).hexdigest()[:12]
+
+
+def _n_buckets(config: DetectorConfig) -> int:
+    """Redis hashes per account: about 64 remembered hashes each when the history is full."""
+    want = max(1, config.history * config.hashes // 64)
+    return min(2 ** (want - 1).bit_length(), 2**24)
+
+
+def _glob(text: str) -> str:
+    """``text`` with Redis glob characters escaped."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
 class QueryDetector:
     """Guard: flags (and with ``action="block"`` refuses) accounts sending near duplicates.
 
     Blacklight, Li et al., USENIX Security 2022; see the module docstring. Every input
     of a batch the earlier guards admitted is fingerprinted in ``check``, in order, so
-    the probes of one batch are compared with each other too. Fingerprints are kept in
-    memory per process (with several service processes each sees its share of an
-    account's inputs); flags go to ``flags`` (memory by default, SQLite in the service,
-    so every process and a restart see them).
+    the probes of one batch are compared with each other too. Fingerprints live in
+    ``history``: :class:`MemoryHistory` by default (one process: with several service
+    processes each would see only its share of an account's inputs) or
+    :class:`RedisHistory` (shared by every process using that Redis; the service uses
+    it when it has a Redis URL). Flags go to ``flags`` (memory by default, SQLite in the
+    service, so every process and a restart see them).
     """
 
     name = "detector"
 
-    def __init__(self, config: DetectorConfig | str = "detect", flags: FlagStore | None = None):
+    def __init__(
+        self,
+        config: DetectorConfig | str = "detect",
+        flags: FlagStore | None = None,
+        history: HistoryStore | None = None,
+    ):
         self.config = parse_detector(config) if isinstance(config, str) else config
         self.flags: FlagStore = flags if flags is not None else MemoryFlags()
-        self._accounts: dict[str, _History] = {}
-        self._lock = threading.Lock()
+        self.history: HistoryStore = history if history is not None else MemoryHistory()
 
     def check(self, account: str, x: np.ndarray, now: float) -> None:
         """Fingerprint the batch, count near duplicates, flag; refuse a blocked account."""
         cfg = self.config
         if cfg.action == "block":
             self._refuse_if_flagged(account)
-        prints = fingerprints(x, cfg)
-        with self._lock:
-            state = self._accounts.setdefault(account, _History())
-            need = math.ceil(cfg.match * min(cfg.hashes, _n_windows(x, cfg)))
-            for fp in prints:
-                qid = state.inputs
-                state.inputs += 1
-                if self._is_near_duplicate(state, fp, qid, need):
-                    state.near += 1
-                for h in fp.tolist():
-                    state.recent.setdefault(h, []).append(qid)
-                state.pending.append(fp)
-            if len(state.pending) >= _MERGE_EVERY:
-                self._merge(state)
-            crossed = state.near >= cfg.after
-            if crossed:
-                near, inputs = state.near, state.inputs
-                state.near = 0  # a cleared account starts counting afresh
-        if crossed and self.flags.flagged(account) is None:
+        need = math.ceil(cfg.match * min(cfg.hashes, _n_windows(x, cfg)))
+        recorded = self.history.record(account, fingerprints(x, cfg), need, cfg)
+        near, inputs = recorded.crossed, recorded.inputs
+        if near is not None and self.flags.flagged(account) is None:
             self.flags.flag(
                 Flag(
                     account=account,
@@ -301,17 +687,8 @@ class QueryDetector:
         """Nothing to do: every admitted input was fingerprinted in ``check``."""
 
     def status(self, account: str) -> dict[str, int]:
-        """Inputs remembered and near duplicates counted since the account's last flag."""
-        with self._lock:
-            state = self._accounts.get(account)
-            return (
-                {"inputs": 0, "near_duplicates": 0}
-                if state is None
-                else {
-                    "inputs": state.inputs,
-                    "near_duplicates": state.near,
-                }
-            )
+        """Inputs seen and near duplicates counted since the account's last flag."""
+        return self.history.status(account, self.config)
 
     def _refuse_if_flagged(self, account: str) -> None:
         flag = self.flags.flagged(account)
@@ -321,51 +698,3 @@ class QueryDetector:
                 f"detector ({flag.detail}); an operator clears it with "
                 f"`mlinvert keys unflag {account}`"
             )
-
-    def _is_near_duplicate(self, state: _History, fp: np.ndarray, qid: int, need: int) -> bool:
-        """Does ``fp`` share ``need`` hashes with one remembered input?
-
-        ``need`` is ``match`` of the fingerprint size an input of this shape can have,
-        so a flat, low-texture input (few distinct windows) is not a near duplicate of
-        everything. Per hash only its ``per_hash`` latest inputs are looked at (an
-        attack repeats a background window thousands of times); inputs older than
-        ``history`` are ignored.
-        """
-        cfg = self.config
-        within = state.recent
-        lo = np.searchsorted(state.keys, fp, side="left")
-        hi = np.searchsorted(state.keys, fp, side="right")
-        hashes = fp.tolist()
-        present = hi > lo
-        if int(present.sum()) + sum(1 for h in hashes if h in within) < need:
-            return False
-        # most near duplicates repeat one of the latest inputs: look at those first
-        for depth in sorted({min(_FIRST_LOOK, cfg.per_hash), cfg.per_hash}):
-            start = np.maximum(lo, hi - depth)
-            parts = [state.ids[a:b] for a, b in zip(start.tolist(), hi.tolist(), strict=True)]
-            waiting = [i for h in hashes if h in within for i in within[h][-depth:]]
-            ids = np.concatenate([*parts, np.asarray(waiting, dtype=np.int64)])
-            ids = ids[ids >= qid - cfg.history]
-            if ids.size >= need and int(np.bincount(ids - ids.min()).max()) >= need:
-                return True
-            cut = bool((start > lo).any()) or any(len(within.get(h, ())) > depth for h in hashes)
-            if not cut:
-                return False
-        return False
-
-    def _merge(self, state: _History) -> None:
-        """Merge the waiting hashes into the sorted store; compact away forgotten inputs."""
-        cfg = self.config
-        prints, state.pending, state.recent = state.pending, [], {}
-        first = state.inputs - len(prints)
-        keys = np.concatenate(prints)
-        ids = np.repeat(np.arange(first, state.inputs, dtype=np.int64), [len(f) for f in prints])
-        order = np.argsort(keys, kind="stable")
-        at = np.searchsorted(state.keys, keys[order], side="right")
-        state.keys = np.insert(state.keys, at, keys[order])
-        state.ids = np.insert(state.ids, at, ids[order])
-        oldest = state.inputs - cfg.history
-        if oldest - state.forgotten_below >= max(cfg.history // 10, 1):
-            keep = state.ids >= oldest
-            state.keys, state.ids = state.keys[keep], state.ids[keep]
-            state.forgotten_below = oldest
