@@ -3,20 +3,23 @@
 
 from __future__ import annotations
 
+import threading
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import typer
 from typer.testing import CliRunner
 
 from mlinvert.cli import keys as keys_cli
-from mlinvert.defenses.detector import Flag
+from mlinvert.defenses.detector import Flag, QueryDetector
 from mlinvert.errors import Blocked, ConfigError
 from mlinvert.oracle import HttpOracle
 from mlinvert.service import ServiceSettings, Store
-from mlinvert.service.runner import ServiceProcess
+from mlinvert.service.runner import RedisServer, ServiceProcess
 
 SHAPE = (8, 8)  # the saved toy softmax's input (conftest.model_dir)
 
@@ -101,3 +104,106 @@ def test_blocked_account_gets_403_until_an_operator_unflags_it(
             assert isinstance(twice.exception, ConfigError)
     log = [(q.outcome, q.status) for q in store.queries("mallory")]
     assert log == [("ok", 200)] * 3 + [("Blocked", 403)] * 2 + [("ok", 200)]
+
+
+def _first_refusal(oracles: list[HttpOracle] | list[QueryDetector], batches: list[Any]) -> int:
+    """Send the batches in turn to the oracles (or detectors) round robin; the index of
+    the first batch refused as Blocked (len(batches) when none is)."""
+    for i, batch in enumerate(batches):
+        target = oracles[i % len(oracles)]
+        try:
+            if isinstance(target, QueryDetector):
+                target.check("mallory", batch, float(i))
+            else:
+                target.query(batch)
+        except Blocked:
+            return i
+    return len(batches)
+
+
+def _started(*services: ServiceProcess) -> ExitStack:
+    """Start the services at once (each takes a few seconds); stopped when the stack closes."""
+    stack = ExitStack()
+    threads = [threading.Thread(target=s.start) for s in services]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in services:
+        stack.callback(s.stop)
+    for s in services:
+        if s.process is None or s.process.poll() is not None:
+            stack.close()
+            raise AssertionError(f"a service did not start: {s.log()[-2000:]}")
+    return stack
+
+
+@pytest.mark.redis
+def test_two_processes_on_one_redis_flag_an_attacker_as_one_process_would(
+    tmp_path: Path, model_dir: tuple[Path, Any], redis_url: str
+) -> None:
+    """An attacker alternating its batches between two service processes is refused at
+    the batch one process alone refuses it (the fingerprints are shared through Redis);
+    without Redis each process sees half the probes and refuses much later."""
+    folder, _ = model_dir
+    spec = "detect:block:30"
+    batches = [_probes(80, seed=5)[10 * i : 10 * i + 10] for i in range(8)]
+    alone = QueryDetector(spec)
+    expected = _first_refusal([alone], batches)
+    want = alone.flags.flagged("mallory")
+    assert expected == 3 and want is not None and (want.near_duplicates, want.inputs) == (39, 40)
+
+    keys, services = {}, {}
+    for shared in (True, False):  # one database per pair; all four processes start at once
+        db = tmp_path / f"service-{shared}.db"
+        keys[shared] = Store(db).create_key("mallory")[0]
+        redis = {"redis_url": redis_url} if shared else {}
+        services[shared] = [
+            ServiceProcess([f"faces={folder}"], db=db, detector=spec, **redis) for _ in range(2)
+        ]
+    found = {}
+    with _started(*services[True], *services[False]), ExitStack() as clients:
+        for shared, pair in services.items():
+            oracles = [
+                clients.enter_context(HttpOracle(s.model_url("faces"), keys[shared])) for s in pair
+            ]
+            refused = _first_refusal(oracles, batches)
+            found[shared] = (refused, Store(tmp_path / f"service-{shared}.db").flagged("mallory"))
+    refused, flag = found[True]
+    assert refused == expected and flag is not None
+    assert (flag.near_duplicates, flag.inputs) == (want.near_duplicates, want.inputs)
+    refused, flag = found[False]  # the control: per-process histories
+    assert refused == 6 and flag is not None and flag.inputs == 40  # 70 inputs sent in all
+
+
+@pytest.mark.redis
+def test_redis_down_refuses_with_429_not_500(tmp_path: Path, model_dir: tuple[Path, Any]) -> None:
+    folder, _ = model_dir
+    db = tmp_path / "service.db"
+    store = Store(db)
+    key, _ = store.create_key("alice")
+    try:
+        redis_server = RedisServer()
+    except ConfigError as exc:
+        pytest.skip(f"redis-server binary absent: {exc}")
+    rng = np.random.default_rng(0)
+    body = rng.random((3, *SHAPE), dtype=np.float32).tobytes()
+    params = {"shape": f"3,{SHAPE[0]},{SHAPE[1]}", "dtype": "float32"}
+    headers = {"X-API-Key": key, "Content-Type": "application/octet-stream"}
+    with (
+        redis_server,
+        ServiceProcess(
+            [f"faces={folder}"], db=db, detector="detect:block:30", redis_url=redis_server.url
+        ) as service,
+    ):
+        url = service.model_url("faces") + "/predict"
+        assert httpx.post(url, content=body, params=params, headers=headers).status_code == 200
+        redis_server.stop()
+        r = httpx.post(url, content=body, params=params, headers=headers)
+        log = service.log()
+    assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+    error = r.json()["error"]
+    assert error["type"] == "RateLimited"
+    assert "detector's history store (Redis) is unreachable" in error["message"]
+    assert "Traceback" not in log
+    assert [q.status for q in store.queries("alice")] == [200, 429]

@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from mlinvert import __version__
 from mlinvert.defenses.base import Guard
-from mlinvert.defenses.detector import FlagStore, QueryDetector
+from mlinvert.defenses.detector import FlagStore, HistoryStore, QueryDetector, RedisHistory
 from mlinvert.defenses.policies import parse_policy
 from mlinvert.defenses.predictor import Predictor
 from mlinvert.defenses.ratelimit import BucketStore, MemoryBuckets, RateLimiter, RedisBuckets
@@ -85,10 +85,12 @@ def build_predictors(
     buckets live in Redis when ``settings.redis_url`` is set. The clock is wall time,
     which every process sharing Redis agrees on. One :class:`QueryDetector` (when
     ``settings.detector`` is set) sees an account's inputs to every image model; it runs
-    after the rate limiter, so it fingerprints only admitted batches, and records its
-    flags in ``flags`` (the service passes its SQLite store, so every process sees a
-    flag). Survey (tabular) models get no detector: its pixel-window fingerprints would
-    call any two short rows of category codes near duplicates.
+    after the rate limiter, so it fingerprints only admitted batches; its fingerprint
+    history lives in Redis too when ``settings.redis_url`` is set (so every process sees
+    all of an account's inputs), and it records its flags in ``flags`` (the service
+    passes its SQLite store, so every process sees a flag). Survey (tabular) models get
+    no detector: its pixel-window fingerprints would call any two short rows of category
+    codes near duplicates.
     """
     guards: list[Guard] = []
     if settings.rate_limit is not None:
@@ -99,7 +101,10 @@ def build_predictors(
         guards.append(RateLimiter(settings.rate_limit, bucket_store))
     image_guards = list(guards)
     if settings.detector is not None:
-        image_guards.append(QueryDetector(settings.detector, flags))
+        history: HistoryStore | None = None
+        if settings.redis_url:
+            history = RedisHistory(settings.redis_url)
+        image_guards.append(QueryDetector(settings.detector, flags, history))
     return {
         name: Predictor(
             model,
