@@ -32,7 +32,10 @@ def serve_command(
     host: str = typer.Option(None, help="Interface to bind (default 127.0.0.1). [MLINVERT_HOST]"),
     port: int = typer.Option(None, help="TCP port (default 8000). [MLINVERT_PORT]"),
     redis: str = typer.Option(
-        None, "--redis", help="Share rate limits via Redis, e.g. redis://127.0.0.1:6379/0."
+        None,
+        "--redis",
+        help="Share rate limits and the detector's fingerprint history between service "
+        "processes via Redis, e.g. redis://127.0.0.1:6379/0.",
     ),
     max_batch: int = typer.Option(None, "--max-batch", help="Largest batch (default 256)."),
     max_body: int = typer.Option(None, "--max-body", help="Largest request body in bytes."),

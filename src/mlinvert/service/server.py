@@ -50,13 +50,13 @@ def serve(settings: ServiceSettings, *, log_level: str = "warning") -> None:
     predictors = build_predictors(load_models(settings.models), settings, flags=store)
     app = create_app(settings, predictors, store=store)
     log.warning(
-        "serving %s on http://%s:%d (rate limit %s%s, detector %s)",
+        "serving %s on http://%s:%d (rate limit %s, detector %s%s)",
         ", ".join(f"{name} [{p.policy.name}]" for name, p in predictors.items()),
         settings.host,
         settings.port,
         settings.rate_limit or "none",
-        f", shared via {settings.redis_url}" if settings.redis_url else "",
         settings.detector or "off",
+        f"; shared via {settings.redis_url}" if settings.redis_url else "",
     )
     uvicorn.run(
         app,
