@@ -396,47 +396,171 @@ local state = redis.call('HMGET', KEYS[1], 'inputs', 'near')
 local inputs = tonumber(state[1]) or 0
 local near = tonumber(state[2]) or 0
 
--- an input id is stored as 4 bytes (big-endian, modulo 2^32), newest first per hash
-local function pack(q)
-  local v = q % WRAP
-  return string.char(math.floor(v / 16777216), math.floor(v / 65536) % 256,
-                     math.floor(v / 256) % 256, v % 256)
+-- Stored per hash: the 4-byte ids (big-endian, modulo 2^32) of its latest inputs,
+-- newest first. In this script a hash is read once into a list: ``old`` the stored
+-- string, of which the ``n_old`` newest ids are still valid (``dec`` decodes them
+-- lazily), and ``new`` the ids appended by this batch, oldest first, ``first`` to
+-- ``last``.
+local lists = {}
+local function list(h)
+  local l = lists[h]
+  if l == nil then
+    local a, b, c = string.byte(h, 6, 8)  -- the low bits: a print's high bits are small
+    local key = prefix .. ((a * 65536 + b * 256 + c) % buckets)
+    local old = redis.call('HGET', key, h) or ''
+    l = {key = key, old = old, n_old = #old / 4, new = {}, first = 1, last = 0, dirty = false}
+    lists[h] = l
+  end
+  return l
 end
-local function bucket(h)  -- from the hash's low 24 bits (its high bits are small)
-  local a, b, c = string.byte(h, 6, 8)
-  return prefix .. ((a * 65536 + b * 256 + c) % buckets)
-end
-local function scan(values, n, qid, depth)
-  -- near duplicate among the ``depth`` latest ids per hash? and was any list cut?
-  local counts = {}
-  local cut = false
-  for k = 1, n do
-    local v = values[k]
-    local m = #v / 4
-    local stop = math.min(m, depth)
-    local aged = false
-    for i = 1, stop do
-      local a, b, c, d = string.byte(v, 4 * i - 3, 4 * i)
-      local id = ((a * 256 + b) * 256 + c) * 256 + d
-      if (qid - id) % WRAP > history then
-        aged = true
-        break
-      end
-      local seen = (counts[id] or 0) + 1
-      if seen >= need then
-        return true, cut
-      end
-      counts[id] = seen
+local function decoded(l)
+  local dec = l.dec
+  if dec == nil then
+    dec = {}
+    local old = l.old
+    for i = 1, l.n_old do
+      local a, b, c, d = string.byte(old, 4 * i - 3, 4 * i)
+      dec[i] = ((a * 256 + b) * 256 + c) * 256 + d
     end
-    if m > depth and not aged then
-      cut = true
+    l.dec = dec
+  end
+  return dec
+end
+local function drop_oldest(l)
+  if l.n_old > 0 then
+    l.n_old = l.n_old - 1
+  else
+    l.new[l.first] = nil
+    l.first = l.first + 1
+  end
+  l.dirty = true
+end
+local function oldest(l)
+  if l.n_old > 0 then
+    return decoded(l)[l.n_old]
+  end
+  return l.new[l.first]
+end
+local function size(l)
+  return l.n_old + l.last - l.first + 1
+end
+local function at(l, i)  -- the i-th newest id of a list
+  local n_new = l.last - l.first + 1
+  if i <= n_new then
+    return l.new[l.last - i + 1]
+  end
+  return decoded(l)[i - n_new]
+end
+local function within(l, q)  -- how many of the list's ids are within history of q
+  local hi = size(l)
+  if hi == 0 or (q - at(l, hi)) % WRAP <= history then
+    return hi
+  end
+  local lo = 0  -- ids are newest first: at(lo) is within (or lo = 0), at(hi) is not
+  while hi - lo > 1 do
+    local mid = math.floor((lo + hi) / 2)
+    if (q - at(l, mid)) % WRAP <= history then lo = mid else hi = mid end
+  end
+  return lo
+end
+local function has(l, e, q, d)  -- is the id at distance d among the list's e newest?
+  local lo, hi = 1, e
+  while lo <= hi do
+    local mid = math.floor((lo + hi) / 2)
+    local dm = (q - at(l, mid)) % WRAP
+    if dm == d then return true end
+    if dm < d then lo = mid + 1 else hi = mid - 1 end
+  end
+  return false
+end
+-- Is one id among the ``depth`` latest valid ids of ``need`` of the lists (``valid[k]``
+-- of list k are within history)? An id in need of n lists is in one of any n - need + 1
+-- of them: count the ids of the n - need + 1 shortest lists (the candidates), then go
+-- through the others, longest last, dropping the candidates that can no longer reach
+-- need; once few are left, look them up (binary search: ids are in arrival order).
+local function scan(ls, valid, q, depth)
+  local n = #ls
+  local order = {}
+  for k = 1, n do
+    order[k] = {l = ls[k], e = math.min(valid[k], depth)}
+  end
+  table.sort(order, function(a, b) return a.e < b.e end)
+  local s = n - need + 1
+  local counts, alive = {}, {}
+  for k = 1, s do
+    local l, e = order[k].l, order[k].e
+    local new, last = l.new, l.last
+    local n_new = math.min(e, last - l.first + 1)
+    for i = last, last - n_new + 1, -1 do
+      local id = new[i]
+      local c = (counts[id] or 0) + 1
+      if c >= need then return true end
+      if c == 1 then alive[#alive + 1] = id end
+      counts[id] = c
+    end
+    if e > n_new then
+      local dec = decoded(l)
+      for i = 1, e - n_new do
+        local id = dec[i]
+        local c = (counts[id] or 0) + 1
+        if c >= need then return true end
+        if c == 1 then alive[#alive + 1] = id end
+        counts[id] = c
+      end
     end
   end
-  return false, cut
+  local rest = 0
+  for k = s + 1, n do
+    rest = rest + order[k].e
+  end
+  for k = s + 1, n do
+    local left = n - k + 1
+    local kept = {}
+    for _, id in ipairs(alive) do
+      if counts[id] + left >= need then kept[#kept + 1] = id end
+    end
+    alive = kept
+    if #alive == 0 then return false end
+    if #alive * left * 12 < rest then
+      for _, id in ipairs(alive) do
+        local c = counts[id]
+        local d = (q - id) % WRAP
+        for j = k, n do
+          if c + n - j + 1 < need then break end
+          if has(order[j].l, order[j].e, q, d) then
+            c = c + 1
+            if c >= need then return true end
+          end
+        end
+      end
+      return false
+    end
+    local l, e = order[k].l, order[k].e
+    rest = rest - e
+    local new, last = l.new, l.last
+    local n_new = math.min(e, last - l.first + 1)
+    for i = last, last - n_new + 1, -1 do
+      local c = counts[new[i]]
+      if c ~= nil then
+        if c + 1 >= need then return true end
+        counts[new[i]] = c + 1
+      end
+    end
+    if e > n_new then
+      local dec = decoded(l)
+      for i = 1, e - n_new do
+        local c = counts[dec[i]]
+        if c ~= nil then
+          if c + 1 >= need then return true end
+          counts[dec[i]] = c + 1
+        end
+      end
+    end
+  end
+  return false
 end
 
 local verdicts = {}
-local touched = {}
 local pos = 1
 while pos < #blob do
   local hi, lo = string.byte(blob, pos, pos + 1)
@@ -445,46 +569,40 @@ while pos < #blob do
   pos = pos + 2 + 8 * n
   local qid = inputs
   inputs = inputs + 1
+  local q = qid % WRAP
   local slot = qid % (history + 1)
   -- forget the input that just left the history: it is the oldest id of every list
   local gone = qid - history - 1
   if gone >= 0 then
     local old = redis.call('GETRANGE', KEYS[2], slot * width, slot * width + width - 1)
     if #old >= 2 then
-      local tail = pack(gone)
+      local g = gone % WRAP
       local oh, ol = string.byte(old, 1, 2)
       for k = 0, math.min(oh * 256 + ol, math.floor((#old - 2) / 8)) - 1 do
-        local h = string.sub(old, 3 + 8 * k, 10 + 8 * k)
-        local key = bucket(h)
-        local v = redis.call('HGET', key, h)
-        if v and string.sub(v, -4) == tail then
-          if #v == 4 then
-            redis.call('HDEL', key, h)
-          else
-            redis.call('HSET', key, h, string.sub(v, 1, -5))
-          end
+        local l = list(string.sub(old, 3 + 8 * k, 10 + 8 * k))
+        if oldest(l) == g then
+          drop_oldest(l)
         end
       end
     end
   end
-  local hashes, keys, values = {}, {}, {}
-  local present = 0
+  local ls, valid = {}, {}
+  local present, deeper = 0, false
+  local look = math.min(first_look, per_hash)
   for k = 1, n do
-    local h = string.sub(record, 3 + 8 * (k - 1), 10 + 8 * (k - 1))
-    local key = bucket(h)
-    local v = redis.call('HGET', key, h) or ''
-    hashes[k], keys[k], values[k] = h, key, v
-    if v ~= '' then
+    local l = list(string.sub(record, 3 + 8 * (k - 1), 10 + 8 * (k - 1)))
+    ls[k] = l
+    valid[k] = within(l, q)
+    if valid[k] > 0 then
       present = present + 1
     end
+    deeper = deeper or valid[k] > look
   end
   local dup = false
-  if present >= need then
-    local q = qid % WRAP
-    local cut
-    dup, cut = scan(values, n, q, math.min(first_look, per_hash))
-    if not dup and cut and per_hash > first_look then
-      dup = scan(values, n, q, per_hash)
+  if present >= need then  -- most near duplicates repeat a recent input: look there first
+    dup = scan(ls, valid, q, look)
+    if not dup and deeper and per_hash > look then
+      dup = scan(ls, valid, q, per_hash)
     end
   end
   if dup then
@@ -493,12 +611,35 @@ while pos < #blob do
   else
     verdicts[#verdicts + 1] = '0'
   end
-  local mine = pack(qid)
-  for k = 1, n do
-    redis.call('HSET', keys[k], hashes[k], string.sub(mine .. values[k], 1, 4 * per_hash))
-    touched[keys[k]] = true
+  for k = 1, n do  -- remember this input, keeping the per_hash latest per hash
+    local l = ls[k]
+    l.last = l.last + 1
+    l.new[l.last] = q
+    l.dirty = true
+    if l.n_old + l.last - l.first + 1 > per_hash then
+      drop_oldest(l)
+    end
   end
   redis.call('SETRANGE', KEYS[2], slot * width, record)
+end
+for h, l in pairs(lists) do  -- write each changed list back once
+  if l.dirty then
+    local parts = {}
+    local new = l.new
+    for i = l.last, l.first, -1 do
+      local v = new[i]
+      parts[#parts + 1] = string.char(math.floor(v / 16777216), math.floor(v / 65536) % 256,
+                                      math.floor(v / 256) % 256, v % 256)
+    end
+    parts[#parts + 1] = string.sub(l.old, 1, 4 * l.n_old)
+    local value = table.concat(parts)
+    if value == '' then
+      redis.call('HDEL', l.key, h)
+    else
+      redis.call('HSET', l.key, h, value)
+      redis.call('PEXPIRE', l.key, ttl)
+    end
+  end
 end
 local crossed = -1
 if near >= after then
@@ -508,9 +649,6 @@ end
 redis.call('HSET', KEYS[1], 'inputs', inputs, 'near', near)
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
-for key in pairs(touched) do
-  redis.call('PEXPIRE', key, ttl)
-end
 return {crossed, inputs, table.concat(verdicts)}
 """
 
@@ -585,9 +723,11 @@ class RedisHistory:
             crossed, inputs, verdicts = self._script(keys=[counters, ring], args=args)
         except redis.RedisError as exc:
             log.error("detector history store %s failed: %s", self.url, exc)
+            down = isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
             raise RateLimited(
-                f"the query detector's history store (Redis) is unreachable "
-                f"({type(exc).__name__}); the batch was refused, retry in a second",
+                "the query detector's history store (Redis) is "
+                + ("unreachable" if down else "failing")
+                + f" ({type(exc).__name__}); the batch was refused, retry in a second",
                 retry_after=1.0,
             ) from None
         return Recorded(
