@@ -106,6 +106,9 @@ def test_cli_blind_sends_noisy_probes_and_is_checked(
     assert result.extra["blinded_up_to"] == 0.05  # one key: nothing to raise it with
     white = ["attack", "miface", "--model", str(model_dir), "--label", "3", "--blind", "0.05"]
     assert "drop --blind" in _one_line_error([*white, "--out", str(tmp_path / "w")], capsys)
+    # raising the noise after a blocked key needs keys to move to
+    escalate = [*args, "--blind", "0.05", "--escalate", "--out", str(tmp_path / "e")]
+    assert "needs --target URL, --blind A and several keys" in _one_line_error(escalate, capsys)
     assert "amplitude must be" in _one_line_error(
         [*args, "--blind", "2", "--out", str(tmp_path / "b")], capsys
     )

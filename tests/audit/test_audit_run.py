@@ -214,6 +214,7 @@ def test_audit_over_the_real_http_service(tmp_path: Path, resumed: dict[str, Any
             attacks=("blackbox",),
             lanes=2,
             accounts=2,  # a fresh API key when the first is refused
+            escalate=True,  # and twice the blinding noise after a block
         )
     )
     final = json.loads((out / "results.json").read_text())
@@ -268,6 +269,8 @@ def test_cli_bad_flag_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> No
         (["--blind", "2"], "--blind must be in [0, 1]"),
         (["--targets", "softmax,softmax@dp:abc"], "write KIND or KIND@dp:EPSILON"),
         (["--accounts", "0"], "--accounts must be between 1 and 1000"),
+        (["--accounts", "3", "--escalate", "--blind", "0"], "--escalate raises the blinding"),
+        (["--escalate"], "it needs --blind > 0 and --accounts >= 2"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main(["audit", *flags, "--out", "/nonexistent/x"])

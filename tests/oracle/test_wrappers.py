@@ -157,37 +157,38 @@ def test_blinding_gets_probes_past_the_query_detector() -> None:
 
 def test_a_blinding_sybil_doubles_its_noise_each_time_an_account_is_blocked() -> None:
     """Behind a blocking detector, +-0.0125 noise is seen through and every one of four
-    accounts is blocked; an attacker who doubles the noise after each blocked account
-    is blocked twice and then no more (+-0.05 gets past), answering all 300 probes."""
+    accounts is blocked; the escalating Sybil re-sends a refused batch through the next
+    account with twice the noise, is blocked twice and then no more (+-0.05 gets past),
+    answering all 300 probes."""
     from mlinvert.defenses import QueryDetector
     from mlinvert.errors import Blocked
-    from mlinvert.oracle.wrappers import Rotating
+    from mlinvert.oracle.wrappers import Rotating, escalating, largest_blinding
 
     rng = np.random.default_rng(0)
     face = np.kron(rng.random((6, 5)), np.ones((8, 8)))[:46, :38].astype(np.float32)
     probes = np.clip(face + rng.normal(0, 0.005, (300, 46, 38)), 0, 1).astype(np.float32)
 
-    def sybil() -> Rotating:
+    def accounts() -> list[LocalOracle]:
         model = _Mean()
         model.input_shape_ = (46, 38)
         predictor = Predictor(model, name="m", guards=[QueryDetector("detect:block:20")])
-        return Rotating([LocalOracle(predictor, account=f"sybil-{i}") for i in range(4)])
+        return [LocalOracle(predictor, account=f"sybil-{i}") for i in range(4)]
 
-    fixed_accounts = sybil()
+    fixed_accounts = Rotating(accounts())
     fixed = Blinded(fixed_accounts, 0.0125, seed=1)
     with pytest.raises(Blocked):
         for i in range(0, 300, 10):
             fixed.query(probes[i : i + 10])
-    assert fixed_accounts.blocked == 3 and fixed.largest == fixed.amplitude == 0.0125
-    accounts = sybil()
-    rising = Blinded(accounts, 0.0125, seed=1, caught=lambda: accounts.blocked)
+    assert fixed_accounts.blocked == 3 and largest_blinding(fixed) == 0.0125
+    sybil = escalating(accounts(), 0.0125, seed=1)
     for i in range(0, 300, 10):
-        rising.query(probes[i : i + 10])
-    assert accounts.n_queries == 300
-    assert accounts.blocked == 2 and accounts.accounts_used == 3
-    assert rising.largest == rising.amplitude == 0.05
-    many = Blinded(accounts, 0.3, caught=lambda: 3)
-    assert many.amplitude == 1.0  # capped
+        sybil.query(probes[i : i + 10])
+    assert sybil.n_queries == 300
+    assert sybil.blocked == 2 and sybil.accounts_used == 3
+    assert largest_blinding(sybil) == 0.05
+    assert [a.amplitude for a in sybil.oracles] == [0.05] * 4  # shared: what comes next
+    assert largest_blinding(Rotating(accounts())) is None  # no blinding at all
+    assert Blinded(fixed_accounts, 0.3, caught=lambda: 3).amplitude == 1.0  # capped
 
 
 def test_rotating_moves_to_a_fresh_account_when_one_is_refused() -> None:

@@ -186,3 +186,51 @@ def test_attack_cli_moves_to_the_next_api_key_when_one_is_refused(
     assert answered[0] > 30 and answered[1] > 30 and answered[2] > 0, answered
     assert result["n_queries"] == sum(answered) > 80
     assert result["extra"]["api_keys_used"] == 3
+
+
+def test_attack_cli_escalates_its_blinding_when_a_key_is_blocked(
+    tmp_path: Path, model_dir: tuple[Path, Any]
+) -> None:
+    """Ten keys against `detect:block:1` (one near duplicate blocks): finite differences
+    blinded with a fixed +-0.001 are blocked on the first keys and the attack ends
+    `blocked`; with `--escalate` each blocked key doubles the noise for the next, until
+    the probes no longer look alike and the attack spends its whole budget."""
+    import json
+
+    from mlinvert.cli.main import main
+
+    folder, _ = model_dir
+    db = tmp_path / "service.db"
+    store = Store(db)
+    args = ["attack", "miface", "--mode", "blackbox", "--gradient", "fd", "--label", "s0"]
+    args += ["--budget", "300", "--blind", "0.001"]
+    results = {}
+    with ServiceProcess([f"toy={folder}"], db=db, detector="detect:block:1") as service:
+        for how in ("fixed", "escalate"):
+            keys = [store.create_key(f"{how}-{i}")[0] for i in range(10)]
+            more = ["--escalate"] if how == "escalate" else []
+            out = tmp_path / how
+            with pytest.raises(SystemExit) as done:
+                url = service.model_url("toy")
+                main(
+                    [*args, *more, "--target", url, "--api-key", ",".join(keys), "--out", str(out)]
+                )
+            assert done.value.code == 0
+            results[how] = json.loads((out / "result.json").read_text())
+    flagged = [f.flag.account for f in store.flags()]
+    fixed, rising = results["fixed"], results["escalate"]
+    assert fixed["per_label"][0]["status"] == "blocked"
+    assert fixed["extra"]["blinded_up_to"] == 0.001 and fixed["extra"]["escalate"] is False
+    assert rising["per_label"][0]["status"] == "budget_exhausted"
+    used = rising["extra"]["api_keys_used"]
+    assert 3 <= used <= 10 and rising["extra"]["escalate"] is True
+    # every key but the last was blocked, and each doubled the noise
+    assert [a for a in flagged if a.startswith("escalate")] == [
+        f"escalate-{i}" for i in range(used - 1)
+    ]
+    assert rising["extra"]["blinded_up_to"] == pytest.approx(0.001 * 2 ** (used - 1))
+    answered = [
+        sum(q.n_inputs for q in store.queries(f"escalate-{i}") if q.outcome == "ok")
+        for i in range(10)
+    ]
+    assert rising["n_queries"] == sum(answered) > fixed["n_queries"]

@@ -20,9 +20,23 @@ HELDOUT = "heldout"
 STOPPED = ("rate_limited", "blocked")
 
 
+def _keys(api_key: str | None) -> list[str]:
+    """The API keys of ``--api-key K1,K2,...`` (blanks dropped)."""
+    return [k.strip() for k in (api_key or "").split(",") if k.strip()]
+
+
 def _oracle(
-    model: Path | None, target: str | None, api_key: str | None, mode: str, policy: str
+    model: Path | None,
+    target: str | None,
+    api_key: str | None,
+    mode: str,
+    policy: str,
+    *,
+    escalate: tuple[float, int] | None = None,
 ) -> Any:
+    """The attacker's oracle: a local model, or the API through one key or several
+    (``escalate`` = (amplitude, seed): each key blinds its probes, the noise doubled
+    each time the service blocks one)."""
     if (model is None) == (target is None):
         raise ConfigError(
             "pass exactly one of --model DIR (a local model folder) or "
@@ -34,19 +48,20 @@ def _oracle(
                 "--mode whitebox needs the model itself (--model DIR); an API "
                 "--target allows --mode blackbox or label-only"
             )
-        keys = [k.strip() for k in (api_key or "").split(",") if k.strip()]
+        keys = _keys(api_key)
         if not keys:
             raise ConfigError("--target needs --api-key KEY (create one with `mlinvert keys`)")
         from mlinvert.oracle.http import HttpOracle
-        from mlinvert.oracle.wrappers import Rotating
+        from mlinvert.oracle.wrappers import Rotating, escalating
 
         if len(keys) == 1:
             return HttpOracle(target, keys[0])
         # several keys: a refused key hands over at once; the last one waits out a 429
-        return Rotating(
-            [HttpOracle(target, k, max_wait=0.0) for k in keys[:-1]]
-            + [HttpOracle(target, keys[-1])]
-        )
+        accounts = [HttpOracle(target, k, max_wait=0.0) for k in keys[:-1]]
+        accounts.append(HttpOracle(target, keys[-1]))
+        if escalate is not None:
+            return escalating(accounts, escalate[0], seed=escalate[1])
+        return Rotating(accounts)
     from mlinvert.defenses import Predictor, parse_policy
     from mlinvert.oracle import LocalOracle, WhiteBoxOracle
     from mlinvert.targets import load
@@ -230,8 +245,13 @@ def register(app: typer.Typer) -> None:
             None,
             "--blind",
             help="Query blinding against a query detector: add fresh uniform noise of "
-            "+-A to every probe sent (e.g. 0.05; Blacklight, Section 7); with several "
-            "--api-key keys, doubled each time the service blocks one.",
+            "+-A to every probe sent (e.g. 0.05; Blacklight, Section 7).",
+        ),
+        escalate: bool = typer.Option(
+            False,
+            "--escalate",
+            help="With --blind and several --api-key keys: double the noise each time the "
+            "service blocks one of the keys (403).",
         ),
         seed: int = typer.Option(0, "--seed"),
     ) -> None:
@@ -250,6 +270,7 @@ def register(app: typer.Typer) -> None:
         from mlinvert.attacks.base import ProgressEvent
         from mlinvert.attacks.miface import resolve_label
         from mlinvert.oracle.lockstep import check_lanes
+        from mlinvert.oracle.wrappers import largest_blinding
 
         if mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -267,9 +288,21 @@ def register(app: typer.Typer) -> None:
                 "needs --model DIR (an API attacker brings public photos: --aux lfw or "
                 "--aux folder:PATH)"
             )
-        base = _oracle(model, target, api_key, mode, policy)
+        if escalate and (blind is None or target is None or len(_keys(api_key)) < 2):
+            raise ConfigError(
+                "--escalate raises the --blind noise each time the service blocks a key: it "
+                "needs --target URL, --blind A and several keys (--api-key K1,K2,...)"
+            )
+        base = _oracle(
+            model,
+            target,
+            api_key,
+            mode,
+            policy,
+            escalate=(blind, seed) if escalate and blind is not None else None,
+        )
         oracle = base
-        if blind is not None:
+        if blind is not None and not escalate:
             if mode == "whitebox":
                 raise ConfigError(
                     "--blind adds noise to the probes sent to an API; a white-box attack "
@@ -277,13 +310,7 @@ def register(app: typer.Typer) -> None:
                 )
             from mlinvert.oracle.wrappers import Blinded
 
-            blocked = getattr(base, "blocked", None)  # several keys: raise the noise
-            oracle = Blinded(  # each time the service blocks one
-                oracle,
-                blind,
-                seed=seed,
-                caught=None if blocked is None else lambda: int(base.blocked),
-            )
+            oracle = Blinded(oracle, blind, seed=seed)
         info = oracle.info
         labels = (
             list(range(info.n_classes))
@@ -378,7 +405,8 @@ def register(app: typer.Typer) -> None:
         merged.extra["target"] = target or str(model)
         merged.extra["mode"] = mode
         merged.extra["blind"] = blind
-        merged.extra["blinded_up_to"] = getattr(oracle, "largest", None) or None
+        merged.extra["escalate"] = escalate
+        merged.extra["blinded_up_to"] = largest_blinding(oracle)
         merged.extra["api_keys_used"] = getattr(base, "accounts_used", 1 if target else 0)
         paths = merged.save_pngs(out_dir, scale=3)
         write_json(out_dir / "result.json", merged.to_dict())

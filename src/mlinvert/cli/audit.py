@@ -180,13 +180,19 @@ def audit(
         "--blind",
         help="Query blinding the API attacker uses under a defence with a query detector: "
         "fresh uniform noise of +-A on every probe (default 0.05; 0 = a naive attacker "
-        "who does not adapt), doubled each time the service blocks one of its --accounts.",
+        "who does not adapt).",
     ),
     accounts: int = typer.Option(
         1,
         "--accounts",
         help="API accounts each API attack may open: when the service refuses one (rate "
         "limited or blocked) the attacker continues through a fresh key (default 1).",
+    ),
+    escalate: bool = typer.Option(
+        False,
+        "--escalate",
+        help="With --blind and --accounts N: double the blinding noise each time the "
+        "service blocks one of the attacker's accounts (stealthier, noisier probes).",
     ),
 ) -> None:
     """Attack the model under every defence, measure, and write DIR/index.html."""
@@ -215,6 +221,7 @@ def audit(
         lanes=DEFAULT_LANES if lanes is None else lanes,
         blind=DEFAULT_BLIND if blind is None else blind,
         accounts=accounts,
+        escalate=escalate,
         command=command_line(),
     )
     with Progress(

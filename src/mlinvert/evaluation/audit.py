@@ -45,6 +45,7 @@ from mlinvert.data.base import ImageDataset, Split
 from mlinvert.errors import ConfigError, DataError, MlinvertError, ModelError, OracleError
 from mlinvert.oracle.base import Response
 from mlinvert.oracle.lockstep import check_lanes
+from mlinvert.oracle.wrappers import largest_blinding
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +179,10 @@ class AuditConfig:
     (:class:`~mlinvert.oracle.wrappers.Blinded`); 0 is a naive attacker who does not adapt.
     ``accounts`` is how many API accounts each API attack may open: when the service
     refuses one (rate limited or blocked) the attacker re-sends through the next
-    (:class:`~mlinvert.oracle.wrappers.Rotating`); 1 is a single account. A blinding
-    attacker doubles its noise each time the service blocks one of its accounts.
+    (:class:`~mlinvert.oracle.wrappers.Rotating`); 1 is a single account. ``escalate``
+    (with ``blind`` and several ``accounts``): the attacker doubles its noise each time
+    the service blocks one of its accounts, trading signal for stealth (on 8x8 digits
+    it is flagged once instead of on every account, and recovers less; BENCHMARKS.md).
     """
 
     data: str | None = None
@@ -198,6 +201,7 @@ class AuditConfig:
     lanes: int = DEFAULT_LANES
     blind: float = DEFAULT_BLIND
     accounts: int = 1
+    escalate: bool = False
     command: str = ""
 
     def __post_init__(self) -> None:
@@ -227,6 +231,12 @@ class AuditConfig:
             )
         if not (np.isfinite(self.blind) and 0.0 <= self.blind <= 1.0):
             raise ConfigError(f"--blind must be in [0, 1] (0: no blinding), got {self.blind}")
+        if self.escalate and (self.blind <= 0 or self.accounts < 2):
+            raise ConfigError(
+                "--escalate raises the blinding noise each time the service blocks an account: "
+                f"it needs --blind > 0 and --accounts >= 2 (got --blind {self.blind:g}, "
+                f"--accounts {self.accounts})"
+            )
         object.__setattr__(self, "tree_depths", tuple(self.tree_depths))
         if any(d < 0 for d in self.tree_depths):
             raise ConfigError(f"tree depths must be >= 0 (0 is the root), got {self.tree_depths}")
@@ -402,9 +412,10 @@ _RESUME_FIELDS = (
     "budget",
     "blind",
     "accounts",
+    "escalate",
 )
 #: What a results file written before a field existed ran with.
-_RESUME_DEFAULTS: dict[str, Any] = {"blind": 0.0, "accounts": 1}
+_RESUME_DEFAULTS: dict[str, Any] = {"blind": 0.0, "accounts": 1, "escalate": False}
 
 
 class ResultsFile:
@@ -1172,10 +1183,13 @@ def _serve(ctx: _Context, defense: Defense) -> Iterator[dict[tuple[str, str], An
             )
             for a in api_attacks:  # one account per target and attack, as over HTTP
                 oracles[(t.name, a)] = _many(
+                    ctx,
+                    defense,
+                    a,
                     [
                         LocalOracle(predictor, account=_account(defense, t.name, a, i))
                         for i in range(ctx.config.accounts)
-                    ]
+                    ],
                 )
         try:
             yield oracles
@@ -1217,10 +1231,15 @@ def _account(defense: Defense, target: str, attack: str, i: int = 0) -> str:
     return f"audit-{defense.slug}-{target}-{attack}" + (f"-{i + 1}" if i else "")
 
 
-def _many(accounts: list[Any]) -> Any:
-    """One attacker's oracle over its accounts: the only one, or a Rotating over them."""
-    from mlinvert.oracle.wrappers import Rotating
+def _many(ctx: _Context, defense: Defense, attack: str, accounts: list[Any]) -> Any:
+    """One attacker's oracle over its accounts: the only one, a Rotating over them, or
+    with ``config.escalate`` against a detector the blinding Sybil
+    (:func:`~mlinvert.oracle.wrappers.escalating`)."""
+    from mlinvert.oracle.wrappers import Rotating, escalating
 
+    amplitude = _blinding(ctx, attack, defense)
+    if ctx.config.escalate and amplitude is not None:
+        return escalating(accounts, amplitude, seed=ctx.config.seed)
     return accounts[0] if len(accounts) == 1 else Rotating(accounts)
 
 
@@ -1303,7 +1322,7 @@ def _service(
         process = service.process
         ctx.api_alive = lambda: process is not None and process.poll() is None
         try:
-            yield {k: _many(accounts) for k, accounts in clients.items()}
+            yield {k: _many(ctx, defense, k[1], accounts) for k, accounts in clients.items()}
         finally:
             ctx.api_alive = lambda: True
             for accounts in clients.values():
@@ -1413,7 +1432,7 @@ def _attack_one(
         oracle: Any = WhiteBoxOracle(Predictor(target.model, name=target.name))
     else:
         base = oracles[(target.name, attack)]
-        oracle = _adapted(ctx, attack, defense, base, label, base)
+        oracle = _adapted(ctx, attack, defense, base, label)
     budget = _budget(ctx, attack)
     try:
         outcome: Any = _build_attack(ctx, attack, label, defense).run(
@@ -1431,7 +1450,7 @@ def _attack_one(
         outcome,
         lanes=1,
         accounts=accounts,
-        blinded_up_to=_largest_blinding(oracle),
+        blinded_up_to=largest_blinding(oracle),
     )
 
 
@@ -1473,11 +1492,11 @@ def _attack_lanes(
     if not todo:
         return
     lanes = min(ctx.config.lanes, len(todo))
-    sybil = oracles[(target.name, attack)]  # the attacker's account(s)
+    accounts = oracles[(target.name, attack)]
     adapted: dict[int, Any] = {}
 
     def work(label: int, lane: Any) -> Any:
-        adapted[label] = _adapted(ctx, attack, defense, lane, label, sybil)
+        adapted[label] = _adapted(ctx, attack, defense, lane, label)
         try:
             return attacks[label].run(
                 adapted[label],
@@ -1498,8 +1517,8 @@ def _attack_lanes(
             label,
             future.result(),
             lanes=lanes,
-            accounts=getattr(sybil, "accounts_used", 1),
-            blinded_up_to=_largest_blinding(adapted.get(label)),
+            accounts=getattr(accounts, "accounts_used", 1),
+            blinded_up_to=largest_blinding(accounts if ctx.config.escalate else adapted.get(label)),
         )
         ctx.results.add(record)
         ctx.events("record", record)
@@ -1518,30 +1537,15 @@ def _blinding(ctx: _Context, attack: str, defense: Defense) -> float | None:
     return ctx.config.blind
 
 
-def _adapted(
-    ctx: _Context, attack: str, defense: Defense, oracle: Any, label: int, accounts: Any
-) -> Any:
-    """``oracle`` as the attacker uses it under ``defense``: blinded against a detector,
-    the noise doubled each time the service blocks one of its ``accounts`` (a
-    :class:`~mlinvert.oracle.wrappers.Rotating`; one account has none to spare)."""
+def _adapted(ctx: _Context, attack: str, defense: Defense, oracle: Any, label: int) -> Any:
+    """``oracle`` as the attacker uses it under ``defense``: blinded against a detector
+    (per person; with ``config.escalate`` the accounts blind instead, see :func:`_many`)."""
     from mlinvert.oracle.wrappers import Blinded
 
     amplitude = _blinding(ctx, attack, defense)
-    if amplitude is None:
+    if amplitude is None or ctx.config.escalate:
         return oracle
-    caught = getattr(accounts, "blocked", None)
-    return Blinded(
-        oracle,
-        amplitude,
-        seed=np.random.default_rng([ctx.config.seed, label]),
-        caught=None if caught is None else lambda: int(accounts.blocked),
-    )
-
-
-def _largest_blinding(oracle: Any) -> float | None:
-    """The largest noise amplitude a blinded attacker sent (None: not blinded, or no
-    probe sent)."""
-    return getattr(oracle, "largest", 0.0) or None
+    return Blinded(oracle, amplitude, seed=np.random.default_rng([ctx.config.seed, label]))
 
 
 def _budget(ctx: _Context, attack: str) -> int | None:

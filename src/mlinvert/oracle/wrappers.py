@@ -194,11 +194,10 @@ class Blinded(_Wrapper):
     The attack then climbs noisy scores; BENCHMARKS.md ("Query detector") measures what
     it still recovers.
 
-    ``caught`` (optional) counts the times the attacker learnt its probes were caught,
-    for instance :attr:`Rotating.blocked` (accounts the service blocked): the amplitude
-    doubles with each, up to 1, so an attacker with spare accounts raises its noise
-    until the detector no longer sees it. ``amplitude`` is the one in use now,
-    ``largest`` the largest one sent so far (0 before the first probe).
+    ``caught`` (optional) counts the times the attacker learnt its probes were caught
+    (see :func:`escalating`): the amplitude doubles with each, up to 1. ``amplitude``
+    is the one in use now, ``largest`` the largest one sent so far (0 before the first
+    probe).
     """
 
     def __init__(
@@ -244,12 +243,15 @@ class Rotating:
     A refusal is raised, not rotated, by the last account and by an account that has
     answered nothing yet: a fresh account refusing says the batch itself is refused (too
     large for any account's allowance, or near duplicates of itself), so the caller must
-    split or change it rather than burn the remaining accounts.
+    split or change it rather than burn the remaining accounts. ``changes_when_blocked``:
+    the accounts change a batch before re-sending it after a block (the escalating
+    blinding of :func:`escalating`), so a fresh account's block moves on too.
     """
 
-    def __init__(self, oracles: Sequence[Oracle]) -> None:
+    def __init__(self, oracles: Sequence[Oracle], *, changes_when_blocked: bool = False) -> None:
         if not oracles:
             raise ConfigError("Rotating needs at least one oracle (one per account)")
+        self.changes_when_blocked = changes_when_blocked
         self.oracles = list(oracles)
         self.current = 0
         self.blocked = 0
@@ -276,7 +278,36 @@ class Rotating:
                 return self.oracles[self.current].query(x)
             except (RateLimited, Blocked) as exc:
                 spent = self.oracles[self.current].n_queries > 0
-                if not spent or self.current + 1 >= len(self.oracles):
+                changes = self.changes_when_blocked and isinstance(exc, Blocked)
+                if not (spent or changes) or self.current + 1 >= len(self.oracles):
                     raise
                 self.blocked += isinstance(exc, Blocked)
                 self.current += 1
+
+
+def escalating(oracles: Sequence[Oracle], amplitude: float, *, seed: Seed = None) -> Rotating:
+    """The blinding Sybil: a :class:`Rotating` over the accounts whose probes carry
+    fresh noise of ``amplitude`` doubled each time the service has blocked one of them
+    (403: the detector saw through the noise), up to 1.
+
+    The noise is added per account, under the rotation, so a batch refused by a blocked
+    account is re-sent to the next one with the raised noise (even when the blocked
+    account was fresh: the batch itself was seen through). A rate-limited account (429)
+    says nothing about detection and raises nothing.
+    """
+    rngs = rng_from(seed).spawn(len(oracles))
+    rotating = Rotating(
+        [
+            Blinded(o, amplitude, seed=rng, caught=lambda: rotating.blocked)
+            for o, rng in zip(oracles, rngs, strict=True)
+        ],
+        changes_when_blocked=True,
+    )
+    return rotating
+
+
+def largest_blinding(oracle: object) -> float | None:
+    """The largest blinding noise ``oracle`` sent: a :class:`Blinded`'s, or the largest
+    over a :class:`Rotating`'s blinded accounts (None: no blinded probe sent)."""
+    parts = oracle.oracles if isinstance(oracle, Rotating) else [oracle]
+    return max((float(getattr(o, "largest", 0.0)) for o in parts), default=0.0) or None
