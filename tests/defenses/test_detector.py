@@ -353,6 +353,7 @@ def test_redis_history_forgets_old_inputs_and_expires(redis_url: str) -> None:
     bucket_keys = list(client.scan_iter(match=buckets + "*"))
     remembered = sum(client.hlen(k) for k in bucket_keys)
     assert 5 * 40 <= remembered <= 6 * 50  # the latest 6 inputs' hashes, no more
+    assert client.llen(ring) == 6
     assert all(0 < client.pttl(k) <= 60_000 for k in [counters, ring, *bucket_keys])
     det.check("a", photos[39:40], 0.0)  # still remembered
     assert det.status("a") == {"inputs": 41, "near_duplicates": 1}
