@@ -250,6 +250,7 @@ def test_audit_over_the_real_http_service(tmp_path: Path, resumed: dict[str, Any
     html = index.read_text()
     assert "the attacker had 2 API keys and opened 2, a fresh one whenever one was refused" in html
     assert "doubling it each time the service blocked one of its accounts (up to ±0.1)" in html
+    assert "whose probes carried ±0.05 to ±0.1 noise" in html  # the recommendation
     assert "1 of the 2 accounts it opened flagged" in html
 
 

@@ -141,6 +141,7 @@ class Verdict:
     brier: float | None
     topk: float | None
     blinded: float | None = None  # the API attacker's query blinding, if it adapted
+    blinded_up_to: float | None = None  # its largest, after the service blocked accounts
 
 
 def _pct(x: float | None) -> str:
@@ -250,6 +251,7 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                         "account per person (many accounts or a slow attack still get there)."
                     )
             blinded = next((c.blinded for c in api if c.blinded), None)
+            raised = max((c.blinded_up_to or 0.0 for c in api), default=0.0)
             if util.get("detector") and api:
                 outcomes = "; ".join(f"{attack_title(c.attack)}: {c.status_text}" for c in api)
                 honest = (
@@ -260,7 +262,6 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                 if flagged:
                     honest = f"{flagged} {honest}"
                 if blinded:
-                    raised = max((c.blinded_up_to or 0.0 for c in api), default=0.0)
                     more = (
                         f", doubling it each time the service blocked one of its accounts "
                         f"(up to ±{raised:g})"
@@ -311,6 +312,7 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                     brier=util.get("brier"),
                     topk=util.get("topk_accuracy"),
                     blinded=blinded,
+                    blinded_up_to=raised if blinded and raised > blinded else None,
                 )
             )
     return out
@@ -434,6 +436,8 @@ def recommendations(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]
         if "detect" not in v.defense or v.level == "not measured":
             continue
         how = f" whose probes carried ±{v.blinded:g} noise" if v.blinded else ""
+        if v.blinded and v.blinded_up_to:
+            how = f" whose probes carried ±{v.blinded:g} to ±{v.blinded_up_to:g} noise"
         if v.level == "exposed":
             recs.append(
                 f"{v.target_model}: the query detector '{v.defense}' did not stop an API "
