@@ -12,9 +12,14 @@ Four measurements, all in process at the default ``DetectorConfig()`` (step 0.2,
 3. query blinding: the black-box attack with independent uniform noise of amplitude
    ``a`` added to every probe, judged by FaceJudge like benchmarks/miface_att.py;
 4. overhead: ``Predictor.predict`` throughput with and without the detector, and
-   ``fingerprints`` alone.
+   ``fingerprints`` alone;
+5. (``--history``, needs redis-server) the memory vs the Redis history side by side on
+   the same NES batches of 201 probes: identical decisions, time per batch in process and
+   through real services, and the memory one account holds after 10 000 inputs.
 
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/detector_eval.py
+    OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/detector_eval.py --skip-honest \
+        --skip-attacks --skip-overhead --history --out benchmarks/out/detector_history.json
 """
 
 from __future__ import annotations
@@ -25,10 +30,13 @@ import json
 import logging
 import statistics
 import sys
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +47,7 @@ from mlinvert.attacks import AttackResult
 from mlinvert.data import load
 from mlinvert.data.base import ImageDataset
 from mlinvert.defenses import Predictor, parse_policy
-from mlinvert.defenses.detector import DetectorConfig, QueryDetector, fingerprints
+from mlinvert.defenses.detector import DetectorConfig, QueryDetector, RedisHistory, fingerprints
 from mlinvert.errors import DataError
 from mlinvert.evaluation.audit import build_attack, preset_for, search_space
 from mlinvert.evaluation.faces import FaceJudge
@@ -52,6 +60,7 @@ NEVER = 10**9  # an ``after`` no stream reaches: the detector only counts
 ATTACKS = (("black-box", "blackbox", "full"), ("black-box", "blackbox", "round:2"))
 LABEL_ONLY = ("label-only", "label-only", "full")
 ACCOUNT = "attacker"
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
 class Counted:
@@ -333,6 +342,180 @@ def overhead(ds: ImageDataset, scene: Scene, config: DetectorConfig, repeats: in
     return out
 
 
+# ------------------------------------------------------------------ 5. shared history
+def nes_stream(ds: ImageDataset, batches: int, seed: int = 0) -> list[np.ndarray]:
+    """A black-box attacker's batches: NES with 100 antithetic pairs (201 probes: the
+    current image and ``z +- 0.01 u``, u ~ N(0, I) per pixel) around an image that moves
+    by a small random step between batches (as gradient ascent moves it)."""
+    rng = np.random.default_rng(seed)
+    z = ds.images[0].astype(np.float32)
+    out = []
+    for _ in range(batches):
+        u = rng.standard_normal((100, *z.shape)).astype(np.float32) * np.float32(0.01)
+        out.append(np.clip(np.concatenate([z[None], z + u, z - u]), 0, 1).astype(np.float32))
+        z = np.clip(z + rng.normal(0, 0.01, z.shape), 0, 1).astype(np.float32)
+    return out
+
+
+def honest_batches(ds: ImageDataset, inputs: int) -> list[np.ndarray]:
+    """Distinct photos (re-captured AT&T photos, as the overhead section), batches of 64."""
+    photos = ds.images
+    passes = -(-inputs // len(photos))
+    stream = np.concatenate([recapture(photos, np.random.default_rng(r)) for r in range(passes)])[
+        :inputs
+    ]
+    return [stream[i : i + BATCH] for i in range(0, len(stream), BATCH)]
+
+
+def redis_account_memory(client: Any, history: RedisHistory, config: DetectorConfig) -> dict:
+    """MEMORY USAGE summed over one account's keys, and how its buckets are encoded."""
+    counters, ring, buckets = history.keys(ACCOUNT, config)
+    bucket_keys = list(client.scan_iter(match=buckets + "*", count=1000))
+    usage = {
+        "counters": client.memory_usage(counters, samples=0) or 0,
+        "ring": client.memory_usage(ring, samples=0) or 0,
+        "buckets": sum(client.memory_usage(k, samples=0) or 0 for k in bucket_keys),
+    }
+    encodings: dict[str, int] = {}
+    for k in bucket_keys:
+        enc = client.object("encoding", k).decode()
+        encodings[enc] = encodings.get(enc, 0) + 1
+    return {
+        "bytes": usage,
+        "total_mb": sum(usage.values()) / 2**20,
+        "bucket_keys": len(bucket_keys),
+        "remembered_hashes": sum(client.hlen(k) for k in bucket_keys),
+        "encodings": encodings,
+    }
+
+
+def shared_history(ds: ImageDataset, config: DetectorConfig, nes: int) -> dict:
+    """Memory vs Redis history, side by side on the same batches: identical decisions,
+    ``check`` time per batch in process, inputs/s through two real services, and the
+    memory one account holds after 10 000 inputs (Redis MEMORY USAGE, tracemalloc)."""
+    import redis
+
+    from mlinvert.oracle import HttpOracle
+    from mlinvert.service import Store
+    from mlinvert.service.runner import RedisServer, ServiceProcess
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    counting = replace(config, action="flag", after=NEVER)
+    attack = nes_stream(ds, nes)
+    out: dict[str, Any] = {"nes_batches": nes, "probes_per_batch": len(attack[0])}
+    late = slice(len(attack) // 2, None)  # the attack's lists are full by then
+    with RedisServer() as server, tempfile.TemporaryDirectory() as tmp:
+        client = redis.Redis.from_url(server.url)
+        # 1. in process: the same batches to both, alternating; decisions compared; the
+        # script's own time in Redis (one thread, shared by every service process)
+        out["in_process"] = {}
+        streams = {
+            "NES attack": (attack, late),
+            "distinct photos": (honest_batches(ds, 1920), None),
+        }
+        for label, (batches, part) in streams.items():
+            memory = QueryDetector(counting)
+            shared = QueryDetector(counting, history=RedisHistory(server.url, prefix="bench:"))
+            times: dict[str, list[float]] = {"memory": [], "redis": []}
+            identical = True
+            client.config_resetstat()
+            for t, batch in enumerate(batches):
+                if part is not None and t == part.start:
+                    client.config_resetstat()  # the script's time over the timed batches
+                for name, det in (("memory", memory), ("redis", shared)):
+                    t0 = time.perf_counter()
+                    det.check(label, batch, float(t))
+                    times[name].append(time.perf_counter() - t0)
+                identical &= memory.status(label) == shared.status(label)
+            script = client.info("commandstats")["cmdstat_evalsha"]
+            chosen = {k: v[part] if part else v for k, v in times.items()}
+            out["in_process"][label] = {
+                "batch": len(batches[0]),
+                "batches_timed": len(chosen["memory"]),
+                "identical_decisions": identical,
+                "near_duplicates": memory.status(label)["near_duplicates"],
+                "inputs": memory.status(label)["inputs"],
+                "redis_script_ms_per_batch": script["usec_per_call"] / 1000,
+                **{f"{k}_ms_per_batch": 1000 * statistics.median(v) for k, v in chosen.items()},
+                **{
+                    f"{k}_inputs_per_s": len(batches[0]) / statistics.median(v)
+                    for k, v in chosen.items()
+                },
+            }
+        fp_times = []
+        for batch in attack[:5]:
+            t0 = time.perf_counter()
+            fingerprints(batch, config)
+            fp_times.append(time.perf_counter() - t0)
+        out["fingerprints_ms_per_nes_batch"] = 1000 * statistics.median(fp_times)
+        # 2. over HTTP: one service per history (and one without detector), same batches
+        _, folder = target(ds, "softmax")
+        db = Path(tmp) / "service.db"
+        key, _ = Store(db).create_key(ACCOUNT)
+        spec = f"detect:flag:{NEVER}"
+        services = {
+            "none": ServiceProcess([f"att={folder}"], db=db, max_batch=256, env=ONE_THREAD),
+            "memory": ServiceProcess(
+                [f"att={folder}"], db=db, detector=spec, max_batch=256, env=ONE_THREAD
+            ),
+            "redis": ServiceProcess(
+                [f"att={folder}"],
+                db=db,
+                detector=spec,
+                redis_url=server.url,
+                max_batch=256,
+                env=ONE_THREAD,
+            ),
+        }
+        client.flushall()
+        http: dict[str, list[float]] = {name: [] for name in services}
+        with ExitStack() as stack:
+            oracles = {}
+            for name, service in services.items():
+                stack.enter_context(service)
+                oracles[name] = stack.enter_context(HttpOracle(service.model_url("att"), key))
+            for batch in attack:
+                for name, oracle in oracles.items():
+                    t0 = time.perf_counter()
+                    oracle.query(batch)
+                    http[name].append(time.perf_counter() - t0)
+        out["http"] = {
+            name: {
+                "inputs_per_s_second_half": len(attack[0]) / statistics.median(v[late]),
+                "p50_ms_second_half": 1000 * statistics.median(v[late]),
+                "p99_ms_all": 1000 * float(np.percentile(v, 99)),
+            }
+            for name, v in http.items()
+        }
+        # 3. memory per account after 10 000 inputs of each kind
+        stores = {
+            "NES attack": nes_stream(ds, 10_000 // len(attack[0]) + 1, seed=1),
+            "distinct photos": honest_batches(ds, 10_000),
+        }
+        out["memory"] = {}
+        for label, batches in stores.items():
+            client.flushall()
+            before = client.info("memory")["used_memory"]
+            history = RedisHistory(server.url, prefix="mem:")
+            det = QueryDetector(counting, history=history)
+            tracemalloc.start()
+            local = QueryDetector(counting)
+            for t, batch in enumerate(batches):
+                det.check(ACCOUNT, batch, float(t))
+                local.check(ACCOUNT, batch, float(t))
+            held, _ = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            view = redis_account_memory(client, history, counting)
+            view.update(
+                inputs=det.status(ACCOUNT)["inputs"],
+                same_counts=det.status(ACCOUNT) == local.status(ACCOUNT),
+                used_memory_delta_mb=(client.info("memory")["used_memory"] - before) / 2**20,
+                python_memory_mb=held / 2**20,
+            )
+            out["memory"][label] = view
+    return out
+
+
 # ------------------------------------------------------------------ tables
 def yes(flag: bool) -> str:
     """Flag as a table cell."""
@@ -412,8 +595,56 @@ def print_tables(doc: dict[str, Any]) -> None:
             f"\nDetector memory held for one account after {o['history_inputs']} inputs "
             f"(history {doc['config']['history']}): {o['memory_mb_per_full_account']:.1f} MB"
         )
+    if doc.get("shared_history"):
+        print_history(doc["shared_history"])
     spent = ", ".join(f"{k} {v:.0f}" for k, v in doc["durations"].items())
     print(f"\nSeconds per section: {spent}")
+
+
+def print_history(h: dict[str, Any]) -> None:
+    """Markdown tables of section 5 (memory vs Redis history)."""
+    print(
+        f"\n### Memory vs Redis history ({h['nes_batches']} NES batches of "
+        f"{h['probes_per_batch']} probes, 112x92, the same batches to both; fingerprints "
+        f"alone {h['fingerprints_ms_per_nes_batch']:.0f} ms per NES batch)\n"
+    )
+    print(
+        "| path | stream | history | ms per batch (median) | inputs/s | Redis script ms "
+        "per batch (mean, same batches) | identical decisions (near duplicates / inputs) |"
+    )
+    print("|---|---|---|---:|---:|---:|---|")
+    for label, p in h["in_process"].items():
+        which = "2nd half" if label == "NES attack" else "all"
+        for name in ("memory", "redis"):
+            script = f"{p['redis_script_ms_per_batch']:.0f}" if name == "redis" else "-"
+            print(
+                f"| in process, QueryDetector.check | {label}, batch {p['batch']} ({which}) "
+                f"| {name} | {p[f'{name}_ms_per_batch']:.0f} | {p[f'{name}_inputs_per_s']:.0f} "
+                f"| {script} | {yes(p['identical_decisions'])} ({p['near_duplicates']} / "
+                f"{p['inputs']}) |"
+            )
+    for name, r in h["http"].items():
+        label = "no detector" if name == "none" else name
+        print(
+            f"| HTTP raw binary, one client, softmax | NES attack, batch "
+            f"{h['probes_per_batch']} (2nd half) | {label} | {r['p50_ms_second_half']:.0f} "
+            f"(p99 {r['p99_ms_all']:.0f}) | {r['inputs_per_s_second_half']:.0f} | - | - |"
+        )
+    print(
+        "\n| stream (one account) | inputs | Redis MB (MEMORY USAGE: buckets + ring + counters) "
+        "| bucket keys (encodings) | remembered hashes | used_memory delta MB "
+        "| memory history MB (tracemalloc) | same counts |"
+    )
+    print("|---|---:|---|---|---:|---:|---:|---|")
+    for label, m in h["memory"].items():
+        b = m["bytes"]
+        enc = ", ".join(f"{k} {v}" for k, v in sorted(m["encodings"].items()))
+        print(
+            f"| {label} | {m['inputs']} | {m['total_mb']:.1f} ({b['buckets'] / 2**20:.1f} + "
+            f"{b['ring'] / 2**20:.1f} + {b['counters'] / 2**20:.3f}) | {m['bucket_keys']} "
+            f"({enc}) | {m['remembered_hashes']} | {m['used_memory_delta_mb']:.1f} | "
+            f"{m['python_memory_mb']:.1f} | {yes(m['same_counts'])} |"
+        )
 
 
 def timed(durations: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
@@ -446,6 +677,12 @@ def main(argv: Iterable[str] | None = None) -> int:
     ap.add_argument("--skip-attacks", action="store_true", help="also skips blinding")
     ap.add_argument("--skip-blinding", action="store_true")
     ap.add_argument("--skip-overhead", action="store_true")
+    ap.add_argument(
+        "--history",
+        action="store_true",
+        help="also run section 5, memory vs Redis history (needs redis-server)",
+    )
+    ap.add_argument("--nes-batches", type=int, default=30, help="section 5's attack batches")
     ap.add_argument("--out", default=str(OUT / "detector_eval.json"))
     args = ap.parse_args(list(argv) if argv is not None else None)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -490,6 +727,10 @@ def main(argv: Iterable[str] | None = None) -> int:
     if not args.skip_overhead:
         doc["overhead"] = timed(
             durations, "overhead", lambda: overhead(ds, scene, config, args.repeats)
+        )
+    if args.history:
+        doc["shared_history"] = timed(
+            durations, "history", lambda: shared_history(ds, config, args.nes_batches)
         )
     durations["total"] = sum(durations.values())
     print_tables(doc)
