@@ -383,5 +383,7 @@ def test_redis_history_refuses_a_history_its_ids_cannot_hold() -> None:
     history = RedisHistory("redis://127.0.0.1:1/0")  # never connected
     with pytest.raises(ConfigError, match="at most 2\\*\\*31"):
         history.keys("a", DetectorConfig(history=2**31))
+    with pytest.raises(ConfigError, match="at most 65535 hashes"):
+        history.keys("a", DetectorConfig(hashes=2**16))
     with pytest.raises(ConfigError, match="ttl"):
         RedisHistory("redis://127.0.0.1:1/0", ttl=0.0)

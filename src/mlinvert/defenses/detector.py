@@ -668,11 +668,11 @@ class RedisHistory:
     idle that long starts afresh (the memory history never forgets an idle account).
 
     Cost, measured with ``benchmarks/detector_eval.py --history`` at the default
-    configuration: 8-11 MB of Redis per account after 10 000 inputs (about 4-5 MB of
-    it the ring; the memory history holds about 8 MB), and the script runs inside
-    Redis's single thread, shared by every process using it: about 0.4 s per batch of
-    201 NES probes once the account's lists are full, about twice the memory history's
-    time per batch.
+    configuration: 7-10 MB of Redis per account after 10 000 inputs (4 MB of it the
+    ring; the memory history holds about 8 MB), and about twice the memory history's
+    time per batch; the matching runs inside Redis's single thread, shared by every
+    process using it: about 0.34 s per batch of 201 NES probes once the account's lists
+    are full, 45 ms per 64 distinct photos.
     """
 
     def __init__(
@@ -698,6 +698,11 @@ class RedisHistory:
         if config.history >= 2**31:
             raise ConfigError(
                 f"a Redis detector history holds at most 2**31 - 1 inputs, got {config.history}"
+            )
+        if config.hashes >= 2**16:
+            raise ConfigError(
+                f"a Redis detector history keeps at most 65535 hashes per input, got "
+                f"{config.hashes}"
             )
         base = f"{self.prefix}{_config_digest(config)}:{{{account}}}:"
         return base + "n", base + "r", base + "b:"
