@@ -140,3 +140,30 @@ def test_predictor_guard_refuses_through_local_oracle(toys: ModuleType) -> None:
     clock[0] = 60.0
     oracle.query(x)
     assert oracle.n_queries == 24
+
+
+def test_a_hung_redis_refuses_with_429_instead_of_holding_the_request() -> None:
+    """A Redis that accepts connections and never answers (a stalled host): the rate
+    limiter and the detector's history give up after their timeout and fail closed."""
+    import socket
+    import time
+
+    from mlinvert.defenses.detector import QueryDetector, RedisHistory
+    from mlinvert.defenses.ratelimit import redis_client
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel accepts; nobody ever reads or writes
+    url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+    try:
+        limiter = RateLimiter("10/hour", RedisBuckets(url, client=redis_client(url, timeout=0.3)))
+        history = RedisHistory(url, client=redis_client(url, timeout=0.3))
+        detector = QueryDetector("detect:block", history=history)
+        images = np.random.default_rng(0).random((2, 46, 38)).astype(np.float32)
+        for guard, x in ((limiter, batch(1)), (detector, images)):
+            start = time.monotonic()
+            with pytest.raises(RateLimited, match="retry in a second"):
+                guard.check("alice", x, 0.0)
+            assert time.monotonic() - start < 5.0
+    finally:
+        silent.close()

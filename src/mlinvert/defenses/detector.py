@@ -44,6 +44,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from mlinvert.defenses.ratelimit import redis_client
 from mlinvert.errors import Blocked, ConfigError, OracleError, RateLimited
 
 log = logging.getLogger(__name__)
@@ -683,14 +684,12 @@ class RedisHistory:
         ttl: float = 86_400.0,
         client: Any = None,
     ) -> None:
-        import redis
-
         if not (math.isfinite(ttl) and ttl >= 1.0):
             raise ConfigError(f"the detector history's ttl must be >= 1 second, got {ttl!r}")
         self.url = url
         self.prefix = prefix
         self.ttl = ttl
-        self.client = client if client is not None else redis.Redis.from_url(url)
+        self.client = client if client is not None else redis_client(url)
         self._script = self.client.register_script(_LUA_RECORD)
 
     def keys(self, account: str, config: DetectorConfig) -> tuple[str, str, str]:

@@ -160,6 +160,20 @@ return {allowed, string.format('%.17g', tokens), string.format('%.17g', retry)}
 """
 
 
+#: Seconds a Redis command may take before the store counts as failing (a hung Redis
+#: must refuse requests with 429, not hold them); connecting gets 2 s.
+REDIS_TIMEOUT = 10.0
+
+
+def redis_client(url: str, *, timeout: float = REDIS_TIMEOUT) -> Any:
+    """A Redis client for ``url`` whose commands give up after ``timeout`` seconds."""
+    import redis
+
+    return redis.Redis.from_url(
+        url, socket_timeout=timeout, socket_connect_timeout=min(timeout, 2.0)
+    )
+
+
 class RedisBuckets:
     """Buckets in Redis, updated by one Lua script so every take is atomic.
 
@@ -168,11 +182,9 @@ class RedisBuckets:
     """
 
     def __init__(self, url: str, *, prefix: str = "mlinvert:rl:", client: Any = None) -> None:
-        import redis
-
         self.url = url
         self.prefix = prefix
-        self.client = client if client is not None else redis.Redis.from_url(url)
+        self.client = client if client is not None else redis_client(url)
         self._script = self.client.register_script(_LUA_TAKE)
 
     def take(self, key: str, cost: int, rate: Rate, now: float) -> Admission:
