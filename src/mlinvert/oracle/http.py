@@ -179,6 +179,25 @@ class HttpOracle:
             parts.append(self._answer({"records": chunk}, len(chunk)))
         return parts[0] if len(parts) == 1 else _concat(parts)
 
+    def check_key(self) -> None:
+        """Check that the service accepts ``api_key`` without spending a query.
+
+        Sends an empty batch: an mlinvert service authenticates the key first (401,
+        Unauthorized) and only then refuses the empty batch (422), which is what a
+        valid key gets. Nothing is answered, so no query is counted; the request
+        appears in the service's query log with 0 inputs.
+        """
+        shape = ",".join(str(d) for d in (0, *self.info.input_shape))
+        try:
+            self._request(
+                "POST", f"{self.url}/predict", _Raw(b"", {"shape": shape, "dtype": "float32"})
+            )
+        except QueryRejected:
+            return
+        raise OracleError(
+            f"{self.url} answered an empty batch; it does not behave like `mlinvert serve`"
+        )
+
     # internals ----------------------------------------------------------------
     def _query_chunk(self, x: np.ndarray) -> Response:
         data = np.ascontiguousarray(x, dtype="<f4")
