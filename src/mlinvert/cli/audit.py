@@ -60,6 +60,23 @@ class _Display:
                 p.reset(self.attack, total=None)
 
 
+#: Environment variable that may hold the --api-key value (kept out of ``ps`` and history).
+_KEY_ENV = "MLINVERT_AUDIT_API_KEY"
+
+
+def _redacted(command: str) -> str:
+    """The command line with the value of ``--api-key`` hidden (it is a secret)."""
+    import shlex
+
+    parts = shlex.split(command)
+    for i, part in enumerate(parts):
+        if part == "--api-key" and i + 1 < len(parts):
+            parts[i + 1] = "***"
+        elif part.startswith("--api-key="):
+            parts[i] = "--api-key=***"
+    return shlex.join(parts)
+
+
 def _summary(index: Path) -> None:
     from mlinvert.report.html import load_results
     from mlinvert.report.summary import verdicts
@@ -131,11 +148,12 @@ def _tree_summary(tree: dict[str, Any]) -> None:
 
 
 def audit(
-    data: str = typer.Option(
-        "digits",
+    data: str | None = typer.Option(
+        None,
         "--data",
         help="Data spec: digits (default), att:PATH, folder:PATH, olivetti; "
-        "survey specs steak:PATH, gss:PATH, fair run the decision-tree audit.",
+        "survey specs steak:PATH, gss:PATH, fair run the decision-tree audit. Required "
+        "with --api (the owner's data: the judge and the attacker's prior).",
     ),
     model: Path | None = typer.Option(
         None, "--model", help="Audit an existing trained model folder instead of training."
@@ -194,9 +212,28 @@ def audit(
         help="With --blind and --accounts N: double the blinding noise each time the "
         "service blocks one of the attacker's accounts (stealthier, noisier probes).",
     ),
+    api: str | None = typer.Option(
+        None,
+        "--api",
+        help="Audit a prediction API that is already running: "
+        "http://HOST:PORT/v1/models/NAME of an mlinvert-compatible service (no service "
+        "started, no target trained; black-box and label-only attacks under the one "
+        "defence it advertises). Needs --data and --api-key.",
+    ),
+    api_key: str | None = typer.Option(
+        None,
+        "--api-key",
+        help="With --api: the attacker's API key(s) of that service, comma-separated; "
+        "several are rotated through like --accounts (the first also measures the served "
+        "accuracy). Also read from MLINVERT_AUDIT_API_KEY. Never written to the results.",
+        envvar=_KEY_ENV,
+    ),
 ) -> None:
     """Attack the model under every defence, measure, and write DIR/index.html."""
+    import os
+
     from mlinvert.evaluation.audit import (
+        API_ATTACKS,
         ATTACKS,
         DEFAULT_BLIND,
         DEFAULT_LANES,
@@ -205,11 +242,13 @@ def audit(
         run_audit,
     )
 
+    if api is None and api_key is not None and api_key != os.environ.get(_KEY_ENV):
+        raise ConfigError("--api-key is for --api (auditing a deployed API); give --api URL")
     config = AuditConfig(
-        data=data,
+        data=data if (data is not None or api is not None) else "digits",
         model_dir=model,
         targets=_split(targets, "targets") or (),
-        attacks=_split(attacks, "attacks") or ATTACKS,
+        attacks=_split(attacks, "attacks") or (API_ATTACKS if api is not None else ATTACKS),
         defenses=_split(defenses, "defenses"),
         labels=labels,
         budget=budget,
@@ -222,7 +261,9 @@ def audit(
         blind=DEFAULT_BLIND if blind is None else blind,
         accounts=accounts,
         escalate=escalate,
-        command=command_line(),
+        api=api,
+        api_keys=_split(api_key, "api-key") or (),
+        command=_redacted(command_line()),
     )
     with Progress(
         SpinnerColumn(),

@@ -11,6 +11,11 @@ costs honest users, and writes every record to ``results.json`` as soon as it ex
 (atomic rewrite), so an interrupted run leaves a valid partial file that ``resume``
 continues. The schema is documented in ``docs/results-schema.md``.
 
+With ``AuditConfig.api`` the audit targets a prediction API that is already deployed
+instead: no service is started and no model trained; the API attacks run through the
+attacker's own keys under the one defence the endpoint advertises, judged against the
+owner's data (:func:`_run_deployed`).
+
 Threat mapping: OWASP ML03:2023 (Model Inversion), MITRE ATLAS AML.T0024.001 (Invert
 ML Model via the inference API). Attacks after Fredrikson, Jha, Ristenpart, CCS 2015.
 """
@@ -51,6 +56,8 @@ log = logging.getLogger(__name__)
 
 SCHEMA = "mlinvert-audit/1"
 ATTACKS = ("whitebox", "blackbox", "label-only")
+#: The attacks that only use the prediction API (all a deployed API allows, ``--api``).
+API_ATTACKS = ("blackbox", "label-only")
 #: Output-policy part of the default defence matrix; the rate limit is added per budget.
 DEFAULT_POLICIES = ("none", "round:3", "round:2", "round:1", "top:1", "labels")
 #: The query detector's row of the default matrix (blocks after 100 near duplicates).
@@ -183,6 +190,14 @@ class AuditConfig:
     (with ``blind`` and several ``accounts``): the attacker doubles its noise each time
     the service blocks one of its accounts, trading signal for stealth (on 8x8 digits
     it is flagged once instead of on every account, and recovers less; BENCHMARKS.md).
+    ``api`` audits a prediction API that is already deployed
+    (``http://HOST:PORT/v1/models/NAME`` of an mlinvert-compatible service) with the
+    attacker's ``api_keys`` (rotated through like ``accounts``; ``accounts`` becomes their
+    number): no service is started and no target trained, only the API attacks run, under
+    the one defence the endpoint advertises (row ``deployed``). ``data`` is then required
+    (the judge and the attacker's prior need the owner's data; ``model_dir`` only
+    contributes its card's split). The keys never reach ``results.json`` (only short
+    fingerprints).
     """
 
     data: str | None = None
@@ -202,12 +217,17 @@ class AuditConfig:
     blind: float = DEFAULT_BLIND
     accounts: int = 1
     escalate: bool = False
+    api: str | None = None
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
     command: str = ""
 
     def __post_init__(self) -> None:
         if self.model_dir is not None:
             object.__setattr__(self, "model_dir", Path(self.model_dir))
         object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "api_keys", tuple(self.api_keys))
+        if self.api is not None:
+            self._check_api()
         unknown = [a for a in self.attacks if a not in ATTACKS]
         if unknown or not self.attacks:
             raise ConfigError(
@@ -215,7 +235,7 @@ class AuditConfig:
             )
         if len(set(self.attacks)) != len(self.attacks):
             raise ConfigError(f"attacks listed twice: {', '.join(self.attacks)}")
-        if not self.targets and self.model_dir is None:
+        if not self.targets and self.model_dir is None and self.api is None:
             raise ConfigError("no target model: give target kinds or --model DIR")
         names = [parse_target(t)[0] for t in self.targets]
         if len(set(names)) != len(names):
@@ -247,9 +267,53 @@ class AuditConfig:
             if len(set(names)) != len(names):
                 raise ConfigError(f"defences listed twice: {', '.join(names)}")
 
+    def _check_api(self) -> None:
+        """The deployed-API mode's own rules (``api`` is set); fixes ``targets`` and
+        ``accounts``."""
+        from mlinvert.oracle.http import _split_url
+
+        _split_url(str(self.api))  # ConfigError naming the expected form
+        if not self.api_keys or not all(k.strip() for k in self.api_keys):
+            raise ConfigError(
+                "--api needs the attacker's API key(s) of that service: --api-key K1[,K2,...]"
+            )
+        if len(self.api_keys) > MAX_ACCOUNTS:
+            raise ConfigError(f"at most {MAX_ACCOUNTS} --api-key keys, got {len(self.api_keys)}")
+        if not self.data:
+            raise ConfigError(
+                "--api needs --data SPEC: the judge (evaluation model) and the attacker's "
+                "prior are built from the owner's data set and its held-out split (add "
+                "--model DIR to use the split recorded in the deployed model's card)"
+            )
+        if "whitebox" in self.attacks:
+            raise ConfigError(
+                "--api attacks a deployed prediction API: the white-box attack needs the "
+                "model weights, which an API does not give; use --attacks blackbox,label-only "
+                "(or audit the model folder itself without --api)"
+            )
+        if self.defenses is not None:
+            raise ConfigError(
+                "--api audits the one defence the deployed endpoint runs (it advertises its "
+                "policy, rate limit and detector); drop --defenses"
+            )
+        if self.in_process:
+            raise ConfigError("--api queries the deployed service over HTTP; drop --in-process")
+        if self.accounts not in (1, len(self.api_keys)):
+            raise ConfigError(
+                f"with --api the attacker's accounts are its --api-key keys "
+                f"({len(self.api_keys)}); drop --accounts {self.accounts}"
+            )
+        object.__setattr__(self, "accounts", len(self.api_keys))
+        object.__setattr__(self, "targets", ())
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON form (paths as strings)."""
+        """JSON form (paths as strings; API keys as short SHA-256 fingerprints)."""
+        import hashlib
+
         d = asdict(self)
+        d["api_keys"] = [
+            "sha256:" + hashlib.sha256(k.encode()).hexdigest()[:12] for k in self.api_keys
+        ]
         d["model_dir"] = None if self.model_dir is None else str(self.model_dir)
         d["out"] = str(self.out)
         d["targets"] = list(self.targets)
@@ -413,9 +477,10 @@ _RESUME_FIELDS = (
     "blind",
     "accounts",
     "escalate",
+    "api",
 )
 #: What a results file written before a field existed ran with.
-_RESUME_DEFAULTS: dict[str, Any] = {"blind": 0.0, "accounts": 1, "escalate": False}
+_RESUME_DEFAULTS: dict[str, Any] = {"blind": 0.0, "accounts": 1, "escalate": False, "api": None}
 
 
 class ResultsFile:
@@ -547,6 +612,9 @@ class _Context:
     #: False once the API the attacks talk to has gone away (then an error is the
     #: run's problem, not an attack outcome: the run stops instead of recording it)
     api_alive: Callable[[], bool] = lambda: True
+    #: ``--api``: one HttpOracle per attacker key, shared by the utility measurement and
+    #: every attack (their counts are per attack differences), as one attacker's keys are
+    api_oracles: list[Any] = field(default_factory=list)
 
 
 def resolve_defenses(config: AuditConfig, budget: int) -> list[Defense]:
@@ -618,7 +686,14 @@ def run_audit(config: AuditConfig, *, events: Event | None = None) -> Path:
         if split is not None and isinstance(dataset, ImageDataset):
             dataset = dataclasses.replace(dataset, split=split)
         with single_threaded():
-            if not isinstance(dataset, ImageDataset):
+            if config.api is not None:
+                if not isinstance(dataset, ImageDataset):
+                    raise ConfigError(
+                        f"--api audits image models; {spec} is survey data (audit a "
+                        "decision tree from its model folder without --api)"
+                    )
+                _run_deployed(config, results, dataset, emit)
+            elif not isinstance(dataset, ImageDataset):
                 _run_tree(config, results, dataset, emit)
             else:
                 _run_faces(config, results, dataset, emit)
@@ -941,28 +1016,12 @@ def _test_accuracy(model: Any, dataset: ImageDataset) -> float:
 def _run_faces(
     config: AuditConfig, results: ResultsFile, dataset: ImageDataset, emit: Event
 ) -> None:
-    from mlinvert.evaluation.faces import FaceJudge
-
     out = config.out
     preset = preset_for(dataset.image_shape, config.quick)
     budget = config.budget or preset.budget
     defenses = resolve_defenses(config, budget)
-    labels = list(range(min(config.labels or dataset.n_classes, dataset.n_classes)))
+    labels = _describe_dataset(config, results, dataset, preset, budget, defenses)
     doc = results.doc
-    doc["dataset"] = {
-        "spec": dataset.spec,
-        "kind": "image",
-        "n_classes": dataset.n_classes,
-        "class_names": list(dataset.class_names),
-        "image_shape": list(dataset.image_shape),
-        "n_train": int(dataset.split.train.size),
-        "n_test": int(dataset.split.test.size),
-        "split_rule": dataset.split.rule,
-        "attacked_labels": labels,
-    }
-    doc["defenses"] = [asdict(d) for d in defenses]
-    doc["budget"] = budget
-    doc["preset"] = asdict(preset)
 
     targets: list[_Target] = []
     if config.model_dir is not None:
@@ -990,18 +1049,7 @@ def _run_faces(
             "model_dir": str(t.folder),
             "privacy": t.card.get("privacy"),
         }
-    evaluator = _load_or_train(out, "evaluation", dataset, config, emit, quick=config.quick)
-    doc["evaluation_model"] = {
-        "kind": "evaluation",
-        "test_accuracy": _test_accuracy(evaluator.model, dataset),
-        "model_dir": str(evaluator.folder),
-    }
-    results.save()
-
-    emit("stage", {"name": "fitting the judge (evaluation model, lineup, references)"})
-    judge = FaceJudge.fit(dataset, evaluator.model, seed=config.seed)
-    _references(judge, labels, config.seed, results)
-    _private_photos(dataset, labels, results)
+    judge = _fit_judge(config, results, dataset, labels, emit)
     _utilities(targets, defenses, dataset, results)
     results.save()
 
@@ -1016,6 +1064,63 @@ def _run_faces(
         defenses=defenses,
         events=emit,
     )
+    _attack_matrix(ctx)
+
+
+def _describe_dataset(
+    config: AuditConfig,
+    results: ResultsFile,
+    dataset: ImageDataset,
+    preset: Preset,
+    budget: int,
+    defenses: list[Defense],
+) -> list[int]:
+    """Write the data set, defences, budget and preset into ``results``; return the
+    attacked labels."""
+    labels = list(range(min(config.labels or dataset.n_classes, dataset.n_classes)))
+    doc = results.doc
+    doc["dataset"] = {
+        "spec": dataset.spec,
+        "kind": "image",
+        "n_classes": dataset.n_classes,
+        "class_names": list(dataset.class_names),
+        "image_shape": list(dataset.image_shape),
+        "n_train": int(dataset.split.train.size),
+        "n_test": int(dataset.split.test.size),
+        "split_rule": dataset.split.rule,
+        "attacked_labels": labels,
+    }
+    doc["defenses"] = [asdict(d) for d in defenses]
+    doc["budget"] = budget
+    doc["preset"] = asdict(preset)
+    return labels
+
+
+def _fit_judge(
+    config: AuditConfig, results: ResultsFile, dataset: ImageDataset, labels: list[int], emit: Event
+) -> Any:
+    """Train (or reload) the evaluation model and fit the FaceJudge; score the reference
+    images and store the private photos of the attacked people."""
+    from mlinvert.evaluation.faces import FaceJudge
+
+    evaluator = _load_or_train(config.out, "evaluation", dataset, config, emit, quick=config.quick)
+    results.doc["evaluation_model"] = {
+        "kind": "evaluation",
+        "test_accuracy": _test_accuracy(evaluator.model, dataset),
+        "model_dir": str(evaluator.folder),
+    }
+    results.save()
+    emit("stage", {"name": "fitting the judge (evaluation model, lineup, references)"})
+    judge = FaceJudge.fit(dataset, evaluator.model, seed=config.seed)
+    _references(judge, labels, config.seed, results)
+    _private_photos(dataset, labels, results)
+    return judge
+
+
+def _attack_matrix(ctx: _Context) -> None:
+    """Every (defence, target, attack, person) not yet in the results: attack, record."""
+    config, results, emit = ctx.config, ctx.results, ctx.events
+    targets, defenses, labels = ctx.targets, ctx.defenses, ctx.labels
     plan = [
         (a, d.name, t.name, lab)
         for d in defenses
@@ -1040,6 +1145,287 @@ def _run_faces(
                     record = _attack_one(ctx, attack, defense, target, label, oracles)
                     results.add(record)
                     emit("record", record)
+
+
+# --------------------------------------------------------------------------- deployed API
+#: The one defence row of an audit of a deployed API (``--api``).
+DEPLOYED = "deployed"
+#: Inputs per request of the honest client measuring a deployed API's served accuracy.
+_UTILITY_BATCH = 16
+
+
+def _open_api(config: AuditConfig) -> list[Any]:
+    """An HttpOracle per ``config.api_keys`` on ``config.api``, the service's description
+    read and every key checked (no query spent): a clear OracleError otherwise."""
+    from mlinvert.errors import Unauthorized, UnknownModel
+    from mlinvert.oracle.http import HttpOracle
+
+    url = str(config.api)
+    oracles = [HttpOracle(url, key, max_wait=0.0, max_retries=2) for key in config.api_keys]
+    try:
+        try:
+            oracles[0].info  # noqa: B018 - fetch the listing: reachable, model served
+        except UnknownModel as exc:
+            raise UnknownModel(f"{exc}; check the model name at the end of --api") from None
+        except Unauthorized as exc:
+            raise Unauthorized(
+                f"{url} refused the model listing with --api-key #1 ({exc}); check the key"
+            ) from None
+        except OracleError as exc:
+            raise OracleError(
+                f"cannot reach the deployed API {url} ({exc}); check --api (host, port, "
+                "http/https) and that the service is running"
+            ) from None
+        for i, oracle in enumerate(oracles):
+            try:
+                oracle.check_key()
+            except Unauthorized as exc:
+                raise Unauthorized(
+                    f"{url} refused --api-key #{i + 1} of {len(oracles)} ({exc}); check the "
+                    "key (the service owner creates keys with `mlinvert keys create`)"
+                ) from None
+    except BaseException:
+        for oracle in oracles:
+            oracle.close()
+        raise
+    return oracles
+
+
+def _check_served(info: Any, dataset: ImageDataset, url: str) -> None:
+    """The deployed model must classify the data set's people and read its images."""
+    served, ours = tuple(info.class_names), tuple(dataset.class_names)
+    if served != ours:
+        pairs = enumerate(zip(served, ours, strict=False))
+        differ = next(
+            (f"#{i}: {a!r} vs {b!r}" for i, (a, b) in pairs if a != b),
+            f"{len(served)} vs {len(ours)} classes",
+        )
+        raise DataError(
+            f"the model at {url} has classes {list(served[:5])}{'...' if len(served) > 5 else ''}"
+            f" ({len(served)}), the data {dataset.spec} has {list(ours[:5])}"
+            f"{'...' if len(ours) > 5 else ''} ({len(ours)}); first difference {differ}. "
+            "Pass the --data the deployed model was trained on"
+        )
+    if tuple(info.input_shape) != tuple(dataset.image_shape):
+        raise DataError(
+            f"the model at {url} takes images {tuple(info.input_shape)}, the data "
+            f"{dataset.spec} has {dataset.image_shape}; pass the --data it was trained on"
+        )
+
+
+def _deployed_defense(info: Any) -> tuple[Defense, str]:
+    """The one defence row of a deployed API and the words describing what it advertises."""
+    rate = info.extra.get("rate_limit")
+    detector = info.extra.get("detector")
+    defense = Defense(name=DEPLOYED, policy=str(info.policy), rate=rate, detector=detector)
+    words = (
+        f"what {info.extra.get('url')} advertises: output policy {info.policy} "
+        f"(answers carry {info.carries}), "
+        + (f"rate limit {rate} per account" if rate else "no rate limit")
+        + ", "
+        + (f"query detector {detector}" if detector else "no query detector")
+    )
+    return defense, words
+
+
+def _run_deployed(
+    config: AuditConfig, results: ResultsFile, dataset: ImageDataset, emit: Event
+) -> None:
+    """Audit a prediction API already deployed (``config.api``): the API attacks under
+    the one defence it advertises, judged against the owner's data."""
+    preset = preset_for(dataset.image_shape, config.quick)
+    budget = config.budget or preset.budget
+    emit("stage", {"name": f"reading {config.api}"})
+    oracles = _open_api(config)
+    try:
+        _audit_deployed(config, results, dataset, emit, oracles, preset, budget)
+    finally:
+        for oracle in oracles:
+            oracle.close()
+
+
+def _audit_deployed(
+    config: AuditConfig,
+    results: ResultsFile,
+    dataset: ImageDataset,
+    emit: Event,
+    oracles: list[Any],
+    preset: Preset,
+    budget: int,
+) -> None:
+    """The deployed-API audit once the keys are checked: describe the deployment, fit
+    the judge, measure the served accuracy, attack."""
+    info = oracles[0].info
+    _check_served(info, dataset, str(config.api))
+    defense, words = _deployed_defense(info)
+    labels = _describe_dataset(config, results, dataset, preset, budget, [defense])
+    doc = results.doc
+    doc["defenses"] = [{**asdict(defense), "description": words}]
+    card: dict[str, Any] = {}
+    if config.model_dir is not None:
+        from mlinvert.targets.io import read_card
+
+        card = read_card(config.model_dir)
+    target = _Target(
+        name=re.sub(r"[^A-Za-z0-9._-]+", "_", info.model) or "deployed",
+        model=None,
+        card=card,
+        folder=Path(config.model_dir or "."),
+    )
+    doc["deployment"] = {
+        "url": oracles[0].url,
+        "model": info.model,
+        "kind": info.kind,
+        "policy": info.policy,
+        "carries": info.carries,
+        "rate_limit": info.extra.get("rate_limit"),
+        "detector": info.extra.get("detector"),
+        "max_batch": info.extra.get("max_batch"),
+        "keys": len(oracles),
+        "description": words,
+        "split_from": (
+            f"the card of {config.model_dir}"
+            if isinstance(card.get("split"), dict)
+            else f"the default split of {dataset.spec}"
+        ),
+    }
+    doc["targets"][target.name] = {
+        "kind": info.kind,
+        "test_accuracy": None,  # the weights are not used; served accuracy in utility
+        "model_dir": None,
+        "api": oracles[0].url,
+        "privacy": card.get("privacy"),
+    }
+    judge = _fit_judge(config, results, dataset, labels, emit)
+    measured = doc["utility"].get(target.name, {}).get(DEPLOYED)
+    if measured is None:  # a resumed run keeps its measurement (it spent real queries)
+        emit("stage", {"name": "measuring the served accuracy through the API"})
+        doc["utility"][target.name] = {DEPLOYED: _deployed_utility(oracles[0], defense, dataset)}
+    results.save()
+    ctx = _Context(
+        config=config,
+        results=results,
+        dataset=dataset,
+        preset=preset,
+        targets=[target],
+        judge=judge,
+        labels=labels,
+        defenses=[defense],
+        events=emit,
+        api_oracles=oracles,
+    )
+    _attack_matrix(ctx)
+
+
+def _deployed_utility(oracle: Any, defense: Defense, dataset: ImageDataset) -> dict[str, Any]:
+    """Served accuracy of a deployed API: the held-out inputs sent through ``oracle``
+    (the first key), ``_UTILITY_BATCH`` a request, as an honest client would.
+
+    Skipped (``accuracy`` None and ``skipped`` saying why) when the advertised rate
+    limit is smaller than the held-out set or the service refuses on the way (rate
+    limited, blocked); rows it refused count as wrong answers, as in the normal audit.
+    """
+    from mlinvert.errors import Blocked, RateLimited
+
+    x, y = dataset.test()
+    n_classes = dataset.n_classes
+    base: dict[str, Any] = {
+        "policy": defense.policy,
+        "rate_limit": defense.rate,
+        "detector": defense.detector,
+        "labels_unchanged": None,  # unknown: the raw model is not queried
+        "n_test": len(y),
+    }
+    skipped: str | None = None
+    if defense.rate is not None:
+        from mlinvert.defenses.ratelimit import parse_rate
+
+        allowance = parse_rate(defense.rate).count
+        if allowance < len(y):
+            skipped = (
+                f"not measured: the advertised rate limit ({defense.rate} per account) is "
+                f"smaller than the {len(y)} held-out inputs"
+            )
+    labels: list[np.ndarray] = []
+    probs: list[np.ndarray | None] = []
+    refused = 0
+    start_n = oracle.n_queries
+    if skipped is None:
+        for start in range(0, len(x), _UTILITY_BATCH):
+            chunk = x[start : start + _UTILITY_BATCH]
+            try:
+                r = oracle.query(chunk)
+            except Blocked:
+                refused += len(chunk)
+                labels.append(np.full(len(chunk), -1, dtype=np.int64))
+                probs.append(None)
+                continue
+            except RateLimited as exc:
+                skipped = (
+                    f"not measured: the service rate limited the first key after "
+                    f"{oracle.n_queries - start_n} of the {len(y)} held-out inputs ({exc})"
+                )
+                break
+            labels.append(np.asarray(r.labels))
+            probs.append(r.probs)
+    spent = oracle.n_queries - start_n
+    if skipped is not None:
+        return {
+            **base,
+            **dict.fromkeys(("accuracy", "ece", "topk_accuracy", "brier", "k")),
+            "carries": "label" if defense.policy == "labels" else None,
+            "skipped": skipped,
+            "queries_spent": spent,
+            "measured_through": f"the deployed API with --api-key #1 ({spent} queries)",
+        }
+    width = next((p.shape[1] for p in probs if p is not None), None)
+    scores = (
+        None
+        if width is None
+        else np.concatenate(
+            [
+                np.zeros((len(lab), width)) if p is None else p
+                for lab, p in zip(labels, probs, strict=True)
+            ]
+        )
+    )
+    served = Response(labels=np.concatenate(labels), probs=scores)
+    util = served_utility(served, y, n_classes)
+    return {
+        **util,
+        **base,
+        "honest_refused": refused,
+        "queries_spent": spent,
+        "measured_through": (
+            f"the deployed API with --api-key #1: the {len(y)} held-out inputs, "
+            f"{_UTILITY_BATCH} per request ({spent} queries spent on that key)"
+        ),
+    }
+
+
+@contextlib.contextmanager
+def _deployed(ctx: _Context, defense: Defense) -> Iterator[dict[tuple[str, str], Any]]:
+    """Oracles per (target, attack) on the deployed API: the attacker's keys
+    (``ctx.api_oracles``, shared by the attacks as one real attacker's are), rotated
+    through like ``--accounts`` (a key the service refused earlier is moved past)."""
+    (target,) = ctx.targets
+    api_attacks = [a for a in ctx.config.attacks if a != "whitebox"]
+    first = ctx.api_oracles[0]
+    ctx.api_alive = lambda: _reachable(first)
+    try:
+        yield {(target.name, a): _many(ctx, defense, a, ctx.api_oracles) for a in api_attacks}
+    finally:
+        ctx.api_alive = lambda: True
+
+
+def _reachable(oracle: Any) -> bool:
+    """Whether the deployed API still answers its model listing."""
+    import httpx
+
+    try:
+        return httpx.get(f"{oracle.root}/v1/models", timeout=10.0).status_code < 500
+    except httpx.HTTPError:
+        return False
 
 
 # --------------------------------------------------------------------------- pieces
@@ -1173,6 +1559,10 @@ def _serve(ctx: _Context, defense: Defense) -> Iterator[dict[tuple[str, str], An
     from mlinvert.defenses.predictor import Predictor
     from mlinvert.oracle.local import LocalOracle
 
+    if ctx.config.api is not None:
+        with _deployed(ctx, defense) as deployed:
+            yield deployed
+        return
     api_attacks = [a for a in ctx.config.attacks if a != "whitebox"]
     if ctx.config.in_process or not api_attacks:
         guards = defense.guards()  # one set for every model, as in the service
@@ -1616,6 +2006,8 @@ def _record(
     """
     if attack == "whitebox":
         channel = "model weights"
+    elif ctx.config.api is not None:
+        channel = "deployed HTTP API"
     else:
         channel = "in-process API" if ctx.config.in_process else "HTTP API"
     util = ctx.results.doc["utility"][target.name][defense.name]
