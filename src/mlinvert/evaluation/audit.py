@@ -1378,19 +1378,7 @@ def _deployed_utility(oracle: Any, defense: Defense, dataset: ImageDataset) -> d
             "queries_spent": spent,
             "measured_through": f"the deployed API with --api-key #1 ({spent} queries)",
         }
-    width = next((p.shape[1] for p in probs if p is not None), None)
-    scores = (
-        None
-        if width is None
-        else np.concatenate(
-            [
-                np.zeros((len(lab), width)) if p is None else p
-                for lab, p in zip(labels, probs, strict=True)
-            ]
-        )
-    )
-    served = Response(labels=np.concatenate(labels), probs=scores)
-    util = served_utility(served, y, n_classes)
+    util = served_utility(_answers(labels, probs), y, n_classes)
     return {
         **util,
         **base,
@@ -1526,6 +1514,12 @@ def _honest_client(predictor: Any, x: np.ndarray, batch: int = 16) -> tuple[Resp
             continue
         labels.append(np.asarray(r.labels))
         probs.append(r.probs)
+    return _answers(labels, probs), refused
+
+
+def _answers(labels: list[np.ndarray], probs: list[np.ndarray | None]) -> Response:
+    """One Response from an honest client's batches; a refused batch (``probs`` None,
+    labels -1) gets all-zero scores when the others carry scores."""
     width = next((p.shape[1] for p in probs if p is not None), None)
     scores = (
         None
@@ -1537,7 +1531,7 @@ def _honest_client(predictor: Any, x: np.ndarray, batch: int = 16) -> tuple[Resp
             ]
         )
     )
-    return Response(labels=np.concatenate(labels), probs=scores), refused
+    return Response(labels=np.concatenate(labels), probs=scores)
 
 
 def _recovered(metrics: dict[str, Any]) -> bool:
