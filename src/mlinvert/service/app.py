@@ -31,7 +31,13 @@ from mlinvert.defenses.base import Guard
 from mlinvert.defenses.detector import FlagStore, HistoryStore, QueryDetector, RedisHistory
 from mlinvert.defenses.policies import parse_policy
 from mlinvert.defenses.predictor import Predictor
-from mlinvert.defenses.ratelimit import BucketStore, MemoryBuckets, RateLimiter, RedisBuckets
+from mlinvert.defenses.ratelimit import (
+    BucketStore,
+    MemoryBuckets,
+    RateLimiter,
+    RedisBuckets,
+    redis_client,
+)
 from mlinvert.errors import (
     BadRequest,
     InputTooLarge,
@@ -93,17 +99,15 @@ def build_predictors(
     codes near duplicates.
     """
     guards: list[Guard] = []
+    url = settings.redis_url
+    client = redis_client(url) if url else None  # one connection pool for both stores
     if settings.rate_limit is not None:
         if bucket_store is None:
-            bucket_store = (
-                RedisBuckets(settings.redis_url) if settings.redis_url else MemoryBuckets()
-            )
+            bucket_store = RedisBuckets(url, client=client) if url else MemoryBuckets()
         guards.append(RateLimiter(settings.rate_limit, bucket_store))
     image_guards = list(guards)
     if settings.detector is not None:
-        history: HistoryStore | None = None
-        if settings.redis_url:
-            history = RedisHistory(settings.redis_url)
+        history: HistoryStore | None = RedisHistory(url, client=client) if url else None
         image_guards.append(QueryDetector(settings.detector, flags, history))
     return {
         name: Predictor(
