@@ -17,10 +17,11 @@ from mlinvert.targets.io import read_card
 def test_target_specs_parse_and_bad_ones_say_how_to_write_them() -> None:
     assert parse_target("softmax") == ("softmax", "softmax", None)
     assert parse_target(" MLP@dp:0.5 ") == ("mlp-dp0.5", "mlp", 0.5)
+    assert parse_target("dae@dp:8") == ("dae-dp8", "dae", 8.0)
     for bad, words in [
         ("softmax@dp:x", "KIND@dp:EPSILON"),
         ("softmax@noise:8", "KIND@dp:EPSILON"),
-        ("dae@dp:8", "available for softmax, mlp, cnn, not 'dae'"),
+        ("evaluation@dp:8", "available for softmax, mlp, cnn, dae, not 'evaluation'"),
         ("softmax@dp:0", "epsilon must be a finite number > 0"),
         ("softmax@dp:inf", "epsilon must be a finite number > 0"),
     ]:

@@ -71,8 +71,9 @@ def register(app: typer.Typer) -> None:
         dp_epsilon: float | None = typer.Option(
             None,
             "--dp-epsilon",
-            help="Train by DP-SGD (softmax, mlp, cnn) to this privacy target epsilon: Poisson "
-            "batches, per-example clipping, Gaussian noise sized by an RDP accountant.",
+            help="Train by DP-SGD (softmax, mlp, cnn, dae) to this privacy target epsilon: "
+            "Poisson batches, per-example clipping, Gaussian noise sized by an RDP accountant "
+            "(the dae: four stages, epsilon composed over them).",
         ),
         dp_delta: float | None = typer.Option(
             None,
@@ -109,5 +110,12 @@ def register(app: typer.Typer) -> None:
                 f"DP-SGD: epsilon {privacy['epsilon']:.3f} at delta {privacy['delta']:.2g} "
                 f"(noise multiplier {privacy['noise_multiplier']:.3f}, clip {privacy['clip']}, "
                 f"sampling rate {privacy['sample_rate']:.3f}, {privacy['steps']} steps)"
+                + (" composed over the stages:" if privacy.get("stages") else "")
             )
+            for stage in privacy.get("stages", ()):
+                out.print(
+                    f"  {stage['name']}: clip {stage['clip']}, sampling rate "
+                    f"{stage['sample_rate']:.3f}, {stage['steps']} steps, lr {stage['lr']} "
+                    f"(alone: epsilon {stage['epsilon_alone']:.3f})"
+                )
         out.print(f"wrote {out_dir}/model.json and weights.safetensors")

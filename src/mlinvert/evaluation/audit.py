@@ -981,8 +981,8 @@ def parse_target(spec: str) -> tuple[str, str, float | None]:
     """``(name, kind, epsilon)`` of an audit target spec.
 
     ``KIND`` trains that face model as usual; ``KIND@dp:EPSILON`` trains it by DP-SGD
-    at privacy budget epsilon (:func:`mlinvert.targets.training.dp_config`; softmax,
-    mlp and cnn), named ``KIND-dpEPSILON`` in the results, so a DP model is audited beside the
+    at privacy budget epsilon (:func:`mlinvert.targets.training.dp_config`; the kinds of
+    ``DP_KINDS``), named ``KIND-dpEPSILON`` in the results, so a DP model is audited beside the
     plain one under the same defences.
     """
     from mlinvert.targets.training import DP_KINDS, dp_config

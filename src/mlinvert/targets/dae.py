@@ -8,6 +8,15 @@ together. Fine-tuning keeps a reconstruction term for the decoder's upper layer 
 refits its pixel layer in closed form, so the decoder stays valid: the attack
 searches the code space (``encode`` / ``decode`` / ``code_proba`` / ``code_gradient``)
 and decodes its result into an image.
+
+With ``DAEConfig.dp`` set, every stage that reads the private images is DP-SGD
+(:mod:`mlinvert.targets.dp`): layer-1 pre-training, layer-2 pre-training (on the private
+images' first-layer activations), fine-tuning and the decoder's pixel layer (DP-SGD
+takes the place of the closed-form refit, which is not private). One noise multiplier
+serves all four stages, chosen so that their composed epsilon meets the target
+(:class:`mlinvert.targets.dp_sgd.StagedDP`); normalisation uses the public pixel
+constants. The masking noise is per-example augmentation: each example's clipped
+gradient comes from its own corrupted copy.
 """
 
 from __future__ import annotations
@@ -31,11 +40,22 @@ from mlinvert.targets._torch import (
     check_seed,
     log,
 )
+from mlinvert.targets.dp import DPConfig
+from mlinvert.targets.dp_sgd import StagedDP
+
+#: The DP-SGD stages of a DAE, in the order they run (names of ``DPConfig.stages``).
+DP_STAGES = ("layer1", "layer2", "finetune", "decoder")
 
 
 @dataclass(frozen=True, kw_only=True)
 class DAEConfig:
-    """Layer sizes, masking-noise level and the pre-training/fine-tuning schedule."""
+    """Layer sizes, masking-noise level and the pre-training/fine-tuning schedule.
+
+    With ``dp`` set the DAE trains by DP-SGD in the stages :data:`DP_STAGES`, each with
+    its schedule from ``dp`` (``dp.stage(name)``); then ``pretrain_epochs``,
+    ``finetune_epochs``, ``batch_size``, ``lr``, ``finetune_lr``, ``weight_decay`` and
+    ``decoder_ridge`` are unused (``corruption`` and ``recon_weight`` still apply).
+    """
 
     seed: int = 0
     hidden: int = 1000
@@ -49,9 +69,11 @@ class DAEConfig:
     weight_decay: float = 1e-4
     recon_weight: float = 1.0
     decoder_ridge: float = 1.0
+    dp: DPConfig | None = None
 
     def __post_init__(self) -> None:
         check_seed(self.seed)
+        object.__setattr__(self, "dp", DPConfig.from_value(self.dp))
         check_positive(
             hidden=self.hidden,
             code=self.code,
@@ -68,6 +90,18 @@ class DAEConfig:
         )
         if not 0.0 <= self.corruption < 1.0:
             raise ConfigError(f"corruption must lie in [0, 1), got {self.corruption}")
+        if self.dp is not None:
+            unknown = sorted({s.name for s in self.dp.stages} - set(DP_STAGES))
+            if unknown:
+                raise ConfigError(
+                    f"unknown DP stage(s) {unknown} for the dae; its stages are "
+                    f"{', '.join(DP_STAGES)}"
+                )
+            if self.dp.stage("finetune").epochs == 0:
+                raise ConfigError(
+                    "the dae's DP stage 'finetune' needs epochs >= 1 (it trains the softmax "
+                    "head); set epochs 0 only for layer1, layer2 or decoder"
+                )
 
 
 class _DAENet(nn.Module):
@@ -115,6 +149,67 @@ def _mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return x * (torch.rand_like(x) >= p) if p > 0 else x
 
 
+def _mse_sum(out: tuple[torch.Tensor, torch.Tensor], _: torch.Tensor) -> torch.Tensor:
+    """Per-example mean squared error (over the features), summed over the batch."""
+    recon, target = out
+    return (recon - target).pow(2).mean(1).sum()
+
+
+class _DPLayer1(nn.Module):
+    """Layer-1 pre-training as one module for DP-SGD: masked pixels -> (rebuilt, clean)."""
+
+    def __init__(self, net: _DAENet, corruption: float) -> None:
+        super().__init__()
+        self.standardise, self.enc1, self.dec1 = net.standardise, net.enc1, net.dec1
+        self.corruption = corruption
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rebuilt pixels from masked ones, and the clean pixels (the target)."""
+        h = torch.sigmoid(self.enc1(self.standardise(_mask(x, self.corruption)).flatten(1)))
+        return torch.sigmoid(self.dec1(h)), x.flatten(1)
+
+
+class _DPLayer2(nn.Module):
+    """Layer-2 pre-training: masked first-layer activations -> (rebuilt, clean)."""
+
+    def __init__(self, net: _DAENet, corruption: float) -> None:
+        super().__init__()
+        self.enc2, self.dec2 = net.enc2, net.dec2
+        self.corruption = corruption
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rebuilt activations from masked ones, and the clean activations."""
+        z = torch.sigmoid(self.enc2(_mask(h, self.corruption)))
+        return torch.sigmoid(self.dec2(z)), h
+
+
+class _DPFinetune(nn.Module):
+    """Fine-tuning: encoder, head and the decoder's upper layer (not the pixel layer)."""
+
+    def __init__(self, net: _DAENet) -> None:
+        super().__init__()
+        self.standardise, self.enc1, self.enc2 = net.standardise, net.enc1, net.enc2
+        self.dec2, self.head = net.dec2, net.head
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits, the rebuilt first-layer activations and the activations themselves."""
+        h = torch.sigmoid(self.enc1(self.standardise(x).flatten(1)))
+        z = torch.sigmoid(self.enc2(h))
+        return self.head(z), torch.sigmoid(self.dec2(z)), h.detach()
+
+
+class _DPDecoder(nn.Module):
+    """The decoder's pixel layer alone, on fixed upper-layer activations."""
+
+    def __init__(self, net: _DAENet) -> None:
+        super().__init__()
+        self.dec1 = net.dec1
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        """Pixels ``(n, h * w)`` from the decoder's upper-layer activations."""
+        return torch.sigmoid(self.dec1(a))
+
+
 class StackedDAE(TorchTarget):
     """The paper's stacked denoising autoencoder (1000 -> 300 sigmoid) + softmax head."""
 
@@ -129,6 +224,9 @@ class StackedDAE(TorchTarget):
     def _train(self, net: nn.Module, X: torch.Tensor, y: torch.Tensor) -> None:
         assert isinstance(net, _DAENet)
         c = self.config
+        if c.dp is not None:
+            self._train_dp(net, X, y, c.dp)
+            return
         if c.pretrain_epochs:
             # layer 1: rebuild clean pixels from masked pixels
             def layer1(xb: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
@@ -189,6 +287,50 @@ class StackedDAE(TorchTarget):
             what="dae fine-tune",
         )
         self._refit_decoder(net, X)
+
+    def _train_dp(self, net: _DAENet, X: torch.Tensor, y: torch.Tensor, dp: DPConfig) -> None:
+        """The four stages by DP-SGD, composed to ``dp.epsilon`` (see the module doc).
+
+        Each stage's input rows are functions of one private image each (its pixels, or
+        its activations under layers an earlier stage released), so every clipped
+        gradient comes from one example. The decoder's pixel layer is trained by DP-SGD
+        on the fine-tuned codes' upper-layer activations instead of the ridge refit.
+        """
+        c = self.config
+        plan = StagedDP(dp, int(X.shape[0]), DP_STAGES)
+        flat = X.flatten(1)
+        plan.run("layer1", _DPLayer1(net, c.corruption), X, flat, loss=_mse_sum)
+        with torch.no_grad():
+            H = net.hidden(X)
+        plan.run("layer2", _DPLayer2(net, c.corruption), H, H, loss=_mse_sum)
+        w = c.recon_weight
+
+        def finetune_loss(
+            out: tuple[torch.Tensor, torch.Tensor, torch.Tensor], yb: torch.Tensor
+        ) -> torch.Tensor:
+            logits, rebuilt, h = out
+            total = F.cross_entropy(logits, yb, reduction="sum")
+            if w > 0:
+                total = total + w * (rebuilt - h).pow(2).mean(1).sum()
+            return total
+
+        plan.run("finetune", _DPFinetune(net), X, y, loss=finetune_loss)
+        with torch.no_grad():
+            A = torch.sigmoid(net.dec2(net.encode(X)))
+
+        def decoder_loss(pixels: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return (pixels - target).pow(2).mean(1).sum()
+
+        plan.run("decoder", _DPDecoder(net), A, flat, loss=decoder_loss)
+        self.privacy_ = plan.spent()
+        with torch.no_grad():
+            mse = float(F.mse_loss(net.decode(net.encode(X)), X))
+        log.info(
+            "dp dae: epsilon %.3f (composed over %d stages), training reconstruction mse %.4f",
+            self.privacy_.epsilon,
+            len(DP_STAGES),
+            mse,
+        )
 
     def _refit_decoder(self, net: _DAENet, X: torch.Tensor) -> None:
         """Refit the pixel layer of the decoder to the fine-tuned codes (ridge, closed form).
