@@ -1,6 +1,6 @@
 """DP-SGD against MI-Face on AT&T: accuracy cost and what the audit's attacks recover.
 
-For each target kind (softmax, MLP, CNN) and privacy target epsilon (inf = the project's
+For each target kind (softmax, MLP, CNN, DAE) and privacy target epsilon (inf = the project's
 cached non-DP model; otherwise DP-SGD with ``mlinvert.targets.training.dp_config``,
 delta 1e-5, models cached under benchmarks/out/models/KIND-dp-epsE), trained on all 40
 people's private photos: test accuracy, then the audit's white-box and black-box
@@ -73,6 +73,8 @@ def clip_only_target(ds: ImageDataset, kind: str) -> Any:
     from mlinvert.targets.dp_sgd import dp_sgd
     from mlinvert.targets.training import DP_CNN, dp_config, face_config, make_face_model
 
+    if kind == "dae":  # four stages: the DP DAE's own staged training, noise set to 0
+        return _clip_only_dae(ds)
     dp = dp_config(kind, 8.0)
     config = face_config(kind, seed=0, quick=False)
     if kind == "cnn":  # the network train_target gives a DP CNN
@@ -101,6 +103,23 @@ def clip_only_target(ds: ImageDataset, kind: str) -> Any:
     model.class_names_ = ds.class_names
     model.classes_ = np.arange(ds.n_classes)
     model.input_shape_ = ds.image_shape
+    return model
+
+
+def _clip_only_dae(ds: ImageDataset) -> Any:
+    """The DP DAE (``DP_DAE``, the four stages of ``dp_config("dae", 8)``) trained with
+    every stage's clipping and batches but a noise multiplier of 0: not private."""
+    from unittest import mock
+
+    from mlinvert.targets import dp_sgd
+    from mlinvert.targets.training import DP_DAE, dp_config, face_config, make_face_model
+
+    config = replace(face_config("dae", seed=0, quick=False), dp=dp_config("dae", 8.0), **DP_DAE)
+    model = make_face_model("dae", config)
+    x, y = ds.train()
+    with mock.patch.object(dp_sgd, "noise_for_schedule", return_value=0.0):
+        model.fit(x, y, class_names=ds.class_names)
+    model.privacy_ = None  # no guarantee at all
     return model
 
 
@@ -185,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
                 "test_accuracy": float(np.mean(model.predict(x_test) == y_test)),
                 "train_seconds": card.get("train_seconds"),
             }
+            if kind == "dae":  # the decoder the code-space attack would decode through
+                recon = model.decode(model.encode(x_test))
+                row["test_reconstruction_mse"] = float(((recon - x_test) ** 2).mean())
             name = f"{kind}-{training}-eps{eps:g}"
             for attack in ("whitebox", "blackbox"):
                 res = attack_all(model, name, attack, labels, spaces, preset)
@@ -233,6 +255,15 @@ def main(argv: list[str] | None = None) -> int:
             f"| reference: {name} | | | | {pct(s['eval_top1'])} | {s['likeness']:.2f} "
             f"| {pct(s['recovered'])} | | | | |"
         )
+    recon_rows = [r for r in rows if "test_reconstruction_mse" in r]
+    if recon_rows:
+        mean_mse = float(((x_test - ds.train()[0].mean(axis=0)) ** 2).mean())
+        print(f"\nDAE test reconstruction MSE (the mean training image: {mean_mse:.4f}):")
+        for r in recon_rows:
+            print(
+                f"- {r['training']} epsilon {r['epsilon_target']}: "
+                f"{r['test_reconstruction_mse']:.4f}"
+            )
     print(f"\nwrote {out}")
     return 0
 
