@@ -238,6 +238,59 @@ def test_rate_limited_api_skips_the_served_accuracy_and_says_so(
     assert "not measured: the advertised rate limit (100/hour per account)" in html
 
 
+def test_utility_key_measures_the_served_accuracy_through_its_own_account(
+    service: dict[str, Any], tmp_path: Path
+) -> None:
+    db = tmp_path / "honest.sqlite3"
+    store = Store(db)
+    alice, bob, honest = (store.create_key(name)[0] for name in ("alice", "bob", "carol"))
+    store.close()
+    out = tmp_path / "audit"
+    with ServiceProcess(
+        [f"digits={service['folder']}"], db=db, policy=POLICY, env=ONE_THREAD_ENV
+    ) as served:
+        index = run_audit(
+            _small(
+                out,
+                api=served.model_url("digits"),
+                api_keys=(alice, bob),
+                utility_key=honest,
+                data="digits",
+                model_dir=service["folder"],
+                labels=1,
+                attacks=("label-only",),
+            )
+        )
+        spent = _answered_by(db)
+    text = (out / "results.json").read_text()
+    final = json.loads(text)
+    util = final["utility"]["digits"]["deployed"]
+    (record,) = final["records"]
+    # the honest client's inputs went through carol's account, the attack's through alice's
+    assert spent.pop("carol") == util["n_test"] == util["queries_spent"] > 0
+    assert spent == {"alice": record["n_queries"]} and record["n_queries"] > 0
+    assert util["accuracy"] > 0.8 and "with --utility-key:" in util["measured_through"]
+    assert final["deployment"]["keys"] == 2
+    assert final["deployment"]["utility_key"] == "--utility-key"
+    assert honest not in text and final["config"]["utility_key"].startswith("sha256:")
+    assert "served accuracy measured through the deployed API with --utility-key" in (
+        index.read_text()
+    )
+
+
+def _answered_by(db: Path) -> dict[str, int]:
+    """Inputs the service answered, per account."""
+    store = Store(db)
+    try:
+        out: dict[str, int] = {}
+        for q in store.queries():
+            if q.status == 200:
+                out[str(q.account)] = out.get(str(q.account), 0) + q.n_inputs
+        return out
+    finally:
+        store.close()
+
+
 def _answered(db: Path) -> int:
     store = Store(db)
     try:
@@ -273,6 +326,9 @@ def test_cli_errors_are_one_clear_line(
             "cannot reach the deployed API",
         ),
         (["--api", url, *base[2:], "--api-key", f"{alice},wrong"], "refused --api-key #2 of 2"),
+        (["--api", url, *base, "--utility-key", "wrong"], "refused --utility-key"),
+        (["--api", url, *base, "--utility-key", alice], "one of the attacker's --api-key keys"),
+        ([*base[2:], "--utility-key", alice], "--utility-key is for --api"),
         (["--api", url.replace("/digits", "/nope"), *base], "serves no model 'nope'"),
     ]
     for i, (args, words) in enumerate(cases):

@@ -60,20 +60,24 @@ class _Display:
                 p.reset(self.attack, total=None)
 
 
-#: Environment variable that may hold the --api-key value (kept out of ``ps`` and history).
+#: Environment variables that may hold the --api-key and --utility-key values (kept out
+#: of ``ps`` and the shell history).
 _KEY_ENV = "MLINVERT_AUDIT_API_KEY"
+_UTILITY_KEY_ENV = "MLINVERT_AUDIT_UTILITY_KEY"
+#: Options whose values are secrets.
+_SECRET_OPTIONS = ("--api-key", "--utility-key")
 
 
 def _redacted(command: str) -> str:
-    """The command line with the value of ``--api-key`` hidden (it is a secret)."""
+    """The command line with the values of ``--api-key`` and ``--utility-key`` hidden."""
     import shlex
 
     parts = shlex.split(command)
     for i, part in enumerate(parts):
-        if part == "--api-key" and i + 1 < len(parts):
+        if part in _SECRET_OPTIONS and i + 1 < len(parts):
             parts[i + 1] = "***"
-        elif part.startswith("--api-key="):
-            parts[i] = "--api-key=***"
+        elif part.startswith(tuple(f"{o}=" for o in _SECRET_OPTIONS)):
+            parts[i] = part.split("=", 1)[0] + "=***"
     return shlex.join(parts)
 
 
@@ -225,8 +229,18 @@ def audit(
         "--api-key",
         help="With --api: the attacker's API key(s) of that service, comma-separated; "
         "several are rotated through like --accounts (the first also measures the served "
-        "accuracy). Also read from MLINVERT_AUDIT_API_KEY. Never written to the results.",
+        "accuracy unless --utility-key is given). Also read from MLINVERT_AUDIT_API_KEY. "
+        "Never written to the results.",
         envvar=_KEY_ENV,
+    ),
+    utility_key: str | None = typer.Option(
+        None,
+        "--utility-key",
+        help="With --api: the key of an honest client, another account than the "
+        "attacker's, that measures the served accuracy (so those queries do not count "
+        "against the attacker's first key). Also read from MLINVERT_AUDIT_UTILITY_KEY. "
+        "Never written to the results.",
+        envvar=_UTILITY_KEY_ENV,
     ),
 ) -> None:
     """Attack the model under every defence, measure, and write DIR/index.html."""
@@ -244,6 +258,8 @@ def audit(
 
     if api is None and api_key is not None and api_key != os.environ.get(_KEY_ENV):
         raise ConfigError("--api-key is for --api (auditing a deployed API); give --api URL")
+    if api is None and utility_key == os.environ.get(_UTILITY_KEY_ENV):
+        utility_key = None  # only the environment set it: ignored without --api
     config = AuditConfig(
         data=data if (data is not None or api is not None) else "digits",
         model_dir=model,
@@ -263,6 +279,7 @@ def audit(
         escalate=escalate,
         api=api,
         api_keys=_split(api_key, "api-key") or (),
+        utility_key=utility_key,
         command=_redacted(command_line()),
     )
     with Progress(

@@ -196,8 +196,10 @@ class AuditConfig:
     number): no service is started and no target trained, only the API attacks run, under
     the one defence the endpoint advertises (row ``deployed``). ``data`` is then required
     (the judge and the attacker's prior need the owner's data; ``model_dir`` only
-    contributes its card's split). The keys never reach ``results.json`` (only short
-    fingerprints).
+    contributes its card's split). ``utility_key`` (optional, another account than the
+    attacker's) is the honest client that measures the served accuracy; without it the
+    first attacker key does, and those queries then count against that key's rate limit
+    and detector history. The keys never reach ``results.json`` (only short fingerprints).
     """
 
     data: str | None = None
@@ -219,6 +221,7 @@ class AuditConfig:
     escalate: bool = False
     api: str | None = None
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    utility_key: str | None = field(default=None, repr=False)
     command: str = ""
 
     def __post_init__(self) -> None:
@@ -228,6 +231,10 @@ class AuditConfig:
         object.__setattr__(self, "api_keys", tuple(self.api_keys))
         if self.api is not None:
             self._check_api()
+        elif self.utility_key is not None:
+            raise ConfigError(
+                "--utility-key is for --api (auditing a deployed API); give --api URL"
+            )
         unknown = [a for a in self.attacks if a not in ATTACKS]
         if unknown or not self.attacks:
             raise ConfigError(
@@ -279,6 +286,14 @@ class AuditConfig:
             )
         if len(self.api_keys) > MAX_ACCOUNTS:
             raise ConfigError(f"at most {MAX_ACCOUNTS} --api-key keys, got {len(self.api_keys)}")
+        if self.utility_key is not None:
+            if not self.utility_key.strip():
+                raise ConfigError("--utility-key is empty; give an API key or leave it out")
+            if self.utility_key in self.api_keys:
+                raise ConfigError(
+                    "--utility-key is one of the attacker's --api-key keys; give the honest "
+                    "client its own account (or leave --utility-key out to use --api-key #1)"
+                )
         if not self.data:
             raise ConfigError(
                 "--api needs --data SPEC: the judge (evaluation model) and the attacker's "
@@ -311,9 +326,12 @@ class AuditConfig:
         import hashlib
 
         d = asdict(self)
-        d["api_keys"] = [
-            "sha256:" + hashlib.sha256(k.encode()).hexdigest()[:12] for k in self.api_keys
-        ]
+
+        def fingerprint(key: str) -> str:
+            return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+        d["api_keys"] = [fingerprint(k) for k in self.api_keys]
+        d["utility_key"] = None if self.utility_key is None else fingerprint(self.utility_key)
         d["model_dir"] = None if self.model_dir is None else str(self.model_dir)
         d["out"] = str(self.out)
         d["targets"] = list(self.targets)
@@ -1155,13 +1173,17 @@ _UTILITY_BATCH = 16
 
 
 def _open_api(config: AuditConfig) -> list[Any]:
-    """An HttpOracle per ``config.api_keys`` on ``config.api``, the service's description
-    read and every key checked (no query spent): a clear OracleError otherwise."""
+    """An HttpOracle per ``config.api_keys`` on ``config.api``, then one for
+    ``config.utility_key`` if given; the service's description read and every key checked
+    (no query spent): a clear OracleError otherwise."""
     from mlinvert.errors import Unauthorized, UnknownModel
     from mlinvert.oracle.http import HttpOracle
 
     url = str(config.api)
-    oracles = [HttpOracle(url, key, max_wait=0.0, max_retries=2) for key in config.api_keys]
+    keys = [*config.api_keys, *([config.utility_key] if config.utility_key else [])]
+    names = [f"--api-key #{i + 1} of {len(config.api_keys)}" for i in range(len(config.api_keys))]
+    names += ["--utility-key"] if config.utility_key else []
+    oracles = [HttpOracle(url, key, max_wait=0.0, max_retries=2) for key in keys]
     try:
         try:
             oracles[0].info  # noqa: B018 - fetch the listing: reachable, model served
@@ -1176,12 +1198,12 @@ def _open_api(config: AuditConfig) -> list[Any]:
                 f"cannot reach the deployed API {url} ({exc}); check --api (host, port, "
                 "http/https) and that the service is running"
             ) from None
-        for i, oracle in enumerate(oracles):
+        for name, oracle in zip(names, oracles, strict=True):
             try:
                 oracle.check_key()
             except Unauthorized as exc:
                 raise Unauthorized(
-                    f"{url} refused --api-key #{i + 1} of {len(oracles)} ({exc}); check the "
+                    f"{url} refused {name} ({exc}); check the "
                     "key (the service owner creates keys with `mlinvert keys create`)"
                 ) from None
     except BaseException:
@@ -1254,7 +1276,12 @@ def _audit_deployed(
     budget: int,
 ) -> None:
     """The deployed-API audit once the keys are checked: describe the deployment, fit
-    the judge, measure the served accuracy, attack."""
+    the judge, measure the served accuracy, attack. ``oracles``: one per attacker key,
+    then the honest client's (``--utility-key``) if given."""
+    attackers = oracles[: len(config.api_keys)]
+    honest, honest_name = (
+        (oracles[-1], "--utility-key") if config.utility_key else (oracles[0], "--api-key #1")
+    )
     info = oracles[0].info
     _check_served(info, dataset, str(config.api))
     defense, words = _deployed_defense(info)
@@ -1281,7 +1308,8 @@ def _audit_deployed(
         "rate_limit": info.extra.get("rate_limit"),
         "detector": info.extra.get("detector"),
         "max_batch": info.extra.get("max_batch"),
-        "keys": len(oracles),
+        "keys": len(attackers),
+        "utility_key": honest_name,
         "description": words,
         "split_from": (
             f"the card of {config.model_dir}"
@@ -1300,7 +1328,9 @@ def _audit_deployed(
     measured = doc["utility"].get(target.name, {}).get(DEPLOYED)
     if measured is None:  # a resumed run keeps its measurement (it spent real queries)
         emit("stage", {"name": "measuring the served accuracy through the API"})
-        doc["utility"][target.name] = {DEPLOYED: _deployed_utility(oracles[0], defense, dataset)}
+        doc["utility"][target.name] = {
+            DEPLOYED: _deployed_utility(honest, honest_name, defense, dataset)
+        }
     results.save()
     ctx = _Context(
         config=config,
@@ -1312,14 +1342,17 @@ def _audit_deployed(
         labels=labels,
         defenses=[defense],
         events=emit,
-        api_oracles=oracles,
+        api_oracles=attackers,
     )
     _attack_matrix(ctx)
 
 
-def _deployed_utility(oracle: Any, defense: Defense, dataset: ImageDataset) -> dict[str, Any]:
+def _deployed_utility(
+    oracle: Any, key_name: str, defense: Defense, dataset: ImageDataset
+) -> dict[str, Any]:
     """Served accuracy of a deployed API: the held-out inputs sent through ``oracle``
-    (the first key), ``_UTILITY_BATCH`` a request, as an honest client would.
+    (the key called ``key_name``: ``--utility-key``, else the attacker's first),
+    ``_UTILITY_BATCH`` a request, as an honest client would.
 
     Skipped (``accuracy`` None and ``skipped`` saying why) when the advertised rate
     limit is smaller than the held-out set or the service refuses on the way (rate
@@ -1362,7 +1395,7 @@ def _deployed_utility(oracle: Any, defense: Defense, dataset: ImageDataset) -> d
                 continue
             except RateLimited as exc:
                 skipped = (
-                    f"not measured: the service rate limited the first key after "
+                    f"not measured: the service rate limited {key_name} after "
                     f"{oracle.n_queries - start_n} of the {len(y)} held-out inputs ({exc})"
                 )
                 break
@@ -1376,7 +1409,7 @@ def _deployed_utility(oracle: Any, defense: Defense, dataset: ImageDataset) -> d
             "carries": "label" if defense.policy == "labels" else None,
             "skipped": skipped,
             "queries_spent": spent,
-            "measured_through": f"the deployed API with --api-key #1 ({spent} queries)",
+            "measured_through": f"the deployed API with {key_name} ({spent} queries)",
         }
     util = served_utility(_answers(labels, probs), y, n_classes)
     return {
@@ -1385,7 +1418,7 @@ def _deployed_utility(oracle: Any, defense: Defense, dataset: ImageDataset) -> d
         "honest_refused": refused,
         "queries_spent": spent,
         "measured_through": (
-            f"the deployed API with --api-key #1: the {len(y)} held-out inputs, "
+            f"the deployed API with {key_name}: the {len(y)} held-out inputs, "
             f"{_UTILITY_BATCH} per request ({spent} queries spent on that key)"
         ),
     }
