@@ -75,11 +75,13 @@ def accountant_name() -> str:
 
 
 def config_dict(config: Any) -> dict[str, Any]:
-    """``asdict(config)`` without a ``dp`` field that is None, so a model trained without
-    DP has the same parameters and card as before DP training existed."""
+    """``asdict(config)`` without a ``dp`` or ``public`` field that is None, so a model
+    trained without DP (or without public pre-training) has the same parameters and card
+    as before those options existed."""
     out = asdict(config)
-    if "dp" in out and out["dp"] is None:
-        del out["dp"]
+    for key in ("dp", "public"):
+        if key in out and out[key] is None:
+            del out[key]
     return out
 
 

@@ -47,6 +47,15 @@ DP_DAE_STAGES: tuple[tuple[str, int, float, float], ...] = (
     ("decoder", 20, 10.0, 0.01),
 )
 DP_DAE_BATCH = 70
+#: After public pre-training (``DAEConfig.public``) the DAE has one DP-SGD stage, the one
+#: that reads the private images: (epochs, lr, clip) by its name, expected batch
+#: :data:`DP_DAE_BATCH`, momentum 0.9 (see :func:`dp_config`).
+DP_DAE_PUBLIC_STAGES: dict[str, tuple[int, float, float]] = {
+    "head": (30, 1.0, 1.0),
+    "finetune": (30, 1.0, 1.0),
+}
+#: Epochs of public pre-training per layer (``PublicPretrain.epochs``); ``quick``: 10.
+PUBLIC_EPOCHS = 60
 
 #: The evaluation model gets this offset added to the seed, so a target and the model
 #: that judges attacks on it never share their initialisation.
@@ -104,7 +113,12 @@ def face_config(kind: str, *, seed: int, quick: bool) -> Any:
 
 
 def dp_config(
-    kind: str, epsilon: float, *, delta: float | None = None, quick: bool = False
+    kind: str,
+    epsilon: float,
+    *,
+    delta: float | None = None,
+    quick: bool = False,
+    private: str | None = None,
 ) -> DPConfig:
     """DP-SGD settings for ``kind`` at privacy target ``(epsilon, delta)``.
 
@@ -115,7 +129,10 @@ def dp_config(
     expected batch 256, 15 epochs, lr 0.5, chosen on digits at epsilon 8; on AT&T no
     setting tried learned at epsilon <= 32 (BENCHMARKS.md). DAE: four stages
     (:data:`DP_DAE_STAGES`, ``quick`` quarters their epochs) whose composed epsilon meets
-    the target.
+    the target; after public pre-training (``private`` = ``"head"`` or ``"finetune"``, the
+    stage that then reads the private images; see
+    :class:`~mlinvert.targets.dae.PublicPretrain`) that one stage alone
+    (:data:`DP_DAE_PUBLIC_STAGES`).
     """
     kind = kind.strip().lower()
     if kind not in DP_KINDS:
@@ -125,17 +142,38 @@ def dp_config(
         )
     if kind == "cnn":  # with DP_CNN's small network; fewer steps spend less noise
         return DPConfig(epsilon=epsilon, delta=delta, clip=1.0, epochs=15, batch_size=256, lr=0.5)
+    if private is not None and kind != "dae":
+        raise ConfigError(
+            f"public pre-training (private stages {private!r}) is available for the dae only, "
+            f"not {kind!r}"
+        )
     if kind == "dae":
-        return _dp_dae(epsilon, delta, quick)
+        return _dp_dae(epsilon, delta, quick, private)
     return DPConfig(
         epsilon=epsilon, delta=delta, clip=1.0, epochs=15 if quick else 30, batch_size=70, lr=0.01
     )
 
 
-def _dp_dae(epsilon: float, delta: float | None, quick: bool) -> DPConfig:
-    """The DAE's four DP-SGD stages (:data:`DP_DAE_STAGES`; see :func:`dp_config`)."""
+def _dp_dae(epsilon: float, delta: float | None, quick: bool, private: str | None) -> DPConfig:
+    """The DAE's four DP-SGD stages (:data:`DP_DAE_STAGES`), or after public pre-training
+    its one private stage (:data:`DP_DAE_PUBLIC_STAGES`; see :func:`dp_config`)."""
     from mlinvert.targets.dp import DPStage
 
+    if private is not None:
+        if private not in DP_DAE_PUBLIC_STAGES:
+            raise ConfigError(
+                f"after public pre-training the dae's private stage is one of "
+                f"{', '.join(DP_DAE_PUBLIC_STAGES)}, got {private!r}"
+            )
+        epochs, lr, clip = DP_DAE_PUBLIC_STAGES[private]
+        stage = DPStage(
+            name=private,
+            epochs=max(1, epochs // 4) if quick else epochs,
+            batch_size=DP_DAE_BATCH,
+            lr=lr,
+            clip=clip,
+        )
+        return DPConfig(epsilon=epsilon, delta=delta, batch_size=DP_DAE_BATCH, stages=(stage,))
     stages = tuple(
         DPStage(
             name=name,
@@ -165,8 +203,23 @@ def _train_tree(dataset: Any, seed: int, quick: bool) -> TrainedTarget:
     return TrainedTarget(model=model, card=card)
 
 
+def public_pretrain(data: str, private: str, *, quick: bool = False) -> Any:
+    """The DAE's public pre-training option (:class:`~mlinvert.targets.dae.PublicPretrain`)
+    on public face set ``data`` with ``private`` stages; :data:`PUBLIC_EPOCHS` (10 if
+    ``quick``)."""
+    from mlinvert.targets.dae import PublicPretrain
+
+    return PublicPretrain(data=data, private=private, epochs=10 if quick else PUBLIC_EPOCHS)
+
+
 def train_target(
-    dataset: Any, kind: str, *, seed: Seed, quick: bool = False, dp: DPConfig | None = None
+    dataset: Any,
+    kind: str,
+    *,
+    seed: Seed,
+    quick: bool = False,
+    dp: DPConfig | None = None,
+    public: Any = None,
 ) -> TrainedTarget:
     """Train ``kind`` on ``dataset``'s private split and return the model and its card.
 
@@ -177,7 +230,11 @@ def train_target(
     ``dp`` (see :func:`dp_config`) trains a kind of :data:`DP_KINDS` by DP-SGD instead;
     its card then also holds ``privacy``: the achieved epsilon, delta, noise multiplier,
     clip, sampling rate, steps and accountant (for the DAE, composed over its stages,
-    each listed in ``privacy["stages"]``).
+    each listed in ``privacy["stages"]``). ``public`` (the dae only; a
+    :class:`~mlinvert.targets.dae.PublicPretrain`, see :func:`public_pretrain`) pre-trains
+    the autoencoder and decoder on public faces first; the card's ``training_stages`` then
+    names the public data and which stages were public and which private (with ``dp``,
+    ``privacy`` composes only the private ones: pass ``dp_config(..., private=...)``).
     """
     kind = kind.strip().lower()
     if kind not in KINDS:
@@ -186,6 +243,11 @@ def train_target(
         raise ConfigError(
             f"DP-SGD training is available for {', '.join(DP_KINDS)}, not {kind!r}; "
             "train without --dp-epsilon or pick one of those kinds"
+        )
+    if public is not None and kind != "dae":
+        raise ConfigError(
+            f"public pre-training is available for the dae only, not {kind!r}; "
+            "drop --public-pretrain or train --model dae"
         )
     s = resolve_seed(seed)
     is_image = isinstance(dataset, ImageDataset)
@@ -206,8 +268,11 @@ def train_target(
     if X.shape[0] == 0:
         raise DataError(f"data set {dataset.spec!r} has no training images")
     config = face_config(kind, seed=s, quick=quick)
+    changes: dict[str, Any] = {} if public is None else {"public": public}
     if dp is not None:
-        config = replace(config, dp=dp, **{"cnn": DP_CNN, "dae": DP_DAE}.get(kind, {}))
+        changes.update(dp=dp, **{"cnn": DP_CNN, "dae": DP_DAE}.get(kind, {}))
+    if changes:  # one replace: the DAE checks its DP stages against its public option
+        config = replace(config, **changes)
     model = make_face_model(kind, config)
     log.info(
         "training %s on %s (%d images %dx%d, %d classes)",
@@ -246,6 +311,8 @@ def train_target(
     }
     if model.privacy_ is not None:
         card["privacy"] = model.privacy_.to_dict()
+    if getattr(model, "stages_", None) is not None:
+        card["training_stages"] = model.stages_
     if kind == "dae" and yt.size:
         recon = model.decode(model.encode(Xt))
         card["test_reconstruction_mse"] = float(((recon - Xt) ** 2).mean())
