@@ -23,13 +23,16 @@ def run_train(
     quick: bool,
     dp_epsilon: float | None = None,
     dp_delta: float | None = None,
+    public_data: str | None = None,
+    private_stages: str | None = None,
 ) -> dict[str, object]:
-    """Load ``data``, train ``kind`` (by DP-SGD if ``dp_epsilon`` is given), save to
-    ``out_dir``; return the card."""
+    """Load ``data``, train ``kind`` (by DP-SGD if ``dp_epsilon`` is given; the dae
+    pre-trained on public faces ``public_data`` first, ``private_stages`` then reading the
+    private images), save to ``out_dir``; return the card."""
     from mlinvert.data import load as load_data
     from mlinvert.errors import ConfigError
     from mlinvert.targets.io import save
-    from mlinvert.targets.training import KINDS, dp_config, train_target
+    from mlinvert.targets.training import KINDS, dp_config, public_pretrain, train_target
 
     if kind.strip().lower() not in KINDS:
         raise ConfigError(f"unknown model kind {kind!r}; choose one of: {', '.join(KINDS)}")
@@ -37,13 +40,27 @@ def run_train(
         raise ConfigError(f"--seed must be >= 0, got {seed}")
     if dp_delta is not None and dp_epsilon is None:
         raise ConfigError("--dp-delta needs --dp-epsilon (the privacy target of DP-SGD)")
-    dp = None if dp_epsilon is None else dp_config(kind, dp_epsilon, delta=dp_delta, quick=quick)
+    if private_stages is not None and public_data is None:
+        raise ConfigError(
+            "--private-stages needs --public-pretrain (the public face set, e.g. lfw)"
+        )
+    public = None
+    if public_data is not None:
+        if kind.strip().lower() != "dae":
+            raise ConfigError(f"--public-pretrain is available for --model dae only, not {kind!r}")
+        public = public_pretrain(public_data, private_stages or "head", quick=quick)
+    private = None if public is None else public.private
+    dp = (
+        None
+        if dp_epsilon is None
+        else dp_config(kind, dp_epsilon, delta=dp_delta, quick=quick, private=private)
+    )
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file; pass a folder path")
     with console.status(f"[bold]loading[/] {data} ..."):
         dataset = load_data(data, seed=seed)
     with console.status(f"[bold]training[/] {kind} on {dataset.spec} (seed {seed}) ..."):
-        trained = train_target(dataset, kind, seed=seed, quick=quick, dp=dp)
+        trained = train_target(dataset, kind, seed=seed, quick=quick, dp=dp, public=public)
     save(trained.model, out_dir, card=trained.card)
     return trained.card
 
@@ -80,6 +97,20 @@ def register(app: typer.Typer) -> None:
             "--dp-delta",
             help="DP delta (default min(1e-5, n^-1.1) for n training images).",
         ),
+        public_data: str | None = typer.Option(
+            None,
+            "--public-pretrain",
+            help="dae only: pre-train both autoencoder layers and the decoder on this public "
+            "face set (lfw: scikit-image's 100 LFW face crops, resized), at no privacy cost; "
+            "only --private-stages then read the private images (with --dp-epsilon, the "
+            "only DP-SGD stages).",
+        ),
+        private_stages: str | None = typer.Option(
+            None,
+            "--private-stages",
+            help="With --public-pretrain: head (the softmax head alone, on the public codes; "
+            "default) or finetune (encoder, head and the decoder's upper layer).",
+        ),
     ) -> None:
         """Train a target model on the private split of a data set and save it.
 
@@ -94,7 +125,9 @@ def register(app: typer.Typer) -> None:
         With --dp-epsilon the card also records the privacy spent (epsilon achieved,
         delta, noise multiplier, clip, sampling rate, steps, accountant).
         """
-        card = run_train(data, model, out_dir, seed, quick, dp_epsilon, dp_delta)
+        card = run_train(
+            data, model, out_dir, seed, quick, dp_epsilon, dp_delta, public_data, private_stages
+        )
         test = card.get("test_accuracy")
         chance = card.get("chance_accuracy")
         out.print(
@@ -118,4 +151,11 @@ def register(app: typer.Typer) -> None:
                     f"{stage['sample_rate']:.3f}, {stage['steps']} steps, lr {stage['lr']} "
                     f"(alone: epsilon {stage['epsilon_alone']:.3f})"
                 )
+        stages = card.get("training_stages")
+        if isinstance(stages, dict):
+            out.print(
+                f"public pre-training on {stages['public_data']['name']}: public stages "
+                f"{', '.join(stages['public'])}; private stages {', '.join(stages['private'])} "
+                f"({stages['private_training']})"
+            )
         out.print(f"wrote {out_dir}/model.json and weights.safetensors")
