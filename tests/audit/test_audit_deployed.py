@@ -30,7 +30,7 @@ from mlinvert.evaluation.audit import (
 from mlinvert.service import Store
 from mlinvert.service.runner import ServiceProcess, free_port
 
-from .test_audit_run import _small
+from .test_audit_run import _answered_by, _small
 
 POLICY = "round:2"
 DETECTOR = "detect:block"
@@ -278,25 +278,53 @@ def test_utility_key_measures_the_served_accuracy_through_its_own_account(
     )
 
 
-def _answered_by(db: Path) -> dict[str, int]:
-    """Inputs the service answered, per account."""
+def test_resumed_audit_moves_past_a_key_blocked_in_the_earlier_run(
+    service: dict[str, Any], tmp_path: Path
+) -> None:
+    """The results remember what each key had answered (by fingerprint), so a resumed
+    audit whose first key was blocked meanwhile moves on to the second key instead of
+    taking the refusal for "this batch is refused by any key"."""
+    from mlinvert.defenses.detector import Flag
+    from mlinvert.evaluation.audit import key_fingerprint
+
+    db = tmp_path / "resume.sqlite3"
     store = Store(db)
-    try:
-        out: dict[str, int] = {}
-        for q in store.queries():
-            if q.status == 200:
-                out[str(q.account)] = out.get(str(q.account), 0) + q.n_inputs
-        return out
-    finally:
-        store.close()
+    alice, bob = (store.create_key(name)[0] for name in ("alice", "bob"))
+    store.close()
+    out = tmp_path / "audit"
+    with ServiceProcess(
+        [f"digits={service['folder']}"], db=db, detector="detect:block:5000", env=ONE_THREAD_ENV
+    ) as served:
+        cfg: dict[str, Any] = dict(
+            api=served.model_url("digits"),
+            api_keys=(alice, bob),
+            data="digits",
+            model_dir=service["folder"],
+            attacks=("label-only",),
+        )
+        run_audit(_small(out, labels=1, **cfg))
+        first = _answered_by(db)
+        answered = json.loads((out / "results.json").read_text())["deployment"]["answered"]
+        assert answered == {key_fingerprint(alice): first["alice"], key_fingerprint(bob): 0}
+        store = Store(db)  # the service's operator blocks alice between the two runs
+        try:
+            store.flag(Flag(account="alice", at=0.0, near_duplicates=1, inputs=1, detail="t"))
+        finally:
+            store.close()
+        run_audit(_small(out, labels=2, resume=True, **cfg))
+        again = _answered_by(db)
+    final = json.loads((out / "results.json").read_text())
+    (record,) = [r for r in final["records"] if r["label"] == 1]
+    assert again["alice"] == first["alice"]
+    assert record["status"] != "blocked" and again["bob"] == record["n_queries"] > 0
+    assert final["deployment"]["answered"] == {
+        key_fingerprint(alice): first["alice"],
+        key_fingerprint(bob): record["n_queries"],
+    }
 
 
 def _answered(db: Path) -> int:
-    store = Store(db)
-    try:
-        return sum(q.n_inputs for q in store.queries() if q.status == 200)
-    finally:
-        store.close()
+    return sum(_answered_by(db).values())
 
 
 def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:

@@ -277,3 +277,50 @@ def test_cli_bad_flag_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> No
             main(["audit", *flags, "--out", "/nonexistent/x"])
         assert exit_info.value.code == 2
         assert words in capsys.readouterr().err
+
+
+def test_resumed_http_audit_keeps_the_service_log_and_moves_past_a_blocked_account(
+    tmp_path: Path, resumed: dict[str, Any]
+) -> None:
+    """A resumed audit over HTTP continues the earlier run's service database (its query
+    log, accounts and flags) instead of replacing it; an attacking account flagged in
+    the earlier run is refused from the start, and the Sybil moves on to its next
+    account rather than reading that refusal as "this batch is refused by anyone"."""
+    from mlinvert.defenses.detector import Flag
+
+    out = tmp_path / "http"
+    _copy_models(resumed["out"], out)
+    detector = "detect:block:5000"  # never flags by itself in this small run
+    cfg: dict[str, Any] = dict(defenses=(detector,), attacks=("label-only",), accounts=2)
+    run_audit(_small(out, labels=1, **cfg))
+    db = out / "service" / "detect_block_5000.sqlite3"
+    first = _answered_by(db)
+    account = "audit-detect_block_5000-softmax-label-only"
+    assert set(first) == {account} and first[account] > 0
+    store = Store(db)  # an operator (or the detector) flagged the first account
+    try:
+        store.flag(Flag(account=account, at=0.0, near_duplicates=1, inputs=1, detail="test"))
+    finally:
+        store.close()
+    run_audit(_small(out, labels=2, resume=True, **cfg))
+    final = json.loads((out / "results.json").read_text())
+    again = _answered_by(db)
+    second = {a: n - first.get(a, 0) for a, n in again.items()}
+    # the earlier run's log is still there, and the resumed attack used the second account
+    assert again[account] == first[account] and second[account] == 0
+    (resumed_record,) = [r for r in final["records"] if r["label"] == 1]
+    assert resumed_record["n_queries"] > 0 and resumed_record["status"] != "blocked"
+    assert second[f"{account}-2"] == resumed_record["n_queries"]
+
+
+def _answered_by(db: Path) -> dict[str, int]:
+    """Inputs the service answered, per account."""
+    store = Store(db)
+    try:
+        out: dict[str, int] = {}
+        for q in store.queries():
+            if q.status == 200:
+                out[str(q.account)] = out.get(str(q.account), 0) + q.n_inputs
+        return out
+    finally:
+        store.close()

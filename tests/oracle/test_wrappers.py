@@ -219,6 +219,29 @@ def test_rotating_moves_to_a_fresh_account_when_one_is_refused() -> None:
         Rotating([])
 
 
+def test_rotating_moves_past_an_account_spent_in_an_earlier_run() -> None:
+    """A resumed attacker: its first account spent its allowance in the earlier run, so
+    the service refuses it from the first batch of this one. With the earlier counts
+    that refusal moves on to the next account; without them it reads as "this batch is
+    refused by any account" and is raised."""
+    from mlinvert.defenses.ratelimit import RateLimiter
+    from mlinvert.errors import RateLimited
+    from mlinvert.oracle.wrappers import Rotating
+
+    predictor = Predictor(_Mean(), name="mean", guards=[RateLimiter("10/hour")])
+    LocalOracle(predictor, account="sybil-0").query(_batch(10))  # the earlier run
+    x = _batch(4)
+    naive = Rotating([LocalOracle(predictor, account=f"sybil-{i}") for i in range(2)])
+    with pytest.raises(RateLimited):
+        naive.query(x)
+    accounts = [LocalOracle(predictor, account=f"sybil-{i}") for i in range(2)]
+    resumed = Rotating(accounts, answered_before=[10, 0])
+    resumed.query(x)
+    assert [a.n_queries for a in accounts] == [0, 4] and resumed.accounts_used == 2
+    with pytest.raises(ConfigError, match="one count per account"):
+        Rotating(accounts, answered_before=[10])
+
+
 def test_rotating_does_not_burn_accounts_on_a_batch_every_account_refuses() -> None:
     """A fresh account blocked by its first batch (ten copies of one image, a
     near-duplicate burst) says the batch is refused, not the account: raised at once."""

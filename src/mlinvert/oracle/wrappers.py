@@ -246,13 +246,29 @@ class Rotating:
     split or change it rather than burn the remaining accounts. ``changes_when_blocked``:
     the accounts change a batch before re-sending it after a block (the escalating
     blinding of :func:`escalating`), so a fresh account's block moves on too.
+    ``answered_before`` (one count per account, default none) is what each account
+    answered before this object existed — in an earlier run that this one resumes — so
+    an account the service refuses from the start because of that earlier use (blocked,
+    or its rate limit spent) is moved past, not mistaken for a fresh one.
     """
 
-    def __init__(self, oracles: Sequence[Oracle], *, changes_when_blocked: bool = False) -> None:
+    def __init__(
+        self,
+        oracles: Sequence[Oracle],
+        *,
+        changes_when_blocked: bool = False,
+        answered_before: Sequence[int] = (),
+    ) -> None:
         if not oracles:
             raise ConfigError("Rotating needs at least one oracle (one per account)")
+        if answered_before and len(answered_before) != len(oracles):
+            raise ConfigError(
+                f"Rotating: answered_before needs one count per account ({len(oracles)}), "
+                f"got {len(answered_before)}"
+            )
         self.changes_when_blocked = changes_when_blocked
         self.oracles = list(oracles)
+        self.answered_before = [int(n) for n in answered_before] or [0] * len(self.oracles)
         self.current = 0
         self.blocked = 0
 
@@ -277,7 +293,10 @@ class Rotating:
             try:
                 return self.oracles[self.current].query(x)
             except (RateLimited, Blocked) as exc:
-                spent = self.oracles[self.current].n_queries > 0
+                spent = (
+                    self.oracles[self.current].n_queries > 0
+                    or self.answered_before[self.current] > 0
+                )
                 changes = self.changes_when_blocked and isinstance(exc, Blocked)
                 if not (spent or changes) or self.current + 1 >= len(self.oracles):
                     raise
@@ -285,10 +304,17 @@ class Rotating:
                 self.current += 1
 
 
-def escalating(oracles: Sequence[Oracle], amplitude: float, *, seed: Seed = None) -> Rotating:
+def escalating(
+    oracles: Sequence[Oracle],
+    amplitude: float,
+    *,
+    seed: Seed = None,
+    answered_before: Sequence[int] = (),
+) -> Rotating:
     """The blinding Sybil: a :class:`Rotating` over the accounts whose probes carry
     fresh noise of ``amplitude`` doubled each time the service has blocked one of them
-    (403: the detector saw through the noise), up to 1.
+    (403: the detector saw through the noise), up to 1 (``answered_before``: as in
+    :class:`Rotating`).
 
     The noise is added per account, under the rotation, so a batch refused by a blocked
     account is re-sent to the next one with the raised noise (even when the blocked
@@ -302,6 +328,7 @@ def escalating(oracles: Sequence[Oracle], amplitude: float, *, seed: Seed = None
             for o, rng in zip(oracles, rngs, strict=True)
         ],
         changes_when_blocked=True,
+        answered_before=answered_before,
     )
     return rotating
 
