@@ -33,6 +33,21 @@ def test_verdicts_follow_the_records(tmp_path: Path) -> None:
     assert cell.eval_top1 == 0 and cell.n == 4
 
 
+def test_a_rate_limit_beaten_with_many_keys_is_called_a_price_in_accounts(
+    tmp_path: Path,
+) -> None:
+    doc = make_results(tmp_path)
+    said = "softmax: the rate limit 'rate:300/hour' did not"
+    (one,) = [r for r in recommendations(doc, verdicts(doc)) if r.startswith(said)]
+    assert "fit in one account's allowance" in one
+    for r in doc["records"]:  # the same results, reached by a Sybil with many keys
+        if r["defense"] == "rate:300/hour":
+            r["accounts"] = 7
+    (many,) = [r for r in recommendations(doc, verdicts(doc)) if r.startswith(said)]
+    assert "spread them over 7 API keys" in many and "prices the attack in accounts" in many
+    assert "fit in one account's allowance" not in many
+
+
 def test_a_per_account_guard_is_never_the_policy_to_serve_with(tmp_path: Path) -> None:
     doc = make_results(tmp_path)
     for r in doc["records"]:  # the rate limit now stops every attack

@@ -142,6 +142,7 @@ class Verdict:
     topk: float | None
     blinded: float | None = None  # the API attacker's query blinding, if it adapted
     blinded_up_to: float | None = None  # its largest, after the service blocked accounts
+    accounts: int = 1  # API accounts the strongest API attack opened
 
 
 def _pct(x: float | None) -> str:
@@ -228,10 +229,12 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                     best.lineup,
                 )
                 api_queries = best.median_queries
+                accounts = best.accounts
             else:
                 level, headline = "not measured", f"{defense}: no API attack was run."
                 api_identity = api_recovered = api_lineup = 0.0
                 api_queries = None
+                accounts = 1
             if white is not None:
                 details.append(
                     f"{attack_title('whitebox')}: recovered {_pct(white.recovered)}, "
@@ -313,6 +316,7 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                     topk=util.get("topk_accuracy"),
                     blinded=blinded,
                     blinded_up_to=raised if blinded and raised > blinded else None,
+                    accounts=accounts,
                 )
             )
     return out
@@ -426,6 +430,16 @@ def recommendations(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]
         recs.append(line + ".")
     leaky = [v for v in vs if "rate:" in v.defense and v.level == "exposed"]
     for v in leaky:
+        if v.accounts > 1:
+            recs.append(
+                f"{v.target_model}: the rate limit '{v.defense}' did not stop the API "
+                f"attacks ({_pct(v.api_recovered)} recovered, median "
+                f"{_queries(v.api_queries)} queries per person): the attacker spread them "
+                f"over {v.accounts} API keys. A per-account limit prices the attack in "
+                "accounts, it does not cap it: make accounts costly to open (verification, "
+                "payment) and limit per client as well as per key."
+            )
+            continue
         recs.append(
             f"{v.target_model}: the rate limit '{v.defense}' did not stop the API attacks "
             f"({_pct(v.api_recovered)} recovered, median {_queries(v.api_queries)} queries "
