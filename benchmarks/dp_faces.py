@@ -11,9 +11,18 @@ top-1, mean likeness, and the audit's "recovered" share (top-1 right and likenes
 the audit's threshold). A control row trains the same way with clipping but no noise
 (not private). Prints a Markdown table; writes benchmarks/out/dp_faces.json (--json).
 
+``--public none,head,finetune`` (DAE only) repeats the DAE rows with public pre-training:
+both autoencoder layers and the decoder learned from scikit-image's LFW face crops at no
+privacy cost (``mlinvert.targets.training.public_pretrain``), then only the head or the
+fine-tuning reads the private photos (DP-SGD for finite epsilon, the clip-only SGD for the
+control, AdamW for inf).
+
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/dp_faces.py --labels 10
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/dp_faces.py --labels 40 \
         --kinds softmax --json benchmarks/out/dp_faces_softmax40.json
+    OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/dp_faces.py --labels 10 --kinds dae \
+        --epsilons inf,nan,32,8,1 --public none,head,finetune \
+        --json benchmarks/out/dp_faces_dae_public.json
 """
 
 from __future__ import annotations
@@ -48,21 +57,35 @@ from mlinvert.oracle import LocalOracle, WhiteBoxOracle
 log = logging.getLogger("dp_faces")
 
 
-def dp_target(ds: ImageDataset, kind: str, epsilon: float) -> tuple[Any, dict[str, Any]]:
-    """The DP-SGD model of ``kind`` at ``epsilon`` (seed 0), cached as a model folder."""
+def dp_target(
+    ds: ImageDataset, kind: str, epsilon: float, private: str | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """The DP-SGD model of ``kind`` at ``epsilon`` (seed 0), cached as a model folder;
+    ``private`` (the DAE): pre-trained on the public LFW faces, then only that stage
+    (``head`` or ``finetune``) DP-SGD on the private photos. Epsilon inf with ``private``:
+    the same public pre-training, then that stage without DP (AdamW)."""
     from mlinvert.targets import load as load_model
     from mlinvert.targets.io import read_card, save
-    from mlinvert.targets.training import dp_config, train_target
+    from mlinvert.targets.training import dp_config, public_pretrain, train_target
 
-    folder = OUT / "models" / f"{kind}-dp-eps{epsilon:g}"
+    public = None if private is None else public_pretrain("lfw", private)
+    tag = "" if private is None else f"-public-lfw-{private}"
+    private_dp = math.isfinite(epsilon)
+    folder = OUT / "models" / (f"{kind}-dp-eps{epsilon:g}{tag}" if private_dp else f"{kind}{tag}")
     if not (folder / "model.json").exists():
-        trained = train_target(ds, kind, seed=0, dp=dp_config(kind, epsilon))
+        dp = dp_config(kind, epsilon, private=private) if private_dp else None
+        trained = train_target(ds, kind, seed=0, dp=dp, public=public)
         save(trained.model, folder, card=trained.card)
-        log.info("trained %s at epsilon %g in %.0f s", kind, epsilon, trained.card["train_seconds"])
+        log.info(
+            "trained %s at epsilon %g in %.0f s",
+            folder.name,
+            epsilon,
+            trained.card["train_seconds"],
+        )
     return load_model(folder), read_card(folder)
 
 
-def clip_only_target(ds: ImageDataset, kind: str) -> Any:
+def clip_only_target(ds: ImageDataset, kind: str, private: str | None = None) -> Any:
     """Control: ``kind`` trained by the DP-SGD procedure at epsilon 8's schedule (public
     normalisation, Poisson batches, per-example clipping) but with no noise — not
     private; separates what the noise does from what the training procedure does."""
@@ -73,8 +96,8 @@ def clip_only_target(ds: ImageDataset, kind: str) -> Any:
     from mlinvert.targets.dp_sgd import dp_sgd
     from mlinvert.targets.training import DP_CNN, dp_config, face_config, make_face_model
 
-    if kind == "dae":  # four stages: the DP DAE's own staged training, noise set to 0
-        return _clip_only_dae(ds)
+    if kind == "dae":  # the DP DAE's own staged training, noise set to 0
+        return _clip_only_dae(ds, private)
     dp = dp_config(kind, 8.0)
     config = face_config(kind, seed=0, quick=False)
     if kind == "cnn":  # the network train_target gives a DP CNN
@@ -106,19 +129,21 @@ def clip_only_target(ds: ImageDataset, kind: str) -> Any:
     return model
 
 
-def _clip_only_dae(ds: ImageDataset) -> Any:
-    """The DP DAE (``DP_DAE``, the four stages of ``dp_config("dae", 8)``) trained with
-    every stage's clipping and batches but a noise multiplier of 0: not private."""
+def _clip_only_dae(ds: ImageDataset, private: str | None) -> Any:
+    """The DP DAE (``DP_DAE``, the four stages of ``dp_config("dae", 8)``; with ``private``
+    the public pre-training and that one stage) trained with every DP stage's clipping and
+    batches but a noise multiplier of 0: not private."""
     from unittest import mock
 
     from mlinvert.targets import dp_sgd
-    from mlinvert.targets.training import DP_DAE, dp_config, face_config, make_face_model
+    from mlinvert.targets.training import dp_config, public_pretrain, train_target
 
-    config = replace(face_config("dae", seed=0, quick=False), dp=dp_config("dae", 8.0), **DP_DAE)
-    model = make_face_model("dae", config)
-    x, y = ds.train()
+    public = None if private is None else public_pretrain("lfw", private)
     with mock.patch.object(dp_sgd, "noise_for_schedule", return_value=0.0):
-        model.fit(x, y, class_names=ds.class_names)
+        trained = train_target(
+            ds, "dae", seed=0, dp=dp_config("dae", 8.0, private=private), public=public
+        )
+    model = trained.model
     model.privacy_ = None  # no guarantee at all
     return model
 
@@ -164,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
         default="inf,nan,8,2,1",
         help="inf = the project's non-DP model; nan = the clip-only control (no noise)",
     )
+    p.add_argument(
+        "--public",
+        default="none",
+        help="DAE: none (no public pre-training) and/or head, finetune (public LFW "
+        "pre-training, then that stage on the private photos), comma-separated",
+    )
     p.add_argument("--json", type=Path, default=OUT / "dp_faces.json", help="results file")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -184,36 +215,46 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("noise_template", "held_out_photo")
     }
     rows: list[dict[str, Any]] = []
-    for kind in [k.strip() for k in args.kinds.split(",")]:
-        for eps in [float(e) for e in args.epsilons.split(",")]:
-            t0 = time.perf_counter()
-            if math.isnan(eps):
-                model, card, training = clip_only_target(ds, kind), {}, "sgd-clip-no-noise"
-            elif math.isinf(eps):
-                model, folder = target(ds, kind)
-                card = json.loads((Path(folder) / "model.json").read_text())
-                training = "lbfgs" if kind in ("softmax", "mlp") else "adamw"
-            else:
-                model, card = dp_target(ds, kind, eps)
-                training = "dp-sgd"
-            row: dict[str, Any] = {
-                "kind": kind,
-                "training": training,
-                "epsilon_target": eps if math.isfinite(eps) else None,
-                "privacy": card.get("privacy"),
-                "test_accuracy": float(np.mean(model.predict(x_test) == y_test)),
-                "train_seconds": card.get("train_seconds"),
-            }
-            if kind == "dae":  # the decoder the code-space attack would decode through
-                recon = model.decode(model.encode(x_test))
-                row["test_reconstruction_mse"] = float(((recon - x_test) ** 2).mean())
-            name = f"{kind}-{training}-eps{eps:g}"
-            for attack in ("whitebox", "blackbox"):
-                res = attack_all(model, name, attack, labels, spaces, preset)
-                row[attack] = judged(judge, res.reconstructions, res.labels, res.per_label)
-                row[attack]["seconds"] = float(res.elapsed_s)
-            rows.append(row)
-            log.info("%s done in %.0f s: %s", name, time.perf_counter() - t0, row)
+    publics = [None if m.strip() == "none" else m.strip() for m in args.public.split(",")]
+    runs = [
+        (kind, private, eps)
+        for kind in [k.strip() for k in args.kinds.split(",")]
+        for private in (publics if kind == "dae" else [None])
+        for eps in [float(e) for e in args.epsilons.split(",")]
+    ]
+    for kind, private, eps in runs:
+        t0 = time.perf_counter()
+        if math.isnan(eps):
+            model, card, training = clip_only_target(ds, kind, private), {}, "sgd-clip-no-noise"
+        elif math.isinf(eps) and private is None:
+            model, folder = target(ds, kind)
+            card = json.loads((Path(folder) / "model.json").read_text())
+            training = "lbfgs" if kind in ("softmax", "mlp") else "adamw"
+        elif math.isinf(eps):
+            model, card = dp_target(ds, kind, eps, private)
+            training = "adamw"
+        else:
+            model, card = dp_target(ds, kind, eps, private)
+            training = "dp-sgd"
+        row: dict[str, Any] = {
+            "kind": kind,
+            "public": None if private is None else f"lfw, then private {private}",
+            "training": training,
+            "epsilon_target": eps if math.isfinite(eps) else None,
+            "privacy": card.get("privacy"),
+            "test_accuracy": float(np.mean(model.predict(x_test) == y_test)),
+            "train_seconds": card.get("train_seconds"),
+        }
+        if kind == "dae":  # the decoder the code-space attack would decode through
+            recon = model.decode(model.encode(x_test))
+            row["test_reconstruction_mse"] = float(((recon - x_test) ** 2).mean())
+        name = f"{kind}-{training}-eps{eps:g}" + ("" if private is None else f"-pub-{private}")
+        for attack in ("whitebox", "blackbox"):
+            res = attack_all(model, name, attack, labels, spaces, preset)
+            row[attack] = judged(judge, res.reconstructions, res.labels, res.per_label)
+            row[attack]["seconds"] = float(res.elapsed_s)
+        rows.append(row)
+        log.info("%s done in %.0f s: %s", name, time.perf_counter() - t0, row)
     doc = {
         "command": "OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/dp_faces.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
@@ -242,10 +283,11 @@ def main(argv: list[str] | None = None) -> int:
             eps_text = "inf: clip-only SGD control"
         else:
             eps_text = f"inf (no DP, {'L-BFGS' if r['training'] == 'lbfgs' else 'AdamW'})"
+        model_text = r["kind"] + ("" if not r.get("public") else f" (public {r['public']})")
         sigma = "-" if pr is None else f"{pr['noise_multiplier']:.2f}"
         w, b = r["whitebox"], r["blackbox"]
         print(
-            f"| {r['kind']} | {eps_text} | {sigma} | {pct(r['test_accuracy'])} | "
+            f"| {model_text} | {eps_text} | {sigma} | {pct(r['test_accuracy'])} | "
             f"{pct(w['eval_top1'])} | {w['likeness']:.2f} | {pct(w['recovered'])} | "
             f"{pct(b['eval_top1'])} | {b['likeness']:.2f} | {pct(b['recovered'])} | "
             f"{b['queries_mean']:.0f} |"
@@ -261,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nDAE test reconstruction MSE (the mean training image: {mean_mse:.4f}):")
         for r in recon_rows:
             print(
-                f"- {r['training']} epsilon {r['epsilon_target']}: "
+                f"- {r['training']} epsilon {r['epsilon_target']}"
+                + ("" if not r.get("public") else f" (public {r['public']})")
+                + ": "
                 f"{r['test_reconstruction_mse']:.4f}"
             )
     print(f"\nwrote {out}")
