@@ -173,7 +173,8 @@ class AuditConfig:
     ``model_dir`` card, else the embedded default ``digits``); ``model_dir`` audits an
     existing model folder (its card's private/held-out split is used, so the judge
     compares with what the model really trained on) instead of training ``targets``
-    (specs of :func:`parse_target`: a kind, or ``KIND@dp:EPSILON`` for a DP-SGD model);
+    (specs of :func:`parse_target_spec`: a kind, ``KIND@dp:EPSILON`` for a DP-SGD model, and
+    for the dae ``@public:lfw`` and ``@dp:EPSILON+public:lfw``, public pre-training);
     ``labels`` attacks the first N classes (``None``: all); ``budget`` caps the API
     queries of one black-box or label-only attack on one person (``None``: the preset
     for the image size); ``defenses``
@@ -976,9 +977,9 @@ def _load_or_train(
     """The target of ``spec`` (see :func:`parse_target`): reloaded from the run's
     ``models/NAME`` folder if there, else trained and saved there."""
     from mlinvert.targets import io
-    from mlinvert.targets.training import dp_config, train_target
+    from mlinvert.targets.training import dp_config, public_pretrain, train_target
 
-    name, kind, epsilon = parse_target(spec)
+    name, kind, epsilon, public_spec = parse_target_spec(spec)
     folder = ctx_out / "models" / name
     if (folder / "model.json").exists():
         emit("stage", {"name": f"loading {name} from {folder}"})
@@ -988,42 +989,76 @@ def _load_or_train(
             log.warning("cannot reload %s (%s); training it again", folder, exc)
         else:
             return _Target(name=name, model=model, card=io.read_card(folder), folder=folder)
-    dp = None if epsilon is None else dp_config(kind, epsilon, quick=quick)
+    public = None if public_spec is None else public_pretrain(*public_spec, quick=quick)
+    private = None if public is None else public.private
+    dp = None if epsilon is None else dp_config(kind, epsilon, quick=quick, private=private)
     emit("stage", {"name": f"training {name}" + ("" if dp is None else " (DP-SGD)")})
-    trained = train_target(dataset, kind, seed=config.seed, quick=quick, dp=dp)
+    trained = train_target(dataset, kind, seed=config.seed, quick=quick, dp=dp, public=public)
     io.save(trained.model, folder, card=trained.card)
     return _Target(name=name, model=trained.model, card=io.read_card(folder), folder=folder)
 
 
 def parse_target(spec: str) -> tuple[str, str, float | None]:
-    """``(name, kind, epsilon)`` of an audit target spec.
+    """``(name, kind, epsilon)`` of an audit target spec (:func:`parse_target_spec`)."""
+    name, kind, epsilon, _ = parse_target_spec(spec)
+    return name, kind, epsilon
+
+
+def parse_target_spec(spec: str) -> tuple[str, str, float | None, tuple[str, str] | None]:
+    """``(name, kind, epsilon, public)`` of an audit target spec.
 
     ``KIND`` trains that face model as usual; ``KIND@dp:EPSILON`` trains it by DP-SGD
     at privacy budget epsilon (:func:`mlinvert.targets.training.dp_config`; the kinds of
     ``DP_KINDS``), named ``KIND-dpEPSILON`` in the results, so a DP model is audited beside the
-    plain one under the same defences.
+    plain one under the same defences. For the dae, ``@public:SET[:STAGE]`` (alone or after
+    ``dp:EPSILON`` with ``+``, e.g. ``dae@dp:8+public:lfw``) pre-trains it on the public face
+    set first and trains only ``STAGE`` (``head``, the default, or ``finetune``) on the
+    private photos (:class:`mlinvert.targets.dae.PublicPretrain`); ``public`` is then
+    ``(SET, STAGE)`` and the name ends ``-public-SET-STAGE``.
     """
+    from mlinvert.targets.dae import PublicPretrain
     from mlinvert.targets.training import DP_KINDS, dp_config
 
     kind, sep, rest = spec.strip().partition("@")
     kind = kind.strip().lower()
     if not sep:
-        return kind, kind, None
-    how, _, value = rest.partition(":")
-    try:
-        if how.strip().lower() != "dp":
-            raise ValueError
-        epsilon = float(value)
-    except ValueError:
-        raise ConfigError(
-            f"target {spec!r}: write KIND or KIND@dp:EPSILON, e.g. softmax@dp:8"
-        ) from None
-    if kind not in DP_KINDS:
-        raise ConfigError(
-            f"target {spec!r}: DP-SGD training is available for {', '.join(DP_KINDS)}, not {kind!r}"
-        )
-    dp_config(kind, epsilon)  # checks epsilon
-    return f"{kind}-dp{epsilon:g}", kind, epsilon
+        return kind, kind, None, None
+    usage = (
+        f"target {spec!r}: write KIND or KIND@dp:EPSILON, e.g. softmax@dp:8 (the dae also "
+        "takes @public:lfw[:head|finetune] and @dp:EPSILON+public:lfw[:head|finetune])"
+    )
+    epsilon: float | None = None
+    public: tuple[str, str] | None = None
+    for part in rest.split("+"):
+        how, _, value = part.partition(":")
+        how = how.strip().lower()
+        if how == "dp" and epsilon is None:
+            try:
+                epsilon = float(value)
+            except ValueError:
+                raise ConfigError(usage) from None
+        elif how == "public" and public is None:
+            if kind != "dae":
+                raise ConfigError(
+                    f"target {spec!r}: public pre-training is available for the dae only, "
+                    f"not {kind!r}"
+                )
+            data, _, stage = value.partition(":")
+            checked = PublicPretrain(data=data, private=stage.strip().lower() or "head")
+            public = (checked.data, checked.private)
+        else:
+            raise ConfigError(usage)
+    if epsilon is not None:
+        if kind not in DP_KINDS:
+            raise ConfigError(
+                f"target {spec!r}: DP-SGD training is available for {', '.join(DP_KINDS)}, "
+                f"not {kind!r}"
+            )
+        dp_config(kind, epsilon, private=None if public is None else public[1])  # checks
+    name = kind + ("" if epsilon is None else f"-dp{epsilon:g}")
+    if public is not None:
+        name += f"-public-{public[0]}-{public[1]}"
+    return name, kind, epsilon, public
 
 
 def _test_accuracy(model: Any, dataset: ImageDataset) -> float:
