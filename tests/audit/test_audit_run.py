@@ -234,7 +234,10 @@ def test_audit_over_the_real_http_service(tmp_path: Path, resumed: dict[str, Any
     # learns from the 403, doubles its noise and goes on through its second key unseen
     adapted = [r for r in final["records"] if r["defense"] == "detect:block:20"]
     assert len(adapted) == 2 and all(r["status"] != "blocked" for r in adapted), adapted
-    assert all(r["blinded"] == 0.05 and r["blinded_up_to"] == 0.1 for r in adapted)
+    assert all(r["blinded"] == 0.05 and r["blinded_up_to"] == 0.1 for r in adapted), [
+        (r["blinded"], r["blinded_up_to"], r["accounts"], r["n_queries"], r["status"])
+        for r in adapted
+    ]
     assert all(r["accounts"] == 2 and r["n_queries"] > 0 for r in adapted)
     store = Store(out / "service" / "detect_block_20.sqlite3")
     (flag,) = store.flags()  # the first key only
