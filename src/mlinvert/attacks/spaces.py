@@ -426,10 +426,10 @@ def load_aux(spec: str) -> np.ndarray:
     (25 x 25, shipped with scikit-image, people unrelated to any target); any other
     spec goes to :func:`mlinvert.data.load` (``folder:PATH``, ``att:PATH``, ...).
     """
-    if spec.strip().lower() == "lfw":
-        from skimage.data import lfw_subset
+    from mlinvert.data.public import PUBLIC_FACES, raw_public_faces
 
-        return np.asarray(lfw_subset()[:100], dtype=np.float64)
+    if spec.strip().lower() in PUBLIC_FACES:
+        return raw_public_faces(spec)
     from mlinvert.data import load
 
     ds = load(spec)

@@ -35,16 +35,22 @@ def check_public_faces(name: object) -> str:
     return name.strip().lower()
 
 
+def raw_public_faces(name: str) -> np.ndarray:
+    """The public face set ``name`` at its own size: float64 ``(m, h, w)`` in [0, 1]
+    (also the attacker's public prior, :func:`mlinvert.attacks.spaces.load_aux`)."""
+    name = check_public_faces(name)
+    if name == "lfw":
+        from skimage.data import lfw_subset
+
+        return np.asarray(lfw_subset()[:100], dtype=np.float64)
+    raise ConfigError(f"unknown public face set {name!r}")  # pragma: no cover
+
+
 @lru_cache(maxsize=4)
 def _resized(name: str, shape: tuple[int, int]) -> np.ndarray:
     from skimage.transform import resize
 
-    if name == "lfw":
-        from skimage.data import lfw_subset
-
-        faces = np.asarray(lfw_subset()[:100], dtype=np.float64)
-    else:  # pragma: no cover - check_public_faces refuses other names
-        raise ConfigError(f"unknown public face set {name!r}")
+    faces = raw_public_faces(name)
     out = np.stack([resize(im, shape, order=1, anti_aliasing=True) for im in faces])
     out = np.clip(out, 0.0, 1.0).astype(np.float32)
     out.setflags(write=False)
