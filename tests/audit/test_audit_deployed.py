@@ -285,7 +285,7 @@ def test_resumed_audit_moves_past_a_key_blocked_in_the_earlier_run(
     audit whose first key was blocked meanwhile moves on to the second key instead of
     taking the refusal for "this batch is refused by any key"."""
     from mlinvert.defenses.detector import Flag
-    from mlinvert.evaluation.audit import key_fingerprint
+    from mlinvert.oracle.http import key_fingerprint
 
     db = tmp_path / "resume.sqlite3"
     store = Store(db)

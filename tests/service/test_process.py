@@ -234,3 +234,49 @@ def test_attack_cli_escalates_its_blinding_when_a_key_is_blocked(
         for i in range(10)
     ]
     assert rising["n_queries"] == sum(answered) > fixed["n_queries"]
+
+
+def test_attack_cli_resumed_with_a_checkpoint_moves_past_a_key_blocked_meanwhile(
+    tmp_path: Path, model_dir: tuple[Path, Any]
+) -> None:
+    """`--checkpoint F` with several keys keeps what each key answered (`F.keys.json`, by
+    fingerprint); when the service blocks the first key between two runs, the second run
+    moves on to the next key instead of stopping as if its batch were refused by any."""
+    import json
+
+    from mlinvert.cli.main import main
+    from mlinvert.defenses.detector import Flag
+    from mlinvert.oracle.http import key_fingerprint
+
+    folder, _ = model_dir
+    db = tmp_path / "service.db"
+    store = Store(db)
+    keys = [store.create_key(f"sybil-{i}")[0] for i in range(2)]
+    ckpt = tmp_path / "attack.npz"
+    args = ["attack", "miface", "--mode", "blackbox", "--gradient", "nes", "--samples", "5"]
+    args += ["--budget", "100", "--api-key", ",".join(keys), "--checkpoint", str(ckpt)]
+
+    def run(label: str, url: str) -> dict[str, Any]:
+        out = tmp_path / label
+        with pytest.raises(SystemExit) as done:
+            main([*args, "--target", url, "--label", label, "--out", str(out)])
+        assert done.value.code == 0
+        return dict(json.loads((out / "result.json").read_text()))
+
+    def answered(account: str) -> int:
+        return sum(q.n_inputs for q in store.queries(account) if q.outcome == "ok")
+
+    with ServiceProcess([f"toy={folder}"], db=db, detector="detect:block:5000") as service:
+        first = run("s0", service.model_url("toy"))
+        ledger = json.loads((tmp_path / "attack.npz.keys.json").read_text())
+        assert ledger == {key_fingerprint(keys[0]): first["n_queries"], key_fingerprint(keys[1]): 0}
+        assert answered("sybil-0") == first["n_queries"] > 0
+        store.flag(Flag(account="sybil-0", at=0.0, near_duplicates=1, inputs=1, detail="test"))
+        second = run("s1", service.model_url("toy"))
+    assert second["per_label"][0]["status"] != "blocked"
+    assert answered("sybil-1") == second["n_queries"] > 0
+    assert answered("sybil-0") == first["n_queries"]
+    assert json.loads((tmp_path / "attack.npz.keys.json").read_text()) == {
+        key_fingerprint(keys[0]): first["n_queries"],
+        key_fingerprint(keys[1]): second["n_queries"],
+    }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,48 @@ def _keys(api_key: str | None) -> list[str]:
     return [k.strip() for k in (api_key or "").split(",") if k.strip()]
 
 
+def _key_ledger(checkpoint: Path | None, api_key: str | None) -> Path | None:
+    """Where a multi-key API attack with ``--checkpoint`` keeps what each key answered
+    (``CHECKPOINT.keys.json``, by key fingerprint), so a resumed run moves past a key the
+    service refused meanwhile; None without a checkpoint or with one key."""
+    if checkpoint is None or len(_keys(api_key)) < 2:
+        return None
+    return checkpoint.with_name(checkpoint.name + ".keys.json")
+
+
+def _read_ledger(ledger: Path | None, keys: list[str]) -> list[int]:
+    """Inputs each of ``keys`` answered in earlier runs (zeros without a ledger)."""
+    import json
+
+    from mlinvert.oracle.http import key_fingerprint
+
+    if ledger is None or not ledger.exists():
+        return [0] * len(keys)
+    try:
+        counts = json.loads(ledger.read_text())
+        return [int(counts.get(key_fingerprint(k), 0)) for k in keys]
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(
+            f"{ledger} is not a key ledger written by mlinvert ({exc}); delete it to start "
+            "the keys' counts afresh"
+        ) from None
+
+
+def _write_ledger(ledger: Path, keys: list[str], before: list[int], rotating: Any) -> None:
+    """Add what each key answered in this run to the ledger (atomic replace)."""
+    import json
+
+    from mlinvert.oracle.http import key_fingerprint
+
+    counts = {
+        key_fingerprint(k): n + int(o.n_queries)
+        for k, n, o in zip(keys, before, rotating.oracles, strict=True)
+    }
+    tmp = ledger.with_name(ledger.name + ".tmp")
+    tmp.write_text(json.dumps(counts, indent=1) + "\n")
+    tmp.replace(ledger)
+
+
 def _oracle(
     model: Path | None,
     target: str | None,
@@ -33,10 +75,12 @@ def _oracle(
     policy: str,
     *,
     escalate: tuple[float, int] | None = None,
+    answered_before: Sequence[int] = (),
 ) -> Any:
     """The attacker's oracle: a local model, or the API through one key or several
     (``escalate`` = (amplitude, seed): each key blinds its probes, the noise doubled
-    each time the service blocks one)."""
+    each time the service blocks one; ``answered_before``: what each key answered in an
+    earlier, interrupted run, see :class:`~mlinvert.oracle.wrappers.Rotating`)."""
     if (model is None) == (target is None):
         raise ConfigError(
             "pass exactly one of --model DIR (a local model folder) or "
@@ -60,8 +104,10 @@ def _oracle(
         accounts = [HttpOracle(target, k, max_wait=0.0) for k in keys[:-1]]
         accounts.append(HttpOracle(target, keys[-1]))
         if escalate is not None:
-            return escalating(accounts, escalate[0], seed=escalate[1])
-        return Rotating(accounts)
+            return escalating(
+                accounts, escalate[0], seed=escalate[1], answered_before=answered_before
+            )
+        return Rotating(accounts, answered_before=answered_before)
     from mlinvert.defenses import Predictor, parse_policy
     from mlinvert.oracle import LocalOracle, WhiteBoxOracle
     from mlinvert.targets import load
@@ -293,6 +339,8 @@ def register(app: typer.Typer) -> None:
                 "--escalate raises the --blind noise each time the service blocks a key: it "
                 "needs --target URL, --blind A and several keys (--api-key K1,K2,...)"
             )
+        ledger = _key_ledger(checkpoint, api_key) if target is not None else None
+        before = _read_ledger(ledger, _keys(api_key))
         base = _oracle(
             model,
             target,
@@ -300,6 +348,7 @@ def register(app: typer.Typer) -> None:
             mode,
             policy,
             escalate=(blind, seed) if escalate and blind is not None else None,
+            answered_before=before if ledger is not None else (),
         )
         oracle = base
         if blind is not None and not escalate:
@@ -378,17 +427,21 @@ def register(app: typer.Typer) -> None:
                     rate=ev.n_queries / max(ev.elapsed_s, 1e-9),
                 )
 
-            results = run_lockstep(
-                make,
-                oracle,
-                labels,
-                lanes=min(lanes, len(labels)),
-                seed=seed,
-                budget=budget,
-                progress=show,
-                checkpoint=ckpt,
-                stop_on=STOPPED,
-            )
+            try:
+                results = run_lockstep(
+                    make,
+                    oracle,
+                    labels,
+                    lanes=min(lanes, len(labels)),
+                    seed=seed,
+                    budget=budget,
+                    progress=show,
+                    checkpoint=ckpt,
+                    stop_on=STOPPED,
+                )
+            finally:  # interrupted too: the keys' answers were spent
+                if ledger is not None:
+                    _write_ledger(ledger, _keys(api_key), before, base)
             for result in results:
                 bar.update(
                     tasks.pop(int(result.labels[0])),

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import hashlib
 import itertools
 import json
 import logging
@@ -50,6 +49,7 @@ from threadpoolctl import threadpool_limits
 from mlinvert.data.base import ImageDataset, Split
 from mlinvert.errors import ConfigError, DataError, MlinvertError, ModelError, OracleError
 from mlinvert.oracle.base import Response
+from mlinvert.oracle.http import key_fingerprint
 from mlinvert.oracle.lockstep import check_lanes
 from mlinvert.oracle.wrappers import largest_blinding
 
@@ -158,11 +158,6 @@ class Defense:
     def slug(self) -> str:
         """File-name-safe form of ``name``."""
         return re.sub(r"[^A-Za-z0-9._-]+", "_", self.name)
-
-
-def key_fingerprint(key: str) -> str:
-    """What the results say of an API key: the start of its SHA-256 (the key is secret)."""
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,6 +11,7 @@ exponential backoff; a 429 is waited out as its ``Retry-After`` says, up to
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import time
@@ -37,6 +38,13 @@ from mlinvert.errors import (
 from mlinvert.oracle.base import OracleInfo, Response
 
 log = logging.getLogger(__name__)
+
+
+def key_fingerprint(key: str) -> str:
+    """What results and checkpoints say of an API key: the start of its SHA-256 (the key
+    is a secret and is never written)."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
 
 _STATUS_ERRORS: dict[int, type[OracleError]] = {
     400: BadRequest,
