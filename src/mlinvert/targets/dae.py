@@ -53,7 +53,7 @@ from mlinvert.targets._torch import (
     log,
 )
 from mlinvert.targets.dp import DPConfig
-from mlinvert.targets.dp_sgd import StagedDP
+from mlinvert.targets.dp_sgd import StagedDP, cross_entropy_sum
 
 #: The DP-SGD stages of a DAE, in the order they run (names of ``DPConfig.stages``).
 DP_STAGES = ("layer1", "layer2", "finetune", "decoder")
@@ -312,10 +312,6 @@ class _DPHead(nn.Module):
         return self.head(z)
 
 
-def _ce_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, y, reduction="sum")
-
-
 class StackedDAE(TorchTarget):
     """The paper's stacked denoising autoencoder (1000 -> 300 sigmoid) + softmax head.
 
@@ -504,7 +500,7 @@ class StackedDAE(TorchTarget):
                     Z = net.encode(X)
                     net.head.weight.zero_()
                     net.head.bias.zero_()
-                plan.run("head", _DPHead(net), Z, y, loss=_ce_sum)
+                plan.run("head", _DPHead(net), Z, y, loss=cross_entropy_sum)
             else:
                 plan.run("finetune", _DPFinetune(net), X, y, loss=self._dp_finetune_loss())
                 self._refit_decoder(net, P, what=f"public ({public.data}), after DP fine-tuning")

@@ -168,31 +168,19 @@ def _dp_dae(epsilon: float, delta: float | None, quick: bool, private: str | Non
     its one private stage (:data:`DP_DAE_PUBLIC_STAGES`; see :func:`dp_config`)."""
     from mlinvert.targets.dp import DPStage
 
-    if private is not None:
-        if private not in DP_DAE_PUBLIC_STAGES:
-            raise ConfigError(
-                f"after public pre-training the dae's private stage is one of "
-                f"{', '.join(DP_DAE_PUBLIC_STAGES)}, got {private!r}"
-            )
-        epochs, lr, clip = DP_DAE_PUBLIC_STAGES[private]
-        stage = DPStage(
-            name=private,
-            epochs=max(1, epochs // 4) if quick else epochs,
-            batch_size=DP_DAE_BATCH,
-            lr=lr,
-            clip=clip,
+    def stage(name: str, epochs: int, lr: float, clip: float) -> DPStage:
+        quarter = max(1, epochs // 4) if quick and epochs else epochs
+        return DPStage(name=name, epochs=quarter, batch_size=DP_DAE_BATCH, lr=lr, clip=clip)
+
+    if private is None:
+        stages = tuple(stage(*s) for s in DP_DAE_STAGES)
+    elif private in DP_DAE_PUBLIC_STAGES:
+        stages = (stage(private, *DP_DAE_PUBLIC_STAGES[private]),)
+    else:
+        raise ConfigError(
+            f"after public pre-training the dae's private stage is one of "
+            f"{', '.join(DP_DAE_PUBLIC_STAGES)}, got {private!r}"
         )
-        return DPConfig(epsilon=epsilon, delta=delta, batch_size=DP_DAE_BATCH, stages=(stage,))
-    stages = tuple(
-        DPStage(
-            name=name,
-            epochs=max(1, epochs // 4) if quick and epochs else epochs,
-            batch_size=DP_DAE_BATCH,
-            lr=lr,
-            clip=clip,
-        )
-        for name, epochs, lr, clip in DP_DAE_STAGES
-    )
     return DPConfig(epsilon=epsilon, delta=delta, batch_size=DP_DAE_BATCH, stages=stages)
 
 
