@@ -69,6 +69,45 @@ def test_a_refused_batch_costs_nothing() -> None:
     limiter.check("a", batch(2), now=0.0)
 
 
+def _check_allowance_reads_without_taking(store: MemoryBuckets | RedisBuckets) -> None:
+    limiter = RateLimiter("10/minute", store)  # one input every 6 s
+    fresh = limiter.allowance("a", now=50.0)
+    assert (fresh.remaining, fresh.refill_in, fresh.reset_in) == (10, 0.0, 0.0)
+    limiter.check("a", batch(7), now=100.0)
+    for _ in range(3):  # reading spends nothing, however often
+        seen = limiter.allowance("a", now=103.0)
+        assert seen.remaining == 3 and seen.tokens == pytest.approx(3.5)
+        assert seen.refill_in == pytest.approx(3.0) and seen.reset_in == pytest.approx(39.0)
+    limiter.check("a", batch(3), now=103.0)
+    with pytest.raises(RateLimited):
+        limiter.check("a", batch(1), now=103.0)
+    assert limiter.allowance("a", now=103.0).remaining == 0
+    assert limiter.allowance("a", now=200.0).reset_in == 0.0  # refilled with the clock
+    assert limiter.allowance("b", now=103.0).remaining == 10  # accounts are separate
+
+
+def test_memory_allowance_reads_without_taking() -> None:
+    _check_allowance_reads_without_taking(MemoryBuckets())
+
+
+@pytest.mark.redis
+def test_redis_allowance_reads_without_taking(redis_url: str) -> None:
+    _check_allowance_reads_without_taking(RedisBuckets(redis_url, prefix="t4:"))
+
+
+@pytest.mark.redis
+def test_redis_allowance_fails_closed() -> None:
+    try:
+        server = RedisServer()
+    except ConfigError as exc:
+        pytest.skip(f"redis-server binary absent: {exc}")
+    with server:
+        limiter = RateLimiter("10/minute", RedisBuckets(server.url, prefix="t5:"))
+        assert limiter.allowance("a", now=0.0).remaining == 10
+    with pytest.raises(RateLimited, match="unreachable"):
+        limiter.allowance("a", now=1.0)
+
+
 def _hammer(limiter: RateLimiter, threads: int, per_thread: int, size: int) -> int:
     admitted = [0] * threads
     start = threading.Barrier(threads)

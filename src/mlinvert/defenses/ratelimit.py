@@ -4,8 +4,10 @@ A batch of 64 inputs costs 64 tokens, so batching cannot dodge the limit; a batc
 admitted whole or refused whole (RateLimited with ``retry_after``). Buckets live in a
 storage backend: :class:`MemoryBuckets` (one process, thread-safe) or
 :class:`RedisBuckets` (an atomic Lua script, so several service processes share one
-budget). Rate limiting as a model-extraction and inversion defence: Tramèr et al.,
-USENIX Security 2016, Section 8; Fredrikson et al., CCS 2015, Section 7.
+budget); ``peek`` reads a bucket without taking from it (what
+:meth:`RateLimiter.allowance` reports to an account). Rate limiting as a model-extraction
+and inversion defence: Tramèr et al., USENIX Security 2016, Section 8; Fredrikson et al.,
+CCS 2015, Section 7.
 """
 
 from __future__ import annotations
@@ -86,11 +88,40 @@ class Admission:
     retry_after: float
 
 
+@dataclass(frozen=True)
+class Allowance:
+    """An account's bucket at one moment, read without taking anything from it."""
+
+    rate: Rate
+    tokens: float
+
+    @property
+    def remaining(self) -> int:
+        """Inputs the account may send now."""
+        return math.floor(self.tokens)
+
+    @property
+    def refill_in(self) -> float:
+        """Seconds until one more input is allowed (0 when the bucket is full)."""
+        if self.tokens >= self.rate.count:
+            return 0.0
+        return (self.remaining + 1 - self.tokens) / self.rate.per_second
+
+    @property
+    def reset_in(self) -> float:
+        """Seconds until the bucket is full again (0 when it is)."""
+        return max(0.0, self.rate.count - self.tokens) / self.rate.per_second
+
+
 class BucketStore(Protocol):
     """Where token buckets live; ``take`` must be atomic."""
 
     def take(self, key: str, cost: int, rate: Rate, now: float) -> Admission:
         """Take ``cost`` tokens from ``key``'s bucket at time ``now`` or refuse."""
+        ...
+
+    def peek(self, key: str, rate: Rate, now: float) -> float:
+        """The tokens in ``key``'s bucket at time ``now``, taking none."""
         ...
 
     def reset(self, key: str) -> None:
@@ -122,6 +153,12 @@ class MemoryBuckets:
                 return Admission(True, tokens - cost, 0.0)
             self._state[key] = (tokens, last)
             return Admission(False, tokens, (cost - tokens) / rate.per_second)
+
+    def peek(self, key: str, rate: Rate, now: float) -> float:
+        """The tokens in the bucket at ``now`` (a bucket never used is full)."""
+        with self._lock:
+            tokens, last = self._state.get(key, (float(rate.count), now))
+        return _refill(tokens, last, rate, now)
 
     def reset(self, key: str) -> None:
         """Forget a bucket."""
@@ -208,6 +245,24 @@ class RedisBuckets:
             ) from None
         return Admission(bool(int(allowed)), float(remaining), float(retry))
 
+    def peek(self, key: str, rate: Rate, now: float) -> float:
+        """The tokens in the bucket at ``now`` (one HMGET, nothing written; a bucket
+        never used, or expired, is full). RateLimited if Redis cannot be reached."""
+        import redis
+
+        try:
+            tokens, ts = self.client.hmget(self.prefix + key, ["tokens", "ts"])
+        except redis.RedisError as exc:
+            log.error("rate-limit store %s unreachable: %s", self.url, exc)
+            raise RateLimited(
+                f"the rate limiter's store is unreachable ({type(exc).__name__}); retry in a "
+                "second",
+                retry_after=1.0,
+            ) from None
+        if tokens is None or ts is None:
+            return float(rate.count)
+        return _refill(float(tokens), float(ts), rate, now)
+
     def reset(self, key: str) -> None:
         """Forget a bucket."""
         self.client.delete(self.prefix + key)
@@ -247,3 +302,7 @@ class RateLimiter:
 
     def observe(self, account: str, x: np.ndarray, now: float) -> None:
         """Nothing to do: the tokens were taken in ``check``."""
+
+    def allowance(self, account: str, now: float) -> Allowance:
+        """What ``account`` may send at ``now`` and when it refills, taking nothing."""
+        return Allowance(self.rate, self.store.peek(account, self.rate, now))
