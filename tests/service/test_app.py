@@ -50,7 +50,13 @@ def test_listing_health_metrics_openapi(
     assert "mlinvert_request_latency_seconds_count 2" in text
     spec = client.get("/openapi.json").json()
     assert "PredictRequest" in spec["components"]["schemas"]
-    assert set(spec["paths"]) == {"/healthz", "/metrics", "/v1/models", "/v1/models/{name}/predict"}
+    assert set(spec["paths"]) == {
+        "/healthz",
+        "/metrics",
+        "/v1/account",
+        "/v1/models",
+        "/v1/models/{name}/predict",
+    }
 
 
 def test_json_binary_and_uint8_agree(

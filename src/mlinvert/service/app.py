@@ -2,7 +2,11 @@
 
 The route does HTTP only: authentication, body limits, decoding and the query log.
 Every defence runs inside the :class:`~mlinvert.defenses.Predictor`, the same object
-a :class:`~mlinvert.oracle.LocalOracle` calls.
+a :class:`~mlinvert.oracle.LocalOracle` calls. Under a rate limit, prediction answers
+(200 and 429) carry ``RateLimit-Limit``, ``RateLimit-Remaining``, ``RateLimit-Reset``
+and ``RateLimit-Policy`` (draft-ietf-httpapi-ratelimit-headers-06); ``GET /v1/account``
+tells the caller its limit, what it may still send and whether it is blocked, without
+counting as a query.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,9 +44,11 @@ from mlinvert.defenses.ratelimit import (
 )
 from mlinvert.errors import (
     BadRequest,
+    ConfigError,
     InputTooLarge,
     MlinvertError,
     QueryRejected,
+    RateLimited,
     Unauthorized,
     UnknownModel,
     UnsupportedMediaType,
@@ -50,12 +56,14 @@ from mlinvert.errors import (
 from mlinvert.service.errors import error_body, error_response, status_of
 from mlinvert.service.metrics import Metrics
 from mlinvert.service.schemas import (
+    AccountInfo,
     ErrorBody,
     Health,
     ModelInfo,
     ModelList,
     PredictRequest,
     PredictResponse,
+    RateLimitStatus,
 )
 from mlinvert.service.settings import ServiceSettings
 from mlinvert.service.store import Store, input_digests
@@ -74,6 +82,21 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (415, "Unsupported Content-Type: send application/json or application/octet-stream"),
         (422, "Input refused: wrong shape, dtype, NaN/inf, out of [0, 1], unknown field"),
         (429, "Rate limit reached; see Retry-After"),
+    )
+}
+
+#: The rate-limit fields of draft-ietf-httpapi-ratelimit-headers-06, as documented.
+_RATE_HEADERS: dict[str, dict[str, Any]] = {
+    name: {"description": text + " (only under a rate limit)", "schema": {"type": kind}}
+    for name, text, kind in (
+        ("RateLimit-Limit", "The bucket's capacity in inputs", "integer"),
+        ("RateLimit-Remaining", "Inputs the account may send now", "integer"),
+        (
+            "RateLimit-Reset",
+            "Seconds until the capacity is back; on 429 the same moment as Retry-After",
+            "integer",
+        ),
+        ("RateLimit-Policy", "CAPACITY;w=SECONDS: the inputs refilled per window", "string"),
     )
 }
 
@@ -122,17 +145,54 @@ def build_predictors(
     }
 
 
+def _limiter(predictor: Predictor) -> RateLimiter | None:
+    return next((g for g in predictor.guards if isinstance(g, RateLimiter)), None)
+
+
 def _max_batch(predictor: Predictor) -> int:
-    limit = predictor.max_batch
-    for guard in predictor.guards:
-        if isinstance(guard, RateLimiter):
-            limit = min(limit, guard.rate.count)
-    return limit
+    limiter = _limiter(predictor)
+    return predictor.max_batch if limiter is None else min(predictor.max_batch, limiter.rate.count)
+
+
+def _refuses(predictor: Predictor, account: str) -> bool:
+    """Whether ``predictor``'s query detector refuses ``account`` now (a standing flag)."""
+    return any(
+        isinstance(g, QueryDetector)
+        and g.config.action == "block"
+        and g.flags.flagged(account) is not None
+        for g in predictor.guards
+    )
+
+
+def rate_headers(
+    predictor: Predictor, account: str, retry_after: float | None = None
+) -> dict[str, str]:
+    """The RateLimit fields (draft-ietf-httpapi-ratelimit-headers-06) of ``account``'s
+    bucket now, read without taking from it: its capacity, the inputs it may send, the
+    seconds until it is full (``retry_after``, rounded up as Retry-After is, when a batch
+    was refused) and the refill window. None without a rate limit, or when the bucket's
+    store cannot be read (the answer then goes out without them)."""
+    limiter = _limiter(predictor)
+    if limiter is None:
+        return {}
+    try:
+        allowance = limiter.allowance(account, predictor.clock())
+    except RateLimited:
+        return {}
+    rate = limiter.rate
+    reset = allowance.reset_in if retry_after is None else retry_after
+    return {
+        "RateLimit-Limit": str(rate.count),
+        "RateLimit-Remaining": str(allowance.remaining),
+        "RateLimit-Reset": str(math.ceil(reset)),
+        "RateLimit-Policy": f"{rate.count};w={math.ceil(rate.period)}",
+    }
 
 
 def _model_info(predictor: Predictor) -> ModelInfo:
     info = predictor.info
-    rate = next((str(g.rate) for g in predictor.guards if isinstance(g, RateLimiter)), None)
+    limiter = _limiter(predictor)
+    rate = None if limiter is None else str(limiter.rate)
     detector = next((g.config.name for g in predictor.guards if isinstance(g, QueryDetector)), None)
     model = predictor.model
     return ModelInfo(
@@ -315,6 +375,7 @@ class _Outcome:
     status: int
     body: bytes | None = None
     error: MlinvertError | None = None
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class _PredictHandler:
@@ -390,7 +451,10 @@ class _PredictHandler:
                 reason=type(exc).__name__,
                 seconds=time.perf_counter() - started,
             )
-            return _Outcome(status, error=exc)
+            headers = {}
+            if isinstance(exc, RateLimited) and account is not None and name in self.predictors:
+                headers = rate_headers(self.predictors[name], account, exc.retry_after)
+            return _Outcome(status, error=exc, headers=headers)
         assert account is not None and x is not None  # set on the success path
         self.store.log_query(
             account=account,
@@ -429,7 +493,7 @@ class _PredictHandler:
             reason=None,
             seconds=time.perf_counter() - started,
         )
-        return _Outcome(200, body=body_out)
+        return _Outcome(200, body=body_out, headers=rate_headers(predictor, account))
 
 
 def _safe_digests(x: np.ndarray | None) -> tuple[str, ...]:
@@ -457,10 +521,20 @@ def create_app(
     store: Store | None = None,
     metrics: Metrics | None = None,
 ) -> FastAPI:
-    """Build the prediction service for ``predictors`` (a mapping or a list, keyed by name)."""
+    """Build the prediction service for ``predictors`` (a mapping or a list, keyed by name).
+
+    The predictors share at most one :class:`RateLimiter` (an account has one budget, as
+    :func:`build_predictors` makes them); ConfigError otherwise.
+    """
     if not isinstance(predictors, Mapping):
         predictors = {p.name: p for p in predictors}
     predictors = dict(predictors)
+    limiters = {id(lim): lim for p in predictors.values() if (lim := _limiter(p)) is not None}
+    if len(limiters) > 1:
+        raise ConfigError(
+            f"the served models carry {len(limiters)} different rate limiters; give them one "
+            "RateLimiter (one budget per account), as build_predictors does"
+        )
     store = store if store is not None else Store(settings.db, synchronous=settings.log_synchronous)
     metrics = metrics if metrics is not None else Metrics()
     handler = _PredictHandler(predictors, store, metrics)
@@ -519,10 +593,61 @@ def create_app(
         """Every served model: kind, input shape, classes, the active policy and limits."""
         return ModelList(models=[_model_info(p) for p in predictors.values()])
 
+    def account_info(account: str) -> AccountInfo:
+        rate = None
+        limited = next(
+            ((p, lim) for p in predictors.values() if (lim := _limiter(p)) is not None), None
+        )
+        if limited is not None:
+            predictor, limiter = limited
+            allowance = limiter.allowance(account, predictor.clock())
+            rate = RateLimitStatus(
+                limit=str(limiter.rate),
+                capacity=limiter.rate.count,
+                remaining=allowance.remaining,
+                refill_in=round(allowance.refill_in, 3),
+                reset_in=round(allowance.reset_in, 3),
+            )
+        blocked = sorted(name for name, p in predictors.items() if _refuses(p, account))
+        return AccountInfo(
+            account=account,
+            status="blocked" if blocked else "active",
+            blocked_models=blocked,
+            rate_limit=rate,
+            inputs_answered=store.answered(account),
+        )
+
+    @app.get(
+        "/v1/account",
+        response_model=AccountInfo,
+        responses={code: _ERRORS[code] for code in (401, 429)},
+        tags=["account"],
+    )
+    def account(
+        request: Request,
+        bearer: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
+        api_key: str | None = Depends(key_scheme),
+    ) -> AccountInfo:
+        """The calling account: its rate limit and what it may still send, the inputs
+        answered so far, and whether the query detector blocks it.
+
+        Not a query: nothing is spent, logged or shown to the detector. 401 for a
+        missing, malformed, unknown or revoked key, as for a prediction; 429 only when
+        the rate limiter's store cannot be read.
+        """
+        key, key_problem = _key_from(request, bearer, api_key)
+        if key_problem is not None:
+            raise Unauthorized(key_problem)
+        return account_info(store.authenticate(key))
+
     @app.post(
         "/v1/models/{name}/predict",
         response_model=PredictResponse,
-        responses=_ERRORS,
+        responses={
+            **_ERRORS,
+            200: {"headers": _RATE_HEADERS},
+            429: {**_ERRORS[429], "headers": _RATE_HEADERS},
+        },
         tags=["models"],
         openapi_extra={
             "requestBody": {
@@ -578,8 +703,10 @@ def create_app(
         body = _Body(data=data, size=size, content_type=content_type, shape=shape, dtype=dtype)
         outcome = await run_in_threadpool(handler, name, key, key_problem, body, max_body, started)
         if outcome.error is not None:
-            return error_response(outcome.error)
-        return Response(outcome.body, media_type="application/json")
+            response = error_response(outcome.error)
+            response.headers.update(outcome.headers)
+            return response
+        return Response(outcome.body, media_type="application/json", headers=outcome.headers)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -90,6 +90,31 @@ class ModelList(BaseModel):
     models: list[ModelInfo]
 
 
+class RateLimitStatus(BaseModel):
+    """An account's rate limit now, read without spending anything."""
+
+    limit: str = Field(description="the limit, e.g. 2000/hour (inputs, not requests)")
+    capacity: int = Field(description="the most inputs the account may ever send at once")
+    remaining: int = Field(description="inputs the account may send now")
+    refill_in: float = Field(description="seconds until one more input is allowed (0 when full)")
+    reset_in: float = Field(description="seconds until the full capacity is back (0 when full)")
+
+
+class AccountInfo(BaseModel):
+    """The calling account: its limit, what it may still send, what it was answered."""
+
+    account: str
+    status: Literal["active", "blocked"] = Field(
+        description="blocked: the query detector refuses this account (403) until an "
+        "operator clears it"
+    )
+    blocked_models: list[str] = Field(
+        description="the models that refuse the account (empty when active)"
+    )
+    rate_limit: RateLimitStatus | None = Field(description="null when no rate limit applies")
+    inputs_answered: int = Field(description="inputs the service has answered this account")
+
+
 class Health(BaseModel):
     """Liveness answer."""
 

@@ -308,6 +308,16 @@ class Store:
                 ),
             )
 
+    def answered(self, account: str) -> int:
+        """Inputs answered to ``account`` so far (its admitted requests in the query log)."""
+        with self._lock:
+            (total,) = self._conn.execute(
+                "SELECT COALESCE(SUM(n_inputs), 0) FROM queries "
+                "WHERE account = ? AND outcome = 'ok'",
+                (account,),
+            ).fetchone()
+        return int(total)
+
     def queries(self, account: str | None = None, *, limit: int | None = None) -> list[QueryRecord]:
         """Logged requests, oldest first (of one account if given; the last ``limit``)."""
         sql = "SELECT ts, account, model, n_inputs, outcome, status, detail, digests FROM queries"
