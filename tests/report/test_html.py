@@ -38,6 +38,13 @@ def test_a_rate_limit_beaten_with_many_keys_is_called_a_price_in_accounts(
 ) -> None:
     doc = make_results(tmp_path)
     said = "softmax: the rate limit 'rate:300/hour' did not"
+    (cut,) = [r for r in recommendations(doc, verdicts(doc)) if r.startswith(said)]
+    # the fixture's limit refused every API attack: what it answered before was enough
+    assert "before the limit cut each attack off were already enough" in cut
+    assert "fit in one account's allowance" not in cut
+    for r in doc["records"]:  # the same results, the attacks ending within the allowance
+        if r["defense"] == "rate:300/hour":
+            r["status"] = "succeeded"
     (one,) = [r for r in recommendations(doc, verdicts(doc)) if r.startswith(said)]
     assert "fit in one account's allowance" in one
     for r in doc["records"]:  # the same results, reached by a Sybil with many keys
@@ -115,3 +122,66 @@ def test_browser_check_detects_a_broken_image(tmp_path: Path) -> None:
 def test_results_document_round_trips_as_json(tmp_path: Path) -> None:
     doc = make_results(tmp_path)
     assert json.loads((tmp_path / "results.json").read_text()) == doc
+
+
+def test_a_policy_that_still_leaks_is_not_recommended_as_the_fix(tmp_path: Path) -> None:
+    doc = make_results(tmp_path)
+    for r in doc["records"]:  # every reconstruction now points to the right person
+        r.update(eval_top1=True, lineup_correct=True)
+    vs = verdicts(doc)
+    assert {v.level for v in vs if v.defense in ("round:1", "labels")} == {"identity leaks"}
+    (line,) = [r for r in recommendations(doc, vs) if r.startswith("softmax: no output policy")]
+    assert "it still leaks identity" in line and "lineup 100 %" in line
+    assert not any("serve with" in r for r in recommendations(doc, vs))
+    # only 'none' measured: it is not recommended either
+    doc["defenses"] = [{"name": "none"}]
+    doc["records"] = [r for r in doc["records"] if r["defense"] == "none"]
+    recs = recommendations(doc, verdicts(doc))
+    assert any(
+        r.startswith("softmax: no output policy protects it, since only 'none'") for r in recs
+    )
+    assert not any("serve with" in r for r in recs)
+
+
+def test_each_verdict_measure_is_the_highest_any_api_attack_reached(tmp_path: Path) -> None:
+    doc = make_results(tmp_path)
+    for r in doc["records"]:
+        if (r["target_model"], r["defense"]) != ("softmax", "labels"):
+            continue
+        if r["attack"] == "label-only":  # recovers one person, identifies only that one
+            r.update(recovered=r["label"] == 1, eval_top1=r["label"] == 1, lineup_correct=False)
+        elif r["attack"] == "blackbox":  # recovers nobody, but identifies three of four
+            r.update(recovered=False, eval_top1=r["label"] > 0, lineup_correct=r["label"] > 1)
+    v = next(v for v in verdicts(doc) if (v.target_model, v.defense) == ("softmax", "labels"))
+    assert v.api_recovered == pytest.approx(0.25)
+    assert v.api_identity == pytest.approx(0.75) and v.api_lineup == pytest.approx(0.5)
+
+
+def test_a_guard_that_refused_every_attack_is_cut_off_not_mitigated(tmp_path: Path) -> None:
+    doc = make_results(tmp_path)
+    for r in doc["records"]:  # the rate limit refuses every API attack and leaves nothing
+        if r["defense"] == "rate:300/hour" and r["attack"] != "whitebox":
+            r.update(recovered=False, eval_top1=False, lineup_correct=False)
+    (doc_path := tmp_path / "results.json").write_text(json.dumps(doc))
+    v = next(
+        v for v in verdicts(doc) if (v.target_model, v.defense) == ("softmax", "rate:300/hour")
+    )
+    assert v.level == "cut off" and v.stopped
+    assert "not an attacker with more keys or more time" in v.headline
+    html = render_report(doc_path.parent).read_text()
+    assert re.search(r"rate:300/hour</td>\s*<td[^>]*><span class=\"lvl lvl-cut-off\">cut off", html)
+    # the same refusals under an output policy are not a guard's: judged as measured
+    for r in doc["records"]:
+        if r["defense"] == "labels":
+            r["status"] = "blocked"
+    assert next(v for v in verdicts(doc) if v.defense == "labels").level == "mitigated"
+
+
+def test_the_first_section_answers_which_defences_work(tmp_path: Path) -> None:
+    make_results(tmp_path)
+    html = render_report(tmp_path).read_text().replace("&#39;", "'")
+    short = html[html.index("<h2>In short</h2>") : html.index("<h2>Verdict per defence</h2>")]
+    assert "softmax: the API attacks are mitigated by 'round:1' (served accuracy 95 %" in short
+    assert "Exposed (faces recovered): 'none', 'rate:300/hour'" in short
+    assert "An attacker holding the weights recovers 75 %" in short
+    assert html.index("<h2>In short</h2>") < html.index("<h2>Verdict per defence</h2>")

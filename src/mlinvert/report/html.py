@@ -22,6 +22,7 @@ from mlinvert.errors import DataError
 from mlinvert.report import plots
 from mlinvert.report.summary import (
     API_ATTACKS,
+    answer,
     attack_title,
     cells,
     recommendations,
@@ -198,6 +199,7 @@ def render_report(out_dir: Path | str) -> Path:
     context = {
         "r": results,
         "verdicts": vs,
+        "answer": answer(results, vs),
         "recommendations": recommendations(results, vs),
         "mapping": MAPPING,
         "tables": _tables(results),

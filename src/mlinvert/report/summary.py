@@ -128,7 +128,7 @@ class Verdict:
 
     defense: str
     target_model: str
-    level: str  # "exposed", "identity leaks", "mitigated", "not measured"
+    level: str  # "exposed", "identity leaks", "mitigated", "cut off", "not measured"
     headline: str
     details: list[str]
     api_identity: float
@@ -143,6 +143,7 @@ class Verdict:
     blinded: float | None = None  # the API attacker's query blinding, if it adapted
     blinded_up_to: float | None = None  # its largest, after the service blocked accounts
     accounts: int = 1  # API accounts the strongest API attack opened
+    stopped: bool = False  # the service refused the strongest API attack for every person
 
 
 def _pct(x: float | None) -> str:
@@ -161,7 +162,13 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
     ``identity leaks`` when the reconstructions point to the right person clearly above
     chance without looking like them (evaluation top-1 >= ``thresholds.identity_rate``
     and twice chance, or the 5-way lineup right at least twice its 20 % chance);
-    ``mitigated`` otherwise.
+    ``mitigated`` otherwise. A per-account guard (rate limit, query detector) that
+    refused every API attack before it finished (all ``rate_limited`` / ``blocked``) and
+    left it nothing is ``cut off``, not ``mitigated``: it stopped the audit's accounts,
+    and a patient attacker or one with more keys is not stopped by that.
+
+    ``api_recovered``, ``api_identity`` and ``api_lineup`` are each the highest any API
+    attack reached, so no number understates what one attack got.
     """
     th = results.get("thresholds", {})
     exposed_rate = float(th.get("exposed_rate", 0.2))
@@ -202,12 +209,17 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                     if leaks
                     else "mitigated"
                 )
+                if level == "mitigated" and _cut_off(defense, api):
+                    level = "cut off"
                 words = {
                     "exposed": "an outsider recovers recognisable private faces through the API",
                     "identity leaks": "reconstructions point to the right person but do not "
                     "look like them (classifier templates, not faces)",
                     "mitigated": "the API attacks recover neither identity nor likeness "
                     "clearly above chance",
+                    "cut off": "the guard refused the attacker's account before the API "
+                    "attacks got anywhere; that stops one account, not an attacker with more "
+                    "keys or more time",
                 }[level]
                 headline = f"{defense}: {words}."
                 for c in api:
@@ -223,18 +235,18 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                             else "."
                         )
                     )
-                api_identity, api_recovered, api_lineup = (
-                    best.eval_top1,
-                    best.recovered,
-                    best.lineup,
-                )
+                api_identity = max(c.eval_top1 for c in api)
+                api_recovered = best.recovered
+                api_lineup = max(c.lineup for c in api)
                 api_queries = best.median_queries
                 accounts = best.accounts
+                stopped = _refused(best)
             else:
                 level, headline = "not measured", f"{defense}: no API attack was run."
                 api_identity = api_recovered = api_lineup = 0.0
                 api_queries = None
                 accounts = 1
+                stopped = False
             if white is not None:
                 details.append(
                     f"{attack_title('whitebox')}: recovered {_pct(white.recovered)}, "
@@ -317,9 +329,20 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                     blinded=blinded,
                     blinded_up_to=raised if blinded and raised > blinded else None,
                     accounts=accounts,
+                    stopped=stopped,
                 )
             )
     return out
+
+
+def _refused(c: Cell) -> bool:
+    """The service refused this attack (rate limited or blocked) for every person."""
+    return set(c.statuses) <= {"rate_limited", "blocked"}
+
+
+def _cut_off(defense: str, api: Sequence[Cell]) -> bool:
+    """Every API attack under a per-account guard was refused before it finished."""
+    return _per_account(defense) and all(_refused(c) for c in api)
 
 
 def _flag_text(results: dict[str, Any], defense: str, target: str, api: Sequence[Cell]) -> str:
@@ -399,6 +422,54 @@ def _dp_comparisons(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]
     return lines
 
 
+def answer(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]:
+    """One line per target for the top of the report: which defences stop the API
+    attacks, at what accuracy, and under which the private faces still come out."""
+    white = {
+        c.target_model: c
+        for c in cells(results.get("records", []))
+        if c.attack == "whitebox" and c.defense == "none"
+    }
+    lines = []
+    for target in dict.fromkeys(v.target_model for v in vs):
+        mine = [v for v in vs if v.target_model == target and v.level != "not measured"]
+        if not mine:
+            continue
+        works = [v for v in mine if v.level == "mitigated"]
+        if works:
+            costs = [
+                f"'{v.defense}' (served accuracy {_pct(v.accuracy)}"
+                + (
+                    f", {100 * v.accuracy_cost:.1f} points below 'none'"
+                    if v.accuracy_cost is not None and v.defense != "none"
+                    else ""
+                )
+                + ")"
+                for v in works
+            ]
+            head = f"{target}: the API attacks are mitigated by {', '.join(costs)}."
+        else:
+            head = f"{target}: no defence measured stops the API attacker."
+        parts = [
+            f"{title}: {', '.join(repr(v.defense) for v in mine if v.level == level)}"
+            for level, title in (
+                ("exposed", "exposed (faces recovered)"),
+                ("identity leaks", "identity leaks"),
+                ("cut off", "cut off (the audit's accounts stopped, not the attacker)"),
+            )
+            if any(v.level == level for v in mine)
+        ]
+        rest = "; ".join(parts)
+        line = head + (f" {rest[:1].upper()}{rest[1:]}." if parts else "")
+        if target in white:
+            line += (
+                f" An attacker holding the weights recovers {_pct(white[target].recovered)} "
+                "whatever the output defence."
+            )
+        lines.append(line)
+    return lines
+
+
 def recommendations(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]:
     """Recommended settings, derived from the measured verdicts."""
     recs: list[str] = []
@@ -419,13 +490,29 @@ def recommendations(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]
             key=lambda v: (v.api_recovered, v.api_identity, v.api_lineup, -(v.topk or 0.0)),
         )
         none = next((v for v in mine if v.defense == "none"), None)
-        line = (
-            f"{target}: serve with '{best.defense}' — the strongest API attack recovered "
-            f"{_pct(best.api_recovered)} (top-1 {_pct(best.api_identity)})"
+        got = (
+            f"recovered {_pct(best.api_recovered)} (top-1 {_pct(best.api_identity)}, "
+            f"lineup {_pct(best.api_lineup)})"
         )
+        if best.level == "mitigated":
+            line = f"{target}: serve with '{best.defense}' — the API attacks {got}"
+        elif len(policies) == 1:
+            line = (
+                f"{target}: no output policy protects it, since only '{best.defense}' was "
+                f"audited ({best.level}): the API attacks {got}"
+            )
+        else:
+            still = "leaks identity" if best.level == "identity leaks" else f"is {best.level}"
+            line = (
+                f"{target}: no output policy measured protects it; under the least exposing, "
+                f"'{best.defense}', it still {still}: the API attacks {got}"
+            )
         if none is not None and best.defense != "none":
-            line += f" instead of {_pct(none.api_recovered)} (top-1 {_pct(none.api_identity)})"
-        if best.accuracy_cost is not None:
+            line += (
+                f" instead of {_pct(none.api_recovered)} (top-1 {_pct(none.api_identity)}, "
+                f"lineup {_pct(none.api_lineup)})"
+            )
+        if best.accuracy_cost is not None and best.defense != "none":
             line += f", at an accuracy cost of {100 * best.accuracy_cost:.1f} points"
         recs.append(line + ".")
     leaky = [v for v in vs if "rate:" in v.defense and v.level == "exposed"]
@@ -440,11 +527,16 @@ def recommendations(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]
                 "payment) and limit per client as well as per key."
             )
             continue
+        fit = (
+            "answered before the limit cut each attack off were already enough"
+            if v.stopped
+            else "fit in one account's allowance"
+        )
         recs.append(
             f"{v.target_model}: the rate limit '{v.defense}' did not stop the API attacks "
-            f"({_pct(v.api_recovered)} recovered, median {_queries(v.api_queries)} queries "
-            "per person fit in one account's allowance): size a limit for the cheapest "
-            "attack measured, not for a query-hungry sampling search."
+            f"({_pct(v.api_recovered)} recovered; the median {_queries(v.api_queries)} queries "
+            f"per person {fit}): size a limit for the cheapest attack measured, not for a "
+            "query-hungry sampling search."
         )
     for v in vs:
         if "detect" not in v.defense or v.level == "not measured":
