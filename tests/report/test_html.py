@@ -6,9 +6,12 @@ import json
 import re
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
+from matplotlib.figure import Figure
 
 from mlinvert.errors import DataError
+from mlinvert.report import plots
 from mlinvert.report.html import render_report
 from mlinvert.report.summary import cells, recommendations, verdicts
 
@@ -185,3 +188,31 @@ def test_the_first_section_answers_which_defences_work(tmp_path: Path) -> None:
     assert "Exposed (faces recovered): 'none', 'rate:300/hour'" in short
     assert "An attacker holding the weights recovers 75 %" in short
     assert html.index("<h2>In short</h2>") < html.index("<h2>Verdict per defence</h2>")
+
+
+def test_plots_tell_targets_and_attacks_apart(tmp_path: Path) -> None:
+    doc = make_results(tmp_path)
+    seen: dict[str, list[str]] = {}
+
+    def keep(fig: Figure) -> bytes:
+        seen[fig.get_suptitle() or "queries"] = [
+            *(ax.get_title() for ax in fig.axes),
+            *(t.get_text() for leg in fig.legends for t in leg.get_texts()),
+            *(ax.get_xlabel() for ax in fig.axes),
+        ]
+        return b""
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plots, "_png", keep)
+        plots.accuracy_vs_queries(doc)
+        plots.privacy_utility(doc)
+    queries, utility = seen.pop("queries"), next(iter(seen.values()))
+    # one row of panels per target, each titled with it
+    assert sum("target softmax" in t for t in queries) == 2
+    assert sum("target mlp" in t for t in queries) == 2
+    assert "defence none" in queries and "attack blackbox" in queries
+    assert any("0 drawn at 1" in t for t in queries)
+    # legend names say which is a defence and which a target (no shared grey swatch)
+    assert "defence none" in utility and "target mlp" in utility
+    grey = plt.get_cmap("tab10")(7)
+    assert grey not in plots._colours([f"d{i}" for i in range(12)]).values()

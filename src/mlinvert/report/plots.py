@@ -27,42 +27,57 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+#: tab10 without its grey (index 7), which the legends use for marker shapes.
+_PALETTE = [i for i in range(10) if i != 7]
+
+
 def _colours(defenses: Sequence[str]) -> dict[str, Any]:
     cmap = plt.get_cmap("tab10")
-    return {d: cmap(i % 10) for i, d in enumerate(defenses)}
+    return {d: cmap(_PALETTE[i % len(_PALETTE)]) for i, d in enumerate(defenses)}
 
 
 def accuracy_vs_queries(results: dict[str, Any]) -> bytes:
     """Attack accuracy (identity and recovered) against median queries, per defence.
 
-    One point per (target, attack, defence); marker = attack, colour = defence.
+    One row of two panels per target; one point per (attack, defence): marker =
+    attack, colour = defence. A white-box attack's "queries" are gradient steps on
+    the model, not API calls, and no output defence changes them: it is drawn black.
+    A median of 0 queries is drawn at 1 (log axis).
     """
     cs = cells(results.get("records", []))
     defenses = list(dict.fromkeys(c.defense for c in cs))
+    targets = list(dict.fromkeys(c.target_model for c in cs)) or [""]
     colour = _colours(defenses)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True, sharey=True)
+    fig, axes = plt.subplots(
+        len(targets), 2, figsize=(11, 3.6 * len(targets)), sharex=True, sharey=True, squeeze=False
+    )
     panels = (
         ("eval_top1", "identity: evaluation-model top-1"),
         ("recovered", "recovered: identity AND likeness"),
     )
-    for ax, (field, title) in zip(axes, panels, strict=True):
-        for c in cs:
-            q = max(c.median_queries or 0.0, 1.0)
-            ax.scatter(
-                q,
-                100 * float(getattr(c, field)),
-                marker=_MARKERS.get(c.attack, "D"),
-                color=colour[c.defense],
-                edgecolors="black" if c.target_model == cs[0].target_model else "none",
-                s=55,
-                alpha=0.85,
-            )
-        ax.set_xscale("log")
-        ax.set_ylim(-5, 105)
-        ax.set_xlabel("median queries per attacked person (log)")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("attack accuracy (%)")
+    for row, target in zip(axes, targets, strict=True):
+        for ax, (field, title) in zip(row, panels, strict=True):
+            for c in cs:
+                if c.target_model != target:
+                    continue
+                ax.scatter(
+                    max(c.median_queries or 0.0, 1.0),
+                    100 * float(getattr(c, field)),
+                    marker=_MARKERS.get(c.attack, "D"),
+                    # output defences do not reach the white-box attack: one black point
+                    color="black" if c.attack == "whitebox" else colour[c.defense],
+                    edgecolors="black",
+                    linewidths=0.5,
+                    s=55,
+                    alpha=0.85,
+                )
+            ax.set_xscale("log")
+            ax.set_ylim(-5, 105)
+            ax.set_title(f"target {target} — {title}", fontsize=10)
+            ax.grid(alpha=0.3)
+        row[0].set_ylabel("attack accuracy (% of people)")
+    for ax in axes[-1]:
+        ax.set_xlabel("median queries per attacked person (log scale; 0 drawn at 1)")
     _legend(fig, defenses, colour, {c.attack for c in cs})
     return _png(fig)
 
@@ -71,17 +86,27 @@ def _legend(
     fig: Figure, defenses: Sequence[str], colour: dict[str, Any], attacks: set[str]
 ) -> None:
     handles = [
-        plt.Line2D([], [], marker="o", linestyle="", color=colour[d], label=d) for d in defenses
+        plt.Line2D([], [], marker="o", linestyle="", color=colour[d], label=f"defence {d}")
+        for d in defenses
     ]
     handles += [
-        plt.Line2D([], [], marker=_MARKERS.get(a, "D"), linestyle="", color="grey", label=a)
+        plt.Line2D(
+            [],
+            [],
+            marker=_MARKERS.get(a, "D"),
+            linestyle="",
+            markerfacecolor="white",
+            markeredgecolor="black",
+            label=f"attack {a}"
+            + (" (black: gradient steps, any defence)" if a == "whitebox" else ""),
+        )
         for a in sorted(attacks)
     ]
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
 
 
 def privacy_utility(results: dict[str, Any]) -> bytes:
-    """Strongest API attack's accuracy against each defence's utility for honest users.
+    """The highest API-attack identity rate against each defence's utility for honest users.
 
     Left: Brier score of the returned scores (lower is better for users: it grows as a
     defence withholds or coarsens information); right: top-k usability. One point per
@@ -107,9 +132,8 @@ def privacy_utility(results: dict[str, Any]) -> bytes:
             x = util.get(field)
             if x is None:
                 continue
-            best = max(group, key=lambda c: (c.recovered, c.eval_top1))
             xv = x * (100 if field == "topk_accuracy" else 1)
-            y = 100 * best.eval_top1
+            y = 100 * max(c.eval_top1 for c in group)
             ax.scatter(xv, y, color=colour[defense], marker=shapes[target], s=60, alpha=0.85)
             if target == targets[0]:
                 ax.annotate(defense, (xv, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
@@ -127,13 +151,26 @@ def privacy_utility(results: dict[str, Any]) -> bytes:
         ax.xaxis.set_major_locator(MaxNLocator(5))
         ax.grid(alpha=0.3)
         ax.set_ylim(-5, 105)
-    axes[0].set_ylabel("strongest API attack: evaluation top-1 (%)")
-    fig.suptitle("privacy–utility trade-off (lower and to the good side is better)", fontsize=10)
+    axes[0].set_ylabel("highest API-attack evaluation top-1 (% of people)")
+    fig.suptitle(
+        "privacy–utility trade-off: lower is more private; better for honest users is "
+        "further left (Brier) and further right (top-k)",
+        fontsize=10,
+    )
     handles = [
-        plt.Line2D([], [], marker="o", linestyle="", color=colour[d], label=d) for d in defenses
+        plt.Line2D([], [], marker="o", linestyle="", color=colour[d], label=f"defence {d}")
+        for d in defenses
     ]
     handles += [
-        plt.Line2D([], [], marker=shapes[t], linestyle="", color="grey", label=f"target {t}")
+        plt.Line2D(
+            [],
+            [],
+            marker=shapes[t],
+            linestyle="",
+            markerfacecolor="white",
+            markeredgecolor="black",
+            label=f"target {t}",
+        )
         for t in targets
     ]
     if handles:
