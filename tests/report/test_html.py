@@ -216,3 +216,13 @@ def test_plots_tell_targets_and_attacks_apart(tmp_path: Path) -> None:
     assert "defence none" in utility and "target mlp" in utility
     grey = plt.get_cmap("tab10")(7)
     assert grey not in plots._colours([f"d{i}" for i in range(12)]).values()
+
+
+def test_an_accuracy_cost_reads_as_a_loss(tmp_path: Path) -> None:
+    doc = make_results(tmp_path)
+    doc["utility"]["softmax"]["round:1"]["accuracy"] = 0.93  # 'none' serves 95 %
+    vs = {(v.target_model, v.defense): v for v in verdicts(doc)}
+    (util,) = [d for d in vs[("softmax", "round:1")].details if d.startswith("Utility")]
+    assert "served accuracy 93 %, 2.0 points below 'none'" in util
+    (base,) = [d for d in vs[("softmax", "none")].details if d.startswith("Utility")]
+    assert "'none'" not in base  # no comparison of 'none' with itself

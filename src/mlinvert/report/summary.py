@@ -299,8 +299,10 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                     )
             if util:
                 parts = [f"served accuracy {_pct(acc)}"]
-                if cost is not None:
-                    parts.append(f"{100 * cost:+.1f} points vs none".replace("+-", "-"))
+                if cost is not None and defense != "none":
+                    parts.append(
+                        f"{abs(100 * cost):.1f} points {'above' if cost < 0 else 'below'} 'none'"
+                    )
                 if util.get("brier") is not None:
                     parts.append(f"Brier score {util['brier']:.3f}")
                 if util.get("ece") is not None:
