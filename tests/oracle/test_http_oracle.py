@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from mlinvert.defenses import Predictor, parse_policy
+from mlinvert.defenses.detector import Flag
 from mlinvert.errors import (
     BadRequest,
     Blocked,
@@ -86,7 +87,7 @@ def mock_oracle(
     }
 
     def handler(request: httpx.Request) -> httpx.Response:
-        if request.method == "GET":
+        if request.method == "GET" and request.url.path == "/v1/models":
             return httpx.Response(200, json=listing)
         seen.append(request)
         item = responses.pop(0)
@@ -199,3 +200,51 @@ def test_bad_urls_and_unknown_models() -> None:
     oracle.name = "other"
     with pytest.raises(UnknownModel, match="served: m"):
         _ = oracle.info
+
+
+def test_account_and_check_key_spend_no_query(tmp_path: Path, toys: ModuleType) -> None:
+    settings = ServiceSettings(
+        db=tmp_path / "s.db", rate_limit="100/hour", detector="detect:block:50", max_batch=32
+    )
+    store = Store(settings.db)
+    alice, _ = store.create_key("alice")
+    mallory, _ = store.create_key("mallory")
+    gone, _ = store.create_key("gone")
+    store.revoke("gone")
+    predictors = build_predictors({"faces": toys.ToySoftmax()}, settings, flags=store)
+    client = TestClient(create_app(settings, predictors, store=store))
+    url = "http://testserver/v1/models/faces"
+    oracle = HttpOracle(url, alice, client=client)  # type: ignore[arg-type]
+    oracle.query(X[:10])
+    oracle.check_key()
+    account = oracle.account()
+    assert (account.name, account.blocked, account.rate_limit) == ("alice", False, "100/hour")
+    assert account.remaining == 90 and account.inputs_answered == 10
+    assert account.reset_in == pytest.approx(360, abs=2)  # 10 inputs at 36 s each
+    assert oracle.n_queries == 10 and oracle.account().remaining == 90  # nothing spent
+    assert [q.n_inputs for q in store.queries()] == [10]  # nothing logged either
+    # a blocked account's key is valid: check_key passes, account() says blocked
+    store.flag(Flag(account="mallory", at=0.0, near_duplicates=60, inputs=60, detail="why"))
+    blocked = HttpOracle(url, mallory, client=client)  # type: ignore[arg-type]
+    blocked.check_key()
+    assert blocked.account().blocked
+    with pytest.raises(Blocked):
+        blocked.query(X[:1])
+    for key, words in ((gone, "was revoked"), ("mli_" + "x" * 43, "unknown API key")):
+        refused = HttpOracle(url, key, client=client)  # type: ignore[arg-type]
+        with pytest.raises(Unauthorized, match=words):
+            refused.check_key()
+
+
+def test_account_from_a_service_without_the_route_or_a_strange_answer() -> None:
+    oracle, _, _ = mock_oracle([httpx.Response(404, json={"detail": "Not Found"})])
+    with pytest.raises(OracleError, match="does not exist: the service is not"):
+        oracle.check_key()
+    oracle, _, _ = mock_oracle([httpx.Response(200, json={"account": "x"})])
+    with pytest.raises(OracleError, match="not an account"):
+        oracle.account()
+    unlimited = {"account": "x", "blocked_models": [], "rate_limit": None, "inputs_answered": 3}
+    oracle, _, seen = mock_oracle([httpx.Response(200, json=unlimited)])
+    account = oracle.account()
+    assert (account.rate_limit, account.remaining, account.reset_in) == (None, None, None)
+    assert seen[0].url == "http://svc/v1/account" and seen[0].headers["Authorization"] == "Bearer k"

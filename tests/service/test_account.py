@@ -193,3 +193,18 @@ def test_models_must_share_one_rate_limiter(tmp_path: Path, store: Store) -> Non
     key, _ = store.create_key("alice")
     limit = TestClient(app).get("/v1/account", headers={"X-API-Key": key}).json()["rate_limit"]
     assert limit["limit"] == "10/hour" and limit["remaining"] == 10
+
+
+@pytest.mark.redis
+def test_processes_sharing_redis_report_the_one_budget(store: Store, redis_url: str) -> None:
+    settings = ServiceSettings(db=store.path, rate_limit="10/hour", redis_url=redis_url)
+    first, second = (
+        TestClient(create_app(settings, build_predictors({"faces": ToySoftmax()}, settings)))
+        for _ in range(2)
+    )
+    key, _ = store.create_key("alice")
+    assert predict(first, key).headers["RateLimit-Remaining"] == "6"
+    seen = second.get("/v1/account", headers={"X-API-Key": key}).json()
+    assert seen["rate_limit"]["remaining"] == 6 and seen["inputs_answered"] == 4
+    assert predict(second, key).headers["RateLimit-Remaining"] == "2"
+    assert predict(first, key).status_code == 429

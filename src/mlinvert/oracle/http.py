@@ -5,7 +5,9 @@ Same :class:`~mlinvert.oracle.Oracle` protocol and the same counting as
 answered. One pooled connection is reused; big batches are split to the service's
 ``max_batch``; transient failures (connection errors, 502/503/504) are retried with
 exponential backoff; a 429 is waited out as its ``Retry-After`` says, up to
-``max_wait`` seconds per query, after which RateLimited is raised.
+``max_wait`` seconds per query, after which RateLimited is raised. :meth:`HttpOracle.account`
+reads the key's account (``GET /v1/account``: its rate limit, what it may still send,
+whether it is blocked) without spending a query.
 """
 
 from __future__ import annotations
@@ -56,6 +58,24 @@ _STATUS_ERRORS: dict[int, type[OracleError]] = {
     422: QueryRejected,
 }
 _TRANSIENT_STATUS = frozenset({502, 503, 504})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Account:
+    """What the service says of an oracle's key (``GET /v1/account``; nothing spent).
+
+    ``blocked``: the query detector refuses the account on this oracle's model.
+    ``rate_limit`` is the limit's spec (e.g. ``2000/hour``) or None; ``remaining``
+    the inputs the account may send now and ``reset_in`` the seconds until its whole
+    allowance is back (both None without a rate limit).
+    """
+
+    name: str
+    blocked: bool
+    rate_limit: str | None
+    remaining: int | None
+    reset_in: float | None
+    inputs_answered: int
 
 
 @dataclass(frozen=True)
@@ -187,24 +207,41 @@ class HttpOracle:
             parts.append(self._answer({"records": chunk}, len(chunk)))
         return parts[0] if len(parts) == 1 else _concat(parts)
 
+    def account(self) -> Account:
+        """The key's account as ``GET /v1/account`` tells it, spending no query.
+
+        Raises Unauthorized (the service's reason: missing, unknown or revoked key) if
+        the service refuses the key, OracleError if it has no such route.
+        """
+        url = f"{self.root}/v1/account"
+        try:
+            doc = self._request("GET", url, None)
+        except UnknownModel:  # a 404: the route itself is missing
+            raise OracleError(
+                f"{url} does not exist: the service is not `mlinvert serve` (or an older "
+                "version without the account route)"
+            ) from None
+        try:
+            limit = doc["rate_limit"]
+            return Account(
+                name=str(doc["account"]),
+                blocked=self.name in doc["blocked_models"],
+                rate_limit=None if limit is None else str(limit["limit"]),
+                remaining=None if limit is None else int(limit["remaining"]),
+                reset_in=None if limit is None else float(limit["reset_in"]),
+                inputs_answered=int(doc["inputs_answered"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            raise OracleError(f"{url} answered {str(doc)[:200]!r}, not an account") from None
+
     def check_key(self) -> None:
         """Check that the service accepts ``api_key`` without spending a query.
 
-        Sends an empty batch: an mlinvert service authenticates the key first (401,
-        Unauthorized) and only then refuses the empty batch (422), which is what a
-        valid key gets. Nothing is answered, so no query is counted; the request
-        appears in the service's query log with 0 inputs.
+        Reads ``GET /v1/account``: Unauthorized, with the service's reason, for a
+        missing, malformed, unknown or revoked key. A blocked or rate-limited account
+        passes: its key is valid, and the service says 403 or 429 when it is used.
         """
-        shape = ",".join(str(d) for d in (0, *self.info.input_shape))
-        try:
-            self._request(
-                "POST", f"{self.url}/predict", _Raw(b"", {"shape": shape, "dtype": "float32"})
-            )
-        except QueryRejected:
-            return
-        raise OracleError(
-            f"{self.url} answered an empty batch; it does not behave like `mlinvert serve`"
-        )
+        self.account()
 
     # internals ----------------------------------------------------------------
     def _query_chunk(self, x: np.ndarray) -> Response:
