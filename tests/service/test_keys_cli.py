@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -57,3 +58,39 @@ def test_bad_names_and_missing_db(tmp_path: Path) -> None:
     assert isinstance(bad.exception, ConfigError)
     missing = runner.invoke(cli(), ["keys", "list"], env={"MLINVERT_DB": ""})
     assert isinstance(missing.exception, ConfigError) and "--db" in str(missing.exception)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["list"], ["flags"], ["revoke", "alice"], ["unflag", "alice"]],
+)
+def test_a_mistyped_db_is_an_error_not_a_new_empty_database(
+    args: list[str], tmp_path: Path
+) -> None:
+    db = tmp_path / "typo.db"
+    result = CliRunner().invoke(cli(), ["keys", *args, "--db", str(db)])
+    assert isinstance(result.exception, ConfigError)
+    assert "no account database at" in str(result.exception) and "keys create" in str(
+        result.exception
+    )
+    assert not db.exists()
+
+
+@pytest.mark.parametrize(
+    ("db", "message"),
+    [
+        ("folder", "is a folder"),
+        ("text", "not a usable account database"),
+        ("/proc/no/such.db", "cannot open the account database"),
+    ],
+)
+def test_a_db_that_cannot_be_a_database_is_one_clear_error(
+    db: str, message: str, tmp_path: Path
+) -> None:
+    paths = {"folder": tmp_path, "text": tmp_path / "notes.txt"}
+    (tmp_path / "notes.txt").write_text("not SQLite\n")
+    path = paths.get(db, Path(db))
+    result = CliRunner().invoke(cli(), ["keys", "create", "alice", "--db", str(path)])
+    assert isinstance(result.exception, ConfigError)
+    assert message in str(result.exception)
+    assert (tmp_path / "notes.txt").read_text() == "not SQLite\n"

@@ -19,10 +19,17 @@ keys_app = typer.Typer(
 DbOption = typer.Option(None, "--db", help="The service's SQLite file. [MLINVERT_DB]")
 
 
-def _store(db: Path | None) -> Store:
+def _store(db: Path | None, *, create: bool = False) -> Store:
+    """The account database; only ``keys create`` makes a new one (a mistyped path given
+    to the other commands is an error, not a fresh empty database)."""
     path = db or os.environ.get("MLINVERT_DB")
     if not path:
         raise ConfigError("no account database: pass --db PATH or set MLINVERT_DB")
+    if not create and not Path(path).exists():
+        raise ConfigError(
+            f"no account database at {path}; check the path (the one `mlinvert serve --db` "
+            f"uses), or create the first key with `mlinvert keys create NAME --db {path}`"
+        )
     return Store(path)
 
 
@@ -33,7 +40,7 @@ def _when(ts: float | None) -> str:
 @keys_app.command("create")
 def create(name: str = typer.Argument(..., help="Account name."), db: Path = DbOption) -> None:
     """Create a key for account NAME and print it once (it is not stored)."""
-    store = _store(db)
+    store = _store(db, create=True)
     key, record = store.create_key(name)
     store.close()
     out.print(key, highlight=False, soft_wrap=True)

@@ -125,16 +125,34 @@ class Store:
         self.path = Path(path)
         if synchronous not in ("OFF", "NORMAL", "FULL"):
             raise ConfigError(f"synchronous must be OFF, NORMAL or FULL, got {synchronous!r}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(
-            self.path, check_same_thread=False, isolation_level=None, timeout=30.0
-        )
+        if self.path.is_dir():
+            raise ConfigError(
+                f"the account database {self.path} is a folder; pass a file path, e.g. "
+                f"{self.path / 'service.db'}"
+            )
         self._lock = threading.Lock()
-        with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute(f"PRAGMA synchronous={synchronous}")
-            self._conn.execute("PRAGMA busy_timeout=30000")
-            self._conn.executescript(_SCHEMA)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=30.0
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(
+                f"cannot open the account database {self.path} ({exc}); pass a path where "
+                "a SQLite file can be written"
+            ) from None
+        try:
+            with self._lock:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute(f"PRAGMA synchronous={synchronous}")
+                self._conn.execute("PRAGMA busy_timeout=30000")
+                self._conn.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise ConfigError(
+                f"{self.path} is not a usable account database ({exc}); pass the service's "
+                "SQLite file, or a new path to create one"
+            ) from None
 
     def close(self) -> None:
         """Close the connection."""
