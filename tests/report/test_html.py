@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 from pathlib import Path
@@ -9,11 +11,12 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pytest
 from matplotlib.figure import Figure
+from PIL import Image
 
 from mlinvert.errors import DataError
 from mlinvert.report import plots
 from mlinvert.report.html import render_report
-from mlinvert.report.summary import cells, recommendations, verdicts
+from mlinvert.report.summary import attack_title, cells, recommendations, verdicts
 
 from .conftest import check_page, make_results
 
@@ -226,3 +229,41 @@ def test_an_accuracy_cost_reads_as_a_loss(tmp_path: Path) -> None:
     assert "served accuracy 93 %, 2.0 points below 'none'" in util
     (base,) = [d for d in vs[("softmax", "none")].details if d.startswith("Utility")]
     assert "'none'" not in base  # no comparison of 'none' with itself
+
+
+def test_grid_titles_name_people_as_their_columns_do(tmp_path: Path) -> None:
+    doc = make_results(tmp_path)
+    doc["dataset"]["class_names"] = ["ann", "bob", "cy", "dee"]
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    html = render_report(tmp_path).read_text()
+    assert (
+        "<h3>softmax — White-box MI-Face (attacker holds the model) — people ann…dee</h3>" in html
+    )
+    assert "crossed-out cell" in html
+
+
+def test_a_shared_run_is_drawn_once_and_named(tmp_path: Path) -> None:
+    doc = make_results(tmp_path)
+    for r in doc["records"]:  # output policies do not reach the white-box attack
+        if r["attack"] == "whitebox" and r["defense"] != "none":
+            r["shared_from"] = "none"
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    html = render_report(tmp_path).read_text().replace("&#39;", "'")
+    grids = re.findall(
+        r'<h3>([^<]*)</h3>\n(?:<p class="muted">([^<]*)</p>\n)?'
+        r'<img class="grid" src="data:image/png;base64,([^"]+)"',
+        html,
+    )
+    heights = {}
+    for title, note, b64 in grids:
+        heights[title] = Image.open(io.BytesIO(base64.b64decode(b64))).height
+        if "White-box" in title:
+            assert "round:1, labels, rate:300/hour: the same run as 'none'" in " ".join(
+                note.split()
+            )
+        else:
+            assert not note
+    white, black = (
+        heights[f"softmax — {attack_title(a)} — people s1…s4"] for a in ("whitebox", "blackbox")
+    )
+    assert white < black  # two rows (photo, 'none') against five

@@ -121,10 +121,18 @@ def _grids(results: dict[str, Any], out_dir: Path) -> list[dict[str, Any]]:
                         [False] * len(block),
                     )
                 ]
+                shown: list[str] = []
+                repeats: dict[str, list[str]] = {}
                 for defense in defenses:
                     recs = [index.get((target, attack, defense, lab)) for lab in block]
                     if not any(recs):
                         continue
+                    origin = {r.get("shared_from") for r in recs if r}
+                    if len(origin) == 1 and (source := origin.pop()) in shown:
+                        # the very run of an earlier row: the same images, drawn once
+                        repeats.setdefault(source, []).append(defense)
+                        continue
+                    shown.append(defense)
                     rows.append(
                         (
                             defense,
@@ -132,12 +140,16 @@ def _grids(results: dict[str, Any], out_dir: Path) -> list[dict[str, Any]]:
                             [bool(r and r.get("recovered")) for r in recs],
                         )
                     )
-                title = f"{target} — {attack_title(attack)} — people {block[0]}…{block[-1]}"
+                title = f"{target} — {attack_title(attack)} — people {cols[0]}…{cols[-1]}"
                 grids.append(
                     {
                         "title": title,
                         "uri": data_uri(plots.image_grid(cols, rows)),
                         "alt": f"reconstructions: {title}",
+                        "repeats": [
+                            f"{', '.join(ds)}: the same run as '{src}' (its row)"
+                            for src, ds in repeats.items()
+                        ],
                     }
                 )
     return grids
