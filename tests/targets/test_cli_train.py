@@ -43,6 +43,9 @@ def test_help_explains_the_options() -> None:
         (["--data", "nonsense"], "unknown data spec"),
         (["--model", "tree"], "surveys"),
         (["--seed", "-1"], "--seed"),
+        (["--seed", "99999999999999999999"], "--seed must be between 0 and"),
+        (["--out", "/proc/no-such-dir/m"], "cannot write into --out"),
+        (["--out", __file__], "is a file"),
     ],
 )
 def test_bad_input_is_one_clear_line(
@@ -52,5 +55,22 @@ def test_bad_input_is_one_clear_line(
         main(["train", "--out", str(tmp_path / "m"), *args])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert message in " ".join(err.split()) and "Traceback" not in err  # rich wraps lines
     assert len([line for line in err.splitlines() if line.strip()]) <= 3
+
+
+def test_ctrl_c_while_training_says_so_and_writes_no_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import mlinvert.targets.training as training
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train_target", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--out", str(tmp_path / "m"), "--quick"])
+    assert exc.value.code == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "no model was written" in err and "Traceback" not in err
+    assert not (tmp_path / "m" / "model.json").exists()

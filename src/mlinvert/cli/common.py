@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
 
+from mlinvert.errors import ConfigError
+
 console = Console(stderr=True)
 out = Console()
+
+#: Largest ``--seed`` (every random generator used, numpy's and torch's, takes it).
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed: int) -> None:
+    """ConfigError unless ``--seed`` is an integer in 0 .. MAX_SEED."""
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
 
 
 def setup_logging(verbose: bool) -> None:
@@ -24,9 +39,47 @@ def setup_logging(verbose: bool) -> None:
     )
 
 
+def output_dir(path: Path, option: str = "--out") -> Path:
+    """Create the output folder ``path`` (the value of ``option``) and check that files can
+    be written in it, before a long job starts; ConfigError if it cannot hold the output."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path} is a file; pass a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write into {option} {path} ({exc.strerror or exc}); pass a folder you "
+            "can write to"
+        ) from None
+    return path
+
+
 def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as indented JSON, atomically (write then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``data`` as indented JSON, atomically (write then rename); ConfigError if
+    ``path`` is a folder or cannot be written (nothing is left behind)."""
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; pass the path of a JSON file to write")
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.replace(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise ConfigError(
+            f"cannot write {path} ({exc.strerror or exc}); pass a path you can write to"
+        ) from None
+
+
+@contextmanager
+def on_interrupt(message: str) -> Iterator[None]:
+    """Ctrl-C inside the block prints ``message`` (what is kept, how to go on) and exits
+    with code 130 (Typer turns the re-raised KeyboardInterrupt into that exit code)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/]: {message}")
+        raise

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from mlinvert.cli.common import console, out
+from mlinvert.cli.common import check_seed, console, on_interrupt, out, output_dir
 
 KIND_HELP = (
     "softmax (softmax regression), mlp (3000 sigmoid hidden units), dae (stacked "
@@ -36,8 +36,7 @@ def run_train(
 
     if kind.strip().lower() not in KINDS:
         raise ConfigError(f"unknown model kind {kind!r}; choose one of: {', '.join(KINDS)}")
-    if seed < 0:
-        raise ConfigError(f"--seed must be >= 0, got {seed}")
+    check_seed(seed)
     if dp_delta is not None and dp_epsilon is None:
         raise ConfigError("--dp-delta needs --dp-epsilon (the privacy target of DP-SGD)")
     if private_stages is not None and public_data is None:
@@ -55,11 +54,13 @@ def run_train(
         if dp_epsilon is None
         else dp_config(kind, dp_epsilon, delta=dp_delta, quick=quick, private=private)
     )
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out {out_dir} is a file; pass a folder path")
     with console.status(f"[bold]loading[/] {data} ..."):
         dataset = load_data(data, seed=seed)
-    with console.status(f"[bold]training[/] {kind} on {dataset.spec} (seed {seed}) ..."):
+    output_dir(out_dir)  # before the training, which the model would be lost after
+    with (
+        on_interrupt(f"training stopped; no model was written to {out_dir}"),
+        console.status(f"[bold]training[/] {kind} on {dataset.spec} (seed {seed}) ..."),
+    ):
         trained = train_target(dataset, kind, seed=seed, quick=quick, dp=dp, public=public)
     save(trained.model, out_dir, card=trained.card)
     return trained.card
