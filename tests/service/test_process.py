@@ -139,10 +139,11 @@ def test_two_processes_share_one_budget_through_redis(
 
 
 def test_attack_cli_moves_to_the_next_api_key_when_one_is_refused(
-    tmp_path: Path, model_dir: tuple[Path, Any]
+    tmp_path: Path, model_dir: tuple[Path, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`--api-key K1,K2,K3`: each key gets 40 inputs an hour; the black-box attack spends
-    one key, then the next, past what any single key allows."""
+    one key, then the next, past what any single key allows. It starts by saying what
+    each key may send, and stops there on a key the service refuses."""
     import json
 
     from mlinvert.cli.main import main
@@ -151,34 +152,42 @@ def test_attack_cli_moves_to_the_next_api_key_when_one_is_refused(
     db = tmp_path / "service.db"
     store = Store(db)
     keys = [store.create_key(f"sybil-{i}")[0] for i in range(3)]
+    revoked = store.create_key("gone")[0]
+    store.revoke("gone")
     out = tmp_path / "attack"
-    with (
-        ServiceProcess([f"toy={folder}"], db=db, rate_limit="40/hour") as service,
-        pytest.raises(SystemExit) as done,
-    ):
-        main(
-            [
-                "attack",
-                "miface",
-                "--target",
-                service.model_url("toy"),
-                "--api-key",
-                ",".join(keys),
-                "--mode",
-                "blackbox",
-                "--gradient",
-                "nes",
-                "--samples",
-                "5",
-                "--label",
-                "s0",
-                "--budget",
-                "100",
-                "--out",
-                str(out),
-            ]
-        )
+    with ServiceProcess([f"toy={folder}"], db=db, rate_limit="40/hour") as service:
+        with pytest.raises(SystemExit) as refused:
+            url = service.model_url("toy")
+            args = ["--label", "s0", "--api-key", f"{keys[0]},{revoked}", "--out", str(out)]
+            main(["attack", "miface", "--target", url, "--mode", "blackbox", *args])
+        assert refused.value.code == 2 and "'gone' was revoked" in capsys.readouterr().err
+        assert not out.exists() and store.queries() == []  # refused before any query
+        with pytest.raises(SystemExit) as done:
+            main(
+                [
+                    "attack",
+                    "miface",
+                    "--target",
+                    service.model_url("toy"),
+                    "--api-key",
+                    ",".join(keys),
+                    "--mode",
+                    "blackbox",
+                    "--gradient",
+                    "nes",
+                    "--samples",
+                    "5",
+                    "--label",
+                    "s0",
+                    "--budget",
+                    "100",
+                    "--out",
+                    str(out),
+                ]
+            )
     assert done.value.code == 0
+    said = capsys.readouterr().err
+    assert all(f"account sybil-{i}: 40 of 40/hour inputs left" in said for i in range(3)), said
     result = json.loads((out / "result.json").read_text())
     answered = [
         sum(q.n_inputs for q in store.queries(f"sybil-{i}") if q.outcome == "ok") for i in range(3)

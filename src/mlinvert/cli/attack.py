@@ -11,7 +11,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mlinvert.cli.common import console, out, write_json
-from mlinvert.errors import ConfigError
+from mlinvert.errors import ConfigError, OracleError, Unauthorized
 
 MODES = ("whitebox", "blackbox", "label-only")
 #: ``--aux heldout``: per person, the local model's held-out photos of everyone else.
@@ -98,11 +98,21 @@ def _oracle(
         from mlinvert.oracle.http import HttpOracle
         from mlinvert.oracle.wrappers import Rotating, escalating
 
-        if len(keys) == 1:
-            return HttpOracle(target, keys[0])
         # several keys: a refused key hands over at once; the last one waits out a 429
         accounts = [HttpOracle(target, k, max_wait=0.0) for k in keys[:-1]]
         accounts.append(HttpOracle(target, keys[-1]))
+        for account in accounts:  # what each key may still send; a refused key stops here
+            try:
+                a = account.account()
+            except Unauthorized:
+                raise
+            except OracleError as exc:
+                console.print(f"[yellow]note[/]: cannot read the key's account ({exc})")
+                continue
+            left = f"{a.remaining} of {a.rate_limit} inputs left" if a.rate_limit else "no limit"
+            console.print(f"account {a.name}: {left}{' [red](blocked)[/]' if a.blocked else ''}")
+        if len(accounts) == 1:
+            return accounts[0]
         if escalate is not None:
             return escalating(
                 accounts, escalate[0], seed=escalate[1], answered_before=answered_before
