@@ -195,8 +195,8 @@ def test_resume_refuses_another_api(service: dict[str, Any], audited: dict[str, 
     )
     with pytest.raises(ConfigError, match=r"\(api: '[^']*/digits' -> '[^']*/toy'\)"):
         ResultsFile(audited["out"], _small(audited["out"], api=other, resume=True, **cfg))
-    # the same URL resumes: nothing left to do, no input answered (the key check sends
-    # an empty batch, refused before any prediction)
+    # the same URL resumes: nothing left to do, no input answered (the key check reads
+    # GET /v1/account, which is not a query)
     before = _answered(service["db"])
     run_audit(_small(audited["out"], api=service["url"], resume=True, **cfg))
     assert _answered(service["db"]) == before
