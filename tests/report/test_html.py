@@ -267,3 +267,17 @@ def test_a_shared_run_is_drawn_once_and_named(tmp_path: Path) -> None:
         heights[f"softmax — {attack_title(a)} — people s1…s4"] for a in ("whitebox", "blackbox")
     )
     assert white < black  # two rows (photo, 'none') against five
+
+
+def test_keys_an_attacker_never_used_are_not_said_to_have_been_rotated(tmp_path: Path) -> None:
+    doc = make_results(tmp_path)
+    doc["config"]["accounts"] = 100
+    for r in doc["records"]:  # refused on its first account, which had answered nothing
+        if r["defense"] == "rate:300/hour":
+            r["accounts"] = 1
+    v = next(
+        v for v in verdicts(doc) if (v.target_model, v.defense) == ("softmax", "rate:300/hour")
+    )
+    (black,) = [d for d in v.details if d.startswith(attack_title("blackbox"))]
+    assert "had 100 API keys but opened 1" in black
+    assert "a fresh one whenever one was refused" not in black

@@ -223,17 +223,25 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                 }[level]
                 headline = f"{defense}: {words}."
                 for c in api:
+                    keys_text = "."
+                    if keys > 1 and c.accounts == 1 and _refused(c):
+                        # Rotating moves on only from an account that answered something
+                        keys_text = (
+                            f"; the attacker had {keys} API keys but opened 1: the service "
+                            "refused its first account before that account answered anything, "
+                            "so the refusal was of the queries themselves and a fresh key "
+                            "would have been refused too."
+                        )
+                    elif keys > 1:
+                        keys_text = (
+                            f"; the attacker had {keys} API keys and opened {c.accounts}, a "
+                            "fresh one whenever one was refused."
+                        )
                     details.append(
                         f"{attack_title(c.attack)}: recovered {_pct(c.recovered)} of "
                         f"{c.n} people; evaluation-model top-1 {_pct(c.eval_top1)}, top-5 "
                         f"{_pct(c.eval_top5)}; lineup {_pct(c.lineup)} (chance 20 %); "
-                        f"median {_queries(c.median_queries)} queries ({c.status_text})"
-                        + (
-                            f"; the attacker had {keys} API keys and opened {c.accounts}, a "
-                            "fresh one whenever one was refused."
-                            if keys > 1
-                            else "."
-                        )
+                        f"median {_queries(c.median_queries)} queries ({c.status_text})" + keys_text
                     )
                 api_identity = max(c.eval_top1 for c in api)
                 api_recovered = best.recovered
