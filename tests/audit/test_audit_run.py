@@ -275,11 +275,33 @@ def test_cli_bad_flag_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> No
         (["--accounts", "0"], "--accounts must be between 1 and 1000"),
         (["--accounts", "3", "--escalate", "--blind", "0"], "--escalate raises the blinding"),
         (["--escalate"], "it needs --blind > 0 and --accounts >= 2"),
+        (["--seed", "-3"], "--seed must be between 0 and"),
+        (["--seed", "99999999999999999999"], "--seed must be between 0 and"),
+        (["--out", __file__], "is a file; pass a folder path"),
+        (["--out", "/proc/no-such-dir/x"], "cannot write into --out"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
-            main(["audit", *flags, "--out", "/nonexistent/x"])
+            main(["audit", "--out", "/nonexistent/x", *flags])
         assert exit_info.value.code == 2
-        assert words in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert words in " ".join(err.split()) and "Traceback" not in err  # rich wraps lines
+
+
+def test_cli_ctrl_c_says_what_is_kept_and_how_to_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import mlinvert.evaluation.audit as audit
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(audit, "run_audit", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["audit", "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 130
+    err = " ".join(capsys.readouterr().err.split())
+    assert "interrupted" in err and "results.json keeps the finished attack runs" in err
+    assert "run the same command with --resume" in err
 
 
 def test_resumed_http_audit_keeps_the_service_log_and_moves_past_a_blocked_account(

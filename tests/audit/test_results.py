@@ -114,3 +114,32 @@ def test_results_file_is_rewritten_after_every_record(tmp_path: Path) -> None:
     # resume with other settings is refused, naming the difference
     with pytest.raises(ConfigError, match="seed"):
         ResultsFile(tmp_path, AuditConfig(out=tmp_path, seed=4, resume=True))
+
+
+def test_a_run_that_failed_before_producing_anything_does_not_block_the_corrected_one(
+    tmp_path: Path,
+) -> None:
+    """A mistyped --data fails at once; the corrected command (other settings, no
+    --resume) starts afresh instead of being told to --resume a run that holds nothing."""
+    from mlinvert.errors import DataError
+    from mlinvert.evaluation.audit import run_audit
+
+    with pytest.raises(DataError, match="does not exist"):
+        run_audit(AuditConfig(out=tmp_path, data="att:/no/such/folder"))
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
+    corrected = ResultsFile(tmp_path, AuditConfig(out=tmp_path, data="digits"))
+    assert corrected.doc["config"]["data"] == "digits" and corrected.doc["status"] == "running"
+    # a failed run that left something behind (a trained model) is still kept
+    corrected.doc["status"] = "failed"
+    corrected.save()
+    (tmp_path / "models").mkdir()
+    with pytest.raises(ConfigError, match="--resume"):
+        ResultsFile(tmp_path, AuditConfig(out=tmp_path, data="olivetti"))
+
+
+def test_a_results_file_that_is_not_an_object_is_a_data_error(tmp_path: Path) -> None:
+    from mlinvert.errors import DataError
+
+    (tmp_path / "results.json").write_text("[]\n")
+    with pytest.raises(DataError, match="delete it or use another --out"):
+        ResultsFile(tmp_path, AuditConfig(out=tmp_path))

@@ -16,7 +16,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from mlinvert.cli.common import console, out
+from mlinvert.cli.common import check_seed, console, on_interrupt, out, output_dir
 from mlinvert.errors import ConfigError
 
 
@@ -260,6 +260,7 @@ def audit(
         raise ConfigError("--api-key is for --api (auditing a deployed API); give --api URL")
     if api is None and utility_key == os.environ.get(_UTILITY_KEY_ENV):
         utility_key = None  # only the environment set it: ignored without --api
+    check_seed(seed)
     config = AuditConfig(
         data=data if (data is not None or api is not None) else "digits",
         model_dir=model,
@@ -282,15 +283,22 @@ def audit(
         utility_key=utility_key,
         command=_redacted(command_line()),
     )
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as progress:
+    output_dir(out_dir)
+    with (
+        on_interrupt(
+            f"{out_dir / 'results.json'} keeps the finished attack runs (partial report: "
+            f"{out_dir / 'index.html'}); run the same command with --resume to continue"
+        ),
+        Progress(
+            SpinnerColumn(),
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        ) as progress,
+    ):
         index = run_audit(config, events=_Display(progress))
     _summary(index)
     console.print(f"report: [bold]{index}[/]  (results: {index.parent / 'results.json'})")

@@ -497,6 +497,19 @@ _RESUME_FIELDS = (
 _RESUME_DEFAULTS: dict[str, Any] = {"blind": 0.0, "accounts": 1, "escalate": False, "api": None}
 
 
+def _failed_empty(doc: dict[str, Any], out: Path) -> bool:
+    """True when ``doc`` (an earlier ``results.json`` in ``out``) is a run that failed
+    before it trained, queried or recorded anything (e.g. on a mistyped ``--data``):
+    nothing in ``out`` is worth keeping, so a corrected command may start afresh."""
+    return (
+        doc.get("status") == "failed"
+        and not doc.get("records")
+        and not doc.get("tree_audit")
+        and not doc.get("deployment")
+        and all(p.name in ("results.json", "results.json.tmp") for p in out.iterdir())
+    )
+
+
 class ResultsFile:
     """``DIR/results.json``, rewritten atomically after every change."""
 
@@ -530,6 +543,7 @@ class ResultsFile:
             "records": [],
             "tree_audit": None,
         }
+        old = None
         if self.path.exists():
             try:
                 old = json.loads(self.path.read_text())
@@ -537,6 +551,15 @@ class ResultsFile:
                 raise DataError(
                     f"{self.path} is not valid JSON ({exc}); delete it or use another --out"
                 ) from exc
+            if not isinstance(old, dict):
+                raise DataError(
+                    f"{self.path} is not an audit's results (a JSON {type(old).__name__}, not "
+                    "an object); delete it or use another --out"
+                )
+            if _failed_empty(old, out):
+                log.info("replacing %s: the earlier run failed before it produced anything", out)
+                old = None
+        if old is not None:
             if not config.resume:
                 raise ConfigError(
                     f"{self.path} already holds an audit ({len(old.get('records', []))} "
