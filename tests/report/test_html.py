@@ -281,3 +281,17 @@ def test_keys_an_attacker_never_used_are_not_said_to_have_been_rotated(tmp_path:
     (black,) = [d for d in v.details if d.startswith(attack_title("blackbox"))]
     assert "had 100 API keys but opened 1" in black
     assert "a fresh one whenever one was refused" not in black
+
+
+def test_every_table_measure_is_defined(tmp_path: Path) -> None:
+    make_results(tmp_path)
+    html = render_report(tmp_path).read_text()
+    defined = set(re.findall(r"<dt>([^<]+)</dt>", html))
+    table = html[html.index('<h2 id="measures">') :]
+    table = table[: table.index("</table>")]
+    headers = {re.sub(r" \(.*\)", "", h) for h in re.findall(r"<th[^>]*>([^<]+)</th>", table)}
+    words = {w.strip() for d in defined for w in re.split(r",|/", d)}
+    words |= {f"eval {w}" for w in words if w.startswith("top-")}
+    undefined = headers - words - {"defence", "people", "served acc.", "ECE", "top-k"}
+    assert not undefined, undefined
+    assert 'href="#measures"' in html
