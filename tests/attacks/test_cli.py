@@ -260,3 +260,69 @@ def test_cli_heldout_prior_per_person(
         ([a for a in args if a not in ("--model", str(model_dir))] + api, "needs --model DIR"),
     ]:
         assert message in _one_line_error(argv, capsys)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--seed", "-1"], "--seed must be between 0 and"),
+        (["--seed", "99999999999999999999"], "--seed must be between 0 and"),
+        (["--out", __file__], "is a file; pass a folder path"),
+        (["--out", "/proc/no-such-dir/out"], "cannot write into --out"),
+        (["--checkpoint", "/proc/no-such-dir/run.npz"], "cannot write into --checkpoint"),
+        (["--checkpoint", "{tmp}/garbage.npz"], "cannot be read"),
+        (["--checkpoint", "{tmp}/cut.npz"], "cannot be read"),
+    ],
+)
+def test_cli_bad_seed_output_or_checkpoint_is_one_line_before_any_query(
+    model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    message: str,
+) -> None:
+    """Paths are checked before the attack spends its queries (an unwritable --out was a
+    traceback after the whole attack); a checkpoint that is not one says to delete it."""
+    (tmp_path / "garbage.label3.npz").write_text("not a checkpoint\n")
+    (tmp_path / "cut.label3.npz").write_bytes(b"PK\x03\x04 cut short")
+    argv = ["attack", "miface", "--model", str(model_dir), "--label", "3", "--mode", "blackbox"]
+    argv += ["--space", "dct:4", "--budget", "200", "--out", str(tmp_path / "out")]
+    err = _one_line_error([*argv, *(e.format(tmp=tmp_path) for e in extra)], capsys)
+    assert message in " ".join(err.split())  # rich wraps long lines
+
+
+def test_cli_refuses_a_survey_model_with_the_command_that_audits_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tree = train_target(load("fair", seed=0), "tree", seed=0, quick=True)
+    save(tree.model, tmp_path / "tree", card=tree.card)
+    argv = ["attack", "miface", "--model", str(tmp_path / "tree"), "--label", "0"]
+    err = _one_line_error([*argv, "--mode", "blackbox", "--out", str(tmp_path / "x")], capsys)
+    assert "mlinvert audit --model DIR" in " ".join(err.split())
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_ctrl_c_says_whether_the_attack_can_resume(
+    model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import mlinvert.attacks as attacks
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(attacks, "run_lockstep", interrupted)
+    argv = ["attack", "miface", "--model", str(model_dir), "--label", "3", "--mode", "blackbox"]
+    argv += ["--out", str(tmp_path / "out")]
+    for extra, words in [
+        ([], "pass --checkpoint FILE to make an attack resumable"),
+        (["--checkpoint", str(tmp_path / "run.npz")], "run the same command to resume"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            main([*argv, *extra])
+        assert stop.value.code == 130
+        err = capsys.readouterr().err
+        assert "interrupted" in err and words in " ".join(err.split())
+        assert "Traceback" not in err

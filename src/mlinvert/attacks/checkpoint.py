@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,10 +63,17 @@ class Checkpoint:
         """The saved state, ``None`` if absent; ConfigError if it belongs to another run."""
         if not self.path.exists():
             return None
-        with np.load(self.path) as data:
-            meta = json.loads(bytes(data["_meta"]).decode())
-            arrays = {k: np.array(data[k]) for k in data.files if k != "_meta"}
-        if meta.pop("_key", None) != key:
+        try:
+            with np.load(self.path) as data:
+                meta = json.loads(bytes(data["_meta"]).decode())
+                arrays = {k: np.array(data[k]) for k in data.files if k != "_meta"}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise ConfigError(
+                f"checkpoint {self.path} cannot be read ({exc}); it is not an mlinvert "
+                "checkpoint or was cut short: delete it (the attack then starts afresh) or "
+                "pass another --checkpoint path"
+            ) from None
+        if not isinstance(meta, dict) or meta.pop("_key", None) != key:
             raise ConfigError(
                 f"checkpoint {self.path} was written by a different attack configuration or "
                 "label; delete it or pass another --checkpoint path to start afresh"

@@ -10,7 +10,7 @@ from typing import Any
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mlinvert.cli.common import console, out, write_json
+from mlinvert.cli.common import check_seed, console, on_interrupt, out, output_dir, write_json
 from mlinvert.errors import ConfigError, OracleError, Unauthorized
 
 MODES = ("whitebox", "blackbox", "label-only")
@@ -330,6 +330,7 @@ def register(app: typer.Typer) -> None:
 
         if mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+        check_seed(seed)
         if (label is None) == (not all_labels):
             raise ConfigError("pass --label NAME or --all-labels (exactly one)")
         check_lanes(lanes)
@@ -371,6 +372,12 @@ def register(app: typer.Typer) -> None:
 
             oracle = Blinded(oracle, blind, seed=seed)
         info = oracle.info
+        if len(info.input_shape) != 2:
+            raise ConfigError(
+                f"MI-Face reconstructs images; {target or model} takes inputs of shape "
+                f"{tuple(info.input_shape)} (survey answers): audit a decision tree with "
+                "`mlinvert audit --model DIR --data steak:PATH` (or gss:PATH, fair)"
+            )
         labels = (
             list(range(info.n_classes))
             if all_labels
@@ -409,6 +416,16 @@ def register(app: typer.Typer) -> None:
 
         # the label-only attack keeps no state worth resuming
         ckpt = None if checkpoint is None or mode == "label-only" else Checkpoint(checkpoint)
+        output_dir(out_dir)  # before the attack, whose results would be lost after it
+        if ckpt is not None:
+            output_dir(ckpt.path.parent, "--checkpoint")
+        if ckpt is not None:
+            states = ckpt.path.parent / (ckpt.path.stem + ".label*.npz")
+            stopped_note = f"each label's state is in {states}; run the same command to resume"
+        elif checkpoint is not None:
+            stopped_note = "nothing was saved (the label-only attack keeps no state to resume)"
+        else:
+            stopped_note = "nothing was saved; pass --checkpoint FILE to make an attack resumable"
         t0 = time.perf_counter()
         columns = (
             TextColumn("[bold]{task.description}"),
@@ -418,7 +435,7 @@ def register(app: typer.Typer) -> None:
             TextColumn("{task.fields[rate]:>7.0f} q/s"),
             TimeElapsedColumn(),
         )
-        with Progress(*columns, console=console, transient=False) as bar:
+        with on_interrupt(stopped_note), Progress(*columns, console=console) as bar:
             tasks = {
                 lab: bar.add_task(info.class_names[lab], total=budget, metric="", rate=0.0)
                 for lab in labels
