@@ -295,3 +295,13 @@ def test_every_table_measure_is_defined(tmp_path: Path) -> None:
     undefined = headers - words - {"defence", "people", "served acc.", "ECE", "top-k"}
     assert not undefined, undefined
     assert 'href="#measures"' in html
+
+
+def test_the_header_counts_runs_not_reused_results(tmp_path: Path) -> None:
+    doc = make_results(tmp_path)  # 2 targets x 3 attacks x 4 defences x 4 people = 96
+    for r in doc["records"]:
+        if r["attack"] == "whitebox" and r["defense"] != "none":
+            r["shared_from"] = "none"  # 2 x 3 x 4 = 24 reuse a run
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    html = render_report(tmp_path).read_text()
+    assert "72 attack runs (96 results: 24 reuse the run of a defence" in " ".join(html.split())
