@@ -305,3 +305,15 @@ def test_the_header_counts_runs_not_reused_results(tmp_path: Path) -> None:
     (tmp_path / "results.json").write_text(json.dumps(doc))
     html = render_report(tmp_path).read_text()
     assert "72 attack runs (96 results: 24 reuse the run of a defence" in " ".join(html.split())
+
+
+def test_a_verdict_below_exposed_still_counts_the_faces_recovered(tmp_path: Path) -> None:
+    doc = make_results(tmp_path)
+    for r in doc["records"]:  # the label-only attack recovers one of the four under labels
+        if r["defense"] == "labels" and r["attack"] == "label-only" and r["label"] == 1:
+            r.update(recovered=True, eval_top1=True)
+    doc["thresholds"]["exposed_rate"] = 0.3
+    v = next(v for v in verdicts(doc) if (v.target_model, v.defense) == ("softmax", "labels"))
+    assert v.level == "mitigated"
+    assert "Still, 1 of 4 were recovered (Label-only inversion" in v.headline
+    assert "below the 30 % that counts as exposed" in v.headline

@@ -222,6 +222,12 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                     "keys or more time",
                 }[level]
                 headline = f"{defense}: {words}."
+                if level != "exposed" and best.recovered > 0:
+                    headline += (
+                        f" Still, {round(best.recovered * best.n)} of {best.n} were recovered "
+                        f"({attack_title(best.attack)}), below the {_pct(exposed_rate)} that "
+                        "counts as exposed."
+                    )
                 for c in api:
                     keys_text = "."
                     if keys > 1 and c.accounts == 1 and _refused(c):
