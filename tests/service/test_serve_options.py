@@ -110,6 +110,44 @@ def test_bad_log_synchronous_value_is_a_config_error(tmp_path: Path) -> None:
         ServiceSettings.from_env(env)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "log_level", "message"),
+    [
+        ({"port": "busy"}, "warning", "another service listens there"),
+        ({"host": "no-such-host.invalid"}, "warning", "pass --host an address of this machine"),
+        ({"host": "192.0.2.1"}, "warning", "is not an address of this machine"),
+        ({"model_policies": ("faces=round:2",)}, "warning", "names no served model"),
+        ({}, "loud", "--log-level must be one of"),
+    ],
+)
+def test_serve_refuses_what_it_cannot_do_before_it_says_serving(
+    overrides: dict[str, Any],
+    log_level: str,
+    message: str,
+    model_dir: tuple[Path, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A port in use, a host not of this machine, a --model-policy for a model not served
+    (its defence would silently not apply) or an unknown log level: one ConfigError, and
+    uvicorn is never started."""
+    import socket
+
+    import uvicorn
+
+    from mlinvert.service.server import serve
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("uvicorn started"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        if overrides.get("port") == "busy":
+            overrides = {**overrides, "port": busy.getsockname()[1]}
+        settings = ServiceSettings(db=tmp_path / "s.db", models=(str(model_dir[0]),), **overrides)
+        with pytest.raises(ConfigError, match=message):
+            serve(settings, log_level=log_level)
+
+
 def _post(client: Any, key: str, content_type: str | None, body: bytes) -> Any:
     headers = {"X-API-Key": key}
     if content_type is not None:

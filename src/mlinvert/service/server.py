@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,12 +44,53 @@ def load_models(specs: Sequence[str]) -> dict[str, Target]:
     return models
 
 
+#: uvicorn's log levels (``--log-level``).
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def check_listen(host: str, port: int) -> None:
+    """ConfigError unless a server can listen on ``host:port`` now (a port already in use
+    or a host that is not an address of this machine), before anything says "serving"."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise ConfigError(
+            f"cannot listen on host {host!r} ({exc.strerror}); pass --host an address of "
+            "this machine, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)"
+        ) from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            fix = {
+                errno.EADDRINUSE: "another service listens there: stop it or pass another --port",
+                errno.EADDRNOTAVAIL: f"{host} is not an address of this machine: pass "
+                "--host 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)",
+                errno.EACCES: "ports below 1024 need privileges: pass --port 1024 or above",
+            }.get(exc.errno or 0, "pass another --host or --port")
+            raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); {fix}") from None
+
+
 def serve(settings: ServiceSettings, *, log_level: str = "warning") -> None:
     """Load ``settings.models``, build the app and run it until interrupted."""
     import uvicorn
 
+    if log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+    models = load_models(settings.models)
+    for spec in settings.model_policies:
+        name = spec.partition("=")[0]
+        if name not in models:
+            raise ConfigError(
+                f"--model-policy {spec!r} names no served model; the served models are "
+                f"{', '.join(models)} (the name is the folder's, or NAME in --model NAME=DIR)"
+            )
+    check_listen(settings.host, settings.port)
     store = Store(settings.db, synchronous=settings.log_synchronous)
-    predictors = build_predictors(load_models(settings.models), settings, flags=store)
+    predictors = build_predictors(models, settings, flags=store)
     app = create_app(settings, predictors, store=store)
     log.warning(
         "serving %s on http://%s:%d (rate limit %s, detector %s%s)",
