@@ -349,3 +349,31 @@ def _answered_by(db: Path) -> dict[str, int]:
         return out
     finally:
         store.close()
+
+
+def test_cli_model_without_data_audits_the_data_set_its_card_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``audit --model DIR`` without --data used the digits (and then said the model's
+    inputs do not match them), not the data set the model was trained on."""
+    import mlinvert.evaluation.audit as audit
+    from mlinvert.data import load
+    from mlinvert.targets import save, train_target
+
+    tree = train_target(load("fair", seed=0), "tree", seed=0, quick=True)
+    save(tree.model, tmp_path / "tree", card=tree.card)
+    seen: list[AuditConfig] = []
+
+    def capture(config: AuditConfig, **kwargs: object) -> None:
+        seen.append(config)
+        raise ConfigError("captured")
+
+    monkeypatch.setattr(audit, "run_audit", capture)
+    for argv, spec in [
+        (["--model", str(tmp_path / "tree")], "fair"),
+        (["--model", str(tmp_path / "tree"), "--data", "fair"], "fair"),
+        ([], "digits"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(["audit", "--out", str(tmp_path / "run"), *argv])
+        assert audit._data_spec(seen.pop())[0] == spec

@@ -155,9 +155,10 @@ def audit(
     data: str | None = typer.Option(
         None,
         "--data",
-        help="Data spec: digits (default), att:PATH, folder:PATH, olivetti; "
-        "survey specs steak:PATH, gss:PATH, fair run the decision-tree audit. Required "
-        "with --api (the owner's data: the judge and the attacker's prior).",
+        help="Data spec: digits (default; with --model, the data set its card names), "
+        "att:PATH, folder:PATH, olivetti; survey specs steak:PATH, gss:PATH, fair run the "
+        "decision-tree audit. Required with --api (the owner's data: the judge and the "
+        "attacker's prior).",
     ),
     model: Path | None = typer.Option(
         None, "--model", help="Audit an existing trained model folder instead of training."
@@ -262,7 +263,8 @@ def audit(
         utility_key = None  # only the environment set it: ignored without --api
     check_seed(seed)
     config = AuditConfig(
-        data=data if (data is not None or api is not None) else "digits",
+        # with --model and no --data: the data set the model card names
+        data=data if (data is not None or api is not None or model is not None) else "digits",
         model_dir=model,
         targets=_split(targets, "targets") or (),
         attacks=_split(attacks, "attacks") or (API_ATTACKS if api is not None else ATTACKS),
