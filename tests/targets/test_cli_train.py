@@ -28,6 +28,21 @@ def test_train_digits_writes_a_loadable_folder(tmp_path: Path) -> None:
     assert np.mean(load(out).predict(x) == y) == pytest.approx(card["test_accuracy"])
 
 
+def test_train_does_not_replace_a_model_already_in_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "m"
+    with pytest.raises(SystemExit) as first:
+        main(["train", "--out", str(out), "--quick"])
+    assert first.value.code == 0
+    card = (out / "model.json").read_text()
+    with pytest.raises(SystemExit) as again:
+        main(["train", "--out", str(out), "--quick", "--model", "mlp"])
+    assert again.value.code == 2
+    assert "already holds a trained model" in " ".join(capsys.readouterr().err.split())
+    assert (out / "model.json").read_text() == card
+
+
 def test_help_explains_the_options() -> None:
     result = CliRunner().invoke(build_app(), ["train", "--help"])
     assert result.exit_code == 0

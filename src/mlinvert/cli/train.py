@@ -54,6 +54,11 @@ def run_train(
         if dp_epsilon is None
         else dp_config(kind, dp_epsilon, delta=dp_delta, quick=quick, private=private)
     )
+    if (out_dir / "model.json").exists():
+        raise ConfigError(
+            f"--out {out_dir} already holds a trained model (model.json); choose another "
+            "--out, or delete that folder first to replace the model"
+        )
     with console.status(f"[bold]loading[/] {data} ..."):
         dataset = load_data(data, seed=seed)
     output_dir(out_dir)  # before the training, which the model would be lost after
