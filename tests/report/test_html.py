@@ -317,3 +317,14 @@ def test_a_verdict_below_exposed_still_counts_the_faces_recovered(tmp_path: Path
     assert v.level == "mitigated"
     assert "Still, 1 of 4 were recovered (Label-only inversion" in v.headline
     assert "below the 30 % that counts as exposed" in v.headline
+
+
+def test_reference_points_are_described_as_measured(tmp_path: Path) -> None:
+    doc = make_results(tmp_path)
+    doc["references"].append({**doc["references"][-1], "name": "private mean"})
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    html = render_report(tmp_path).read_text().replace("&#39;", "'")
+    text = html[html.index("<h2>Reference points</h2>") :]
+    text = " ".join(text[: text.index("</p>")].split())
+    assert "the average of the person's private training photos" in text
+    assert "the best any reconstruction can do" not in text  # the private mean scores higher

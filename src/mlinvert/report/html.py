@@ -155,6 +155,19 @@ def _grids(results: dict[str, Any], out_dir: Path) -> list[dict[str, Any]]:
     return grids
 
 
+#: What each reference image is (``mlinvert.evaluation.references``), by its name with
+#: hyphens and underscores read as spaces.
+REFERENCE_NOTES = {
+    "grey": "a flat grey image",
+    "uniform noise": "uniform noise",
+    "noise template": "noise carrying the person's discriminative template: a person sees "
+    "noise, a classifier or a blurred matcher still names the person",
+    "held out photo": "one of the person's own held-out photos (never used in training)",
+    "private mean": "the average of the person's private training photos, which a perfect "
+    "inversion of a confidence score approaches: the upper reference",
+}
+
+
 def _references(results: dict[str, Any], out_dir: Path) -> dict[str, Any] | None:
     refs = results.get("references") or []
     if not refs:
@@ -164,7 +177,10 @@ def _references(results: dict[str, Any], out_dir: Path) -> dict[str, Any] | None
         for r in refs
     ]
     png = plots.image_grid(["image"], rows)
-    return {"uri": data_uri(png), "rows": refs}
+    notes = [
+        REFERENCE_NOTES.get(r["name"].replace("-", " ").replace("_", " "), r["name"]) for r in refs
+    ]
+    return {"uri": data_uri(png), "rows": refs, "notes": notes}
 
 
 def _tree_plot(results: dict[str, Any], out_dir: Path) -> str | None:
