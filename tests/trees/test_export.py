@@ -32,7 +32,11 @@ def test_export_writes_document_with_counts(steak: SurveyDataset, tmp_path: Path
 
 @pytest.mark.parametrize(
     ("out", "message"),
-    [("folder", "is a folder"), ("/proc/no-such-dir/doc.json", "cannot write")],
+    [
+        ("folder", "is a folder"),
+        ("/proc/no-such-dir/doc.json", "cannot write"),
+        ("tree/model.json", "would overwrite the model folder's own model.json"),
+    ],
 )
 def test_export_to_a_path_it_cannot_write_is_one_clear_line(
     out: str,
@@ -46,10 +50,12 @@ def test_export_to_a_path_it_cannot_write_is_one_clear_line(
     model, card = train_tree(steak, seed=0, quick=True)
     io.save(model, tmp_path / "tree", card=card)
     (tmp_path / "folder").mkdir()
-    target = tmp_path / "folder" if out == "folder" else Path(out)
+    card = (tmp_path / "tree" / "model.json").read_text()
+    target = tmp_path / out if not out.startswith("/") else Path(out)
     with pytest.raises(SystemExit) as stop:
         main(["export", "--model", str(tmp_path / "tree"), "--out", str(target)])
     assert stop.value.code == 2
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
     assert message in err and "Traceback" not in err
-    assert not list(tmp_path.glob("*.tmp"))  # no temporary file left behind
+    assert not list(tmp_path.glob("**/*.tmp"))  # no temporary file left behind
+    assert (tmp_path / "tree" / "model.json").read_text() == card

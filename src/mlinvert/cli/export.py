@@ -12,13 +12,18 @@ from pathlib import Path
 import typer
 
 from mlinvert.cli.common import console, write_json
-from mlinvert.errors import ModelError
+from mlinvert.errors import ConfigError, ModelError
 
 
 def export_document(model_dir: Path, out_file: Path) -> int:
     """Load the model folder, write its document to ``out_file``; return the node count."""
     from mlinvert.targets import io
 
+    if out_file.resolve().parent == model_dir.resolve() and out_file.name in (io.CARD, io.WEIGHTS):
+        raise ConfigError(
+            f"--out {out_file} would overwrite the model folder's own {out_file.name}; write "
+            "the document elsewhere, e.g. --out tree.json"
+        )
     model = io.load(model_dir)
     to_document = getattr(model, "to_document", None)
     if to_document is None:
