@@ -328,3 +328,13 @@ def test_reference_points_are_described_as_measured(tmp_path: Path) -> None:
     text = " ".join(text[: text.index("</p>")].split())
     assert "the average of the person's private training photos" in text
     assert "the best any reconstruction can do" not in text  # the private mean scores higher
+
+
+def test_digit_data_says_what_person_and_face_stand_for(tmp_path: Path) -> None:
+    doc = make_results(tmp_path)
+    assert "not faces" not in render_report(tmp_path).read_text()
+    doc["dataset"]["spec"] = "digits"
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    html = " ".join(render_report(tmp_path).read_text().split())
+    assert "This data set is handwritten digits, not faces" in html
+    assert "a <i>person</i> is a class (4 of them)" in html

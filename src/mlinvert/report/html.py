@@ -53,6 +53,11 @@ MAPPING = [
 ]
 
 
+#: Image data sets that are not faces (by the kind in ``dataset.spec``): the report's
+#: words "person" and "face" then need saying what they stand for.
+NOT_FACES = {"digits": "handwritten digits"}
+
+
 def data_uri(png: bytes) -> str:
     """``data:image/png;base64,...`` for PNG bytes."""
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
@@ -235,6 +240,9 @@ def render_report(out_dir: Path | str) -> Path:
         "references": _references(results, out_dir),
         "plot_queries": data_uri(plots.accuracy_vs_queries(results)) if has_faces else None,
         "plot_utility": data_uri(plots.privacy_utility(results)) if has_faces else None,
+        "not_faces": NOT_FACES.get(
+            str(results.get("dataset", {}).get("spec", "")).partition(":")[0].strip().lower()
+        ),
         "tree": results.get("tree_audit"),
         "tree_plot": _tree_plot(results, out_dir),
     }
