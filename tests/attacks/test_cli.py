@@ -326,3 +326,22 @@ def test_cli_ctrl_c_says_whether_the_attack_can_resume(
         err = capsys.readouterr().err
         assert "interrupted" in err and words in " ".join(err.split())
         assert "Traceback" not in err
+
+
+def test_cli_does_not_replace_an_earlier_result_unless_resuming(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second attack into the same --out replaced the first one's result.json (say, by
+    one that a rate limit stopped at 0 queries); resuming with --checkpoint may."""
+    out = tmp_path / "out"
+    argv = ["attack", "miface", "--model", str(model_dir), "--label", "3", "--mode", "blackbox"]
+    argv += ["--space", "dct:4", "--budget", "200", "--samples", "5", "--out", str(out)]
+    runner, app = CliRunner(), build_app()
+    assert runner.invoke(app, argv).exit_code == 0
+    first = (out / "result.json").read_text()
+    err = _one_line_error([*argv, "--label", "4"], capsys)
+    assert "already holds an attack's result.json" in " ".join(err.split())
+    assert (out / "result.json").read_text() == first
+    ckpt = ["--checkpoint", str(tmp_path / "run.npz")]
+    assert runner.invoke(app, [*argv, "--label", "4", *ckpt]).exit_code == 0
+    assert AttackResult.from_json((out / "result.json").read_text()).labels.tolist() == [4]

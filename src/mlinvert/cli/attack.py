@@ -416,6 +416,12 @@ def register(app: typer.Typer) -> None:
 
         # the label-only attack keeps no state worth resuming
         ckpt = None if checkpoint is None or mode == "label-only" else Checkpoint(checkpoint)
+        if ckpt is None and (out_dir / "result.json").exists():
+            raise ConfigError(
+                f"--out {out_dir} already holds an attack's result.json (and its PNGs), which "
+                "this run would replace: choose another --out or delete that folder first "
+                "(a run resumed with the same --checkpoint may write over its own results)"
+            )
         output_dir(out_dir)  # before the attack, whose results would be lost after it
         if ckpt is not None:
             output_dir(ckpt.path.parent, "--checkpoint")
