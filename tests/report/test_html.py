@@ -16,7 +16,7 @@ from PIL import Image
 from mlinvert.errors import DataError
 from mlinvert.report import plots
 from mlinvert.report.html import render_report
-from mlinvert.report.summary import attack_title, cells, recommendations, verdicts
+from mlinvert.report.summary import answer, attack_title, cells, recommendations, verdicts
 
 from .conftest import check_page, make_results
 
@@ -338,3 +338,14 @@ def test_digit_data_says_what_person_and_face_stand_for(tmp_path: Path) -> None:
     html = " ".join(render_report(tmp_path).read_text().split())
     assert "This data set is handwritten digits, not faces" in html
     assert "a <i>person</i> is a class (4 of them)" in html
+
+
+def test_the_short_answer_gives_a_dp_target_its_accuracy_price(tmp_path: Path) -> None:
+    doc = make_results(tmp_path)
+    doc["targets"]["mlp"].update(privacy={"epsilon": 8.0, "delta": 1e-5}, test_accuracy=0.68)
+    doc["targets"]["mlp"]["kind"] = "softmax"  # a DP-SGD twin of 'softmax'
+    line = next(a for a in answer(doc, verdicts(doc)) if a.startswith("mlp"))
+    assert line.startswith("mlp (DP-SGD, epsilon 8: test accuracy 68 % against 95 % for softmax)")
+    assert next(a for a in answer(doc, verdicts(doc)) if a.startswith("softmax")).startswith(
+        "softmax: "
+    )

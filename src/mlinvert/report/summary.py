@@ -388,6 +388,21 @@ def _per_account(defense: str) -> bool:
     return any(part.strip().startswith(("rate:", "detect")) for part in defense.split("+"))
 
 
+def _plain_twin(targets: dict[str, Any], name: str) -> str | None:
+    """The target of the same kind trained without DP-SGD, for a DP-SGD target ``name``."""
+    info = targets.get(name, {})
+    if not info.get("privacy"):
+        return None
+    return next(
+        (
+            n
+            for n, i in targets.items()
+            if i.get("kind") == info.get("kind") and not i.get("privacy")
+        ),
+        None,
+    )
+
+
 def _dp_comparisons(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]:
     """For each DP-SGD target, what the noise bought against the same kind trained
     plainly in the same run (no output defence): recovered faces and test accuracy."""
@@ -401,14 +416,7 @@ def _dp_comparisons(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]
     lines = []
     for name, info in targets.items():
         privacy = info.get("privacy")
-        plain = next(
-            (
-                n
-                for n, i in targets.items()
-                if i.get("kind") == info.get("kind") and not i.get("privacy")
-            ),
-            None,
-        )
+        plain = _plain_twin(targets, name)
         if not privacy or plain is None:
             continue
         parts = []
@@ -452,6 +460,14 @@ def answer(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]:
         if not mine:
             continue
         works = [v for v in mine if v.level == "mitigated"]
+        targets = results.get("targets", {})
+        label = target
+        if (plain := _plain_twin(targets, target)) is not None:
+            label += (
+                f" (DP-SGD, epsilon {targets[target]['privacy']['epsilon']:.2g}: test accuracy "
+                f"{_pct(targets[target].get('test_accuracy'))} against "
+                f"{_pct(targets[plain].get('test_accuracy'))} for {plain})"
+            )
         if works:
             costs = [
                 f"'{v.defense}' (served accuracy {_pct(v.accuracy)}"
@@ -463,9 +479,9 @@ def answer(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]:
                 + ")"
                 for v in works
             ]
-            head = f"{target}: the API attacks are mitigated by {', '.join(costs)}."
+            head = f"{label}: the API attacks are mitigated by {', '.join(costs)}."
         else:
-            head = f"{target}: no defence measured stops the API attacker."
+            head = f"{label}: no defence measured stops the API attacker."
         parts = [
             f"{title}: {', '.join(repr(v.defense) for v in mine if v.level == level)}"
             for level, title in (
