@@ -170,8 +170,8 @@ def rate_headers(
     """The RateLimit fields (draft-ietf-httpapi-ratelimit-headers-06) of ``account``'s
     bucket now, read without taking from it: its capacity, the inputs it may send, the
     seconds until it is full (``retry_after``, rounded up as Retry-After is, when a batch
-    was refused) and the refill window. None without a rate limit, or when the bucket's
-    store cannot be read (the answer then goes out without them)."""
+    was refused) and the refill window. No fields without a rate limit, or when the
+    bucket's store cannot be read (the answer then goes out without them)."""
     limiter = _limiter(predictor)
     if limiter is None:
         return {}
