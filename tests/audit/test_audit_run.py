@@ -257,7 +257,9 @@ def test_audit_over_the_real_http_service(tmp_path: Path, resumed: dict[str, Any
     assert "1 of the 2 accounts it opened flagged" in html
 
 
-def test_cli_bad_flag_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_bad_flag_is_a_clear_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / "website").mkdir()
+    (tmp_path / "website" / "index.html").write_text("<p>mine</p>\n")
     bad = subprocess.run(
         [sys.executable, "-m", "mlinvert", "audit", "--no-such-flag"],
         capture_output=True,
@@ -279,12 +281,14 @@ def test_cli_bad_flag_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> No
         (["--seed", "99999999999999999999"], "--seed must be between 0 and"),
         (["--out", __file__], "is a file; pass a folder path"),
         (["--out", "/proc/no-such-dir/x"], "cannot write into --out"),
+        (["--out", str(tmp_path / "website")], "holds other files and no audit"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main(["audit", "--out", "/nonexistent/x", *flags])
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert words in " ".join(err.split()) and "Traceback" not in err  # rich wraps lines
+    assert (tmp_path / "website" / "index.html").read_text() == "<p>mine</p>\n"
 
 
 def test_cli_ctrl_c_says_what_is_kept_and_how_to_resume(

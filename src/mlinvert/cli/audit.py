@@ -285,6 +285,12 @@ def audit(
         utility_key=utility_key,
         command=_redacted(command_line()),
     )
+    if out_dir.is_dir() and not (out_dir / "results.json").exists() and any(out_dir.iterdir()):
+        raise ConfigError(
+            f"--out {out_dir} holds other files and no audit (results.json); the audit writes "
+            "results.json, index.html, images/, models/ and service/ there, replacing any "
+            "of that name: choose a new or empty folder"
+        )
     output_dir(out_dir)
     with (
         on_interrupt(
