@@ -118,6 +118,22 @@ def test_real_service_parity_budget_and_limits(tmp_path: Path, model_dir: tuple[
 
 
 @pytest.mark.redis
+def test_ctrl_c_while_the_service_starts_stops_the_process(
+    tmp_path: Path, model_dir: tuple[Path, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C during the wait for /healthz (seconds, while the child imports torch) left
+    the service running: ``__enter__`` raised, so ``__exit__`` never stopped it."""
+
+    def interrupt(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(httpx.Client, "get", interrupt)  # the first /healthz poll
+    service = ServiceProcess([str(model_dir[0])], db=tmp_path / "s.db")
+    with pytest.raises(KeyboardInterrupt), service:
+        pytest.fail("the service answered before the first wait")
+    assert service.process is not None and service.process.poll() is not None
+
+
 def test_two_processes_share_one_budget_through_redis(
     tmp_path: Path, model_dir: tuple[Path, Any], redis_url: str
 ) -> None:

@@ -85,27 +85,37 @@ class ServiceProcess:
         return f"{self.url}/v1/models/{name}"
 
     def start(self) -> ServiceProcess:
-        """Start the process and wait until ``/healthz`` answers (OracleError otherwise)."""
+        """Start the process and wait until ``/healthz`` answers (OracleError otherwise).
+
+        The process is stopped again if the wait ends any other way, Ctrl-C included (a
+        ``with`` block whose ``__enter__`` raises never reaches ``__exit__``).
+        """
         with self.log_path.open("wb") as log_file:
             self.process = subprocess.Popen(
                 self.args, stdout=log_file, stderr=subprocess.STDOUT, env=self.env
             )
+        try:
+            self._wait_healthy(self.process)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_healthy(self, process: subprocess.Popen[bytes]) -> None:
         deadline = time.monotonic() + self.startup_timeout
         with httpx.Client(timeout=2.0) as client:
             while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    self.stop()
+                if process.poll() is not None:
                     raise OracleError(
-                        f"mlinvert serve exited with code {self.process.returncode}: "
+                        f"mlinvert serve exited with code {process.returncode}: "
                         f"{self.log()[-2000:]}"
                     )
                 try:
                     if client.get(f"{self.url}/healthz").status_code == 200:
-                        return self
+                        return
                 except httpx.TransportError:
                     pass
                 time.sleep(0.1)
-        self.stop()
         raise OracleError(
             f"mlinvert serve did not answer /healthz within {self.startup_timeout:.0f} s: "
             f"{self.log()[-2000:]}"
