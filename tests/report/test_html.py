@@ -349,3 +349,13 @@ def test_the_short_answer_gives_a_dp_target_its_accuracy_price(tmp_path: Path) -
     assert next(a for a in answer(doc, verdicts(doc)) if a.startswith("softmax")).startswith(
         "softmax: "
     )
+
+
+def test_the_level_legend_gives_the_identity_thresholds(tmp_path: Path) -> None:
+    doc = make_results(tmp_path)
+    doc["thresholds"]["identity_rate"] = 0.5
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    html = " ".join(render_report(tmp_path).read_text().split())
+    assert (
+        "eval top-1 at least 50 % and twice chance, or the lineup right for at least 50 %" in html
+    )

@@ -22,6 +22,7 @@ from mlinvert.errors import DataError
 from mlinvert.report import plots
 from mlinvert.report.summary import (
     API_ATTACKS,
+    LINEUP_CHANCE,
     answer,
     attack_title,
     cells,
@@ -235,6 +236,7 @@ def render_report(out_dir: Path | str) -> Path:
         "answer": answer(results, vs),
         "recommendations": recommendations(results, vs),
         "mapping": MAPPING,
+        "lineup_chance": LINEUP_CHANCE,
         "tables": _tables(results),
         "grids": _grids(results, out_dir) if has_faces else [],
         "references": _references(results, out_dir),
