@@ -345,3 +345,18 @@ def test_cli_does_not_replace_an_earlier_result_unless_resuming(
     ckpt = ["--checkpoint", str(tmp_path / "run.npz")]
     assert runner.invoke(app, [*argv, "--label", "4", *ckpt]).exit_code == 0
     assert AttackResult.from_json((out / "result.json").read_text()).labels.tolist() == [4]
+
+
+def test_cli_heldout_prior_names_the_card_when_its_data_set_is_missing(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The path in the error came from the model card, not from the command line."""
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(model_dir, moved)
+    card = json.loads((moved / "model.json").read_text())
+    (moved / "model.json").write_text(json.dumps({**card, "dataset": "att:/no/such/faces"}))
+    argv = ["attack", "miface", "--model", str(moved), "--label", "3", "--aux", "heldout"]
+    err = " ".join(_one_line_error([*argv, "--out", str(tmp_path / "x")], capsys).split())
+    assert f"the model card in {moved} names the data set 'att:/no/such/faces'" in err

@@ -164,7 +164,13 @@ def _training_data(model: Path) -> Any:
     spec, split = card.get("dataset"), card.get("split")
     if not spec or not isinstance(split, dict):
         raise DataError(f"the model card in {model} names no data set and split")
-    data = load(spec)
+    try:
+        data = load(spec)
+    except DataError as exc:
+        raise DataError(
+            f"the model card in {model} names the data set {spec!r}, which is not readable "
+            f"here: {exc}"
+        ) from None
     if not isinstance(data, ImageDataset):
         raise DataError(f"the model in {model} was trained on {spec!r}, not on images")
     return dataclasses.replace(data, split=Split.from_dict(split))
