@@ -39,7 +39,7 @@ def setup_logging(verbose: bool) -> None:
     )
 
 
-def output_dir(path: Path, option: str = "--out") -> Path:
+def output_dir(path: Path, option: str = "--out") -> None:
     """Create the output folder ``path`` (the value of ``option``) and check that files can
     be written in it, before a long job starts; ConfigError if it cannot hold the output."""
     if path.exists() and not path.is_dir():
@@ -53,7 +53,6 @@ def output_dir(path: Path, option: str = "--out") -> Path:
             f"cannot write into {option} {path} ({exc.strerror or exc}); pass a folder you "
             "can write to"
         ) from None
-    return path
 
 
 def write_json(path: Path, data: Any) -> None:
