@@ -359,3 +359,18 @@ def test_the_level_legend_gives_the_identity_thresholds(tmp_path: Path) -> None:
     assert (
         "eval top-1 at least 50 % and twice chance, or the lineup right for at least 50 %" in html
     )
+
+
+def test_defences_on_one_point_of_the_utility_plot_share_one_label(tmp_path: Path) -> None:
+    doc = make_results(tmp_path)  # 'none' and 'rate:300/hour' have equal utility and top-1
+    labels: list[str] = []
+
+    def keep(fig: Figure) -> bytes:
+        labels.extend(t.get_text() for t in fig.axes[0].texts)
+        return b""
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plots, "_png", keep)
+        plots.privacy_utility(doc)
+    assert "none, rate:300/hour" in labels
+    assert "none" not in labels and "rate:300/hour" not in labels

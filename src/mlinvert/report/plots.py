@@ -127,6 +127,7 @@ def privacy_utility(results: dict[str, Any]) -> bytes:
     targets = list(dict.fromkeys(t for t, _ in by_key))
     shapes = {t: "osD^v"[i % 5] for i, t in enumerate(targets)}
     for ax, (field, xlabel) in zip(axes, panels, strict=True):
+        names: dict[tuple[float, float], list[str]] = {}  # first target's defences per point
         for (target, defense), group in by_key.items():
             util = utility_of(results, target, defense)
             x = util.get(field)
@@ -135,8 +136,13 @@ def privacy_utility(results: dict[str, Any]) -> bytes:
             xv = x * (100 if field == "topk_accuracy" else 1)
             y = 100 * max(c.eval_top1 for c in group)
             ax.scatter(xv, y, color=colour[defense], marker=shapes[target], s=60, alpha=0.85)
-            if target == targets[0]:
-                ax.annotate(defense, (xv, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            if target == targets[0]:  # to the tables' precision: near points share a label
+                key = (round(xv, 3 if field == "brier" else 1), round(y))
+                names.setdefault(key, []).append(defense)
+        for (xv, y), ds in names.items():
+            ax.annotate(
+                ", ".join(ds), (xv, y), fontsize=7, xytext=(4, 3), textcoords="offset points"
+            )
         if field == "topk_accuracy":
             k = next(
                 (
