@@ -89,3 +89,17 @@ def test_ctrl_c_while_training_says_so_and_writes_no_model(
     err = capsys.readouterr().err
     assert "interrupted" in err and "no model was written" in err and "Traceback" not in err
     assert not (tmp_path / "m" / "model.json").exists()
+
+
+def test_ctrl_c_before_any_command_runs_is_exit_130_with_a_message(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import mlinvert.cli.main as cli_main
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_main, "build_app", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 130 and "interrupted" in capsys.readouterr().err

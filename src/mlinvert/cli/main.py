@@ -39,9 +39,10 @@ def build_app() -> typer.Typer:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script."""
-    app = build_app()
     try:
-        app(args=argv, prog_name="mlinvert")
+        # a command's own Ctrl-C is Typer's exit 130 (after the command's on_interrupt
+        # message); this catches one while the command modules are still importing
+        build_app()(args=argv, prog_name="mlinvert")
     except MlinvertError as exc:
         console.print(f"[bold red]error:[/] {exc}")
         sys.exit(2)
