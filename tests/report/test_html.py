@@ -315,7 +315,7 @@ def test_a_verdict_below_exposed_still_counts_the_faces_recovered(tmp_path: Path
     doc["thresholds"]["exposed_rate"] = 0.3
     v = next(v for v in verdicts(doc) if (v.target_model, v.defense) == ("softmax", "labels"))
     assert v.level == "mitigated"
-    assert "Still, 1 of 4 were recovered (Label-only inversion" in v.headline
+    assert "Still, 1 of 4 was recovered (Label-only inversion" in v.headline
     assert "below the 30 % that counts as exposed" in v.headline
 
 

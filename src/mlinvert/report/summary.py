@@ -217,14 +217,15 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                     "look like them (classifier templates, not faces)",
                     "mitigated": "the API attacks recover neither identity nor likeness "
                     "clearly above chance",
-                    "cut off": "the guard refused the attacker's account before the API "
-                    "attacks got anywhere; that stops one account, not an attacker with more "
+                    "cut off": "the guard refused the attacker's account and cut the API attacks "
+                    "off before they got far; that stops one account, not an attacker with more "
                     "keys or more time",
                 }[level]
                 headline = f"{defense}: {words}."
                 if level != "exposed" and best.recovered > 0:
+                    lost = round(best.recovered * best.n)
                     headline += (
-                        f" Still, {round(best.recovered * best.n)} of {best.n} were recovered "
+                        f" Still, {lost} of {best.n} {'was' if lost == 1 else 'were'} recovered "
                         f"({attack_title(best.attack)}), below the {_pct(exposed_rate)} that "
                         "counts as exposed."
                     )
