@@ -360,3 +360,20 @@ def test_cli_heldout_prior_names_the_card_when_its_data_set_is_missing(
     argv = ["attack", "miface", "--model", str(moved), "--label", "3", "--aux", "heldout"]
     err = " ".join(_one_line_error([*argv, "--out", str(tmp_path / "x")], capsys).split())
     assert f"the model card in {moved} names the data set 'att:/no/such/faces'" in err
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ("lowres:axb", "write pixel, lowres:WxH (e.g. lowres:23x28)"),
+        ("dct:many", "write pixel, lowres:WxH (e.g. lowres:23x28)"),
+        ("dct:0", "DCT needs k >= 1"),
+        ("teleport", "unknown search space 'teleport'"),
+    ],
+)
+def test_cli_bad_space_spec_says_how_to_write_one(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], space: str, message: str
+) -> None:
+    argv = ["attack", "miface", "--model", str(model_dir), "--label", "3", "--space", space]
+    err = _one_line_error([*argv, "--out", str(tmp_path / "x")], capsys)
+    assert message in " ".join(err.split())

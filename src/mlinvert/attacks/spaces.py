@@ -480,7 +480,10 @@ def parse_space(
                 )
             return PCAPrior(aux, int(arg or k), detail=detail, radius=radius, augment=augment)
     except ValueError as exc:
-        raise ConfigError(f"cannot read space spec {spec!r}: {exc}") from exc
+        raise ConfigError(
+            f"cannot read space spec {spec!r}: {exc}; write pixel, lowres:WxH (e.g. "
+            "lowres:23x28), dct:K (K >= 1) or pca:AUX"
+        ) from exc
     raise ConfigError(
         f"unknown search space {spec!r}; use pixel, lowres:WxH (e.g. lowres:23x28), dct:K "
         "or pca:AUX (auxiliary faces of other people, e.g. pca:lfw)"
