@@ -377,3 +377,18 @@ def test_cli_bad_space_spec_says_how_to_write_one(
     argv = ["attack", "miface", "--model", str(model_dir), "--label", "3", "--space", space]
     err = _one_line_error([*argv, "--out", str(tmp_path / "x")], capsys)
     assert message in " ".join(err.split())
+
+
+def test_cli_says_why_a_label_got_no_query(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--budget 300 is smaller than the label-only attack's first batch: the result said
+    'budget_exhausted, 0 queries' and nothing about the batch the budget refused."""
+    argv = ["attack", "miface", "--model", str(model_dir), "--label", "3", "--mode"]
+    argv += ["label-only", "--budget", "300", "--out", str(tmp_path / "x")]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "budget_exhausted: query budget of 300 reached (0 spent, a batch of" in err
+    assert "raise --budget" in err

@@ -509,6 +509,8 @@ def register(app: typer.Typer) -> None:
                 f"{per['name']}: {per['status']} ({per['stop']}), {per['n_queries']} "
                 f"queries, {per['elapsed_s']:.1f} s, confidence {shown}"
             )
+            if per["n_queries"] == 0 and per.get("message") and per["status"] not in STOPPED:
+                console.print(f"[yellow]{per['status']}[/]: {per['message']}")  # e.g. budget
         out.print(
             f"{len(paths)} PNGs and result.json in {out_dir} "
             f"({time.perf_counter() - t0:.1f} s, status {merged.status})"
