@@ -248,3 +248,18 @@ def test_account_from_a_service_without_the_route_or_a_strange_answer() -> None:
     account = oracle.account()
     assert (account.rate_limit, account.remaining, account.reset_in) == (None, None, None)
     assert seen[0].url == "http://svc/v1/account" and seen[0].headers["Authorization"] == "Bearer k"
+
+
+def test_a_server_that_is_not_mlinvert_is_a_clear_error() -> None:
+    # e.g. `python -m http.server` or a proxy at the --target address
+    page = httpx.Response(200, text="<html>Directory listing</html>")
+    oracle, _, _ = mock_oracle([page])
+    with pytest.raises(OracleError, match=r"not JSON .*mlinvert serve"):
+        oracle.query(np.zeros((1, 2)))
+    oracle, _, _ = mock_oracle([httpx.Response(404, text="no such page")])
+    with pytest.raises(UnknownModel, match=r"HTTP 404 from http://svc/.*no such page.*mlinvert"):
+        oracle.query(np.zeros((1, 2)))
+    oracle, _, _ = mock_oracle([httpx.Response(301)])
+    moved = r"^HTTP 301 from http://svc/v1/models/m/predict\?shape=1%2C2&dtype=float32 without an"
+    with pytest.raises(OracleError, match=moved):
+        oracle.query(np.zeros((1, 2)))

@@ -314,7 +314,13 @@ class HttpOracle:
                 attempt += 1
                 continue
             if r.status_code == 200:
-                return r.json()
+                try:
+                    return r.json()
+                except ValueError:
+                    raise OracleError(
+                        f"{method} {url} answered 200 with a body that is not JSON "
+                        f"({r.text[:80]!r}); is this the URL of an `mlinvert serve` service?"
+                    ) from None
             message = _error_message(r)
             if r.status_code in _TRANSIENT_STATUS and attempt < self.max_retries:
                 self._backoff(attempt, f"HTTP {r.status_code}")
@@ -331,7 +337,9 @@ class HttpOracle:
             error = _STATUS_ERRORS.get(r.status_code)
             if error is not None:
                 raise error(message)
-            raise OracleError(f"HTTP {r.status_code} from {url}: {message}")
+            raise OracleError(
+                message if _foreign(r) else f"HTTP {r.status_code} from {url}: {message}"
+            )
 
     def _backoff(self, attempt: int, why: str) -> None:
         delay = self.backoff * 2**attempt
@@ -339,11 +347,24 @@ class HttpOracle:
         self._sleep(delay)
 
 
-def _error_message(r: httpx.Response) -> str:
+def _foreign(r: httpx.Response) -> bool:
+    """Whether ``r`` lacks mlinvert's JSON error body (another server answered)."""
     try:
-        return str(r.json()["error"]["message"])
+        return not isinstance(r.json()["error"]["message"], str)
     except (ValueError, KeyError, TypeError):
-        return r.text[:500] or f"HTTP {r.status_code}"
+        return True
+
+
+def _error_message(r: httpx.Response) -> str:
+    """The service's error message, or for another server's answer what came back."""
+    if not _foreign(r):
+        return str(r.json()["error"]["message"])
+    body = r.text[:200].strip()
+    return (
+        f"HTTP {r.status_code} from {r.request.url} without an mlinvert error body"
+        + (f" ({body!r})" if body else "")
+        + "; is this the URL of an `mlinvert serve` service?"
+    )
 
 
 def _retry_after(r: httpx.Response) -> float:
