@@ -237,13 +237,17 @@ class RedisBuckets:
                 keys=[self.prefix + key], args=[rate.count, repr(rate.per_second), cost, repr(now)]
             )
         except redis.RedisError as exc:
-            log.error("rate-limit store %s unreachable: %s", self.url, exc)
-            raise RateLimited(
-                f"the rate limiter's store is unreachable ({type(exc).__name__}); the batch "
-                "was refused, retry in a second",
-                retry_after=1.0,
-            ) from None
+            raise self._unreachable(exc, "the batch was refused, ") from None
         return Admission(bool(int(allowed)), float(remaining), float(retry))
+
+    def _unreachable(self, exc: Exception, what: str = "") -> RateLimited:
+        """Logged, the refusal a client gets while Redis cannot be reached."""
+        log.error("rate-limit store %s unreachable: %s", self.url, exc)
+        return RateLimited(
+            f"the rate limiter's store is unreachable ({type(exc).__name__}); {what}retry in "
+            "a second",
+            retry_after=1.0,
+        )
 
     def peek(self, key: str, rate: Rate, now: float) -> float:
         """The tokens in the bucket at ``now`` (one HMGET, nothing written; a bucket
@@ -253,12 +257,7 @@ class RedisBuckets:
         try:
             tokens, ts = self.client.hmget(self.prefix + key, ["tokens", "ts"])
         except redis.RedisError as exc:
-            log.error("rate-limit store %s unreachable: %s", self.url, exc)
-            raise RateLimited(
-                f"the rate limiter's store is unreachable ({type(exc).__name__}); retry in a "
-                "second",
-                retry_after=1.0,
-            ) from None
+            raise self._unreachable(exc) from None
         if tokens is None or ts is None:
             return float(rate.count)
         return _refill(float(tokens), float(ts), rate, now)
