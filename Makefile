@@ -24,7 +24,7 @@ system-deps:
 	fi
 
 demo: $(STAMP)
-	$(BIN)/mlinvert audit --out runs/demo
+	$(BIN)/mlinvert audit --out runs/demo --resume
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
