@@ -26,7 +26,11 @@ system-deps:
 demo: $(STAMP)
 	$(BIN)/mlinvert audit --out runs/demo --resume
 
+# Bytecode compiled up front: Python 3.11's compiler is not thread-safe (cpython
+# gh-106905, "AST constructor recursion depth mismatch"), and a clean checkout would
+# otherwise compile modules on first import inside the lockstep lanes' threads.
 test: $(STAMP) system-deps
+	$(BIN)/python -m compileall -q src >/dev/null
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
