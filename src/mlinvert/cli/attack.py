@@ -431,7 +431,6 @@ def register(app: typer.Typer) -> None:
         output_dir(out_dir)  # before the attack, whose results would be lost after it
         if ckpt is not None:
             output_dir(ckpt.path.parent, "--checkpoint")
-        if ckpt is not None:
             states = ckpt.path.parent / (ckpt.path.stem + ".label*.npz")
             stopped_note = f"each label's state is in {states}; run the same command to resume"
         elif checkpoint is not None:
