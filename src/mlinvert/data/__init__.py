@@ -3,6 +3,7 @@
 ==================  =====================================================================
 ``att:PATH``        AT&T/ORL faces (``s1..s40/1..10.pgm``), split 7 train / 3 test per person
 ``folder:PATH``     any one-folder-per-identity image tree, grey, resized (``size``)
+``lfw:PATH``        public faces, one folder per person (all photos, grey, resized)
 ``olivetti``        scikit-learn's Olivetti faces from its local cache (no download here)
 ``digits``          scikit-learn's bundled digits: the embedded default image set
 ``steak:PATH``      FiveThirtyEight steak survey (sensitive: ever cheated)
@@ -24,7 +25,16 @@ if TYPE_CHECKING:
 
     Dataset = ImageDataset | SurveyDataset
 
-SPECS = ("att:PATH", "folder:PATH", "olivetti", "digits", "steak:PATH", "gss:PATH", "fair")
+SPECS = (
+    "att:PATH",
+    "folder:PATH",
+    "lfw:PATH",
+    "olivetti",
+    "digits",
+    "steak:PATH",
+    "gss:PATH",
+    "fair",
+)
 
 
 def load(
@@ -33,7 +43,7 @@ def load(
     """Load the data set named by ``spec`` (see the module docstring for the forms)."""
     kind, _, arg = spec.partition(":")
     kind = kind.strip().lower()
-    needs_path = {"att", "folder", "steak", "gss"}
+    needs_path = {"att", "folder", "lfw", "steak", "gss"}
     if kind in needs_path and not arg:
         raise DataError(f"data spec {spec!r} needs a path: write {kind}:PATH")
     if kind == "att":
@@ -42,6 +52,10 @@ def load(
         return (
             load_folder(arg, seed=seed) if size is None else load_folder(arg, seed=seed, size=size)
         )
+    if kind == "lfw":
+        from mlinvert.data.lfw import load_lfw
+
+        return load_lfw(arg) if size is None else load_lfw(arg, size=size)
     if kind == "olivetti":
         return load_olivetti(data_home=arg or None, seed=seed)
     if kind == "digits":
