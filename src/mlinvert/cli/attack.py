@@ -195,6 +195,21 @@ def _check_prior_is_public(model: Path, aux: str) -> None:
     check_disjoint(load_aux(aux), private)
 
 
+def _learned_prior(model: Path | None, folder: Path, radius: float) -> Any:
+    """The search space of the prior in ``folder`` (``--prior``); with a local model whose
+    data is here, refused if the prior was trained on one of its private photos."""
+    from mlinvert.attacks.priors import load_prior
+    from mlinvert.errors import MlinvertError
+
+    private = None
+    if model is not None:
+        try:
+            private, _ = _training_data(model).train()
+        except MlinvertError as exc:
+            console.print(f"[yellow]note[/]: cannot check --prior against the model's data ({exc})")
+    return load_prior(folder).space(radius=radius or None, private=private)
+
+
 def _priors(
     model: Path | None,
     spec: str,
@@ -206,9 +221,19 @@ def _priors(
     detail: int,
     radius: float,
     augment: bool,
+    learned: Path | None = None,
 ) -> Callable[[int], Any]:
     """The search space of each label: one shared space, or with ``--aux heldout`` an
-    eigenface prior per person from the held-out photos of everyone else."""
+    eigenface prior per person from the held-out photos of everyone else, or with
+    ``--prior DIR`` the latent space of a learned prior."""
+    if learned is not None:
+        if aux is not None or spec != "auto":
+            raise ConfigError(
+                "--prior DIR is the search space (a prior learned from public faces): drop "
+                "--aux and --space, or drop --prior to search an eigenface or pixel space"
+            )
+        shared = _learned_prior(model, learned, radius).bind(shape)
+        return lambda lab: shared
     if aux == HELDOUT:
         assert model is not None  # checked before the oracle is built
         if spec not in ("auto", "pca"):
@@ -268,6 +293,12 @@ def register(app: typer.Typer) -> None:
             help="Auxiliary public faces of OTHER people: lfw, a data spec, or heldout "
             "(--model only: per person, the card's held-out photos of everyone else).",
         ),
+        learned: Path | None = typer.Option(
+            None,
+            "--prior",
+            help="A prior learned from public faces (`mlinvert prior train --out DIR`): "
+            "search its latent space instead of --space/--aux.",
+        ),
         pca_k: int = typer.Option(40, "--pca-k", help="Eigenfaces kept by the PCA prior."),
         detail: int = typer.Option(
             0, "--detail", help="PCA prior: add the KxK lowest DCT frequencies (0: none)."
@@ -275,7 +306,8 @@ def register(app: typer.Typer) -> None:
         radius: float = typer.Option(
             1.0,
             "--radius",
-            help="PCA prior: search inside ||z|| <= R*sqrt(dim), typical faces (0: no ball).",
+            help="PCA or learned prior: search inside ||z|| <= R*sqrt(dim), typical faces "
+            "(0: no ball).",
         ),
         augment: bool = typer.Option(
             False,
@@ -399,6 +431,7 @@ def register(app: typer.Typer) -> None:
             detail=detail,
             radius=radius,
             augment=augment,
+            learned=learned,
         )
         overrides: dict[str, Any] = {} if max_iter is None else {"max_iter": max_iter}
         if objective is not None:

@@ -16,7 +16,7 @@ from mlinvert.errors import MlinvertError
 
 def build_app() -> typer.Typer:
     """Assemble the Typer application from the command modules."""
-    from mlinvert.cli import attack, audit, export, keys, serve, train
+    from mlinvert.cli import attack, audit, export, keys, prior, serve, train
 
     app = typer.Typer(
         name="mlinvert",
@@ -32,7 +32,7 @@ def build_app() -> typer.Typer:
     ) -> None:
         setup_logging(verbose)
 
-    for module in (train, keys, serve, audit, attack, export):
+    for module in (train, prior, keys, serve, audit, attack, export):
         module.register(app)
     return app
 

@@ -26,7 +26,13 @@ Each record holds (see :data:`RECORD_FIELDS`):
 ``feature_distance``
     evaluation-model embedding distance to the nearest private photo of the identity,
     divided by the median distance between a private photo and the nearest photo of a
-    different person (below 1: closer than other people are; None without a model).
+    different person (below 1: closer than other people are; None without a model);
+``face_found``, ``judge_*``
+    the independent face recogniser's verdict (:mod:`mlinvert.evaluation.recogniser`;
+    only with ``JudgeConfig(independent=True)``, i.e. on face data; None otherwise).
+
+The evaluation model, lineup and likeness are this project's own measures, trained on
+the same private photos; on faces the verdict "recovered" is the independent judge's.
 """
 
 from __future__ import annotations
@@ -53,6 +59,12 @@ from mlinvert.evaluation.identity import (
 from mlinvert.evaluation.images import check_batch, image_grid, one_blas_thread
 from mlinvert.evaluation.likeness import FaceLikeness, IdentityLikeness, LikenessConfig
 from mlinvert.evaluation.lineup import Lineup
+from mlinvert.evaluation.recogniser import (
+    JUDGE_FIELDS,
+    JUDGE_MEAN_FIELDS,
+    JUDGE_RATE_FIELDS,
+    IndependentJudge,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +83,32 @@ RECORD_FIELDS = (
     "mse",
     "feature_distance",
     "nearest_private_index",
+    *JUDGE_FIELDS,
 )
 """Keys of every record returned by :meth:`FaceJudge.score`."""
 
-RATE_FIELDS = ("eval_top1", "eval_top5", "lineup_correct", "pixel_nn_correct", "eigen_nn_correct")
-MEAN_FIELDS = ("likeness", "identity_likeness", "face_likeness", "ssim", "mse", "feature_distance")
+RATE_FIELDS = (
+    "eval_top1",
+    "eval_top5",
+    "lineup_correct",
+    "pixel_nn_correct",
+    "eigen_nn_correct",
+    *JUDGE_RATE_FIELDS,
+)
+MEAN_FIELDS = (
+    "likeness",
+    "identity_likeness",
+    "face_likeness",
+    "ssim",
+    "mse",
+    "feature_distance",
+    *JUDGE_MEAN_FIELDS,
+)
+
+#: Gaussian blurs (sigma in pixels) of the held-out photo: the recognisability scale
+#: the independent judge's results are read against ("as recognisable as a photo
+#: blurred by 3 px").
+BLUR_SCALE = (2.0, 3.0, 4.0, 6.0)
 
 
 def _ssim_window(shape: tuple[int, int]) -> int:
@@ -90,6 +123,8 @@ class JudgeConfig:
 
     likeness: LikenessConfig = field(default_factory=LikenessConfig)
     lineup_size: int = 5
+    #: enrol the independent face recogniser (face data only: it judges faces)
+    independent: bool = False
 
     def __post_init__(self) -> None:
         if self.lineup_size < 2:
@@ -105,6 +140,7 @@ class FaceJudge:
         self.config = config or JudgeConfig()
         self.dataset_: ImageDataset | None = None
         self.eval_model_: EvalModel | None = None
+        self.independent_: IndependentJudge | None = None
         self.seed_: int = 0
 
     @classmethod
@@ -166,6 +202,8 @@ class FaceJudge:
         self.templates_ = references.identity_templates(self.means_, private)
         if self.eval_model_ is not None:
             self.features_ = FeatureDistance().fit(self.eval_model_.embed(private), plabels)
+        if self.config.independent:
+            self.independent_ = IndependentJudge.enrol(private, plabels, k)
         log.info(
             "FaceJudge fitted: %d identities, %d private photos, z_ref=%.2f, face share "
             "photo=%.3f noise=%.3f",
@@ -203,6 +241,11 @@ class FaceJudge:
             top5 = topk_hits(probs, y, 5)
             feat = self.features_.distance(self.eval_model_.embed(x), y)
         win = _ssim_window(ds.image_shape)
+        judged = (
+            self.independent_.score(x, y)
+            if self.independent_ is not None
+            else [dict.fromkeys(JUDGE_FIELDS) for _ in range(x.shape[0])]
+        )
         records: list[dict[str, Any]] = []
         for i in range(x.shape[0]):
             own = np.flatnonzero(self.private_labels_ == y[i])
@@ -225,6 +268,7 @@ class FaceJudge:
                     "mse": float(np.min(mses)),
                     "feature_distance": None if feat is None else float(feat[i]),
                     "nearest_private_index": int(self.private_rows_[j]),
+                    **judged[i],
                 }
             )
         return records
@@ -239,7 +283,9 @@ class FaceJudge:
         return out
 
     def reference_points(self, labels: np.ndarray, *, seed: Seed) -> dict[str, np.ndarray]:
-        """Grey, uniform noise, noise template, held-out photo and private mean per label."""
+        """Grey, uniform noise, noise template, held-out photo and private mean per label;
+        with the independent judge also the held-out photo blurred by each
+        :data:`BLUR_SCALE` sigma (the recognisability scale)."""
         ds = self._fitted()
         _, y = check_batch(
             np.zeros((np.asarray(labels).shape[0], *ds.image_shape), dtype=np.float32),
@@ -248,13 +294,19 @@ class FaceJudge:
             ds.n_classes,
         )
         rng = rng_from(seed)
-        return {
+        points = {
             "grey": references.grey(y.size, ds.image_shape),
             "uniform_noise": references.uniform_noise(y.size, ds.image_shape, seed=rng),
             "noise_template": references.noise_template(self.templates_, y, seed=rng),
             "held_out_photo": references.held_out_photo(self.held_, self.held_labels_, y, seed=rng),
             "private_mean": references.private_mean(self.means_, y),
         }
+        if self.config.independent:
+            for sigma in BLUR_SCALE:
+                points[f"held_out_photo_blurred_{sigma:g}px"] = references.blurred(
+                    points["held_out_photo"], sigma
+                )
+        return points
 
     def private_photo(self, record: dict[str, Any]) -> np.ndarray:
         """The private training photo a record was compared with (for grids)."""

@@ -19,6 +19,7 @@ A likeness score must keep it low.
 from __future__ import annotations
 
 import numpy as np
+from scipy.ndimage import gaussian_filter
 
 from mlinvert.data.base import Seed, rng_from
 from mlinvert.errors import DataError
@@ -78,6 +79,13 @@ def held_out_photo(
             raise DataError(f"identity {int(c)} has no held-out photo")
         out[i] = held_out[int(rng.choice(rows))]
     return out
+
+
+def blurred(images: np.ndarray, sigma: float) -> np.ndarray:
+    """``images`` (n, h, w) each low-passed by a Gaussian of ``sigma`` pixels."""
+    return np.stack([gaussian_filter(im.astype(np.float64), sigma) for im in images]).astype(
+        np.float32
+    )
 
 
 def private_mean(means: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -1,0 +1,181 @@
+"""Learned attacker priors: training, the folder format, the latent search, the checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_miface import _class_means, _quality
+from typer.testing import CliRunner
+
+from mlinvert.attacks.base import AttackResult
+from mlinvert.attacks.gradients import Exact
+from mlinvert.attacks.miface import MIFace, MIFaceConfig
+from mlinvert.attacks.priors import PriorConfig, load_prior, train_prior
+from mlinvert.cli.main import build_app, main
+from mlinvert.defenses import Predictor
+from mlinvert.errors import ConfigError, ModelError
+from mlinvert.oracle import WhiteBoxOracle
+from mlinvert.targets import save, train_target
+
+
+def _tiny(kind: str, **overrides: Any) -> PriorConfig:
+    base: dict[str, Any] = {
+        "kind": kind,
+        "shape": (8, 8),
+        "latent": 4,
+        "epochs": 1,
+        "batch_size": 16,
+        "width": 8,
+        "mirror": False,
+    }
+    return PriorConfig(**{**base, **overrides})
+
+
+@pytest.mark.parametrize("kind", ["vae", "gan"])
+def test_tiny_deep_prior_trains_and_loads_from_its_folder(
+    digits: Any, kind: str, tmp_path: Path
+) -> None:
+    public, _ = digits.test()
+    steps: list[tuple[int, int]] = []
+    prior = train_prior(
+        public[:128],
+        _tiny(kind),
+        source="digits held-out",
+        n_people=10,
+        progress=lambda step, total, metrics: steps.append((step, total)),
+    )
+    assert steps == [(i, 8) for i in range(1, 9)]
+    prior.save(tmp_path / "p")
+    back = load_prior(tmp_path / "p")
+    card = json.loads((tmp_path / "p" / "prior.json").read_text())
+    assert card["kind"] == kind and card["data"] == {
+        "spec": "digits held-out",
+        "n_images": 128,
+        "n_people": 10,
+    }
+    assert card["training_seconds"] > 0 and card["weights_bytes"] > 0 and card["seed"] == 0
+    z = np.random.default_rng(1).standard_normal((3, 4))
+    np.testing.assert_array_equal(back.decode(z), prior.decode(z))
+    faces = back.sample(5, size=(12, 10))
+    assert faces.shape == (5, 12, 10) and faces.min() >= 0.0 and faces.max() <= 1.0
+
+
+def test_generator_gradient_matches_finite_differences(digits: Any) -> None:
+    """White-box: d<g, G(z)>/dz by autograd through the decoder and its resampling."""
+    prior = train_prior(digits.test()[0][:32], _tiny("gan"), source="t", n_people=10)
+    space = prior.space(shape=(12, 10))
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((1, 4))
+    g = rng.standard_normal((1, 12, 10))
+    grad = space.pullback(z, g)[0]
+    eps = 1e-3
+    fd = [
+        float(((space.raw(z + eps * e) - space.raw(z - eps * e)) * g).sum() / (2 * eps))
+        for e in np.eye(4)[:, None, :]
+    ]
+    np.testing.assert_allclose(grad, fd, rtol=2e-2, atol=1e-4)
+
+
+def test_latent_search_in_a_public_prior_recovers_the_class(digits: Any, toy_softmax: Any) -> None:
+    """MI-Face in the latent space of an eigenface prior learned from the other classes'
+    held-out digits: every attacked class's reconstruction is nearest its own private
+    class mean (the judge here: correlation with each class's private mean)."""
+    x_test, y_test = digits.test()
+    private, _ = digits.train()
+    oracle = WhiteBoxOracle(Predictor(toy_softmax, name="toy"))
+    parts = []
+    for label in (1, 3, 5, 7, 9):
+        public = x_test[y_test != label]
+        prior = train_prior(public, _tiny("pca", latent=20), source="others", n_people=9)
+        attack = MIFace(
+            MIFaceConfig.improved(max_iter=150),
+            gradient=Exact(),
+            space=prior.space(private=private),
+        )
+        parts.append(attack.run(oracle, label, seed=0))
+    result = AttackResult.merge(parts)
+    hits, own = _quality(result, _class_means(digits))
+    assert result.status == "succeeded"
+    assert hits == 5 and own > 0.85, (hits, own)
+    assert result.config["space"]["name"] == "prior"
+
+
+def test_prior_refuses_the_targets_private_photos(digits: Any) -> None:
+    private, _ = digits.train()
+    public, _ = digits.test()
+    with pytest.raises(ConfigError, match="private training photo"):
+        train_prior(
+            np.concatenate([public[:50], private[7:8]]),
+            _tiny("pca", latent=5),
+            source="leaky",
+            n_people=10,
+            private=private,
+        )
+    leaky = train_prior(private[:40], _tiny("pca", latent=5), source="leaky", n_people=10)
+    with pytest.raises(ConfigError, match="retrain it on public photos"):
+        leaky.space(private=private, shape=(8, 8))
+    clean = train_prior(public[:40], _tiny("pca", latent=5), source="public", n_people=10)
+    assert clean.space(private=private, shape=(8, 8)).dim == 5
+
+
+def test_broken_prior_folder_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=r"no prior\.json"):
+        load_prior(tmp_path)
+    (tmp_path / "prior.json").write_text('{"format": "something else"}')
+    with pytest.raises(ModelError, match="retrain it"):
+        load_prior(tmp_path)
+
+
+def _person_folders(root: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
+        person = root / f"person_{lab}"
+        person.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(img * 255).astype(np.uint8)).save(person / f"{i}.png")
+    return root
+
+
+def test_cli_trains_a_prior_and_attacks_in_it(
+    digits: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trained = train_target(digits, "softmax", seed=0, quick=True)
+    model = tmp_path / "model"
+    save(trained.model, model, card=trained.card)
+    x_test, y_test = digits.test()
+    public = _person_folders(tmp_path / "public", x_test[:120], y_test[:120])
+    (tmp_path / "exclude.txt").write_text("person_9  # a development person\n")
+    args = ["prior", "train", "--data", f"lfw:{public}", "--size", "8x8", "--latent", "8"]
+    runner = CliRunner()
+    res = runner.invoke(
+        build_app(),
+        [*args, "--exclude-people", str(tmp_path / "exclude.txt"), "--out", str(tmp_path / "p")],
+    )
+    assert res.exit_code == 0, res.output
+    card = json.loads((tmp_path / "p" / "prior.json").read_text())
+    assert card["data"]["excluded_people"] == ["person_9"]
+    assert card["data"]["n_images"] == int((y_test[:120] != 9).sum())
+    out = tmp_path / "attack"
+    argv = ["attack", "miface", "--model", str(model), "--label", "3", "--max-iter", "30"]
+    res = CliRunner().invoke(
+        build_app(), [*argv, "--prior", str(tmp_path / "p"), "--out", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    result = json.loads((out / "result.json").read_text())
+    assert result["config"]["space"]["name"] == "prior"
+    assert result["config"]["space"]["trained_on"]["n_people"] == 9
+    # a prior trained on the model's own private photos is refused before any query
+    x_train, y_train = digits.train()
+    leaky = _person_folders(tmp_path / "leaky", x_train[:60], y_train[:60])
+    res = runner.invoke(
+        build_app(), [*args[:3], f"lfw:{leaky}", *args[4:], "--out", str(tmp_path / "leaky-prior")]
+    )
+    assert res.exit_code == 0, res.output
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, "--prior", str(tmp_path / "leaky-prior"), "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    assert "private training photo" in err and not (tmp_path / "x" / "result.json").exists()
