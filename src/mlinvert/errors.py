@@ -43,6 +43,14 @@ class UnsupportedMediaType(BadRequest):
     """The request body's Content-Type is not one the service reads."""
 
 
+class RequestTimeout(BadRequest):
+    """The request body did not arrive in time (sent too slowly, or stalled)."""
+
+
+class ClientDisconnected(BadRequest):
+    """The client closed the connection before its request body arrived."""
+
+
 class InputTooLarge(QueryRejected):
     """A batch or request body exceeds the configured limit."""
 
@@ -57,6 +65,14 @@ class Unauthorized(OracleError):
 
 class RateLimited(OracleError):
     """The account's query budget is spent for now; retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Overloaded(OracleError):
+    """The service is busy (too many request bodies in flight); retry after ``retry_after`` s."""
 
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)

@@ -65,7 +65,10 @@ BAD_RAW = [
     (ONE, {"shape": "1,30", "dtype": "float32"}, 422, "shape (n, 6, 5)", "expects"),
     (b"", {"shape": "0,6,5", "dtype": "float32"}, 422, "empty batch", "at least one"),
     (ONE * 40, {"shape": "40,6,5", "dtype": "float32"}, 413, "limit of 32", "split"),
-    (b"\0" * 2**20 + ONE, {"shape": "1,6,5", "dtype": "float32"}, 413, "exceeds the limit", ""),
+    (b"\0" * 2**20 + ONE, {"shape": "1,6,5", "dtype": "float32"}, 422, "needs 120", ""),
+    (ONE, {"shape": "1,6,\u00b2", "dtype": "float32"}, 422, "comma-separated", "ASCII digits"),
+    (ONE, {"shape": "1,6,\u0665", "dtype": "float32"}, 422, "comma-separated", "ASCII digits"),
+    (ONE, {"shape": "1,9999,9999", "dtype": "float32"}, 413, "exceeds the limit", "smaller"),
     (b"\0\0\x80\x7f" * 30, {"shape": "1,6,5", "dtype": "float32"}, 422, "inf", ""),
 ]
 

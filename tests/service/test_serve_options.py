@@ -211,3 +211,22 @@ def test_http_oracle_raises_unsupported_media_type_on_415() -> None:
     with pytest.raises(UnsupportedMediaType, match="send JSON"):
         oracle.query(X)
     assert oracle.n_queries == 0
+
+
+def test_body_limits_flags_variables_and_validation(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    settings = _settings_from_cli(
+        monkeypatch,
+        tmp_path,
+        ["--body-timeout", "2.5", "--body-budget", str(2**25)],
+        {"MLINVERT_IDLE_TIMEOUT": "0.5", "MLINVERT_MAX_BODY_BYTES": str(2**20)},
+    )
+    assert (settings.body_timeout, settings.idle_timeout) == (2.5, 0.5)
+    assert (settings.max_body_bytes, settings.body_budget_bytes) == (2**20, 2**25)
+    with pytest.raises(ConfigError, match="at least max_body_bytes"):
+        ServiceSettings(db=tmp_path / "s.db", max_body_bytes=2**20, body_budget_bytes=2**19)
+    with pytest.raises(ConfigError, match="idle_timeout must be a number of seconds > 0"):
+        ServiceSettings(db=tmp_path / "s.db", idle_timeout=float("nan"))
+    with pytest.raises(ConfigError, match="MLINVERT_BODY_TIMEOUT='soon' is not a number"):
+        ServiceSettings.from_env({"MLINVERT_DB": "x.db", "MLINVERT_BODY_TIMEOUT": "soon"})

@@ -38,7 +38,29 @@ def serve_command(
         "processes via Redis, e.g. redis://127.0.0.1:6379/0.",
     ),
     max_batch: int = typer.Option(None, "--max-batch", help="Largest batch (default 256)."),
-    max_body: int = typer.Option(None, "--max-body", help="Largest request body in bytes."),
+    max_body: int = typer.Option(
+        None,
+        "--max-body",
+        help="Ceiling of any request body in bytes (default 16 MiB; each model's own limit, "
+        "from its largest batch, is usually lower). [MLINVERT_MAX_BODY_BYTES]",
+    ),
+    body_budget: int = typer.Option(
+        None,
+        "--body-budget",
+        help="Request-body bytes all requests may hold at once; past it 503 (default 48 MiB). "
+        "[MLINVERT_BODY_BUDGET_BYTES]",
+    ),
+    body_timeout: float = typer.Option(
+        None,
+        "--body-timeout",
+        help="Seconds a request body may take to arrive (default 30). [MLINVERT_BODY_TIMEOUT]",
+    ),
+    idle_timeout: float = typer.Option(
+        None,
+        "--idle-timeout",
+        help="Seconds a body may pause, and an idle connection stay open (default 10). "
+        "[MLINVERT_IDLE_TIMEOUT]",
+    ),
     log_synchronous: bool | None = typer.Option(
         None,
         "--log-synchronous/--no-log-synchronous",
@@ -63,6 +85,9 @@ def serve_command(
         redis_url=redis,
         max_batch=max_batch,
         max_body_bytes=max_body,
+        body_budget_bytes=body_budget,
+        body_timeout=body_timeout,
+        idle_timeout=idle_timeout,
         log_synchronous=None
         if log_synchronous is None
         else ("FULL" if log_synchronous else "NORMAL"),

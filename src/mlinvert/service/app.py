@@ -11,16 +11,20 @@ counting as a query.
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import json
 import logging
 import math
+import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -29,6 +33,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlinvert import __version__
 from mlinvert.defenses.base import Guard
@@ -44,11 +49,14 @@ from mlinvert.defenses.ratelimit import (
 )
 from mlinvert.errors import (
     BadRequest,
+    ClientDisconnected,
     ConfigError,
     InputTooLarge,
     MlinvertError,
+    Overloaded,
     QueryRejected,
     RateLimited,
+    RequestTimeout,
     Unauthorized,
     UnknownModel,
     UnsupportedMediaType,
@@ -313,25 +321,51 @@ _RAW_DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "uint8": np
 
 
 def parse_raw_shape(text: str | None) -> tuple[int, ...]:
-    """The ``shape`` query parameter of a raw request: comma-separated sizes, e.g. ``64,112,92``."""
+    """The ``shape`` query parameter of a raw request: comma-separated sizes, e.g. ``64,112,92``.
+
+    Only ASCII digits count (``str.isdigit`` also takes superscripts such as ``²``, which
+    ``int`` then refuses).
+    """
     if text is None or text == "":
         raise QueryRejected(
             "a raw (application/octet-stream) request needs the query parameter "
             "'shape', e.g. ?shape=64,112,92&dtype=float32"
         )
-    parts = text.split(",")
-    if len(parts) > 8 or not all(p.strip().isdigit() and len(p.strip()) <= 9 for p in parts):
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) > 8 or not all(_SIZE.fullmatch(p) for p in parts):
         raise QueryRejected(
             f"shape {text[:100]!r} must be 1 to 8 comma-separated non-negative integers "
-            "(n, *input_shape), e.g. 64,112,92"
+            "(n, *input_shape) in ASCII digits, e.g. 64,112,92"
         )
     return tuple(int(p) for p in parts)
 
 
-def decode_raw(
-    body: bytes, shape_text: str | None, dtype_text: str | None, predictor: Predictor
-) -> np.ndarray:
-    """A raw little-endian C-ordered array body (no copy for float32; uint8 is scaled /255)."""
+_SIZE = re.compile(r"[0-9]{1,9}")
+
+
+@dataclass(frozen=True)
+class RawSpec:
+    """What a raw request's query parameters announce: the array's shape and dtype."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+
+    @property
+    def nbytes(self) -> int:
+        """The body length the shape and dtype need."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def check_length(self, size: int) -> None:
+        """QueryRejected unless a body of ``size`` bytes is the array announced."""
+        if size != self.nbytes:
+            raise QueryRejected(
+                f"raw body holds {size} bytes but shape {list(self.shape)} of "
+                f"{self.dtype.name} needs {self.nbytes} (prod(shape) * {self.dtype.itemsize})"
+            )
+
+
+def raw_spec(shape_text: str | None, dtype_text: str | None, predictor: Predictor) -> RawSpec:
+    """Check a raw request's ``shape`` and ``dtype`` parameters (before its body is read)."""
     dtype = _RAW_DTYPES.get(dtype_text or "")
     if dtype is None:
         raise QueryRejected(
@@ -347,27 +381,136 @@ def decode_raw(
         )
     if shape[0] == 0:
         raise QueryRejected("empty batch: send at least one input")
-    expected = math.prod(shape) * dtype.itemsize
-    if len(body) != expected:
-        raise QueryRejected(
-            f"raw body holds {len(body)} bytes but shape {list(shape)} of {dtype_text} needs "
-            f"{expected} (prod(shape) * {dtype.itemsize})"
-        )
-    array = np.frombuffer(body, dtype=dtype).reshape(shape)
-    if dtype_text == "uint8":
+    return RawSpec(shape, dtype)
+
+
+def decode_raw(body: bytes | bytearray, spec: RawSpec) -> np.ndarray:
+    """A raw little-endian C-ordered array body (no copy for float32; uint8 is scaled /255)."""
+    spec.check_length(len(body))
+    array = np.frombuffer(body, dtype=spec.dtype).reshape(spec.shape)
+    if spec.dtype == np.uint8:
         return array.astype(np.float32) / np.float32(255.0)
     return array
 
 
-@dataclass(frozen=True)
-class _Body:
-    """A read request body and how it is encoded."""
+def decode_json(body: bytes | bytearray, predictor: Predictor) -> np.ndarray:
+    """A JSON body (``inputs``, ``binary`` or ``records``), parsed by orjson straight into
+    Python lists and then one numpy array (no per-number validation)."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        why = exc.msg
+        if "depth limit" in why:
+            why = "nested deeper than 1024 levels"
+        elif bytes(body[exc.pos : exc.pos + 9]).startswith((b"NaN", b"Infinity", b"-Infinity")):
+            why = "NaN and Infinity are not JSON numbers (send finite values in [0, 1])"
+        raise BadRequest(
+            f"request body is not valid JSON (UTF-8): {why} at byte {exc.pos}"
+        ) from None
+    try:
+        request = PredictRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise QueryRejected(f"bad request body: {_validation_message(exc)}") from None
+    return decode_batch(request, predictor)
 
-    data: bytes | None
-    size: int
+
+#: Bytes the JSON form may spend per number: a float32 written out in full as Python
+#: writes it ("0.0039215686274509803", 21 characters) and ", " (base64 needs under 6).
+JSON_BYTES_PER_NUMBER = 24
+#: Bytes a survey record may spend per feature besides the feature's name.
+RECORD_BYTES_PER_FEATURE = 128
+#: Room for the JSON document around the numbers (field names, brackets, whitespace).
+JSON_OVERHEAD = 64 * 1024
+
+
+def json_body_limit(predictor: Predictor, max_body: int) -> int:
+    """The largest JSON body a request to ``predictor`` may send: its largest batch of
+    inputs at 24 bytes a number, or of survey records, plus 64 KiB; at most ``max_body``."""
+    model = predictor.model
+    per_input = math.prod(model.input_shape_) * JSON_BYTES_PER_NUMBER
+    if isinstance(model, Tabular):
+        per_input = max(
+            per_input, sum(len(n) + RECORD_BYTES_PER_FEATURE for n in model.feature_names_)
+        )
+    return min(max_body, _max_batch(predictor) * per_input + JSON_OVERHEAD)
+
+
+def _too_large(size: int, *, limit: int, predictor: Predictor, raw: bool) -> InputTooLarge:
+    what = (
+        f"the limit of {limit} bytes"
+        if raw
+        else f"the limit of {limit} bytes for a JSON body to model {predictor.name!r} (its "
+        f"largest batch of {_max_batch(predictor)} inputs at {JSON_BYTES_PER_NUMBER} bytes a "
+        "number)"
+    )
+    fix = "send smaller batches" + ("" if raw else f" or the raw binary form ({RAW_TYPE})")
+    return InputTooLarge(f"request body of {size} bytes exceeds {what}; {fix}")
+
+
+async def read_body(
+    receive: Receive,
+    limit: int,
+    *,
+    timeout: float,
+    idle: float,
+    too_large: Callable[[int], InputTooLarge],
+    keep: bool = True,
+) -> bytearray:
+    """A request body, read chunk by chunk and never held past ``limit`` bytes.
+
+    ``too_large(size)`` (the bytes read) is raised past ``limit``; RequestTimeout when
+    the body takes over ``timeout`` seconds or pauses over ``idle`` seconds;
+    ClientDisconnected when the client leaves.
+    With ``keep=False`` the chunks are dropped as they come (the body is drained).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    body = bytearray()
+    size = 0
+    more = True
+    while more:
+        try:
+            message = await asyncio.wait_for(receive(), max(0.0, min(idle, deadline - loop.time())))
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request body did not arrive in time ({size} bytes read; the service "
+                f"waits {timeout:g} s for a body and {idle:g} s for each part of it); send it "
+                "at once"
+            ) from None
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected(f"the client closed the connection after {size} bytes")
+        chunk = message.get("body", b"")
+        more = message.get("more_body", False)
+        size += len(chunk)
+        if size > limit:
+            raise too_large(size)
+        if keep:
+            body += chunk
+    return body
+
+
+@dataclass(frozen=True)
+class _Head:
+    """A prediction request before its body is read."""
+
+    name: str
+    key: str | None
+    key_problem: str | None
     content_type: str
+    declared: int | None  # Content-Length; None for a chunked body
     shape: str | None
     dtype: str | None
+    started: float
+
+
+@dataclass(frozen=True)
+class _Admitted:
+    """A request whose key, model, type and declared size passed: its body may be read."""
+
+    account: str
+    predictor: Predictor
+    limit: int
+    raw: RawSpec | None
 
 
 @dataclass
@@ -377,88 +520,87 @@ class _Outcome:
     error: MlinvertError | None = None
     headers: dict[str, str] = field(default_factory=dict)
 
+    def response(self) -> Response:
+        """The answer: the prediction, the error document, or a bare 500."""
+        if self.error is not None:
+            response: Response = error_response(self.error)
+            response.headers.update(self.headers)
+            return response
+        if self.status == 500:
+            return JSONResponse(
+                error_body("InternalError", 500, "internal error; see the service log"),
+                status_code=500,
+            )
+        return Response(self.body, media_type="application/json", headers=self.headers)
+
+
+PREDICT_ROUTE = "/v1/models/{name}/predict"
+
 
 class _PredictHandler:
-    """The synchronous part of a prediction request (runs in the thread pool)."""
+    """The synchronous parts of a prediction request (they run in the thread pool):
+    :meth:`admit` before the body is read, :meth:`answer` after, :meth:`refuse` for
+    every refusal (logged and counted)."""
 
-    def __init__(self, predictors: Mapping[str, Predictor], store: Store, metrics: Metrics) -> None:
+    def __init__(
+        self, predictors: Mapping[str, Predictor], store: Store, metrics: Metrics, max_body: int
+    ) -> None:
         self.predictors = predictors
         self.store = store
         self.metrics = metrics
+        self.max_body = max_body
 
-    def __call__(
-        self,
-        name: str,
-        key: str | None,
-        key_problem: str | None,
-        body: _Body,
-        max_body: int,
-        started: float,
-    ) -> _Outcome:
+    def admit(self, head: _Head) -> _Admitted | _Outcome:
+        """Check the key, the model, the body type and its declared size; nothing is read."""
         account: str | None = None
-        x: np.ndarray | None = None
-        n_inputs = 0
         try:
-            if key_problem is not None:
-                raise Unauthorized(key_problem)
+            if head.key_problem is not None:
+                raise Unauthorized(head.key_problem)
             try:
-                account = self.store.authenticate(key)
+                account = self.store.authenticate(head.key)
             except Unauthorized:
-                account = self.store.key_account(key)
+                account = self.store.key_account(head.key)
                 raise
-            predictor = self.predictors.get(name)
+            predictor = self.predictors.get(head.name)
             if predictor is None:
                 raise UnknownModel(
-                    f"no model named {name!r}; served: {', '.join(sorted(self.predictors))} "
-                    "(GET /v1/models lists them)"
+                    f"no model named {head.name!r}; served: "
+                    f"{', '.join(sorted(self.predictors))} (GET /v1/models lists them)"
                 )
-            check_content_type(body.content_type)
-            if body.data is None:
-                raise InputTooLarge(
-                    f"request body of {body.size} bytes exceeds the limit of {max_body} bytes; "
-                    "send smaller batches or the raw binary encoding"
-                )
-            if body.content_type == RAW_TYPE:
-                x = decode_raw(body.data, body.shape, body.dtype, predictor)
+            check_content_type(head.content_type)
+            raw = None
+            if head.content_type == RAW_TYPE:
+                raw = raw_spec(head.shape, head.dtype, predictor)
+                limit = raw.nbytes
+                if limit > self.max_body:
+                    raise _too_large(limit, limit=self.max_body, predictor=predictor, raw=True)
+                if head.declared is not None:
+                    raw.check_length(head.declared)
             else:
-                try:
-                    payload = json.loads(body.data)
-                except (ValueError, RecursionError):
-                    raise BadRequest("request body is not valid JSON (UTF-8)") from None
-                try:
-                    request = PredictRequest.model_validate(payload)
-                except ValidationError as exc:
-                    raise QueryRejected(f"bad request body: {_validation_message(exc)}") from None
-                x = decode_batch(request, predictor)
-            n_inputs = int(x.shape[0]) if x.ndim else 0
+                limit = json_body_limit(predictor, self.max_body)
+                if head.declared is not None and head.declared > limit:
+                    raise _too_large(head.declared, limit=limit, predictor=predictor, raw=False)
+            return _Admitted(account, predictor, limit, raw)
+        except Exception as exc:
+            return self.refuse(exc, head, account)
+
+    def answer(self, head: _Head, admitted: _Admitted, data: bytearray) -> _Outcome:
+        """Decode the body and answer it as the predictor allows."""
+        account, predictor = admitted.account, admitted.predictor
+        x: np.ndarray | None = None
+        try:
+            if admitted.raw is not None:
+                x = decode_raw(data, admitted.raw)
+            else:
+                x = decode_json(data, predictor)
+            del data  # the caller's reference goes too once this returns
             response = predictor.predict(x, account=account)
-        except MlinvertError as exc:
-            status = status_of(exc)
-            digests = _safe_digests(x)
-            self.store.log_query(
-                account=account,
-                model=name[:200],
-                n_inputs=n_inputs,
-                outcome=type(exc).__name__,
-                status=status,
-                detail=str(exc),
-                digests=digests,
-            )
-            self.metrics.observe(
-                model=name[:200] if name in self.predictors else "-",
-                status=status,
-                n_inputs=n_inputs,
-                reason=type(exc).__name__,
-                seconds=time.perf_counter() - started,
-            )
-            headers = {}
-            if isinstance(exc, RateLimited) and account is not None and name in self.predictors:
-                headers = rate_headers(self.predictors[name], account, exc.retry_after)
-            return _Outcome(status, error=exc, headers=headers)
-        assert account is not None and x is not None  # set on the success path
+        except Exception as exc:
+            return self.refuse(exc, head, account, x)
+        n_inputs = int(x.shape[0])
         self.store.log_query(
             account=account,
-            model=name,
+            model=head.name,
             n_inputs=n_inputs,
             outcome="ok",
             status=200,
@@ -479,7 +621,7 @@ class _PredictHandler:
         info = predictor.info
         body_out = json.dumps(
             {
-                "model": name,
+                "model": head.name,
                 "policy": info.policy,
                 "carries": info.carries,
                 "predictions": predictions,
@@ -487,13 +629,50 @@ class _PredictHandler:
             allow_nan=False,
         ).encode()
         self.metrics.observe(
-            model=name,
+            model=head.name,
             status=200,
             n_inputs=n_inputs,
             reason=None,
-            seconds=time.perf_counter() - started,
+            seconds=time.perf_counter() - head.started,
         )
         return _Outcome(200, body=body_out, headers=rate_headers(predictor, account))
+
+    def refuse(
+        self,
+        exc: BaseException,
+        head: _Head,
+        account: str | None,
+        x: np.ndarray | None = None,
+    ) -> _Outcome:
+        """Log and count a refused request; an exception that is no MlinvertError is a
+        server error (500, logged once with its traceback)."""
+        error = exc if isinstance(exc, MlinvertError) else None
+        if error is None:
+            log.error("internal error on POST %s", PREDICT_ROUTE, exc_info=exc)
+            self.metrics.server_error(PREDICT_ROUTE)
+        status = 500 if error is None else status_of(error)
+        reason = "InternalError" if error is None else type(error).__name__
+        n_inputs = int(x.shape[0]) if x is not None and x.ndim else 0
+        self.store.log_query(
+            account=account,
+            model=head.name[:200],
+            n_inputs=n_inputs,
+            outcome=reason,
+            status=status,
+            detail="internal error" if error is None else str(error),
+            digests=_safe_digests(x),
+        )
+        self.metrics.observe(
+            model=head.name[:200] if head.name in self.predictors else "-",
+            status=status,
+            n_inputs=n_inputs,
+            reason=reason,
+            seconds=time.perf_counter() - head.started,
+        )
+        headers = {}
+        if isinstance(error, RateLimited) and account is not None and head.name in self.predictors:
+            headers = rate_headers(self.predictors[head.name], account, error.retry_after)
+        return _Outcome(status, error=error, headers=headers)
 
 
 def _safe_digests(x: np.ndarray | None) -> tuple[str, ...]:
@@ -512,6 +691,67 @@ def _key_from(
     if bearer is not None:
         return bearer.credentials.strip(), None
     return (api_key.strip() if api_key else None), None
+
+
+def _content_length(request: Request) -> int | None:
+    """The declared body length (None for a chunked body; the server checked the digits)."""
+    declared = request.headers.get("content-length")
+    return None if declared is None else int(declared)
+
+
+def _closing(response: Response) -> Response:
+    """``response``, after which the server closes the connection (its body stays unread)."""
+    response.headers["Connection"] = "close"
+    return response
+
+
+class _BodyBudget:
+    """The request-body bytes the service holds at once (used on the event loop only)."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.held = 0
+
+    def take(self, n: int) -> bool:
+        """Reserve ``n`` bytes, or False when they would pass the budget."""
+        if self.held + n > self.budget:
+            return False
+        self.held += n
+        return True
+
+    def release(self, n: int) -> None:
+        """Give back what :meth:`take` reserved."""
+        self.held -= n
+
+
+class _ServerErrors:
+    """ASGI layer around the routes: an exception no handler took is logged once (with
+    its traceback), counted in ``/metrics`` and answered 500. It does not travel on to
+    Starlette's and uvicorn's own handlers, which would log it twice more."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            route = getattr(scope.get("route"), "path", "-")
+            log.exception("internal error on %s %s", scope.get("method"), route)
+            self.metrics.server_error(route)
+            if not started:
+                await _Outcome(500).response()(scope, receive, send)
 
 
 def create_app(
@@ -537,8 +777,9 @@ def create_app(
         )
     store = store if store is not None else Store(settings.db, synchronous=settings.log_synchronous)
     metrics = metrics if metrics is not None else Metrics()
-    handler = _PredictHandler(predictors, store, metrics)
     max_body = settings.max_body_bytes
+    handler = _PredictHandler(predictors, store, metrics, max_body)
+    bodies = _BodyBudget(settings.body_budget_bytes)
 
     app = FastAPI(
         title="mlinvert prediction service",
@@ -570,13 +811,7 @@ def create_app(
             headers=getattr(exc, "headers", None),
         )
 
-    @app.exception_handler(Exception)
-    async def _server_error(request: Request, exc: Exception) -> Response:
-        log.exception("internal error on %s %s", request.method, request.url.path)
-        return JSONResponse(
-            error_body("InternalError", 500, "internal error; see the service log"),
-            status_code=500,
-        )
+    app.add_middleware(_ServerErrors, metrics=metrics)
 
     @app.get("/healthz", response_model=Health, tags=["service"])
     def healthz() -> Health:
@@ -685,28 +920,72 @@ def create_app(
         ``Content-Type: application/octet-stream`` with the array bytes and the query
         parameters ``shape`` and ``dtype``.
         """
-        started = time.perf_counter()
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         key, key_problem = _key_from(request, bearer, api_key)
-        declared = request.headers.get("content-length", "")
-        size = int(declared) if declared.isdigit() else 0
-        chunks: list[bytes] = []
-        if size <= 8 * max_body:  # drain a moderately oversized body so the client reads 413
-            size = 0
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > 8 * max_body:
-                    break
-                if size <= max_body:
-                    chunks.append(chunk)
-        data = (chunks[0] if len(chunks) == 1 else b"".join(chunks)) if size <= max_body else None
-        body = _Body(data=data, size=size, content_type=content_type, shape=shape, dtype=dtype)
-        outcome = await run_in_threadpool(handler, name, key, key_problem, body, max_body, started)
-        if outcome.error is not None:
-            response = error_response(outcome.error)
-            response.headers.update(outcome.headers)
+        head = _Head(
+            name=name,
+            key=key,
+            key_problem=key_problem,
+            content_type=request.headers.get("content-type", "").split(";")[0].strip().lower(),
+            declared=_content_length(request),
+            shape=shape,
+            dtype=dtype,
+            started=time.perf_counter(),
+        )
+        admitted = await run_in_threadpool(handler.admit, head)
+        if isinstance(admitted, _Outcome):  # refused before its body was read
+            return await _unread(request, head, admitted.response())
+        reserve = admitted.limit if head.declared is None else head.declared
+        if not bodies.take(reserve):
+            busy = Overloaded(
+                f"the service holds {bodies.held} bytes of request bodies; this one "
+                f"({reserve} bytes) would pass its budget of {bodies.budget}: retry in a second",
+                retry_after=1.0,
+            )
+            outcome = await run_in_threadpool(handler.refuse, busy, head, admitted.account)
+            return _closing(outcome.response())
+        try:
+            try:
+                data = await read_body(
+                    request.receive,
+                    admitted.limit,
+                    timeout=settings.body_timeout,
+                    idle=settings.idle_timeout,
+                    too_large=partial(
+                        _too_large,
+                        limit=admitted.limit,
+                        predictor=admitted.predictor,
+                        raw=admitted.raw is not None,
+                    ),
+                )
+            except MlinvertError as exc:
+                outcome = await run_in_threadpool(handler.refuse, exc, head, admitted.account)
+                return _closing(outcome.response())
+            outcome = await run_in_threadpool(handler.answer, head, admitted, data)
+            del data
+        finally:
+            bodies.release(reserve)
+        return outcome.response()
+
+    async def _unread(request: Request, head: _Head, response: Response) -> Response:
+        """Drain (drop) a refused request's body so the client reads the refusal, when it
+        is declared within ``max_body_bytes``; otherwise close the connection after the
+        answer (the body is never read)."""
+        if head.declared == 0:
             return response
-        return Response(outcome.body, media_type="application/json", headers=outcome.headers)
+        if head.declared is not None and head.declared <= max_body:
+            try:
+                await read_body(
+                    request.receive,
+                    max_body,
+                    timeout=settings.body_timeout,
+                    idle=settings.idle_timeout,
+                    too_large=lambda size: InputTooLarge(f"{size} bytes"),
+                    keep=False,
+                )
+                return response
+            except MlinvertError:
+                pass
+        return _closing(response)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -9,11 +9,14 @@ from starlette.responses import JSONResponse
 from mlinvert.errors import (
     BadRequest,
     Blocked,
+    ClientDisconnected,
     ConfigError,
     InputTooLarge,
     MlinvertError,
+    Overloaded,
     QueryRejected,
     RateLimited,
+    RequestTimeout,
     Unauthorized,
     UnknownModel,
     UnsupportedMediaType,
@@ -26,9 +29,12 @@ ERROR_TABLE: tuple[tuple[type[MlinvertError], int], ...] = (
     (UnknownModel, 404),
     (InputTooLarge, 413),
     (UnsupportedMediaType, 415),
+    (RequestTimeout, 408),
+    (ClientDisconnected, 499),  # nginx's "client closed request"; nobody reads it
     (BadRequest, 400),
     (QueryRejected, 422),
     (RateLimited, 429),
+    (Overloaded, 503),
     (ConfigError, 422),
     (MlinvertError, 422),
 )
@@ -48,11 +54,11 @@ def error_body(kind: str, status: int, message: str) -> dict[str, object]:
 
 
 def error_response(exc: MlinvertError) -> JSONResponse:
-    """JSON error response for ``exc``; 429 carries ``Retry-After`` (whole seconds)."""
+    """JSON error response for ``exc``; 429 and 503 carry ``Retry-After`` (whole seconds)."""
     status = status_of(exc)
     body = error_body(type(exc).__name__, status, str(exc))
     headers = {}
-    if isinstance(exc, RateLimited):
+    if isinstance(exc, RateLimited | Overloaded):
         body["error"]["retry_after"] = exc.retry_after  # type: ignore[index]
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     if isinstance(exc, Unauthorized):

@@ -39,6 +39,7 @@ class Metrics:
         self.requests: Counter[tuple[str, str]] = Counter()
         self.inputs: Counter[str] = Counter()
         self.rejections: Counter[str] = Counter()
+        self.server_errors: Counter[str] = Counter()
         self._buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self._sum = 0.0
         self._count = 0
@@ -56,6 +57,11 @@ class Metrics:
             self._buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
             self._sum += seconds
             self._count += 1
+
+    def server_error(self, route: str) -> None:
+        """Record one 5xx answer (an internal error) on ``route`` (its path template)."""
+        with self._lock:
+            self.server_errors[route] += 1
 
     def render(self) -> str:
         """The metrics in the Prometheus text exposition format (version 0.0.4)."""
@@ -78,6 +84,12 @@ class Metrics:
             ]
             for reason, n in sorted(self.rejections.items()):
                 lines.append(f"mlinvert_rejections_total{_labels(reason=reason)} {n}")
+            lines += [
+                "# HELP mlinvert_server_errors_total Internal errors (5xx) by route.",
+                "# TYPE mlinvert_server_errors_total counter",
+            ]
+            for route, n in sorted(self.server_errors.items()):
+                lines.append(f"mlinvert_server_errors_total{_labels(route=route)} {n}")
             lines += [
                 "# HELP mlinvert_request_latency_seconds Prediction request latency.",
                 "# TYPE mlinvert_request_latency_seconds histogram",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import socket
 from collections.abc import Sequence
 from pathlib import Path
@@ -107,5 +108,6 @@ def serve(settings: ServiceSettings, *, log_level: str = "warning") -> None:
         port=settings.port,
         log_level=log_level,
         access_log=False,
+        timeout_keep_alive=math.ceil(settings.idle_timeout),
         timeout_graceful_shutdown=5,
     )

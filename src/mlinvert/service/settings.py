@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -20,6 +21,16 @@ _SYNCHRONOUS = {
     **dict.fromkeys(("normal", "0", "false", "no", "off"), "NORMAL"),
 }
 
+#: The numeric fields and the type their environment variable is read as.
+_NUMBERS: dict[str, type[int] | type[float]] = {
+    "max_batch": int,
+    "max_body_bytes": int,
+    "body_budget_bytes": int,
+    "port": int,
+    "body_timeout": float,
+    "idle_timeout": float,
+}
+
 
 @dataclass(frozen=True, kw_only=True)
 class ServiceSettings:
@@ -27,7 +38,8 @@ class ServiceSettings:
 
     Environment names are ``MLINVERT_`` + the upper-cased field: ``MLINVERT_DB``,
     ``MLINVERT_POLICY``, ``MLINVERT_RATE_LIMIT``, ``MLINVERT_DETECTOR``, ``MLINVERT_REDIS_URL``,
-    ``MLINVERT_MAX_BATCH``, ``MLINVERT_MAX_BODY_BYTES``, ``MLINVERT_HOST``,
+    ``MLINVERT_MAX_BATCH``, ``MLINVERT_MAX_BODY_BYTES``, ``MLINVERT_BODY_BUDGET_BYTES``,
+    ``MLINVERT_BODY_TIMEOUT``, ``MLINVERT_IDLE_TIMEOUT``, ``MLINVERT_HOST``,
     ``MLINVERT_PORT``, ``MLINVERT_LOG_SYNCHRONOUS``, ``MLINVERT_MODELS`` (model folders,
     ``NAME=DIR`` or ``DIR``, separated by ``os.pathsep``), ``MLINVERT_MODEL_POLICIES``
     (``NAME=SPEC`` overriding ``policy`` for one model, separated by ``,``).
@@ -39,6 +51,14 @@ class ServiceSettings:
     a crash of the service process, and only the last commits before a power loss or OS
     crash may be lost. ``FULL`` fsyncs every commit (durable against power loss too,
     0.4-7 ms per request on this machine's disk).
+
+    Request bodies: a body is read only after its key, model and declared size passed.
+    ``max_body_bytes`` is the ceiling of any one body (each model's own limit, from its
+    largest batch and input size, is usually far lower); ``body_budget_bytes`` bounds
+    the bodies every request together may hold at once (a request that would pass it is
+    answered 503 with Retry-After, unread); a body must arrive within ``body_timeout``
+    seconds with no pause over ``idle_timeout`` seconds (408 otherwise), and an idle
+    keep-alive connection is closed after ``idle_timeout`` seconds.
     """
 
     db: Path
@@ -47,7 +67,10 @@ class ServiceSettings:
     detector: str | None = None
     redis_url: str | None = None
     max_batch: int = 256
-    max_body_bytes: int = 64 * 2**20
+    max_body_bytes: int = 16 * 2**20
+    body_budget_bytes: int = 48 * 2**20
+    body_timeout: float = 30.0
+    idle_timeout: float = 10.0
     host: str = "127.0.0.1"
     port: int = 8000
     models: tuple[str, ...] = ()
@@ -84,6 +107,15 @@ class ServiceSettings:
             raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_body_bytes < 1024:
             raise ConfigError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.body_budget_bytes < self.max_body_bytes:
+            raise ConfigError(
+                f"body_budget_bytes ({self.body_budget_bytes}) must be at least max_body_bytes "
+                f"({self.max_body_bytes}), or the largest body could never be read"
+            )
+        for name in ("body_timeout", "idle_timeout"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a number of seconds > 0, got {value!r}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
 
@@ -98,12 +130,14 @@ class ServiceSettings:
             raw = environ.get(ENV_PREFIX + f.name.upper())
             if raw is None or raw == "":
                 continue
-            if f.name in ("max_batch", "max_body_bytes", "port"):
+            if f.name in _NUMBERS:
+                kind = _NUMBERS[f.name]
                 try:
-                    values[f.name] = int(raw)
+                    values[f.name] = kind(raw)
                 except ValueError:
                     raise ConfigError(
-                        f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not an integer"
+                        f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not "
+                        + ("an integer" if kind is int else "a number")
                     ) from None
             elif f.name == "models":
                 values[f.name] = tuple(p for p in raw.split(os.pathsep) if p)
