@@ -121,6 +121,7 @@ BAD_INPUTS = [
     ("faces", {"inputs": [[[-1e309] * 5] * 6]}, 400, "BadRequest", "NaN and Infinity are not JSON"),
     ("faces", binary(np.full((1, 6, 5), np.inf)), 422, "QueryRejected", "NaN or infinity"),
     ("faces", {"inputs": [[[1.5] * 5] * 6]}, 422, "QueryRejected", "[0, 1]"),
+    ("faces", {"inputs": [[[1e300] * 5] * 6]}, 422, "QueryRejected", "[0, 1], got values in"),
     ("faces", {"inputs": [[[-0.1] * 5] * 6]}, 422, "QueryRejected", "[0, 1]"),
     ("faces", {"inputs": []}, 422, "QueryRejected", "empty batch"),
     (

@@ -76,14 +76,13 @@ class Predictor:
             return self.model.check_input(x)
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
             raise QueryRejected(f"inputs must be numbers, got dtype {x.dtype}")
-        x = x.astype(np.float32, copy=False)
         if not np.isfinite(x).all():
             raise QueryRejected("inputs contain NaN or infinity; send finite values in [0, 1]")
-        if x.min() < 0.0 or x.max() > 1.0:
+        if x.min() < 0.0 or x.max() > 1.0:  # before the cast: 1e300 is no float32
             raise QueryRejected(
                 f"inputs must lie in [0, 1], got values in [{x.min():.4g}, {x.max():.4g}]"
             )
-        return x
+        return x.astype(np.float32, copy=False)
 
     def predict(self, x: np.ndarray, *, account: str) -> Response:
         """Validate, check guards, predict, apply the policy, then let guards observe."""
