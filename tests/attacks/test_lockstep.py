@@ -3,6 +3,7 @@ answer for a row does not depend on the rest of the batch, with fewer requests."
 
 from __future__ import annotations
 
+import heapq
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,16 @@ class _Counting(LocalOracle):
         return super().query(x)
 
 
+def _requests_on_lanes(per_label: list[int], lanes: int) -> int:
+    """Requests of a lockstep run whose labels send ``per_label`` requests alone: each
+    worker takes the next label as its last ends, every request carries one batch of
+    each running worker, so it is the most any worker sends (the longest schedule)."""
+    ends = [0] * lanes
+    for n in per_label:
+        heapq.heappush(ends, heapq.heappop(ends) + n)
+    return max(ends)
+
+
 def _same(a: list[AttackResult], b: list[AttackResult]) -> None:
     for x, y in zip(a, b, strict=True):
         assert x.status == y.status
@@ -72,12 +83,17 @@ def test_miface_lockstep_equals_sequential(toy_softmax: Any, budget: int | None)
         )
 
     seq_oracle = _Counting(Predictor(model, name="toy"))
-    seq = [make(lab).run(seq_oracle, lab, seed=3, budget=budget) for lab in labels]
+    seq, per_label = [], []
+    for lab in labels:
+        before = seq_oracle.requests
+        seq.append(make(lab).run(seq_oracle, lab, seed=3, budget=budget))
+        per_label.append(seq_oracle.requests - before)
     lock_oracle = _Counting(Predictor(model, name="toy"))
     lock = run_lockstep(make, lock_oracle, labels, lanes=3, seed=3, budget=budget)
     _same(seq, lock)
     assert lock_oracle.n_queries == seq_oracle.n_queries == sum(r.n_queries for r in seq)
-    # three lanes: about a third of the requests (some steps of a lane go alone)
+    # exactly the schedule's requests, whatever the threads' timing
+    assert lock_oracle.requests == _requests_on_lanes(per_label, 3)
     assert lock_oracle.requests <= 0.5 * seq_oracle.requests
     if budget is not None:
         assert all(r.status == "budget_exhausted" and r.n_queries <= budget for r in lock)

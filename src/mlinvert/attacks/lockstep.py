@@ -4,7 +4,8 @@ The attacks are unchanged: each label's attack runs on its own lane of a
 :class:`~mlinvert.oracle.lockstep.Coalescer` (an Oracle that counts only its own
 inputs), with the same seed, budget and progress callback a sequential run gives it,
 so against a deterministic oracle the results equal the sequential ones while the
-API sees ``lanes`` times fewer, larger requests.
+API sees ``lanes`` times fewer, larger requests (how many exactly depends on the attacks'
+queries alone, not on thread scheduling).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from mlinvert.attacks.checkpoint import Checkpoint
 from mlinvert.data.base import Seed
 from mlinvert.errors import ConfigError
 from mlinvert.oracle.base import Oracle
-from mlinvert.oracle.lockstep import check_lanes, map_lanes
+from mlinvert.oracle.lockstep import STALL_S, check_lanes, map_lanes
 
 
 class LabelAttack(Protocol):
@@ -48,7 +49,7 @@ def run_lockstep(
     progress: ProgressFn | None = None,
     checkpoint: Checkpoint | None = None,
     stop_on: tuple[str, ...] = (),
-    max_wait: float = 0.05,
+    max_wait: float | None = STALL_S,
 ) -> list[AttackResult]:
     """Run ``make_attack(label).run(lane, label, seed=seed, budget=budget, ...)`` for
     every label, ``lanes`` labels at a time; results in label order.
@@ -62,7 +63,8 @@ def run_lockstep(
     label its own file, ``checkpoint.for_label(label)``, so an interrupted run resumes
     every label where it stopped. Once a label ends with a status in ``stop_on``
     (``rate_limited``, ``blocked``: the API refuses the account), labels not yet started
-    are skipped and left out of the results.
+    are skipped and left out of the results. ``max_wait`` is how long the lanes wait for
+    one blocked on something else than its queries (:class:`~mlinvert.oracle.lockstep.Coalescer`).
     """
     check_lanes(lanes)
     if lanes > 1 and seed is not None and not isinstance(seed, int):

@@ -5,10 +5,13 @@ request has its own fixed cost), so k black-box attacks that each send a batch o
 probes per step are k times cheaper per query when their batches travel in one
 request. :class:`Coalescer` owns the real oracle and hands out *lanes*: each lane is
 an :class:`~mlinvert.oracle.Oracle` for one attack (one thread), counting exactly its
-own inputs. ``lane.query(x)`` waits until every open lane is waiting (or ``max_wait``
-seconds have passed since the oldest waiting batch arrived and the last request ended,
-so a lane that is busy computing cannot stall the others for long), then one combined
-request carries every waiting lane's inputs and each lane gets back its own rows. An
+own inputs. ``lane.query(x)`` waits until every open lane is waiting, then one combined
+request carries every lane's inputs (in lane order) and each lane gets back its own rows:
+how many requests a run sends depends on the attacks alone, never on thread scheduling
+or on how long a lane computes between its queries. The one exception is a lane blocked
+on something else than its next query: after ``max_wait`` seconds (counted from the
+later of the oldest waiting batch's arrival and the end of the last request) the waiting
+batches go without it, and a warning says so. An
 error of the combined request (Blocked, OracleError, ...) is raised in every lane whose
 inputs it carried; a batch refused as bad input (QueryRejected) or by a rate limit it
 overdraws (RateLimited) is re-sent lane by lane, so only the lane that sent the bad input
@@ -50,6 +53,11 @@ def check_lanes(lanes: object) -> int:
             f"--lanes must be between 1 (one person at a time) and {MAX_LANES}, got {lanes}"
         )
     return lanes
+
+
+#: Seconds a waiting batch is held for a lane that has not asked yet, by default: a
+#: safety valve for a lane blocked on something else, far above any attack's step.
+STALL_S = 10.0
 
 
 @dataclass(eq=False)
@@ -96,12 +104,16 @@ def _slice(response: Response, start: int, stop: int) -> Response:
 class Coalescer:
     """Share ``oracle`` among up to ``lanes`` concurrent attacks, one request per step.
 
-    ``max_wait`` (seconds) bounds how long a waiting batch is held for lanes that have
-    not asked yet; ``max_batch`` caps the inputs of one combined request (default: what
-    :func:`batch_limit` finds; a single batch larger than that is passed on whole, for
-    the oracle to split or refuse as it would without lanes). Requests to ``oracle``
-    are made one at a time, by whichever waiting lane thread flushes. ``requests``
-    counts the requests sent and ``inputs`` the rows they carried.
+    A request goes when every open lane waits with its batch. ``max_wait`` (seconds;
+    None: forever) bounds how long the waiting batches are held for a lane that has not
+    asked yet, which only a lane blocked on something else than its queries reaches;
+    ``stalls`` counts the requests sent without such a lane. ``max_batch`` caps the
+    inputs of one combined request (default: what :func:`batch_limit` finds): the
+    waiting batches, in lane order, are then sent in as many requests as they need (a
+    single batch larger than that is passed on whole, for the oracle to split or refuse
+    as it would without lanes). Requests to ``oracle`` are made one at a time, by
+    whichever waiting lane thread flushes. ``requests`` counts the requests sent and
+    ``inputs`` the rows they carried.
     """
 
     def __init__(
@@ -109,12 +121,12 @@ class Coalescer:
         oracle: Oracle,
         lanes: int,
         *,
-        max_wait: float = 0.05,
+        max_wait: float | None = STALL_S,
         max_batch: int | None = None,
     ) -> None:
         if lanes < 1:
             raise ConfigError(f"lanes must be >= 1, got {lanes}")
-        if not max_wait >= 0:
+        if max_wait is not None and not max_wait >= 0:
             raise ConfigError(f"max_wait must be >= 0 seconds, got {max_wait}")
         if max_batch is not None and max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
@@ -124,9 +136,11 @@ class Coalescer:
         self.max_batch = max_batch if max_batch is not None else batch_limit(oracle)
         self.requests = 0
         self.inputs = 0
+        self.stalls = 0
         self._cond = threading.Condition()
         self._queue: list[_Item] = []
         self._open = 0
+        self._opened = 0  # lanes opened so far: the default order of the next lane
         self._busy = False
         self._carry = False  # the queue holds the rest of a batch that was ready
         self._closed = False
@@ -137,18 +151,27 @@ class Coalescer:
         """The shared oracle's info."""
         return self.oracle.info
 
-    def lane(self) -> Lane:
-        """Open a lane (at most ``lanes`` at once); close it when its attack ends."""
+    def lane(self, *, order: int | None = None, replacing: Lane | None = None) -> Lane:
+        """Open a lane (at most ``lanes`` at once); close it when its attack ends.
+
+        ``order`` places the lane's batches within a combined request (default: the
+        order the lanes were opened in). ``replacing`` closes that lane in the same step,
+        so the other lanes never send without the next attack of the same worker.
+        """
         with self._cond:
             if self._closed:
                 raise OracleError("this Coalescer is closed; create a new one")
-            if self._open >= self.lanes:
+            if replacing is not None and not replacing._closed:
+                replacing._closed = True
+            elif self._open >= self.lanes:
                 raise ConfigError(
                     f"all {self.lanes} lanes are open; close one first or create the "
                     "Coalescer with more lanes"
                 )
-            self._open += 1
-        return Lane(self)
+            else:
+                self._open += 1
+            self._opened += 1
+            return Lane(self, self._opened if order is None else order)
 
     def close(self) -> None:
         """Refuse new lanes and abort every waiting batch (OracleError in its lane)."""
@@ -161,31 +184,44 @@ class Coalescer:
             self._cond.notify_all()
 
     # -- internals (called by lanes) ----------------------------------------------
-    def _release(self) -> None:
+    def _release(self, lane: Lane) -> None:
         with self._cond:
-            self._open -= 1
-            self._cond.notify_all()
+            if not lane._closed:
+                lane._closed = True
+                self._open -= 1
+                self._cond.notify_all()
 
     def _ready(self, now: float) -> bool:
         if not self._queue or self._busy:
             return False
         if self._carry or len(self._queue) >= self._open:
             return True
-        if self.max_batch is not None and sum(len(i.x) for i in self._queue) >= self.max_batch:
-            return True
-        return now >= self._deadline()
+        deadline = self._deadline()
+        if deadline is None or now < deadline:
+            return False
+        self.stalls += 1
+        log.warning(
+            "%d of %d lanes did not ask for %.1f s; sending the other lanes' batches without them",
+            self._open - len(self._queue),
+            self._open,
+            self.max_wait,
+        )
+        return True
 
-    def _deadline(self) -> float:
-        """When the oldest waiting batch goes without the lanes still computing.
+    def _deadline(self) -> float | None:
+        """When the waiting batches go without a lane that has not asked (None: never).
 
-        Counted from the later of its arrival and the end of the last request: lanes
-        answered by that request are about to ask again, and waiting for them keeps all
-        lanes in one request (otherwise two halves can settle into alternating requests).
+        Counted from the later of the oldest batch's arrival and the end of the last
+        request: lanes answered by that request are computing their next step.
         """
+        if self.max_wait is None:
+            return None
         return max(self._queue[0].arrived, self._last_done) + self.max_wait
 
     def _take(self) -> list[_Item]:
-        """The first waiting batches that fit in one request (at least one)."""
+        """The first waiting batches, in lane order, that fit in one request (at least one)."""
+        if not self._carry:
+            self._queue.sort(key=lambda item: item.lane.order)
         batch: list[_Item] = []
         n = 0
         for item in self._queue:
@@ -215,7 +251,9 @@ class Coalescer:
                         break
                     timeout = None
                     if self._queue and not self._busy:
-                        timeout = max(self._deadline() - now, 0.0)
+                        deadline = self._deadline()
+                        if deadline is not None:
+                            timeout = max(deadline - now, 0.0)
                     self._cond.wait(timeout)
             if batch is not None:  # this thread sends the next request (maybe not its own)
                 try:
@@ -284,10 +322,13 @@ class Coalescer:
 
 
 class Lane:
-    """One attack's view of a :class:`Coalescer`: an Oracle counting its own inputs."""
+    """One attack's view of a :class:`Coalescer`: an Oracle counting its own inputs.
 
-    def __init__(self, coalescer: Coalescer) -> None:
+    ``order`` places its batches within a combined request."""
+
+    def __init__(self, coalescer: Coalescer, order: int) -> None:
         self._coalescer = coalescer
+        self.order = order
         self._n = 0
         self._closed = False
 
@@ -324,9 +365,7 @@ class Lane:
 
     def close(self) -> None:
         """Leave the coalescer: the other lanes stop waiting for this one."""
-        if not self._closed:
-            self._closed = True
-            self._coalescer._release()
+        self._coalescer._release(self)
 
     def __enter__(self) -> Lane:
         return self
@@ -341,28 +380,51 @@ def map_lanes(
     oracle: Oracle,
     *,
     lanes: int,
-    max_wait: float = 0.05,
+    max_wait: float | None = STALL_S,
     on_done: Callable[[T, Future[R]], None] | None = None,
 ) -> list[Future[R]]:
     """Run ``fn(item, lane)`` for every item, ``lanes`` at a time, probes coalesced.
 
     Each call gets a fresh lane of one :class:`Coalescer` over ``oracle`` (closed when
-    the call returns or raises). ``on_done(item, future)`` is called in the caller's
-    thread as each call finishes (completion order); the futures are returned in item
-    order. If the caller's thread is interrupted (an exception in ``on_done``, Ctrl-C),
-    the coalescer is closed, so the running calls fail fast, and the rest never start.
+    the call returns or raises), placed in requests by the item's position. The workers'
+    lanes are open before any call starts, and a worker takes the next item as its call
+    ends and opens that item's lane in the same step as it closes the last one, so the
+    requests sent depend on the calls' queries alone: each carries one batch of every
+    running worker, and their number is the most queries any worker's items send.
+    ``on_done(item, future)`` is called in the caller's thread as each call finishes
+    (completion order); the futures are returned in item order. If the caller's thread
+    is interrupted (an exception in ``on_done``, Ctrl-C), the coalescer is closed, so
+    the running calls fail fast, and the rest never start.
     """
     todo = list(items)
     coalescer = Coalescer(oracle, lanes, max_wait=max_wait)
+    futures: list[Future[R]] = [Future() for _ in todo]
+    upcoming = iter(range(len(todo)))
+    pick = threading.Lock()
 
-    def call(item: T) -> R:
-        with coalescer.lane() as lane:
-            return fn(item, lane)
+    def worker(lane: Lane) -> None:
+        try:
+            while True:
+                with pick:
+                    i = next(upcoming, None)
+                if i is None:
+                    return
+                if not futures[i].set_running_or_notify_cancel():
+                    continue  # cancelled: the caller was interrupted
+                try:
+                    lane = coalescer.lane(order=i, replacing=lane)
+                    futures[i].set_result(fn(todo[i], lane))
+                except BaseException as exc:
+                    futures[i].set_exception(exc)
+        finally:
+            lane.close()
 
-    pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="lane")
-    futures: list[Future[R]] = []
+    workers = min(lanes, len(todo))
+    pool = ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="lane")
     try:
-        futures = [pool.submit(call, item) for item in todo]
+        # every worker's lane is open before any asks: no first request goes alone
+        for lane in [coalescer.lane() for _ in range(workers)]:
+            pool.submit(worker, lane)
         index = {id(f): i for i, f in enumerate(futures)}
         pending = set(futures)
         while pending:
@@ -376,7 +438,7 @@ def map_lanes(
         coalescer.close()
         raise
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=True)
     log.debug(
         "%d calls on %d lanes: %d requests, %d inputs",
         len(todo),
