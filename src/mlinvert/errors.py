@@ -71,8 +71,9 @@ class RateLimited(OracleError):
         self.retry_after = retry_after
 
 
-class Overloaded(OracleError):
-    """The service is busy (too many request bodies in flight); retry after ``retry_after`` s."""
+class Unavailable(OracleError):
+    """The service cannot answer now (too many request bodies in flight, or its rate-limit
+    store lost the budgets); retry after ``retry_after`` seconds."""
 
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)

@@ -39,6 +39,8 @@ def test_listing_health_metrics_openapi(
     assert models["faces"]["rate_limit"] == "1000/hour"
     assert models["survey"]["feature_names"] == ["age", "color"]
     assert client.get("/healthz").json() == {"status": "ok", "models": ["faces", "survey"]}
+    assert client.head("/healthz").status_code == 200
+    assert client.get("/readyz").json() == {"status": "ready", "checks": {"database": "ok"}}
     client.post(
         "/v1/models/faces/predict", json={"inputs": X.tolist()}, headers={"X-API-Key": api_key}
     )
@@ -52,6 +54,7 @@ def test_listing_health_metrics_openapi(
     assert "PredictRequest" in spec["components"]["schemas"]
     assert set(spec["paths"]) == {
         "/healthz",
+        "/readyz",
         "/metrics",
         "/v1/account",
         "/v1/models",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import secrets
 from pathlib import Path
 
 import typer
@@ -101,6 +102,35 @@ def unflag(name: str = typer.Argument(..., help="Account name."), db: Path = DbO
     finally:
         store.close()
     console.print(f"cleared the flag of {name!r}; the flag stays in `mlinvert keys flags`")
+
+
+@keys_app.command("accept-budget-reset")
+def accept_budget_reset(
+    redis: str = typer.Option(
+        None,
+        "--redis",
+        help="The service's Redis, e.g. redis://127.0.0.1:6379/0. [MLINVERT_REDIS_URL]",
+    ),
+    db: Path = DbOption,
+) -> None:
+    """After Redis lost its data: accept that every account's rate-limit budget starts
+    full again. A service run with --redis-loss refuse answers queries again."""
+    from mlinvert.defenses.ratelimit import mark_redis_epoch, redis_client, redis_problem
+    from mlinvert.service.store import REDIS_EPOCH
+
+    url = redis or os.environ.get("MLINVERT_REDIS_URL")
+    if not url:
+        raise ConfigError("no Redis: pass --redis URL (the one `mlinvert serve --redis` uses)")
+    store = _store(db)
+    try:
+        client = redis_client(url)
+        problem = redis_problem(client)
+        if problem is not None:
+            raise ConfigError(f"Redis at {url} is {problem}; start it first")
+        store.set_meta(REDIS_EPOCH, mark_redis_epoch(client, secrets.token_hex(8), replace=True))
+    finally:
+        store.close()
+    console.print(f"accepted: every account's budget in {url} starts full again")
 
 
 def register(app: typer.Typer) -> None:

@@ -37,6 +37,19 @@ def serve_command(
         help="Share rate limits and the detector's fingerprint history between service "
         "processes via Redis, e.g. redis://127.0.0.1:6379/0.",
     ),
+    redis_timeout: float = typer.Option(
+        None,
+        "--redis-timeout",
+        help="Seconds all Redis calls of one request may take together (default 2). "
+        "[MLINVERT_REDIS_TIMEOUT]",
+    ),
+    redis_loss: str = typer.Option(
+        None,
+        "--redis-loss",
+        help="When Redis comes back without its data (restarted without AOF/RDB): 'reset' "
+        "(default: every budget starts full again) or 'refuse' (refuse queries, 503, until "
+        "its data is restored or `mlinvert keys accept-budget-reset`). [MLINVERT_REDIS_LOSS]",
+    ),
     max_batch: int = typer.Option(None, "--max-batch", help="Largest batch (default 256)."),
     max_body: int = typer.Option(
         None,
@@ -83,6 +96,8 @@ def serve_command(
         host=host,
         port=port,
         redis_url=redis,
+        redis_timeout=redis_timeout,
+        redis_loss=redis_loss,
         max_batch=max_batch,
         max_body_bytes=max_body,
         body_budget_bytes=body_budget,

@@ -12,16 +12,21 @@ CCS 2015, Section 7.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from mlinvert.errors import ConfigError, InputTooLarge, RateLimited
+from mlinvert.errors import ConfigError, InputTooLarge, RateLimited, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +172,9 @@ class MemoryBuckets:
 
 
 _LUA_TAKE = """
+if ARGV[5] == '1' and redis.call('EXISTS', KEYS[2]) == 0 then
+  return {-1, '0', '0'}
+end
 local capacity = tonumber(ARGV[1])
 local per_second = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
@@ -196,19 +204,132 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(capacity / per_second * 1000) + 60000)
 return {allowed, string.format('%.17g', tokens), string.format('%.17g', retry)}
 """
 
+_LUA_PEEK = """
+if ARGV[1] == '1' and redis.call('EXISTS', KEYS[2]) == 0 then
+  return {-1}
+end
+return redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+"""
 
-#: Seconds a Redis command may take before the store counts as failing (a hung Redis
-#: must refuse requests with 429, not hold them); connecting gets 2 s.
-REDIS_TIMEOUT = 10.0
+#: Seconds the Redis calls of one request may take together (``--redis-timeout``): a
+#: hung Redis must refuse requests, not hold them. Connecting gets at most 2 s.
+REDIS_TIMEOUT = 2.0
+#: The key whose absence tells that Redis lost its data (see :class:`RedisBuckets`).
+EPOCH_KEY = "mlinvert:epoch"
+
+
+@dataclass
+class RedisDeadline:
+    """When the Redis calls of one request must be done, and why the rest are not tried."""
+
+    ends: float  # time.monotonic()
+    failed: str | None = None
+
+
+_DEADLINE: ContextVar[RedisDeadline | None] = ContextVar("mlinvert_redis_deadline", default=None)
+
+
+@contextmanager
+def redis_deadline(seconds: float) -> Iterator[RedisDeadline]:
+    """One deadline for every Redis call made inside the block (on this thread/task).
+
+    A call made after the deadline, or after an earlier call in the block could not
+    reach Redis (timeout or connection error), fails at once with ``redis.TimeoutError``
+    instead of waiting its own socket timeout: a frozen Redis costs a request one
+    timeout, not one per call.
+    """
+    deadline = RedisDeadline(time.monotonic() + seconds)
+    token = _DEADLINE.set(deadline)
+    try:
+        yield deadline
+    finally:
+        _DEADLINE.reset(token)
+
+
+@functools.cache
+def _deadline_client_class() -> Any:
+    import redis
+
+    class DeadlineRedis(redis.Redis):
+        """redis.Redis whose every command honours the :func:`redis_deadline` in force."""
+
+        def execute_command(self, *args: Any, **options: Any) -> Any:
+            deadline = _DEADLINE.get()
+            if deadline is not None:
+                if deadline.failed is None and time.monotonic() >= deadline.ends:
+                    deadline.failed = "the request's Redis deadline passed"
+                if deadline.failed is not None:
+                    raise redis.TimeoutError(f"not tried: {deadline.failed}")
+            try:
+                return super().execute_command(*args, **options)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if deadline is not None:
+                    deadline.failed = f"an earlier Redis call failed ({type(exc).__name__})"
+                raise
+
+    return DeadlineRedis
 
 
 def redis_client(url: str, *, timeout: float = REDIS_TIMEOUT) -> Any:
-    """A Redis client for ``url`` whose commands give up after ``timeout`` seconds."""
-    import redis
-
-    return redis.Redis.from_url(
+    """A Redis client for ``url`` whose commands give up after ``timeout`` seconds, and
+    share the deadline of the :func:`redis_deadline` block they run in."""
+    return _deadline_client_class().from_url(
         url, socket_timeout=timeout, socket_connect_timeout=min(timeout, 2.0)
     )
+
+
+def redis_persistence(client: Any) -> str | None:
+    """What Redis keeps across a restart (``"AOF"``, ``"RDB snapshots"``, both), None
+    when nothing, or ``"unknown"`` when CONFIG is not allowed (managed Redis)."""
+    import redis
+
+    try:
+        config = client.config_get("appendonly")
+        config.update(client.config_get("save"))
+    except redis.ResponseError:
+        return "unknown"
+    kept = [
+        name
+        for name, on in (
+            ("AOF", str(config.get("appendonly", "no")).lower() == "yes"),
+            ("RDB snapshots", bool(str(config.get("save", "")).strip())),
+        )
+        if on
+    ]
+    return " and ".join(kept) or None
+
+
+def redis_epoch(client: Any) -> str | None:
+    """The epoch key's value: None when Redis holds none (new, or it lost its data)."""
+    value = client.get(EPOCH_KEY)
+    return None if value is None else bytes(value).decode()
+
+
+def mark_redis_epoch(client: Any, epoch: str, *, replace: bool = False) -> str:
+    """Write ``epoch`` unless Redis already holds one (or ``replace``); the value kept."""
+    client.set(EPOCH_KEY, epoch, nx=not replace)
+    kept = redis_epoch(client)
+    if kept is None:  # evicted or flushed at that very moment
+        raise ConfigError(f"Redis did not keep the {EPOCH_KEY} key; check its eviction policy")
+    return kept
+
+
+def redis_problem(client: Any, *, need_epoch: bool = False) -> str | None:
+    """Why Redis cannot serve the service now, or None: it cannot be reached, or (with
+    ``need_epoch``) it lost its data since the service first met it."""
+    import redis
+
+    try:
+        client.ping()
+        lost = need_epoch and not client.exists(EPOCH_KEY)
+    except redis.RedisError as exc:
+        return f"unreachable ({type(exc).__name__}: {exc})"
+    if lost:
+        return (
+            f"lost its data (no {EPOCH_KEY} key): restore Redis's data, or accept that every "
+            "budget starts full again with `mlinvert keys accept-budget-reset`"
+        )
+    return None
 
 
 class RedisBuckets:
@@ -216,13 +337,28 @@ class RedisBuckets:
 
     Several service processes pointing at the same Redis share one budget per account.
     They must share a clock too: the service passes wall-clock time (``time.time``).
+
+    A Redis restarted without persistence (AOF or RDB) comes back empty: every bucket
+    is full again. With ``refuse_lost=True`` the buckets instead refuse every batch
+    (Unavailable, 503) while the epoch key (:data:`EPOCH_KEY`, written when the service
+    first meets this Redis, see :func:`mark_redis_epoch`) is missing: until Redis's data is
+    restored, or an operator accepts the reset (``mlinvert keys accept-budget-reset``).
     """
 
-    def __init__(self, url: str, *, prefix: str = "mlinvert:rl:", client: Any = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "mlinvert:rl:",
+        client: Any = None,
+        refuse_lost: bool = False,
+    ) -> None:
         self.url = url
         self.prefix = prefix
+        self.refuse_lost = refuse_lost
         self.client = client if client is not None else redis_client(url)
-        self._script = self.client.register_script(_LUA_TAKE)
+        self._take = self.client.register_script(_LUA_TAKE)
+        self._peek = self.client.register_script(_LUA_PEEK)
 
     def take(self, key: str, cost: int, rate: Rate, now: float) -> Admission:
         """Take ``cost`` tokens atomically (one EVALSHA).
@@ -233,11 +369,20 @@ class RedisBuckets:
         import redis
 
         try:
-            allowed, remaining, retry = self._script(
-                keys=[self.prefix + key], args=[rate.count, repr(rate.per_second), cost, repr(now)]
+            allowed, remaining, retry = self._take(
+                keys=[self.prefix + key, EPOCH_KEY],
+                args=[
+                    rate.count,
+                    repr(rate.per_second),
+                    cost,
+                    repr(now),
+                    int(self.refuse_lost),
+                ],
             )
         except redis.RedisError as exc:
             raise self._unreachable(exc, "the batch was refused, ") from None
+        if int(allowed) == -1:
+            raise self._lost()
         return Admission(bool(int(allowed)), float(remaining), float(retry))
 
     def _unreachable(self, exc: Exception, what: str = "") -> RateLimited:
@@ -249,15 +394,27 @@ class RedisBuckets:
             retry_after=1.0,
         )
 
+    def _lost(self) -> Unavailable:
+        log.error("rate-limit store %s lost its data (no %s key); refusing", self.url, EPOCH_KEY)
+        return Unavailable(
+            "the rate limiter's store lost the budgets (Redis restarted without its data); "
+            "the service refuses queries until an operator restores Redis's data or accepts "
+            "the reset",
+            retry_after=60.0,
+        )
+
     def peek(self, key: str, rate: Rate, now: float) -> float:
-        """The tokens in the bucket at ``now`` (one HMGET, nothing written; a bucket
+        """The tokens in the bucket at ``now`` (one EVALSHA, nothing written; a bucket
         never used, or expired, is full). RateLimited if Redis cannot be reached."""
         import redis
 
         try:
-            tokens, ts = self.client.hmget(self.prefix + key, ["tokens", "ts"])
+            state = self._peek(keys=[self.prefix + key, EPOCH_KEY], args=[int(self.refuse_lost)])
         except redis.RedisError as exc:
             raise self._unreachable(exc) from None
+        if state == [-1]:
+            raise self._lost()
+        tokens, ts = state
         if tokens is None or ts is None:
             return float(rate.count)
         return _refill(float(tokens), float(ts), rate, now)

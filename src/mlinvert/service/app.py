@@ -46,6 +46,8 @@ from mlinvert.defenses.ratelimit import (
     RateLimiter,
     RedisBuckets,
     redis_client,
+    redis_deadline,
+    redis_problem,
 )
 from mlinvert.errors import (
     BadRequest,
@@ -53,11 +55,11 @@ from mlinvert.errors import (
     ConfigError,
     InputTooLarge,
     MlinvertError,
-    Overloaded,
     QueryRejected,
     RateLimited,
     RequestTimeout,
     Unauthorized,
+    Unavailable,
     UnknownModel,
     UnsupportedMediaType,
 )
@@ -72,6 +74,7 @@ from mlinvert.service.schemas import (
     PredictRequest,
     PredictResponse,
     RateLimitStatus,
+    Readiness,
 )
 from mlinvert.service.settings import ServiceSettings
 from mlinvert.service.store import Store, input_digests
@@ -131,10 +134,15 @@ def build_predictors(
     """
     guards: list[Guard] = []
     url = settings.redis_url
-    client = redis_client(url) if url else None  # one connection pool for both stores
+    # one connection pool for both stores
+    client = redis_client(url, timeout=settings.redis_timeout) if url else None
     if settings.rate_limit is not None:
         if bucket_store is None:
-            bucket_store = RedisBuckets(url, client=client) if url else MemoryBuckets()
+            bucket_store = (
+                RedisBuckets(url, client=client, refuse_lost=settings.redis_loss == "refuse")
+                if url
+                else MemoryBuckets()
+            )
         guards.append(RateLimiter(settings.rate_limit, bucket_store))
     image_guards = list(guards)
     if settings.detector is not None:
@@ -543,12 +551,17 @@ class _PredictHandler:
     every refusal (logged and counted)."""
 
     def __init__(
-        self, predictors: Mapping[str, Predictor], store: Store, metrics: Metrics, max_body: int
+        self,
+        predictors: Mapping[str, Predictor],
+        store: Store,
+        metrics: Metrics,
+        settings: ServiceSettings,
     ) -> None:
         self.predictors = predictors
         self.store = store
         self.metrics = metrics
-        self.max_body = max_body
+        self.max_body = settings.max_body_bytes
+        self.redis_timeout = settings.redis_timeout
 
     def admit(self, head: _Head) -> _Admitted | _Outcome:
         """Check the key, the model, the body type and its declared size; nothing is read."""
@@ -585,7 +598,12 @@ class _PredictHandler:
             return self.refuse(exc, head, account)
 
     def answer(self, head: _Head, admitted: _Admitted, data: bytearray) -> _Outcome:
-        """Decode the body and answer it as the predictor allows."""
+        """Decode the body and answer it as the predictor allows; its Redis calls (the
+        rate limiter, the detector, the RateLimit fields) share one deadline."""
+        with redis_deadline(self.redis_timeout):
+            return self._answer(head, admitted, data)
+
+    def _answer(self, head: _Head, admitted: _Admitted, data: bytearray) -> _Outcome:
         account, predictor = admitted.account, admitted.predictor
         x: np.ndarray | None = None
         try:
@@ -778,7 +796,7 @@ def create_app(
     store = store if store is not None else Store(settings.db, synchronous=settings.log_synchronous)
     metrics = metrics if metrics is not None else Metrics()
     max_body = settings.max_body_bytes
-    handler = _PredictHandler(predictors, store, metrics, max_body)
+    handler = _PredictHandler(predictors, store, metrics, settings)
     bodies = _BodyBudget(settings.body_budget_bytes)
 
     app = FastAPI(
@@ -813,10 +831,39 @@ def create_app(
 
     app.add_middleware(_ServerErrors, metrics=metrics)
 
+    @app.head("/healthz", include_in_schema=False)
     @app.get("/healthz", response_model=Health, tags=["service"])
     def healthz() -> Health:
-        """Liveness: the service answers and which models it serves."""
+        """Liveness: the process answers, and which models it serves. It says nothing of
+        the stores a prediction needs: that is ``/readyz``."""
         return Health(status="ok", models=sorted(predictors))
+
+    ready_client = (
+        redis_client(settings.redis_url, timeout=settings.redis_timeout)
+        if settings.redis_url
+        else None
+    )
+
+    @app.head("/readyz", include_in_schema=False)
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "A store cannot serve"}},
+        tags=["service"],
+    )
+    def readyz() -> Response:
+        """Readiness: whether predictions can be answered now. 200 when the account
+        database and the shared store (Redis, when configured) work; 503 naming the
+        store that does not (Redis unreachable, or it lost the budgets under
+        ``--redis-loss refuse``)."""
+        checks = {"database": store.problem() or "ok"}
+        if ready_client is not None:
+            with redis_deadline(settings.redis_timeout):
+                problem = redis_problem(ready_client, need_epoch=settings.redis_loss == "refuse")
+            checks["redis"] = problem or "ok"
+        ready = all(v == "ok" for v in checks.values())
+        doc = Readiness(status="ready" if ready else "unready", checks=checks)
+        return JSONResponse(doc.model_dump(), status_code=200 if ready else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["service"])
     def prometheus() -> PlainTextResponse:
@@ -873,7 +920,9 @@ def create_app(
         key, key_problem = _key_from(request, bearer, api_key)
         if key_problem is not None:
             raise Unauthorized(key_problem)
-        return account_info(store.authenticate(key))
+        account = store.authenticate(key)
+        with redis_deadline(settings.redis_timeout):
+            return account_info(account)
 
     @app.post(
         "/v1/models/{name}/predict",
@@ -936,7 +985,7 @@ def create_app(
             return await _unread(request, head, admitted.response())
         reserve = admitted.limit if head.declared is None else head.declared
         if not bodies.take(reserve):
-            busy = Overloaded(
+            busy = Unavailable(
                 f"the service holds {bodies.held} bytes of request bodies; this one "
                 f"({reserve} bytes) would pass its budget of {bodies.budget}: retry in a second",
                 retry_after=1.0,

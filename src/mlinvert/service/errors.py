@@ -13,11 +13,11 @@ from mlinvert.errors import (
     ConfigError,
     InputTooLarge,
     MlinvertError,
-    Overloaded,
     QueryRejected,
     RateLimited,
     RequestTimeout,
     Unauthorized,
+    Unavailable,
     UnknownModel,
     UnsupportedMediaType,
 )
@@ -34,7 +34,7 @@ ERROR_TABLE: tuple[tuple[type[MlinvertError], int], ...] = (
     (BadRequest, 400),
     (QueryRejected, 422),
     (RateLimited, 429),
-    (Overloaded, 503),
+    (Unavailable, 503),
     (ConfigError, 422),
     (MlinvertError, 422),
 )
@@ -58,7 +58,7 @@ def error_response(exc: MlinvertError) -> JSONResponse:
     status = status_of(exc)
     body = error_body(type(exc).__name__, status, str(exc))
     headers = {}
-    if isinstance(exc, RateLimited | Overloaded):
+    if isinstance(exc, RateLimited | Unavailable):
         body["error"]["retry_after"] = exc.retry_after  # type: ignore[index]
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     if isinstance(exc, Unauthorized):

@@ -122,6 +122,15 @@ class Health(BaseModel):
     models: list[str]
 
 
+class Readiness(BaseModel):
+    """Readiness answer: each store a prediction needs, "ok" or what is wrong with it."""
+
+    status: Literal["ready", "unready"]
+    checks: dict[str, str] = Field(
+        description="database (the account database), redis (when configured): 'ok' or the problem"
+    )
+
+
 class ErrorDetail(BaseModel):
     """What went wrong, and how to fix it."""
 

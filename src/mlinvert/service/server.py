@@ -5,14 +5,22 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import secrets
 import socket
 from collections.abc import Sequence
 from pathlib import Path
 
+from mlinvert.defenses.ratelimit import (
+    mark_redis_epoch,
+    redis_client,
+    redis_epoch,
+    redis_persistence,
+    redis_problem,
+)
 from mlinvert.errors import ConfigError
 from mlinvert.service.app import build_predictors, create_app
 from mlinvert.service.settings import ServiceSettings
-from mlinvert.service.store import Store
+from mlinvert.service.store import REDIS_EPOCH, Store
 from mlinvert.targets.base import Target
 
 log = logging.getLogger(__name__)
@@ -75,6 +83,57 @@ def check_listen(host: str, port: int) -> None:
             raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); {fix}") from None
 
 
+def check_redis(settings: ServiceSettings, store: Store) -> None:
+    """At startup: Redis answers, what it keeps across a restart, and whether it lost the
+    budgets since this database last met it (its epoch key gone, see RedisBuckets).
+
+    A Redis that keeps nothing gets a warning. With ``redis_loss="refuse"`` an
+    unreachable Redis is a ConfigError, and a Redis that lost its data is left unmarked,
+    so every prediction is refused (503) until it is restored or an operator runs
+    ``mlinvert keys accept-budget-reset``; with ``"reset"`` the loss is logged and accepted.
+    """
+    url = settings.redis_url
+    if url is None:
+        return
+    client = redis_client(url, timeout=settings.redis_timeout)
+    refuse = settings.redis_loss == "refuse"
+    problem = redis_problem(client)
+    if problem is not None:
+        if refuse:
+            raise ConfigError(
+                f"Redis at {url} is {problem}; start it first (with --redis-loss refuse the "
+                "service does not start without the budgets it keeps)"
+            )
+        log.warning(
+            "Redis at %s is %s; predictions are refused (429) until it answers", url, problem
+        )
+        return
+    kept = redis_persistence(client)
+    if kept is None:
+        log.warning(
+            "Redis at %s keeps nothing across a restart (appendonly no, no save points): a "
+            "restart empties every account's rate-limit budget%s; enable AOF (appendonly yes)",
+            url,
+            "" if refuse else " (pass --redis-loss refuse to refuse queries instead)",
+        )
+    ours, theirs = store.meta(REDIS_EPOCH), redis_epoch(client)
+    if theirs is None and ours is not None:
+        if refuse:
+            log.error(
+                "Redis at %s lost its data since this service last met it: every prediction "
+                "is refused (503) until its data is restored or `mlinvert keys "
+                "accept-budget-reset` accepts that every budget starts full again",
+                url,
+            )
+            return
+        log.warning(
+            "Redis at %s lost its data since this service last met it: every account's "
+            "budget starts full again (--redis-loss reset)",
+            url,
+        )
+    store.set_meta(REDIS_EPOCH, mark_redis_epoch(client, secrets.token_hex(8)))
+
+
 def serve(settings: ServiceSettings, *, log_level: str = "warning") -> None:
     """Load ``settings.models``, build the app and run it until interrupted."""
     import uvicorn
@@ -91,6 +150,7 @@ def serve(settings: ServiceSettings, *, log_level: str = "warning") -> None:
             )
     check_listen(settings.host, settings.port)
     store = Store(settings.db, synchronous=settings.log_synchronous)
+    check_redis(settings, store)
     predictors = build_predictors(models, settings, flags=store)
     app = create_app(settings, predictors, store=store)
     log.warning(

@@ -29,6 +29,7 @@ _NUMBERS: dict[str, type[int] | type[float]] = {
     "port": int,
     "body_timeout": float,
     "idle_timeout": float,
+    "redis_timeout": float,
 }
 
 
@@ -39,7 +40,8 @@ class ServiceSettings:
     Environment names are ``MLINVERT_`` + the upper-cased field: ``MLINVERT_DB``,
     ``MLINVERT_POLICY``, ``MLINVERT_RATE_LIMIT``, ``MLINVERT_DETECTOR``, ``MLINVERT_REDIS_URL``,
     ``MLINVERT_MAX_BATCH``, ``MLINVERT_MAX_BODY_BYTES``, ``MLINVERT_BODY_BUDGET_BYTES``,
-    ``MLINVERT_BODY_TIMEOUT``, ``MLINVERT_IDLE_TIMEOUT``, ``MLINVERT_HOST``,
+    ``MLINVERT_BODY_TIMEOUT``, ``MLINVERT_IDLE_TIMEOUT``, ``MLINVERT_REDIS_TIMEOUT``,
+    ``MLINVERT_REDIS_LOSS``, ``MLINVERT_HOST``,
     ``MLINVERT_PORT``, ``MLINVERT_LOG_SYNCHRONOUS``, ``MLINVERT_MODELS`` (model folders,
     ``NAME=DIR`` or ``DIR``, separated by ``os.pathsep``), ``MLINVERT_MODEL_POLICIES``
     (``NAME=SPEC`` overriding ``policy`` for one model, separated by ``,``).
@@ -59,6 +61,13 @@ class ServiceSettings:
     answered 503 with Retry-After, unread); a body must arrive within ``body_timeout``
     seconds with no pause over ``idle_timeout`` seconds (408 otherwise), and an idle
     keep-alive connection is closed after ``idle_timeout`` seconds.
+
+    Redis: every Redis call of one request shares one deadline, ``redis_timeout``
+    seconds (a frozen Redis refuses a request after it, never per call). A Redis
+    restarted without persistence comes back empty; ``redis_loss`` says what then:
+    ``reset`` (default) lets every budget start full again, ``refuse`` refuses every
+    prediction (503) until Redis's data is restored or an operator runs
+    ``mlinvert keys accept-budget-reset``.
     """
 
     db: Path
@@ -71,6 +80,8 @@ class ServiceSettings:
     body_budget_bytes: int = 48 * 2**20
     body_timeout: float = 30.0
     idle_timeout: float = 10.0
+    redis_timeout: float = 2.0
+    redis_loss: str = "reset"
     host: str = "127.0.0.1"
     port: int = 8000
     models: tuple[str, ...] = ()
@@ -112,7 +123,12 @@ class ServiceSettings:
                 f"body_budget_bytes ({self.body_budget_bytes}) must be at least max_body_bytes "
                 f"({self.max_body_bytes}), or the largest body could never be read"
             )
-        for name in ("body_timeout", "idle_timeout"):
+        if self.redis_loss not in ("reset", "refuse"):
+            raise ConfigError(
+                f"redis_loss must be 'reset' (budgets start full again after Redis loses its "
+                f"data) or 'refuse' (refuse queries until it is restored), got {self.redis_loss!r}"
+            )
+        for name in ("body_timeout", "idle_timeout", "redis_timeout"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a number of seconds > 0, got {value!r}")

@@ -25,6 +25,8 @@ from mlinvert.defenses.detector import Flag
 from mlinvert.errors import ConfigError, Unauthorized
 
 KEY_PATTERN = re.compile(r"^mli_[A-Za-z0-9_-]{43}$")
+#: The ``meta`` entry holding the Redis epoch the service last met (see RedisBuckets).
+REDIS_EPOCH = "redis_epoch"
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
 
 _SCHEMA = """
@@ -59,6 +61,10 @@ CREATE TABLE IF NOT EXISTS flags (
     cleared REAL
 );
 CREATE INDEX IF NOT EXISTS flags_account ON flags(account);
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 
@@ -169,6 +175,26 @@ class Store:
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+
+    def problem(self) -> str | None:
+        """Why the database cannot serve now (None when a read works)."""
+        try:
+            with self._lock:
+                self._conn.execute("SELECT 1 FROM keys LIMIT 1").fetchall()
+        except sqlite3.Error as exc:
+            return f"cannot read {self.path} ({exc})"
+        return None
+
+    def meta(self, name: str) -> str | None:
+        """A value the service keeps about itself (e.g. ``redis_epoch``), or None."""
+        with self._lock:
+            row = self._conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, name: str, value: str) -> None:
+        """Keep ``value`` under ``name``."""
+        with self._tx() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta(name, value) VALUES (?, ?)", (name, value))
 
     # accounts -----------------------------------------------------------------
     def create_key(self, account: str) -> tuple[str, KeyRecord]:
