@@ -15,7 +15,13 @@ from typer.testing import CliRunner
 from mlinvert.attacks.base import AttackResult
 from mlinvert.attacks.gradients import Exact
 from mlinvert.attacks.miface import MIFace, MIFaceConfig
-from mlinvert.attacks.priors import PriorConfig, load_prior, train_prior
+from mlinvert.attacks.priors import (
+    FinetuneConfig,
+    PriorConfig,
+    finetune_prior,
+    load_prior,
+    train_prior,
+)
 from mlinvert.cli.main import build_app, main
 from mlinvert.defenses import Predictor
 from mlinvert.errors import ConfigError, ModelError
@@ -121,6 +127,29 @@ def test_prior_refuses_the_targets_private_photos(digits: Any) -> None:
         leaky.space(private=private, shape=(8, 8))
     clean = train_prior(public[:40], _tiny("pca", latent=5), source="public", n_people=10)
     assert clean.space(private=private, shape=(8, 8)).dim == 5
+
+
+def test_finetune_adapts_the_decoder_to_in_domain_photos_of_others(digits: Any) -> None:
+    """Fine-tuning on other classes' held-out digits brings their reconstructions closer,
+    leaves the original prior unchanged, and refuses a private photo."""
+    x_test, y_test = digits.test()
+    private, _ = digits.train()
+    prior = train_prior(x_test[y_test < 5], _tiny("vae", latent=6), source="0-4", n_people=5)
+    domain = x_test[y_test >= 5][:24]
+    tuned = finetune_prior(
+        prior, domain, FinetuneConfig(steps=60, lr=3e-3, mirror=False), source="5-9"
+    )
+
+    def error(p: Any) -> float:
+        space = p.space(radius=None, shape=(8, 8))
+        return float(((space.decode(space.encode(domain)) - domain) ** 2).mean())
+
+    before = prior.decode(np.zeros((1, 6)))
+    assert error(tuned) < 0.8 * error(prior), (error(tuned), error(prior))
+    np.testing.assert_array_equal(prior.decode(np.zeros((1, 6))), before)
+    assert tuned.card["finetuned"]["n_images"] == 24
+    with pytest.raises(ConfigError, match="private training"):
+        finetune_prior(prior, private[:5], FinetuneConfig(steps=1), source="x", private=private)
 
 
 def test_broken_prior_folder_is_one_clear_error(tmp_path: Path) -> None:

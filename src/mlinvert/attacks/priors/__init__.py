@@ -9,12 +9,24 @@ networks.
 
 from mlinvert.attacks.priors.prior import (
     KINDS,
+    FinetuneConfig,
     Prior,
     PriorConfig,
+    finetune_prior,
     load_prior,
     thumbnails,
     train_prior,
 )
 from mlinvert.attacks.priors.space import PriorSpace
 
-__all__ = ["KINDS", "Prior", "PriorConfig", "PriorSpace", "load_prior", "thumbnails", "train_prior"]
+__all__ = [
+    "KINDS",
+    "FinetuneConfig",
+    "Prior",
+    "PriorConfig",
+    "PriorSpace",
+    "finetune_prior",
+    "load_prior",
+    "thumbnails",
+    "train_prior",
+]

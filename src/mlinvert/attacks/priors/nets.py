@@ -26,14 +26,11 @@ def resample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 class LinearDecoder(nn.Module):
     """Whitened eigenfaces: ``mean + basis z`` (not clipped; the search space clips)."""
 
-    mean: torch.Tensor
-    basis: torch.Tensor
-
     def __init__(self, latent: int, shape: tuple[int, int]) -> None:
         super().__init__()
         self.shape = shape
-        self.register_buffer("mean", torch.zeros(shape[0] * shape[1]))
-        self.register_buffer("basis", torch.zeros(shape[0] * shape[1], latent))
+        self.mean = nn.Parameter(torch.zeros(shape[0] * shape[1]))
+        self.basis = nn.Parameter(torch.zeros(shape[0] * shape[1], latent))
 
     def forward(self, z: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Images for latent points ``z``."""
