@@ -50,6 +50,23 @@ def serve_command(
         "(default: every budget starts full again) or 'refuse' (refuse queries, 503, until "
         "its data is restored or `mlinvert keys accept-budget-reset`). [MLINVERT_REDIS_LOSS]",
     ),
+    log_max_age_days: float = typer.Option(
+        None,
+        "--log-max-age-days",
+        help="Days the query log keeps an entry (default 90). [MLINVERT_LOG_MAX_AGE_DAYS]",
+    ),
+    log_max_rows: int = typer.Option(
+        None,
+        "--log-max-rows",
+        help="Entries the query log keeps at most, newest first (default 10 million). "
+        "[MLINVERT_LOG_MAX_ROWS]",
+    ),
+    account_rate: str = typer.Option(
+        None,
+        "--account-rate",
+        help="How often one account may read GET /v1/account (default 60/minute). "
+        "[MLINVERT_ACCOUNT_RATE]",
+    ),
     max_batch: int = typer.Option(None, "--max-batch", help="Largest batch (default 256)."),
     max_body: int = typer.Option(
         None,
@@ -98,6 +115,9 @@ def serve_command(
         redis_url=redis,
         redis_timeout=redis_timeout,
         redis_loss=redis_loss,
+        log_max_age_days=log_max_age_days,
+        log_max_rows=log_max_rows,
+        account_rate=account_rate,
         max_batch=max_batch,
         max_body_bytes=max_body,
         body_budget_bytes=body_budget,

@@ -45,6 +45,7 @@ from mlinvert.defenses.ratelimit import (
     MemoryBuckets,
     RateLimiter,
     RedisBuckets,
+    parse_rate,
     redis_client,
     redis_deadline,
     redis_problem,
@@ -577,7 +578,7 @@ class _PredictHandler:
             predictor = self.predictors.get(head.name)
             if predictor is None:
                 raise UnknownModel(
-                    f"no model named {head.name!r}; served: "
+                    f"no model named {_clip(head.name)!r}; served: "
                     f"{', '.join(sorted(self.predictors))} (GET /v1/models lists them)"
                 )
             check_content_type(head.content_type)
@@ -671,17 +672,18 @@ class _PredictHandler:
         status = 500 if error is None else status_of(error)
         reason = "InternalError" if error is None else type(error).__name__
         n_inputs = int(x.shape[0]) if x is not None and x.ndim else 0
-        self.store.log_query(
-            account=account,
-            model=head.name[:200],
-            n_inputs=n_inputs,
-            outcome=reason,
-            status=status,
-            detail="internal error" if error is None else str(error),
-            digests=_safe_digests(x),
-        )
+        if account is not None:  # without a valid key: counted below, never logged
+            self.store.log_query(
+                account=account,
+                model=_clip(head.name),
+                n_inputs=n_inputs,
+                outcome=reason,
+                status=status,
+                detail="internal error" if error is None else str(error),
+                digests=_safe_digests(x),
+            )
         self.metrics.observe(
-            model=head.name[:200] if head.name in self.predictors else "-",
+            model=head.name if head.name in self.predictors else "-",
             status=status,
             n_inputs=n_inputs,
             reason=reason,
@@ -691,6 +693,11 @@ class _PredictHandler:
         if isinstance(error, RateLimited) and account is not None and head.name in self.predictors:
             headers = rate_headers(self.predictors[head.name], account, error.retry_after)
         return _Outcome(status, error=error, headers=headers)
+
+
+def _clip(name: str, most: int = 100) -> str:
+    """A name a client sent, cut to ``most`` characters for messages and the log."""
+    return name if len(name) <= most else name[:most] + "..."
 
 
 def _safe_digests(x: np.ndarray | None) -> tuple[str, ...]:
@@ -793,11 +800,13 @@ def create_app(
             f"the served models carry {len(limiters)} different rate limiters; give them one "
             "RateLimiter (one budget per account), as build_predictors does"
         )
-    store = store if store is not None else Store(settings.db, synchronous=settings.log_synchronous)
+    store = store if store is not None else settings.open_store()
     metrics = metrics if metrics is not None else Metrics()
     max_body = settings.max_body_bytes
     handler = _PredictHandler(predictors, store, metrics, settings)
     bodies = _BodyBudget(settings.body_budget_bytes)
+    account_rate = parse_rate(settings.account_rate)
+    account_reads = MemoryBuckets()
 
     app = FastAPI(
         title="mlinvert prediction service",
@@ -921,6 +930,14 @@ def create_app(
         if key_problem is not None:
             raise Unauthorized(key_problem)
         account = store.authenticate(key)
+        asked = account_reads.take(account, 1, account_rate, time.monotonic())
+        if not asked.allowed:
+            raise RateLimited(
+                f"GET /v1/account answers an account at most {account_rate}; retry after "
+                f"{asked.retry_after:.1f} s (predictions carry the same fields in their "
+                "RateLimit headers)",
+                retry_after=asked.retry_after,
+            )
         with redis_deadline(settings.redis_timeout):
             return account_info(account)
 

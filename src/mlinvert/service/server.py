@@ -149,7 +149,10 @@ def serve(settings: ServiceSettings, *, log_level: str = "warning") -> None:
                 f"{', '.join(models)} (the name is the folder's, or NAME in --model NAME=DIR)"
             )
     check_listen(settings.host, settings.port)
-    store = Store(settings.db, synchronous=settings.log_synchronous)
+    store = settings.open_store()
+    dropped = store.prune()
+    if dropped:
+        log.warning("dropped %d query-log entries past the retention", dropped)
     check_redis(settings, store)
     predictors = build_predictors(models, settings, flags=store)
     app = create_app(settings, predictors, store=store)

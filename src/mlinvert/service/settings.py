@@ -7,12 +7,15 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlinvert.defenses.detector import parse_detector
 from mlinvert.defenses.policies import parse_policy
 from mlinvert.defenses.ratelimit import parse_rate
 from mlinvert.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mlinvert.service.store import Store
 
 ENV_PREFIX = "MLINVERT_"
 #: Accepted spellings of ``log_synchronous`` and the SQLite mode each means.
@@ -30,6 +33,8 @@ _NUMBERS: dict[str, type[int] | type[float]] = {
     "body_timeout": float,
     "idle_timeout": float,
     "redis_timeout": float,
+    "log_max_age_days": float,
+    "log_max_rows": int,
 }
 
 
@@ -41,7 +46,8 @@ class ServiceSettings:
     ``MLINVERT_POLICY``, ``MLINVERT_RATE_LIMIT``, ``MLINVERT_DETECTOR``, ``MLINVERT_REDIS_URL``,
     ``MLINVERT_MAX_BATCH``, ``MLINVERT_MAX_BODY_BYTES``, ``MLINVERT_BODY_BUDGET_BYTES``,
     ``MLINVERT_BODY_TIMEOUT``, ``MLINVERT_IDLE_TIMEOUT``, ``MLINVERT_REDIS_TIMEOUT``,
-    ``MLINVERT_REDIS_LOSS``, ``MLINVERT_HOST``,
+    ``MLINVERT_REDIS_LOSS``, ``MLINVERT_LOG_MAX_AGE_DAYS``, ``MLINVERT_LOG_MAX_ROWS``,
+    ``MLINVERT_ACCOUNT_RATE``, ``MLINVERT_HOST``,
     ``MLINVERT_PORT``, ``MLINVERT_LOG_SYNCHRONOUS``, ``MLINVERT_MODELS`` (model folders,
     ``NAME=DIR`` or ``DIR``, separated by ``os.pathsep``), ``MLINVERT_MODEL_POLICIES``
     (``NAME=SPEC`` overriding ``policy`` for one model, separated by ``,``).
@@ -68,6 +74,11 @@ class ServiceSettings:
     ``reset`` (default) lets every budget start full again, ``refuse`` refuses every
     prediction (503) until Redis's data is restored or an operator runs
     ``mlinvert keys accept-budget-reset``.
+
+    The query log keeps ``log_max_age_days`` days (default 90) and at most
+    ``log_max_rows`` entries (default 10 million, about 1-2 GB); requests without a
+    valid key are counted in ``/metrics``, not logged. ``GET /v1/account`` answers each
+    account at most ``account_rate`` (default 60/minute, per service process).
     """
 
     db: Path
@@ -82,6 +93,9 @@ class ServiceSettings:
     idle_timeout: float = 10.0
     redis_timeout: float = 2.0
     redis_loss: str = "reset"
+    log_max_age_days: float = 90.0
+    log_max_rows: int = 10_000_000
+    account_rate: str = "60/minute"
     host: str = "127.0.0.1"
     port: int = 8000
     models: tuple[str, ...] = ()
@@ -93,6 +107,9 @@ class ServiceSettings:
         parse_policy(self.policy)
         if self.rate_limit is not None:
             parse_rate(self.rate_limit)
+        parse_rate(self.account_rate)
+        if self.log_max_rows < 1:
+            raise ConfigError(f"log_max_rows must be >= 1, got {self.log_max_rows}")
         if self.detector is not None:
             parse_detector(self.detector)
         if self.redis_url is not None and not self.redis_url.startswith(
@@ -128,7 +145,7 @@ class ServiceSettings:
                 f"redis_loss must be 'reset' (budgets start full again after Redis loses its "
                 f"data) or 'refuse' (refuse queries until it is restored), got {self.redis_loss!r}"
             )
-        for name in ("body_timeout", "idle_timeout", "redis_timeout"):
+        for name in ("body_timeout", "idle_timeout", "redis_timeout", "log_max_age_days"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a number of seconds > 0, got {value!r}")
@@ -167,6 +184,17 @@ class ServiceSettings:
                 "the service needs an account database: pass --db PATH or set MLINVERT_DB"
             )
         return cls(**values)
+
+    def open_store(self) -> Store:
+        """The account database and query log, with this retention."""
+        from mlinvert.service.store import Store
+
+        return Store(
+            self.db,
+            synchronous=self.log_synchronous,
+            max_age=self.log_max_age_days * 86400.0,
+            max_rows=self.log_max_rows,
+        )
 
     def policy_for(self, model: str) -> str:
         """The policy spec of ``model``: its override, else ``policy``."""

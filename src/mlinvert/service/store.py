@@ -1,9 +1,13 @@
 """Accounts, hashed API keys and the durable per-account query log (SQLite, WAL).
 
 Keys are ``mli_`` + 43 URL-safe characters (256 random bits); only their SHA-256 is
-stored, so the database never holds a usable key. Every prediction request, admitted
-or refused, is logged with its outcome and a digest per input: the record an
-investigator (or the query detector) reads later.
+stored, so the database never holds a usable key. Every prediction request of a known
+account, admitted or refused, is logged with its outcome and a digest per input: the
+record an investigator (or the query detector) reads later. Requests without a valid
+key are only counted (in ``/metrics``): anyone could fill the log with them. The log
+keeps ``max_age`` seconds and at most ``max_rows`` rows (pruned every
+:data:`PRUNE_EVERY` entries); the inputs answered per account are a counter, kept
+beyond the log's retention.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from mlinvert.defenses.detector import Flag
 from mlinvert.errors import ConfigError, Unauthorized
 
 KEY_PATTERN = re.compile(r"^mli_[A-Za-z0-9_-]{43}$")
+#: The query log is pruned once every this many entries (and when the service starts).
+PRUNE_EVERY = 1000
 #: The ``meta`` entry holding the Redis epoch the service last met (see RedisBuckets).
 REDIS_EPOCH = "redis_epoch"
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
@@ -51,6 +57,11 @@ CREATE TABLE IF NOT EXISTS queries (
     digests TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS queries_account_ts ON queries(account, ts);
+CREATE INDEX IF NOT EXISTS queries_ts ON queries(ts);
+CREATE TABLE IF NOT EXISTS answered (
+    account TEXT PRIMARY KEY,
+    inputs INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS flags (
     id INTEGER PRIMARY KEY,
     account TEXT NOT NULL,
@@ -127,8 +138,18 @@ def input_digests(x: np.ndarray) -> tuple[str, ...]:
 class Store:
     """The service database: one SQLite file in WAL mode, safe across threads and processes."""
 
-    def __init__(self, path: Path | str, *, synchronous: str = "FULL") -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        synchronous: str = "FULL",
+        max_age: float | None = None,
+        max_rows: int | None = None,
+    ) -> None:
         self.path = Path(path)
+        self.max_age = max_age
+        self.max_rows = max_rows
+        self._logged = 0
         if synchronous not in ("OFF", "NORMAL", "FULL"):
             raise ConfigError(f"synchronous must be OFF, NORMAL or FULL, got {synchronous!r}")
         if self.path.is_dir():
@@ -152,7 +173,16 @@ class Store:
                 self._conn.execute("PRAGMA journal_mode=WAL")
                 self._conn.execute(f"PRAGMA synchronous={synchronous}")
                 self._conn.execute("PRAGMA busy_timeout=30000")
+                counted = self._conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'answered'"
+                ).fetchone()
                 self._conn.executescript(_SCHEMA)
+                if counted is None:  # a database from before the counter: count its log once
+                    self._conn.execute(
+                        "INSERT OR IGNORE INTO answered(account, inputs) SELECT account, "
+                        "SUM(n_inputs) FROM queries WHERE outcome = 'ok' AND account IS NOT NULL "
+                        "GROUP BY account"
+                    )
         except sqlite3.Error as exc:
             self._conn.close()
             raise ConfigError(
@@ -335,8 +365,15 @@ class Store:
         digests: Sequence[str] = (),
         ts: float | None = None,
     ) -> None:
-        """Append one request to the query log (committed before the answer leaves)."""
+        """Append one request to the query log (committed before the answer leaves); an
+        answered one adds its inputs to the account's counter in the same transaction."""
         with self._tx() as conn:
+            if outcome == "ok" and account is not None:
+                conn.execute(
+                    "INSERT INTO answered(account, inputs) VALUES (?, ?) ON CONFLICT(account) "
+                    "DO UPDATE SET inputs = inputs + excluded.inputs",
+                    (account, n_inputs),
+                )
             conn.execute(
                 "INSERT INTO queries(ts, account, model, n_inputs, outcome, status, detail,"
                 " digests) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -351,16 +388,36 @@ class Store:
                     " ".join(digests),
                 ),
             )
+            self._logged += 1
+            due = self._logged % PRUNE_EVERY == 0
+        if due:
+            self.prune()
+
+    def prune(self, now: float | None = None) -> int:
+        """Drop log entries older than ``max_age`` seconds, then all but the newest
+        ``max_rows``; the number dropped."""
+        now = time.time() if now is None else now
+        dropped = 0
+        with self._tx() as conn:
+            if self.max_age is not None:
+                dropped += conn.execute(
+                    "DELETE FROM queries WHERE ts < ?", (now - self.max_age,)
+                ).rowcount
+            if self.max_rows is not None:
+                dropped += conn.execute(
+                    "DELETE FROM queries WHERE id <= (SELECT MAX(id) FROM queries) - ?",
+                    (self.max_rows,),
+                ).rowcount
+        return dropped
 
     def answered(self, account: str) -> int:
-        """Inputs answered to ``account`` so far (its admitted requests in the query log)."""
+        """Inputs answered to ``account`` so far (a counter: one row read, whatever the
+        size of the log, and kept when old log entries are pruned)."""
         with self._lock:
-            (total,) = self._conn.execute(
-                "SELECT COALESCE(SUM(n_inputs), 0) FROM queries "
-                "WHERE account = ? AND outcome = 'ok'",
-                (account,),
+            row = self._conn.execute(
+                "SELECT inputs FROM answered WHERE account = ?", (account,)
             ).fetchone()
-        return int(total)
+        return 0 if row is None else int(row[0])
 
     def queries(self, account: str | None = None, *, limit: int | None = None) -> list[QueryRecord]:
         """Logged requests, oldest first (of one account if given; the last ``limit``)."""
