@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from mlinvert.data import load
+from mlinvert.data.base import close_pairs, copy_groups, per_class_split
 from mlinvert.errors import DataError
 
 from .conftest import write_image
@@ -108,13 +111,147 @@ def test_differently_sized_att_image(fake_att: Path) -> None:
         load(f"att:{fake_att}")
 
 
-def test_folder_identity_with_one_image(fake_folder: Path) -> None:
+def test_folder_people_with_too_few_photos_are_named_in_one_line(fake_folder: Path) -> None:
+    """One photo, or two copies of one photo, cannot give one private and one held-out
+    photo: every such person is named in one refusal, before any training."""
     write_image(fake_folder / "carol" / "0.png", (10, 10))
-    with pytest.raises(DataError, match="carol holds 1 images"):
+    write_image(fake_folder / "dave" / "0.png", (30, 30), seed=5)
+    shutil.copy(fake_folder / "dave" / "0.png", fake_folder / "dave" / "1.png")
+    (fake_folder / "erin").mkdir()
+    with pytest.raises(DataError) as err:
         load(f"folder:{fake_folder}")
+    line = str(err.value)
+    assert "\n" not in line and "3 of 5 people" in line
+    assert "carol (1), dave (1), erin (0)" in line and "move those folders out" in line
 
 
-def test_unreadable_image_in_folder(fake_folder: Path) -> None:
+def test_folder_with_one_person_is_refused(tmp_path: Path) -> None:
+    for k in range(3):
+        write_image(tmp_path / "alice" / f"{k}.png", (20, 20), seed=k)
+    (tmp_path / ".thumbnails").mkdir()  # hidden: not a second person
+    with pytest.raises(DataError, match="holds 1 identity sub-folders; at least 2"):
+        load(f"folder:{tmp_path}")
+
+
+def test_unreadable_images_in_folder_are_all_named_in_one_line(fake_folder: Path) -> None:
     (fake_folder / "bob" / "9.jpg").write_bytes(b"\xff\xd8garbage")
-    with pytest.raises(DataError, match=r"9\.jpg"):
+    (fake_folder / "alice" / "8.png").write_bytes(b"")
+    with pytest.raises(DataError) as err:
         load(f"folder:{fake_folder}")
+    line = str(err.value)
+    assert "\n" not in line and "cannot read images under" in line
+    assert "alice/8.png" in line and "bob/9.jpg" in line and "Replace or remove them" in line
+
+
+def test_hidden_and_other_files_are_skipped(fake_folder: Path) -> None:
+    (fake_folder / "alice" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (fake_folder / "bob" / "._0.png").write_bytes(b"\x00\x05\x16\x07")  # macOS twin
+    (fake_folder / "bob" / "notes.txt").write_text("photographed 2019")
+    (fake_folder / ".cache").mkdir()
+    write_image(fake_folder / ".cache" / "0.png", (10, 10))
+    ds = load(f"folder:{fake_folder}")
+    assert ds.class_names == ("alice", "bob") and ds.images.shape[0] == 8
+    assert ds.meta["ignored_files"] == 1
+
+
+def test_folder_fits_other_sizes_by_the_stated_policy(tmp_path: Path) -> None:
+    """A 20x40 photo (white left half, black right) fitted to 20x20: crop keeps the
+    middle (half white), pad keeps it all and fills with its mean grey, stretch squeezes.
+    The spec records size and fit, so the card's spec loads the same images again."""
+    means = []
+    for i, name in enumerate(("a", "b")):
+        for k in range(2):
+            px = np.zeros((20, 40), dtype=np.uint8)
+            px[:, :20] = 255
+            px[:4] = 40 + 50 * (2 * i + k)  # four distinct photos
+            means.append(px.mean())
+            (tmp_path / name).mkdir(exist_ok=True)
+            Image.fromarray(px, mode="L").save(tmp_path / name / f"{k}.png")
+    got = {}
+    for fit in ("crop", "pad", "stretch"):
+        ds = load(f"folder:{tmp_path}?size=20,20&fit={fit}")
+        assert ds.spec == f"folder:{tmp_path}?size=20,20&fit={fit}"
+        assert ds.meta["fit"] == fit and ds.meta["size"] == [20, 20]
+        assert np.array_equal(load(ds.spec).images, ds.images)
+        got[fit] = ds.images[0]
+    crop, pad, stretch = got["crop"], got["pad"], got["stretch"]
+    assert crop[10, 2] == 1.0 and crop[10, 17] == 0.0  # the middle 20 columns
+    assert pad[2, 10] == pytest.approx(round(means[0]) / 255)  # margin: mean grey
+    assert pad[10, 2] == 1.0 and pad[10, 17] == 0.0
+    assert stretch[10, 2] == 1.0 and stretch[10, 17] == 0.0
+    assert load(f"folder:{tmp_path}?size=20,20", size=(20, 20)).spec.endswith("fit=crop")
+    for spec, words in [
+        (f"folder:{tmp_path}?size=20x", "not H,W in pixels"),
+        (f"folder:{tmp_path}?fit=zoom", "unknown fit 'zoom'"),
+        (f"folder:{tmp_path}?colour=1", "unknown folder option 'colour'"),
+        (f"folder:{tmp_path}?size=0,20", "positive sides"),
+    ]:
+        with pytest.raises(DataError, match=words):
+            load(spec)
+    with pytest.raises(DataError, match="give the size once"):
+        load(f"folder:{tmp_path}?size=20,20", size=(10, 10))
+
+
+def test_folder_reads_colour_transparency_16_bit_and_animations(tmp_path: Path) -> None:
+    person = tmp_path / "p"
+    person.mkdir()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(person / "red.jpg", quality=100)
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(person / "clear.png")  # over white
+    Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(person / "deep.png")
+    frames = [Image.new("L", (8, 8), v) for v in (40, 200)]
+    frames[0].save(person / "anim.gif", save_all=True, append_images=frames[1:])
+    Image.new("P", (8, 8), 0).save(person / "pal.bmp")
+    write_image(tmp_path / "q" / "0.pgm", (8, 8), seed=1)
+    write_image(tmp_path / "q" / "1.pgm", (8, 8), seed=2)
+    ds = load(f"folder:{tmp_path}?size=8,8")
+    by_file = dict(zip(sorted(f.name for f in person.iterdir()), ds.images[:5], strict=True))
+    assert by_file["red.jpg"].mean() == pytest.approx(76 / 255, abs=3 / 255)  # luma of red
+    assert by_file["clear.png"].min() == 1.0
+    assert by_file["deep.png"].min() == 1.0  # 16-bit white, not clipped or wrapped
+    assert by_file["anim.gif"].max() == pytest.approx(40 / 255, abs=1 / 255)  # first frame
+    assert by_file["pal.bmp"].max() == 0.0
+
+
+def test_copies_are_found_reported_and_kept_on_one_side(fake_att: Path) -> None:
+    """An exact copy (the same file twice) and a near-exact one (re-saved with a few grey
+    levels of noise) are found at load, listed in meta, and every seed's split keeps each
+    photo's copies together; distinct photos are never taken for copies."""
+    shutil.copy(fake_att / "s1" / "3.pgm", fake_att / "s1" / "11.pgm")
+    px = np.asarray(Image.open(fake_att / "s2" / "5.pgm"), dtype=np.int16)
+    noise = np.random.default_rng(0).integers(-3, 4, size=px.shape)
+    Image.fromarray(np.clip(px + noise, 0, 255).astype(np.uint8)).save(fake_att / "s2" / "12.pgm")
+    for seed in range(6):
+        ds = load(f"att:{fake_att}", seed=seed)
+        copies = ds.meta["copies"]
+        assert [c["files"] for c in copies] == [
+            ["s1/3.pgm", "s1/11.pgm"],
+            ["s2/5.pgm", "s2/12.pgm"],
+        ]
+        assert [c["exact"] for c in copies] == [True, False]
+        train = set(ds.split.train.tolist())
+        for group in copy_groups(ds.images):
+            assert len({i in train for i in group}) == 1
+        assert "2 copies of another photo kept on its side" in ds.split.rule
+        assert all(np.any(ds.labels[ds.split.test] == c) for c in range(3))
+
+
+def test_split_without_copies_is_the_plain_row_split(att_path: Path) -> None:
+    ds = load(f"att:{att_path}", seed=3)
+    assert "copies" not in ds.meta  # AT&T's 400 photos are all distinct
+    plain = per_class_split(ds.labels, 7, 3)
+    assert np.array_equal(plain.train, ds.split.train) and plain.rule == ds.split.rule
+    # two copies of one photo among a class of three: the split still holds one out
+    labels = np.array([0, 0, 0, 1, 1])
+    for seed in range(8):
+        split = per_class_split(labels, 0.7, seed, copies=[[0, 2]])
+        assert (0 in split.train) == (2 in split.train)
+        assert set(labels[split.test].tolist()) == {0, 1}
+
+
+def test_close_pairs_within_and_across_sets() -> None:
+    rng = np.random.default_rng(1)
+    a = rng.random((6, 30, 20))
+    b = np.stack([a[4] + 0.01 * rng.standard_normal((30, 20)), rng.random((30, 20))])
+    assert close_pairs(a).tolist() == []
+    assert close_pairs(a, b).tolist() == [[4, 0]]
+    assert close_pairs(np.concatenate([a, a[:1]])).tolist() == [[0, 6]]

@@ -2,7 +2,8 @@
 
 ==================  =====================================================================
 ``att:PATH``        AT&T/ORL faces (``s1..s40/1..10.pgm``), split 7 train / 3 test per person
-``folder:PATH``     any one-folder-per-identity image tree, grey, resized (``size``)
+``folder:PATH``     any one-folder-per-identity image tree, grey, fitted to ``size``;
+                    ``folder:PATH?size=H,W&fit=crop|pad|stretch`` (default 112,92, crop)
 ``lfw:PATH``        public faces, one folder per person (all photos, grey, resized)
 ``olivetti``        scikit-learn's Olivetti faces from its local cache (no download here)
 ``digits``          scikit-learn's bundled digits: the embedded default image set
@@ -14,10 +15,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mlinvert.data.base import ImageDataset, Split, per_class_split, rng_from
-from mlinvert.data.images import load_att, load_digits, load_folder, load_olivetti
+from mlinvert.data.images import FITS, load_att, load_digits, load_folder, load_olivetti
 from mlinvert.errors import DataError
 
 if TYPE_CHECKING:
@@ -49,9 +50,8 @@ def load(
     if kind == "att":
         return load_att(arg, seed=seed)
     if kind == "folder":
-        return (
-            load_folder(arg, seed=seed) if size is None else load_folder(arg, seed=seed, size=size)
-        )
+        path, options = _folder_options(arg, size)
+        return load_folder(path, seed=seed, **options)
     if kind == "lfw":
         from mlinvert.data.lfw import load_lfw
 
@@ -69,6 +69,36 @@ def load(
             return surveys.load_gss(arg, seed=seed)
         return surveys.load_fair(seed=seed)
     raise DataError(f"unknown data spec {spec!r}; use one of: {', '.join(SPECS)}")
+
+
+def _folder_options(arg: str, size: tuple[int, int] | None) -> tuple[str, dict[str, Any]]:
+    """``PATH?size=H,W&fit=F`` split into the path and load_folder's keywords (``size``,
+    given by the caller, must agree with the spec's)."""
+    path, _, query = arg.partition("?")
+    options: dict[str, Any] = {} if size is None else {"size": tuple(size)}
+    for part in filter(None, query.split("&")):
+        key, _, value = part.partition("=")
+        key = key.strip().lower()
+        if key == "size":
+            try:
+                h, w = (int(v) for v in value.replace("x", ",").split(","))
+            except ValueError:
+                raise DataError(
+                    f"folder size {value!r} is not H,W in pixels; write e.g. "
+                    f"folder:{path}?size=112,92"
+                ) from None
+            if size is not None and (h, w) != tuple(size):
+                raise DataError(
+                    f"folder spec says size={h},{w} but {tuple(size)} was asked; give the size once"
+                )
+            options["size"] = (h, w)
+        elif key == "fit":
+            options["fit"] = value.strip().lower()
+        else:
+            raise DataError(
+                f"unknown folder option {key!r}; write folder:{path}?size=H,W&fit={'|'.join(FITS)}"
+            )
+    return path, options
 
 
 __all__ = [
