@@ -166,6 +166,7 @@ def test_cli_pca_prior_with_detail_and_radius(
         "name": "pca",
         "k": 10,
         "n_aux": 100,
+        "n_aux_dropped": 0,
         "source": "lfw",
         "detail": 3,
         "radius": 0.8,

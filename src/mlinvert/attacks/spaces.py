@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from scipy.fft import idctn
 
+from mlinvert.data.base import SAME_PHOTO_RMS, close_pairs
 from mlinvert.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -241,9 +242,11 @@ class PCAPrior(Space):
 
     ``aux`` ``(m, h', w')`` in [0, 1] is resized to the target's input shape when bound.
     ``z ~ N(0, I)`` is the prior; ``z = 0`` is the auxiliary mean face. ``private``
-    (optional) are images the attacker must not use: binding refuses aux images that
-    coincide with any of them (exact or near-exact duplicates), so a benchmark cannot
-    leak the target's training photos into the prior by mistake.
+    (optional) are images the attacker must not use: binding drops the aux images that
+    coincide with any of them (exact or near-exact copies, :func:`coincident`; real
+    collections hold copies of one photo, filed twice), logs and counts them
+    (``dropped``, in :meth:`to_dict`), so no prior holds a target's training photo and
+    a benchmark cannot leak one into it by mistake.
 
     A few dozen eigenfaces of other people cannot draw a new person's face (on AT&T, the
     target's own photos projected into 116 eigenfaces of the other 39 people are
@@ -298,6 +301,7 @@ class PCAPrior(Space):
         self.private = None if private is None else np.asarray(private, dtype=np.float64)
         self.source = source
         self.augment = bool(augment)
+        self.dropped = 0  # aux images dropped as copies of private ones (counted at bind)
 
     def _build(self, h: int, w: int) -> None:
         from skimage.transform import resize
@@ -306,7 +310,23 @@ class PCAPrior(Space):
         if aux.shape[1:] != (h, w):
             aux = np.stack([resize(a, (h, w), order=1, anti_aliasing=True) for a in aux])
         if self.private is not None:
-            check_disjoint(aux, self.private)
+            copies = coincident(aux, self.private)
+            self.dropped = int(copies.sum())
+            if self.dropped:
+                log.warning(
+                    "PCAPrior: dropped %d of %d auxiliary images (%s): copies of private "
+                    "training photos",
+                    self.dropped,
+                    len(aux),
+                    self.source,
+                )
+                aux = aux[~copies]
+            if len(aux) < 3:
+                raise ConfigError(
+                    f"PCAPrior: {len(aux)} auxiliary images ({self.source}) are left after "
+                    f"dropping {self.dropped} copies of private training photos; a prior "
+                    "needs 3 or more photos of other people"
+                )
         if self.augment:
             aux = augment_faces(aux)
         flat = aux.reshape(aux.shape[0], -1)
@@ -359,6 +379,7 @@ class PCAPrior(Space):
             "name": self.name,
             "k": self.k,
             "n_aux": int(self.aux.shape[0]),
+            "n_aux_dropped": self.dropped,
             "source": self.source,
             "detail": self.detail,
             "radius": self.radius,
@@ -396,20 +417,32 @@ def augment_faces(images: np.ndarray, shift: int = AUGMENT_SHIFT) -> np.ndarray:
     return np.concatenate([images, images[:, :, ::-1], *shifted])
 
 
+def _pairs_with(aux: np.ndarray, private: np.ndarray, tol: float) -> np.ndarray:
+    """Pairs ``(aux row, private row)`` of (nearly) equal images: root-mean-square pixel
+    difference below ``tol``, the private images resized to the auxiliary ones' size."""
+    a = np.asarray(aux, dtype=np.float64)
+    p = np.asarray(private, dtype=np.float64)
+    if p.shape[1:] != a.shape[1:]:
+        from skimage.transform import resize
+
+        p = np.stack([resize(im, a.shape[1:], order=1, anti_aliasing=True) for im in p])
+    return close_pairs(a, p, tol=tol)
+
+
+def coincident(aux: np.ndarray, private: np.ndarray, *, tol: float = SAME_PHOTO_RMS) -> np.ndarray:
+    """Mask of the auxiliary images that are copies of a private image (exact or
+    near-exact: root-mean-square pixel difference below ``tol``)."""
+    mask = np.zeros(len(aux), dtype=bool)
+    mask[_pairs_with(aux, private, tol)[:, 0]] = True
+    return mask
+
+
 def check_disjoint(aux: np.ndarray, private: np.ndarray, *, tol: float = 1e-3) -> None:
     """Raise ConfigError if any auxiliary image (nearly) equals a private image.
 
     Near-equality: root-mean-square pixel difference below ``tol``.
     """
-    a = np.asarray(aux, dtype=np.float64).reshape(aux.shape[0], -1)
-    p = np.asarray(private, dtype=np.float64)
-    if p.shape[1:] != aux.shape[1:]:
-        from skimage.transform import resize
-
-        p = np.stack([resize(im, aux.shape[1:], order=1, anti_aliasing=True) for im in p])
-    p = p.reshape(p.shape[0], -1)
-    d2 = (a**2).sum(axis=1)[:, None] + (p**2).sum(axis=1)[None, :] - 2.0 * (a @ p.T)
-    hit = np.argwhere(np.maximum(d2, 0.0) / a.shape[1] < tol**2)
+    hit = _pairs_with(aux, private, tol)
     if hit.size:
         ai, pi = int(hit[0, 0]), int(hit[0, 1])
         raise ConfigError(
