@@ -176,8 +176,8 @@ def test_openapi_documents_the_account_and_the_rate_fields(
     }
     assert "RateLimitStatus" in spec["components"]["schemas"]
     predict_doc = spec["paths"]["/v1/models/{name}/predict"]["post"]["responses"]
-    for code in ("200", "429"):
-        assert set(predict_doc[code]["headers"]) == set(RATE_FIELDS)
+    assert set(predict_doc["200"]["headers"]) == set(RATE_FIELDS)
+    assert set(predict_doc["429"]["headers"]) == {*RATE_FIELDS, "Retry-After"}
 
 
 def test_models_must_share_one_rate_limiter(tmp_path: Path, store: Store) -> None:

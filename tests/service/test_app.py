@@ -262,3 +262,38 @@ def test_unknown_routes_answer_json(make_client: Callable[..., Any], store: Stor
     assert r.status_code == 404 and r.json()["error"]["status"] == 404
     r = client.get("/v1/models/faces/predict")
     assert r.status_code == 405
+
+
+def test_small_hardening_items(make_client: Callable[..., Any], store: Store, api_key: str) -> None:
+    client = make_client(store)
+    headers = {"X-API-Key": api_key}
+    mallory, _ = store.create_key("mallory")
+    store.revoke("mallory")
+    revoked = client.post(
+        "/v1/models/faces/predict", json=binary(X), headers={"X-API-Key": mallory}
+    )
+    assert revoked.status_code == 401 and "mallory" not in revoked.text  # names no account
+    deep = b'{"inputs": ' + b"[" * 990 + b"0.5" + b"]" * 990 + b"}"  # valid JSON
+    r = client.post("/v1/models/faces/predict", content=deep, headers=headers)
+    assert r.status_code == 422 and "deeper than 64 levels" in r.text and "not valid" not in r.text
+    lines = binary(X)
+    data = lines["binary"]["data"]
+    lines["binary"]["data"] = "\n".join(data[i : i + 76] for i in range(0, len(data), 76))
+    r = client.post("/v1/models/faces/predict", json=lines, headers=headers)
+    assert r.status_code == 400 and "line breaks" in r.text
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "GET /openapi.json" in docs.text
+    assert client.get("/redoc").status_code == 404
+
+
+def test_openapi_is_markdown_typed_with_examples_and_retry_after(
+    make_client: Callable[..., Any], store: Store
+) -> None:
+    spec = make_client(store).get("/openapi.json").json()
+    assert "``" not in json.dumps(spec)
+    request = spec["components"]["schemas"]["PredictRequest"]
+    assert request["examples"] and request["properties"]["inputs"]["anyOf"][0]["items"]["anyOf"]
+    responses = spec["paths"]["/v1/models/{name}/predict"]["post"]["responses"]
+    assert "Retry-After" in responses["429"]["headers"]
+    assert "Retry-After" in responses["503"]["headers"]
+    assert "Retry-After" in spec["paths"]["/v1/account"]["get"]["responses"]["429"]["headers"]

@@ -94,3 +94,32 @@ def test_a_db_that_cannot_be_a_database_is_one_clear_error(
     assert isinstance(result.exception, ConfigError)
     assert message in str(result.exception)
     assert (tmp_path / "notes.txt").read_text() == "not SQLite\n"
+
+
+def test_a_key_id_starting_with_a_dash_can_be_revoked(tmp_path: Path) -> None:
+    db = tmp_path / "accounts.db"
+    store = Store(db)
+    while True:  # key ids are random: make keys until one starts with '-'
+        key, record = store.create_key("dash")
+        if record.key_id.startswith("-"):
+            break
+    other, _ = store.create_key("dash")
+    runner = CliRunner()
+    result = runner.invoke(cli(), ["keys", "revoke", f"--key-id={record.key_id}", "--db", str(db)])
+    assert result.exit_code == 0, result.output
+    with pytest.raises(Unauthorized, match="revoked"):
+        store.authenticate(key)
+    assert store.authenticate(other) == "dash"  # only that key
+    neither = runner.invoke(cli(), ["keys", "revoke", "--db", str(db)])
+    assert isinstance(neither.exception, ConfigError) and "--key-id" in str(neither.exception)
+
+
+def test_the_database_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    db = tmp_path / "accounts.db"
+    store = Store(db)
+    store.create_key("alice")
+    store.log_query(account="alice", model="m", n_inputs=1, outcome="ok", status=200)
+    files = [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in files if f.exists()}
+    store.close()
+    assert modes[db.name] == "0o600" and set(modes.values()) == {"0o600"}, modes

@@ -64,13 +64,26 @@ def list_keys(db: Path = DbOption) -> None:
 
 @keys_app.command("revoke")
 def revoke(
-    name: str = typer.Argument(..., help="Account name or key id."), db: Path = DbOption
+    name: str = typer.Argument(None, help="Account name or key id."),
+    key_id: str = typer.Option(
+        None, "--key-id", help="A key id, also one starting with '-' (--key-id=-AbC1234)."
+    ),
+    db: Path = DbOption,
 ) -> None:
-    """Revoke every active key of an account, or one key by its id."""
+    """Revoke every active key of an account, or one key by its id (a key id that starts
+    with '-' goes after --key-id= or after --)."""
+    if (name is None) == (key_id is None):
+        raise ConfigError(
+            "name the account or key to revoke: `mlinvert keys revoke NAME`, or "
+            "`mlinvert keys revoke --key-id=ID` (an id may start with '-')"
+        )
+    target = name if key_id is None else key_id
     store = _store(db)
-    count = store.revoke(name)
-    store.close()
-    console.print(f"revoked {count} key(s) of {name!r}")
+    try:
+        count = store.revoke(target)
+    finally:
+        store.close()
+    console.print(f"revoked {count} key(s) of {target!r}")
 
 
 @keys_app.command("flags")

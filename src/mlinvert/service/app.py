@@ -90,12 +90,22 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (401, "Missing, malformed, unknown or revoked API key"),
         (403, "Account blocked"),
         (404, "Unknown model"),
+        (408, "The request body did not arrive in time"),
         (413, "Batch or body over the limit"),
         (415, "Unsupported Content-Type: send application/json or application/octet-stream"),
         (422, "Input refused: wrong shape, dtype, NaN/inf, out of [0, 1], unknown field"),
         (429, "Rate limit reached; see Retry-After"),
+        (503, "Busy (too many bodies in flight) or the budgets were lost; see Retry-After"),
     )
 }
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Whole seconds to wait before sending again",
+        "schema": {"type": "integer"},
+    }
+}
+for _code in (429, 503):
+    _ERRORS[_code]["headers"] = _RETRY_AFTER
 
 #: The rate-limit fields of draft-ietf-httpapi-ratelimit-headers-06, as documented.
 _RATE_HEADERS: dict[str, dict[str, Any]] = {
@@ -254,7 +264,12 @@ def decode_batch(request: PredictRequest, predictor: Predictor) -> np.ndarray:
             )
         try:
             x = np.asarray(request.inputs)
-        except (ValueError, TypeError, OverflowError):
+        except (ValueError, TypeError, OverflowError) as exc:
+            if "maximum number of dimension" in str(exc):
+                raise QueryRejected(
+                    "inputs are lists nested deeper than 64 levels; every input must be "
+                    f"nested lists of numbers shaped {tuple(predictor.model.input_shape_)}"
+                ) from None
             raise QueryRejected(
                 "inputs are ragged or not numbers: every input must be nested lists of numbers "
                 f"shaped {tuple(predictor.model.input_shape_)}"
@@ -276,7 +291,13 @@ def decode_batch(request: PredictRequest, predictor: Predictor) -> np.ndarray:
             # bytes decode about twice as fast as str in CPython's binascii
             raw = binascii.a2b_base64(b.data.encode("ascii"), strict_mode=True)
         except (binascii.Error, ValueError):
-            raise BadRequest("binary.data is not valid base64") from None
+            hint = (
+                ": it holds line breaks or spaces; send it on one line (base64.b64encode, "
+                "not base64.encodebytes)"
+                if any(c in b.data for c in "\n\r \t")
+                else ""
+            )
+            raise BadRequest(f"binary.data is not valid base64{hint}") from None
         dtype = np.dtype("<f4") if b.dtype == "float32" else np.dtype(np.uint8)
         expected = math.prod(b.shape) * dtype.itemsize
         if len(raw) != expected:
@@ -695,6 +716,19 @@ class _PredictHandler:
         return _Outcome(status, error=error, headers=headers)
 
 
+def _markdown(doc: Any) -> Any:
+    """``doc`` with the docstrings' reStructuredText literals (double backticks) written
+    as Markdown code (single backticks), which is what OpenAPI descriptions are."""
+    if isinstance(doc, dict):
+        return {
+            k: v.replace("``", "`") if k == "description" and isinstance(v, str) else _markdown(v)
+            for k, v in doc.items()
+        }
+    if isinstance(doc, list):
+        return [_markdown(v) for v in doc]
+    return doc
+
+
 def _clip(name: str, most: int = 100) -> str:
     """A name a client sent, cut to ``most`` characters for messages and the log."""
     return name if len(name) <= most else name[:most] + "..."
@@ -809,6 +843,8 @@ def create_app(
     account_reads = MemoryBuckets()
 
     app = FastAPI(
+        docs_url=None,  # Swagger UI and ReDoc load their scripts from a CDN: blank offline
+        redoc_url=None,
         title="mlinvert prediction service",
         version=__version__,
         description="A model behind an MLaaS-style API with output defences, API keys, "
@@ -873,6 +909,14 @@ def create_app(
         ready = all(v == "ok" for v in checks.values())
         doc = Readiness(status="ready" if ready else "unready", checks=checks)
         return JSONResponse(doc.model_dump(), status_code=200 if ready else 503)
+
+    @app.get("/docs", response_class=PlainTextResponse, include_in_schema=False)
+    def docs() -> PlainTextResponse:
+        return PlainTextResponse(
+            "This service serves no interactive API page (Swagger UI would load its scripts "
+            "from a CDN). Its OpenAPI document is GET /openapi.json: open it in any OpenAPI "
+            "viewer, e.g. a locally installed Swagger UI or Redocly.\n"
+        )
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["service"])
     def prometheus() -> PlainTextResponse:
@@ -947,7 +991,7 @@ def create_app(
         responses={
             **_ERRORS,
             200: {"headers": _RATE_HEADERS},
-            429: {**_ERRORS[429], "headers": _RATE_HEADERS},
+            429: {**_ERRORS[429], "headers": {**_RETRY_AFTER, **_RATE_HEADERS}},
         },
         tags=["models"],
         openapi_extra={
@@ -1065,7 +1109,7 @@ def create_app(
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(extra.pop("$defs", {}))
             components["PredictRequest"] = extra
-            app.openapi_schema = schema
+            app.openapi_schema = _markdown(schema)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -13,7 +13,20 @@ NestedNumbers = Annotated[
             "type": "array",
             "description": "A batch of inputs as nested lists of numbers in [0, 1], "
             "shaped (n, *input_shape); encoded survey rows for tabular models.",
-            "items": {},
+            "items": {
+                "description": "One input: numbers nested as the model's input_shape",
+                "anyOf": [
+                    {"type": "array", "items": {"type": "number"}},
+                    {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+                    {
+                        "type": "array",
+                        "items": {
+                            "type": "array",
+                            "items": {"type": "array", "items": {"type": "number"}},
+                        },
+                    },
+                ],
+            },
         }
     ),
 ]
@@ -36,9 +49,18 @@ class BinaryArray(BaseModel):
 
 
 class PredictRequest(BaseModel):
-    """Exactly one of ``inputs``, ``binary`` or ``records``."""
+    """Exactly one of `inputs`, `binary` or `records`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"inputs": [[[0.0, 0.5, 1.0], [0.25, 0.75, 0.5]]]},
+                {"binary": {"dtype": "uint8", "shape": [1, 2, 3], "data": "AIAA/0C/"}},
+                {"records": [{"age": 41, "sex": "female"}]},
+            ]
+        },
+    )
 
     inputs: NestedNumbers | None = None
     binary: BinaryArray | None = None

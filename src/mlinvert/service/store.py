@@ -13,6 +13,7 @@ beyond the log's retention.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import secrets
 import sqlite3
@@ -160,6 +161,9 @@ class Store:
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # owner-only: it holds the key hashes and the query log (SQLite gives its -wal
+            # and -shm files the database file's mode)
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
             self._conn = sqlite3.connect(
                 self.path, check_same_thread=False, isolation_level=None, timeout=30.0
             )
@@ -291,7 +295,9 @@ class Store:
                 "unknown API key: check it or create one with `mlinvert keys create`"
             )
         if row[1] is not None:
-            raise Unauthorized(f"the API key of account {row[0]!r} was revoked; ask for a new one")
+            raise Unauthorized(
+                f"the API key {key[:12]}... was revoked; ask the service's operator for a new one"
+            )
         return str(row[0])
 
     def key_account(self, key: str | None) -> str | None:
