@@ -30,11 +30,18 @@ def _face(label: int, rng: np.random.Generator) -> np.ndarray:
     return np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 30.0) + 0.05 * rng.random((24, 20))
 
 
-def make_results(out: Path, *, n_labels: int = 4, status: str = "complete") -> dict[str, Any]:
-    """Write a synthetic but schema-complete audit run into ``out``; return the document."""
+def make_results(
+    out: Path, *, n_labels: int = 4, status: str = "complete", faces: bool = False
+) -> dict[str, Any]:
+    """Write a synthetic but schema-complete audit run into ``out``; return the document.
+
+    ``faces``: judged by the independent face recogniser, as an audit of face data is:
+    the strong reconstructions are ranked first except for person 0, the others last.
+    """
     rng = np.random.default_rng(0)
     records = []
     private = {}
+    held = {}
     utility: dict[str, dict[str, Any]] = {}
     for target in ("softmax", "mlp"):
         utility[target] = {}
@@ -53,6 +60,8 @@ def make_results(out: Path, *, n_labels: int = 4, status: str = "complete") -> d
             face = _face(label, rng)
             private[str(label)] = f"images/private/{label}.png"
             _png(out / private[str(label)], face)
+            held[str(label)] = f"images/held_out/{label}.png"
+            _png(out / held[str(label)], face)
             for attack in ATTACKS:
                 for d in DEFENSES:
                     strong = attack == "whitebox" or d in ("none", "rate:300/hour")
@@ -61,8 +70,23 @@ def make_results(out: Path, *, n_labels: int = 4, status: str = "complete") -> d
                     rel = f"images/{target}/{attack}/{slug}/{label}.png"
                     _png(out / rel, img)
                     ok = strong and label != 0
+                    judged = (
+                        {
+                            "face_found": strong,
+                            "judge_rank": 1 if ok else n_labels,
+                            "judge_top1": ok,
+                            "judge_top5": ok,
+                            "judge_lineup5": 1.0 if ok else 0.0,
+                            "judge_distance": 0.4 if ok else 0.8,
+                            "judge_same_person": ok,
+                            "measured": True,
+                        }
+                        if faces
+                        else {}
+                    )
                     records.append(
                         {
+                            **judged,
                             "attack": attack,
                             "defense": d,
                             "target_model": target,
@@ -128,6 +152,11 @@ def make_results(out: Path, *, n_labels: int = 4, status: str = "complete") -> d
             "exposed_rate": 0.2,
             "identity_rate": 0.3,
             "max_accuracy_cost": 0.01,
+            **(
+                {"judge": "independent", "judge_name": "dlib (test)", "identity_lineup": 0.5}
+                if faces
+                else {}
+            ),
         },
         "targets": {
             "softmax": {"kind": "softmax", "test_accuracy": 0.95},
@@ -136,6 +165,7 @@ def make_results(out: Path, *, n_labels: int = 4, status: str = "complete") -> d
         "defenses": [{"name": d} for d in DEFENSES],
         "utility": utility,
         "private_images": private,
+        "held_out_images": held,
         "references": refs,
         "records": records,
         "tree_audit": None,
@@ -153,6 +183,9 @@ class PageCheck:
     images_broken: int
     errors: int
     stderr: str
+    viewport_height: int = -1
+    faces_bottom: int = -1  # bottom of the first faces grid, in page pixels
+    first_table_top: int = -1  # top of the first table that is not a faces grid
 
 
 def chromium_binary() -> str:
@@ -180,12 +213,23 @@ def _flags(tmp: Path) -> list[str]:
     ]
 
 
-def check_page(html: Path, tmp: Path, *, screenshot: Path | None = None) -> PageCheck:
-    """Load ``html`` from disk in headless Chromium; read the page's self-check attributes."""
+def check_page(
+    html: Path, tmp: Path, *, screenshot: Path | None = None, window: str = "1280,900"
+) -> PageCheck:
+    """Load ``html`` from disk in headless Chromium in a ``window`` (width,height) screen;
+    read the page's self-check attributes."""
     exe = chromium_binary()
     url = html.resolve().as_uri()
     proc = subprocess.run(
-        [exe, *_flags(tmp / "profile-dom"), "--enable-logging=stderr", "--v=0", "--dump-dom", url],
+        [
+            exe,
+            *_flags(tmp / "profile-dom"),
+            f"--window-size={window}",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--dump-dom",
+            url,
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -214,4 +258,7 @@ def check_page(html: Path, tmp: Path, *, screenshot: Path | None = None) -> Page
         images_broken=int(attrs.get("images-broken", -1)),
         errors=int(attrs.get("errors", -1)),
         stderr=proc.stderr,
+        viewport_height=int(attrs.get("viewport-height", -1)),
+        faces_bottom=int(attrs.get("faces-bottom", -1)),
+        first_table_top=int(attrs.get("first-table-top", -1)),
     )

@@ -18,7 +18,7 @@ from mlinvert.report import plots
 from mlinvert.report.html import render_report
 from mlinvert.report.summary import answer, attack_title, cells, recommendations, verdicts
 
-from .conftest import check_page, make_results
+from .conftest import DEFENSES, check_page, make_results
 
 
 def test_verdicts_follow_the_records(tmp_path: Path) -> None:
@@ -374,3 +374,64 @@ def test_defences_on_one_point_of_the_utility_plot_share_one_label(tmp_path: Pat
         plots.privacy_utility(doc)
     assert "none, rate:300/hour" in labels
     assert "none" not in labels and "rate:300/hour" not in labels
+
+
+def test_on_faces_the_independent_recogniser_gives_the_verdict(tmp_path: Path) -> None:
+    doc = make_results(tmp_path, faces=True)
+    # the evaluation model (trained on the same photos) names everybody under round:1,
+    # the independent recogniser nobody: not exposed, whatever "attack accuracy" says
+    for r in doc["records"]:
+        if r["defense"] == "round:1":
+            r["eval_top1"] = True
+    vs = {(v.target_model, v.defense): v for v in verdicts(doc)}
+    assert vs[("softmax", "none")].level == "exposed"
+    assert vs[("softmax", "round:1")].level == "mitigated"
+    assert vs[("softmax", "round:1")].api_identity == 1.0  # shown, never the verdict
+    assert vs[("softmax", "none")].judge == "independent face recogniser"
+    # a lineup clearly above the bar without the person named: identity leaks
+    for r in doc["records"]:
+        if r["defense"] == "round:1" and r["attack"] == "blackbox":
+            r["judge_lineup5"] = 0.9
+    assert {v.defense: v.level for v in verdicts(doc)}["round:1"] == "identity leaks"
+
+
+def test_an_unmeasured_attack_is_never_a_defence_that_works(tmp_path: Path) -> None:
+    doc = make_results(tmp_path, faces=True)
+    for r in doc["records"]:
+        if r["defense"] == "round:1" and r["attack"] == "label-only" and r["label"] == 2:
+            r.update(status="error", measured=False, error="the prior holds a private photo")
+            r.update(dict.fromkeys(("judge_top1", "judge_lineup5", "image"), None))
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    vs = verdicts(doc)
+    round1 = next(v for v in vs if (v.target_model, v.defense) == ("softmax", "round:1"))
+    assert round1.level == "not measured"
+    assert "the prior holds a private photo" in round1.headline
+    # an exposed cell stays exposed: the failure can only have hidden more
+    none = next(v for v in vs if (v.target_model, v.defense) == ("softmax", "none"))
+    assert none.level == "exposed"
+    short = " ".join(answer(doc, vs))
+    assert "Not measured, so not shown to protect anything: 'round:1'" in short
+    recs = recommendations(doc, vs)
+    assert any("do not choose a defence" in r and "'round:1'" in r for r in recs)
+    assert not any("serve with 'round:1'" in r for r in recs)
+    html = " ".join(render_report(tmp_path).read_text().split())
+    assert "lvl-not-measured" in html and "m-unmeasured" in html
+
+
+@pytest.mark.browser
+def test_the_first_screen_shows_the_faces(tmp_path: Path) -> None:
+    make_results(tmp_path / "run", faces=True, n_labels=12)
+    page = render_report(tmp_path / "run")
+    seen = check_page(page, tmp_path, window="1280,900")
+    assert seen.ready, seen.stderr[-2000:]
+    assert seen.images_broken == 0
+    # a 1280x900 window shows about 760 px of page
+    assert seen.viewport_height > 700
+    assert 0 < seen.faces_bottom <= seen.viewport_height
+    assert seen.first_table_top > seen.faces_bottom  # no table before the faces
+    faces = check_page(tmp_path / "run" / "faces.html", tmp_path / "all")
+    assert faces.ready and faces.images_broken == 0
+    # every person on faces.html, 4 spread over them on the first screen
+    assert faces.images_total == 2 * 12 * (2 + 1 + len(DEFENSES) * 2)
+    html = page.read_text()
+    assert 'href="faces.html"' in html and "4 of 12 people" in html

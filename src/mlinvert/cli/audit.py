@@ -81,21 +81,31 @@ def _redacted(command: str) -> str:
     return shlex.join(parts)
 
 
-def _summary(index: Path) -> None:
+#: Exit code of an audit that finished with cells it could not measure (an attack raised
+#: an error or the judge failed): its report must not be read as the defences working.
+EXIT_UNMEASURED = 3
+
+
+def _summary(index: Path) -> int:
+    """Print the verdict table; return how many records could not be measured."""
     from mlinvert.report.html import load_results
-    from mlinvert.report.summary import verdicts
+    from mlinvert.report.summary import faces_judged, verdicts
 
     results = load_results(index.parent)
     if results.get("tree_audit"):
         _tree_summary(results["tree_audit"])
-        return
-    table = Table(title="model inversion audit: verdict per defence (strongest API attack)")
+        return 0
+    faces = faces_judged(results)
+    judge = "independent face recogniser" if faces else "evaluation model"
+    table = Table(
+        title=f"model inversion audit: verdict per defence (strongest API attack; judge: {judge})"
+    )
     for col in (
         "target",
         "defence",
         "verdict",
         "recovered",
-        "eval top-1",
+        "attack acc." if faces else "eval top-1",
         "lineup",
         "median queries",
         "served acc.",
@@ -104,9 +114,12 @@ def _summary(index: Path) -> None:
             col, justify="left" if col in ("target", "defence", "verdict") else "right"
         )
     for v in verdicts(results):
-        colour = {"exposed": "red", "identity leaks": "yellow", "mitigated": "green"}.get(
-            v.level, "white"
-        )
+        colour = {
+            "exposed": "red",
+            "identity leaks": "yellow",
+            "mitigated": "green",
+            "not measured": "magenta",
+        }.get(v.level, "white")
         table.add_row(
             v.target_model,
             v.defense,
@@ -118,6 +131,14 @@ def _summary(index: Path) -> None:
             "n/a" if v.accuracy is None else f"{100 * v.accuracy:.1f} %",
         )
     out.print(table)
+    unmeasured = [r for r in results.get("records", []) if not r.get("measured", True)]
+    if unmeasured:
+        console.print(
+            f"[bold magenta]{len(unmeasured)} attack run(s) could not be measured[/] (first: "
+            f"{unmeasured[0].get('error')}); their defences read 'not measured'. Fix the cause "
+            f"and run the same command with --resume (exit code {EXIT_UNMEASURED})."
+        )
+    return len(unmeasured)
 
 
 def _tree_summary(tree: dict[str, Any]) -> None:
@@ -244,7 +265,12 @@ def audit(
         envvar=_UTILITY_KEY_ENV,
     ),
 ) -> None:
-    """Attack the model under every defence, measure, and write DIR/index.html."""
+    """Attack the model under every defence, measure, and write DIR/index.html.
+
+    Exit codes: 0 every cell measured; 2 a configuration or data error (nothing
+    measured); 3 the audit finished but some attack runs could not be measured (their
+    defences read "not measured"); 130 interrupted.
+    """
     import os
 
     from mlinvert.evaluation.audit import (
@@ -308,8 +334,10 @@ def audit(
         ) as progress,
     ):
         index = run_audit(config, events=_Display(progress))
-    _summary(index)
+    unmeasured = _summary(index)
     console.print(f"report: [bold]{index}[/]  (results: {index.parent / 'results.json'})")
+    if unmeasured:
+        raise typer.Exit(EXIT_UNMEASURED)
 
 
 def register(app: typer.Typer) -> None:

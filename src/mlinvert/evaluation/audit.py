@@ -48,6 +48,8 @@ from threadpoolctl import threadpool_limits
 
 from mlinvert.data.base import ImageDataset, Split
 from mlinvert.errors import ConfigError, DataError, MlinvertError, ModelError, OracleError
+from mlinvert.evaluation.faces import NOT_FACES
+from mlinvert.evaluation.recogniser import JUDGE_FIELDS, JUDGE_NAME, lineup_chance_bar
 from mlinvert.oracle.base import Response
 from mlinvert.oracle.http import key_fingerprint
 from mlinvert.oracle.lockstep import check_lanes
@@ -533,12 +535,14 @@ class ResultsFile:
                 "exposed_rate": 0.2,
                 "identity_rate": 0.3,
                 "max_accuracy_cost": 0.01,
+                "judge": None,
             },
             "targets": {},
             "evaluation_model": {},
             "defenses": [],
             "utility": {},
             "private_images": {},
+            "held_out_images": {},
             "references": [],
             "records": [],
             "tree_audit": None,
@@ -587,7 +591,10 @@ class ResultsFile:
             if config.resume:
                 log.info("nothing to resume in %s; starting a new audit", out)
             self.doc = fresh
-        self.done: dict[RecordKey, dict[str, Any]] = {record_key(r): r for r in self.doc["records"]}
+        # a record that could not be measured (an error, a judge failure) runs again
+        self.done: dict[RecordKey, dict[str, Any]] = {
+            record_key(r): r for r in self.doc["records"] if r.get("measured", True)
+        }
 
     def save(self) -> None:
         """Atomic rewrite (write a temporary file, then rename over the old one)."""
@@ -1172,7 +1179,7 @@ def _fit_judge(
 ) -> Any:
     """Train (or reload) the evaluation model and fit the FaceJudge; score the reference
     images and store the private photos of the attacked people."""
-    from mlinvert.evaluation.faces import FaceJudge
+    from mlinvert.evaluation.faces import FaceJudge, JudgeConfig
 
     evaluator = _load_or_train(config.out, "evaluation", dataset, config, emit, quick=config.quick)
     results.doc["evaluation_model"] = {
@@ -1181,11 +1188,50 @@ def _fit_judge(
         "model_dir": str(evaluator.folder),
     }
     results.save()
-    emit("stage", {"name": "fitting the judge (evaluation model, lineup, references)"})
-    judge = FaceJudge.fit(dataset, evaluator.model, seed=config.seed)
+    faces = is_faces(dataset)
+    emit(
+        "stage",
+        {
+            "name": "fitting the judges (independent face recogniser, evaluation model, "
+            "lineup, references)"
+            if faces
+            else "fitting the judge (evaluation model, lineup, references)"
+        },
+    )
+    judge = FaceJudge.fit(
+        dataset, evaluator.model, seed=config.seed, config=JudgeConfig(independent=faces)
+    )
+    results.doc["thresholds"].update(_judge_thresholds(faces, dataset, labels))
     _references(judge, labels, config.seed, results)
     _private_photos(dataset, labels, results)
     return judge
+
+
+def is_faces(dataset: ImageDataset) -> bool:
+    """Whether ``dataset`` holds faces, which the independent face recogniser judges (not
+    digits: a face recogniser says nothing about handwriting)."""
+    return dataset.spec.partition(":")[0].strip().lower() not in NOT_FACES
+
+
+def _judge_thresholds(faces: bool, dataset: ImageDataset, labels: list[int]) -> dict[str, Any]:
+    """Which judge gives the verdicts, and its bars (written into ``thresholds``)."""
+    if not faces:
+        return {
+            "judge": "evaluation model",
+            "judge_doc": "not faces: recovered = evaluation-model top-1 and likeness at least "
+            f"{LIKENESS_THRESHOLD}",
+        }
+    return {
+        "judge": "independent",
+        "judge_name": JUDGE_NAME,
+        "judge_doc": "recovered = the independent face recogniser ranks the right person "
+        f"first of {dataset.n_classes}; identity leaks = its mean 5-way lineup probability "
+        "at least identity_lineup",
+        "identity_lineup": lineup_chance_bar(dataset.n_classes, len(labels)),
+        "identity_lineup_doc": "chance (0.2) plus 3 standard errors of the mean lineup "
+        f"probability of {len(labels)} people whose images carry no identity (ranks "
+        "uniform): about the 99.9th percentile of chance",
+    }
 
 
 def _attack_matrix(ctx: _Context) -> None:
@@ -1542,13 +1588,19 @@ def _references(judge: Any, labels: list[int], seed: int, results: ResultsFile) 
 
 
 def _private_photos(dataset: ImageDataset, labels: list[int], results: ResultsFile) -> None:
-    x, y = dataset.train()
-    for lab in labels:
-        rows = np.flatnonzero(y == lab)
-        if rows.size:
-            rel = f"images/private/{lab}.png"
-            save_png(results.out / rel, x[rows[0]])
-            results.doc["private_images"][str(lab)] = rel
+    """Save the first private training photo and the first held-out photo of each
+    attacked person (the report shows them beside the reconstructions)."""
+    for key, folder, (x, y) in (
+        ("private_images", "private", dataset.train()),
+        ("held_out_images", "held_out", dataset.test()),
+    ):
+        saved = results.doc.setdefault(key, {})
+        for lab in labels:
+            rows = np.flatnonzero(y == lab)
+            if rows.size:
+                rel = f"images/{folder}/{lab}.png"
+                save_png(results.out / rel, x[rows[0]])
+                saved[str(lab)] = rel
 
 
 def _utilities(
@@ -1632,6 +1684,10 @@ def _answers(labels: list[np.ndarray], probs: list[np.ndarray | None]) -> Respon
 
 
 def _recovered(metrics: dict[str, Any]) -> bool:
+    """On faces: the independent recogniser ranks the right person first. Elsewhere
+    (digits): the evaluation model's top-1 and the likeness threshold."""
+    if metrics.get("judge_top1") is not None:
+        return bool(metrics["judge_top1"])
     like = metrics.get("likeness")
     return (
         bool(metrics.get("eval_top1")) and like is not None and float(like) >= (LIKENESS_THRESHOLD)
@@ -2156,9 +2212,12 @@ def _record(
                 f"the prediction service stopped during the audit ({outcome}); continue with "
                 "--resume"
             ) from outcome
-        # e.g. MI-Face against a labels-only API: the attacker gets nothing out
+        # MI-Face against a labels-only API gets nothing out: the defence's measured
+        # effect; any other error leaves the cell unmeasured
+        inapplicable = attack == "blackbox" and util.get("carries") == "label"
         record.update(
-            status="failed",
+            status="not_applicable" if inapplicable else "error",
+            measured=inapplicable,
             error=str(outcome),
             n_queries=0,
             seconds=0.0,
@@ -2173,8 +2232,15 @@ def _record(
     image = result.reconstructions[0]
     rel = f"images/{target.name}/{attack}/{defense.slug}/{label}.png"
     save_png(ctx.results.out / rel, image)
-    scores = ctx.judge.score(result.reconstructions[:1], np.asarray([label]))[0]
+    judge_error = None
+    try:
+        scores = ctx.judge.score(result.reconstructions[:1], np.asarray([label]))[0]
+    except MlinvertError as exc:  # a judge that fails leaves the record unmeasured
+        scores, judge_error = {}, f"the judge failed: {exc}"
     metrics = {k: _clean(scores.get(k)) for k in _METRICS}
+    faces = ctx.results.doc["thresholds"].get("judge") == "independent"
+    if faces and metrics.get("judge_top1") is None and judge_error is None:
+        judge_error = "the independent face judge gave no verdict"
     conf = float(result.confidence[0]) if len(result.confidence) else float("nan")
     record.update(
         status=result.status,
@@ -2184,7 +2250,10 @@ def _record(
         image=rel,
         target_confidence=_clean(conf),
         **metrics,
+        measured=judge_error is None,
     )
+    if judge_error is not None:
+        record["error"] = judge_error
     record["recovered"] = _recovered(record)
     record["utility"] = util
     return record
@@ -2233,6 +2302,7 @@ _METRICS = (
     "mse",
     "feature_distance",
     "eigen_nn_correct",
+    *JUDGE_FIELDS,
 )
 
 

@@ -105,6 +105,11 @@ MEAN_FIELDS = (
     *JUDGE_MEAN_FIELDS,
 )
 
+#: Image data sets that are not faces, by the kind in their spec, and what they hold:
+#: the independent face recogniser does not judge them, and the report says what
+#: "person" and "face" stand for there.
+NOT_FACES = {"digits": "handwritten digits"}
+
 #: Gaussian blurs (sigma in pixels) of the held-out photo: the recognisability scale
 #: the independent judge's results are read against ("as recognisable as a photo
 #: blurred by 3 px").

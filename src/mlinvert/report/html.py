@@ -9,16 +9,18 @@ browser test reads those attributes.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from jinja2 import Environment, PackageLoader, select_autoescape
+from jinja2 import Environment, PackageLoader, Undefined, select_autoescape
 from PIL import Image
 
 from mlinvert.errors import DataError
+from mlinvert.evaluation.faces import NOT_FACES
 from mlinvert.report import plots
 from mlinvert.report.summary import (
     API_ATTACKS,
@@ -26,6 +28,8 @@ from mlinvert.report.summary import (
     answer,
     attack_title,
     cells,
+    faces_judged,
+    identity_bar,
     recommendations,
     utility_of,
     verdicts,
@@ -35,6 +39,16 @@ log = logging.getLogger(__name__)
 
 #: Labels per grid block (a wider grid is split into blocks of this many people).
 GRID_COLUMNS = 10
+#: People in the first screen's faces grid, spread evenly over the attacked people
+#: (every person is on ``faces.html``).
+SAMPLE_PEOPLE = 4
+#: Width in pixels of a face in the faces grids.
+THUMB_WIDTH = 46
+#: A reconstruction is marked "lineup" when it wins at least this share of the 5-way
+#: lineups the independent recogniser can be shown (it is more often picked than not).
+LINEUP_MARK = 0.5
+#: Short column heads of the attacks in the faces grid.
+ATTACK_SHORT = {"whitebox": "weights", "blackbox": "scores", "label-only": "labels"}
 
 MAPPING = [
     (
@@ -52,11 +66,6 @@ MAPPING = [
         "with an ordinary API key, exactly as an outside adversary would.",
     ),
 ]
-
-
-#: Image data sets that are not faces (by the kind in ``dataset.spec``): the report's
-#: words "person" and "face" then need saying what they stand for.
-NOT_FACES = {"digits": "handwritten digits"}
 
 
 def data_uri(png: bytes) -> str:
@@ -161,6 +170,142 @@ def _grids(results: dict[str, Any], out_dir: Path) -> list[dict[str, Any]]:
     return grids
 
 
+def _thumb(out_dir: Path, rel: str | None) -> str | None:
+    """A stored PNG shrunk to :data:`THUMB_WIDTH` pixels wide, as a data URI."""
+    if not rel or not (out_dir / rel).exists():
+        return None
+    with Image.open(out_dir / rel) as im:
+        grey = im.convert("L")
+        height = max(round(grey.height * THUMB_WIDTH / grey.width), 1)
+        small = grey.resize((THUMB_WIDTH, height), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    small.save(buf, format="PNG", optimize=True)
+    return data_uri(buf.getvalue())
+
+
+def _mark(record: dict[str, Any], faces: bool) -> str:
+    """How the judge marks one reconstruction: recognised, lineup, not, unmeasured."""
+    if not record.get("measured", True):
+        return "unmeasured"
+    if not record.get("image"):
+        return "none"
+    if faces:
+        if record.get("judge_top1"):
+            return "recognised"
+        return "lineup" if (record.get("judge_lineup5") or 0.0) >= LINEUP_MARK else "not"
+    return "recognised" if record.get("recovered") else "not"
+
+
+def _face_cell(
+    out_dir: Path, record: dict[str, Any] | None, faces: bool, inline: bool
+) -> dict[str, Any]:
+    if record is None:
+        return {"src": None, "mark": "none", "title": "not run", "href": None}
+    rel = record.get("image")
+    mark = _mark(record, faces)
+    title = f"{record['attack']} · {record['defense']} · {record.get('label_name', '')}: {mark}"
+    if faces and record.get("judge_rank") is not None:
+        title += (
+            f" (rank {record['judge_rank']} of the people; lineup "
+            f"{100 * float(record.get('judge_lineup5') or 0):.0f} %; face "
+            f"{'found' if record.get('face_found') else 'not found'})"
+        )
+    if record.get("error") and mark in ("unmeasured", "none"):
+        title += f" — {record['error']}"
+    return {
+        "src": (_thumb(out_dir, rel) if inline else rel) if rel else None,
+        "mark": mark,
+        "title": title,
+        "href": rel,
+    }
+
+
+def sample_people(labels: list[int], n: int = SAMPLE_PEOPLE) -> list[int]:
+    """``n`` of ``labels`` spread evenly (first, ..., towards the last), in order."""
+    if len(labels) <= n:
+        return list(labels)
+    step = len(labels) / n
+    return [labels[int(i * step)] for i in range(n)]
+
+
+def faces_grid(
+    results: dict[str, Any], out_dir: Path, labels: list[int] | None = None, *, inline: bool
+) -> list[dict[str, Any]]:
+    """Per target: each person's private and held-out photo, the white-box
+    reconstruction, and each API attack's under each defence, marked by the judge.
+
+    ``inline``: thumbnails as data URIs (the self-contained index.html), otherwise the
+    stored images by relative path (faces.html beside it).
+    """
+    records = results.get("records", [])
+    faces = faces_judged(results)
+    names = results.get("dataset", {}).get("class_names", [])
+    private = results.get("private_images", {})
+    held = results.get("held_out_images", {})
+    defenses = [d["name"] for d in results.get("defenses", [])] or list(
+        dict.fromkeys(r["defense"] for r in records)
+    )
+    index = {(r["target_model"], r["attack"], r["defense"], int(r["label"])): r for r in records}
+    people = labels if labels is not None else sorted({int(r["label"]) for r in records})
+    image = (lambda rel: _thumb(out_dir, rel)) if inline else (lambda rel: rel)
+    grids = []
+    for target in dict.fromkeys(r["target_model"] for r in records):
+        attacks = list(dict.fromkeys(r["attack"] for r in records if r["target_model"] == target))
+        api = [a for a in attacks if a != "whitebox"]
+        shown = [
+            d for d in defenses if any((target, a, d, p) in index for a in api for p in people)
+        ]
+        rows = []
+        for p in people:
+            white = next(
+                (index[k] for d in defenses if (k := (target, "whitebox", d, p)) in index), None
+            )
+            rows.append(
+                {
+                    "name": names[p] if p < len(names) else str(p),
+                    "private": image(private.get(str(p))),
+                    "held_out": image(held.get(str(p))),
+                    "white": _face_cell(out_dir, white, faces, inline)
+                    if "whitebox" in attacks
+                    else None,
+                    "cells": [
+                        _face_cell(out_dir, index.get((target, a, d, p)), faces, inline)
+                        for d in shown
+                        for a in api
+                    ],
+                }
+            )
+        grids.append(
+            {
+                "target": target,
+                "defenses": shown,
+                "attacks": [ATTACK_SHORT.get(a, a) for a in api],
+                "white": "whitebox" in attacks,
+                "rows": rows,
+            }
+        )
+    return grids
+
+
+def _render_faces_page(
+    env: Environment, results: dict[str, Any], out_dir: Path, faces: bool
+) -> None:
+    """``faces.html``: the faces grid of every attacked person (images by relative path)."""
+    html = env.get_template("faces.html.j2").render(
+        r=results,
+        faces=faces,
+        grids=faces_grid(results, out_dir, inline=False),
+        lineup_mark=LINEUP_MARK,
+    )
+    _write(out_dir / "faces.html", html)
+
+
+def _write(path: Path, html: str) -> None:
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text(html, encoding="utf-8")
+    tmp.replace(path)
+
+
 #: What each reference image is (``mlinvert.evaluation.references``), by its name with
 #: hyphens and underscores read as spaces.
 REFERENCE_NOTES = {
@@ -171,6 +316,8 @@ REFERENCE_NOTES = {
     "held out photo": "one of the person's own held-out photos (never used in training)",
     "private mean": "the average of the person's private training photos, which a perfect "
     "inversion of a confidence score approaches: the upper reference",
+    "held out photo blurred 2px": "the held-out photo blurred by a Gaussian of 2 px "
+    "(likewise 3, 4, 6 px): the recognisability scale",
 }
 
 
@@ -215,6 +362,10 @@ def _tables(results: dict[str, Any]) -> list[dict[str, Any]]:
     return tables
 
 
+def _absent(x: Any) -> bool:
+    return x is None or isinstance(x, Undefined)
+
+
 def render_report(out_dir: Path | str) -> Path:
     """Render ``out_dir/results.json`` (+ its images) to ``out_dir/index.html``."""
     out_dir = Path(out_dir)
@@ -226,11 +377,22 @@ def render_report(out_dir: Path | str) -> Path:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters["pct"] = lambda x: "n/a" if x is None else f"{100 * float(x):.0f} %"
-    env.filters["num"] = lambda x, d=2: "n/a" if x is None else f"{float(x):,.{d}f}"
+    # absent (an older results.json, a judge that did not run) reads "n/a", never 0
+    env.filters["pct"] = lambda x: "n/a" if _absent(x) else f"{100 * float(x):.0f} %"
+    env.filters["num"] = lambda x, d=2: "n/a" if _absent(x) else f"{float(x):,.{d}f}"
     records = results.get("records", [])
     has_faces = bool(records)
+    faces = faces_judged(results)
+    people = sorted({int(r["label"]) for r in records})
     context = {
+        "faces": faces,
+        "identity_bar": identity_bar(results),
+        "lineup_mark": LINEUP_MARK,
+        "faces_grid": faces_grid(results, out_dir, sample_people(people), inline=True)
+        if has_faces
+        else [],
+        "n_people": len(people),
+        "sampled": len(people) > SAMPLE_PEOPLE,
         "r": results,
         "verdicts": vs,
         "answer": answer(results, vs),
@@ -249,8 +411,8 @@ def render_report(out_dir: Path | str) -> Path:
         "tree_plot": _tree_plot(results, out_dir),
     }
     html = env.get_template("report.html.j2").render(**context)
+    if has_faces:
+        _render_faces_page(env, results, out_dir, faces)
     path = out_dir / "index.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(path)
+    _write(path, html)
     return path

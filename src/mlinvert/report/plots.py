@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mlinvert.report.summary import API_ATTACKS, Cell, cells, utility_of
+from mlinvert.report.summary import API_ATTACKS, Cell, cells, faces_judged, utility_of
 
 _MARKERS = {"whitebox": "s", "blackbox": "o", "label-only": "^"}
 
@@ -52,8 +52,15 @@ def accuracy_vs_queries(results: dict[str, Any]) -> bytes:
         len(targets), 2, figsize=(11, 3.6 * len(targets)), sharex=True, sharey=True, squeeze=False
     )
     panels = (
-        ("eval_top1", "identity: evaluation-model top-1"),
-        ("recovered", "recovered: identity AND likeness"),
+        (
+            ("judge_lineup", "independent recogniser: 5-way lineup (chance 20 %)"),
+            ("recovered", "recovered: it names the right person"),
+        )
+        if faces_judged(results)
+        else (
+            ("eval_top1", "identity: evaluation-model top-1"),
+            ("recovered", "recovered: identity AND likeness"),
+        )
     )
     for row, target in zip(axes, targets, strict=True):
         for ax, (field, title) in zip(row, panels, strict=True):
@@ -62,7 +69,7 @@ def accuracy_vs_queries(results: dict[str, Any]) -> bytes:
                     continue
                 ax.scatter(
                     max(c.median_queries or 0.0, 1.0),
-                    100 * float(getattr(c, field)),
+                    100 * float(getattr(c, field) or 0.0),
                     marker=_MARKERS.get(c.attack, "D"),
                     # output defences do not reach the white-box attack: one black point
                     color="black" if c.attack == "whitebox" else colour[c.defense],
@@ -113,6 +120,7 @@ def privacy_utility(results: dict[str, Any]) -> bytes:
     (target, defence), labelled with the defence.
     """
     cs = cells(results.get("records", []))
+    faces = faces_judged(results)
     by_key: dict[tuple[str, str], list[Cell]] = {}
     for c in cs:
         if c.attack in API_ATTACKS:
@@ -134,7 +142,7 @@ def privacy_utility(results: dict[str, Any]) -> bytes:
             if x is None:
                 continue
             xv = x * (100 if field == "topk_accuracy" else 1)
-            y = 100 * max(c.eval_top1 for c in group)
+            y = 100 * max(c.recovered if faces else c.eval_top1 for c in group)
             ax.scatter(xv, y, color=colour[defense], marker=shapes[target], s=60, alpha=0.85)
             if target == targets[0]:  # to the tables' precision: near points share a label
                 key = (round(xv, 3 if field == "brier" else 1), round(y))
@@ -157,7 +165,11 @@ def privacy_utility(results: dict[str, Any]) -> bytes:
         ax.xaxis.set_major_locator(MaxNLocator(5))
         ax.grid(alpha=0.3)
         ax.set_ylim(-5, 105)
-    axes[0].set_ylabel("highest API-attack evaluation top-1 (% of people)")
+    axes[0].set_ylabel(
+        "highest API-attack recovered (% of people)"
+        if faces
+        else "highest API-attack evaluation top-1 (% of people)"
+    )
     fig.suptitle(
         "privacy–utility trade-off: lower is more private; better for honest users is "
         "further left (Brier) and further right (top-k)",

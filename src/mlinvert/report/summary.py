@@ -2,8 +2,14 @@
 
 Everything here is a pure function of the ``results.json`` document (see
 ``docs/results-schema.md``), so a report can be re-rendered from a saved run.
-A failed or skipped attack counts as *not recovered* in every rate: the attacker got
-nothing out of the API.
+
+On faces the verdicts are the independent face recogniser's (``thresholds.judge`` is
+``independent``): *recovered* = it ranks the right person first, *identity leaks* = its
+mean 5-way lineup probability reaches ``thresholds.identity_lineup``. Elsewhere (digits)
+this project's own judges give them. A record that could not be measured (``measured``
+false: the attack raised an error, or the judge failed) counts as not recovered in every
+rate, and its defence's verdict is ``not measured`` unless what was measured already
+shows it ``exposed``: a failed measurement never reads as a defence's success.
 """
 
 from __future__ import annotations
@@ -66,6 +72,12 @@ class Cell:
     median_queries: float | None
     median_seconds: float | None
     statuses: dict[str, int]
+    judge_top1: float | None = None  # independent recogniser: right person first
+    judge_top5: float | None = None
+    judge_lineup: float | None = None  # its mean exact 5-way lineup probability
+    face_found: float | None = None  # its detector found a face
+    unmeasured: int = 0  # records that could not be measured (error, judge failure)
+    errors: tuple[str, ...] = ()  # their distinct errors
     shared_from: str | None = None
     blinded: float | None = None  # the attacker's query blinding (+-amplitude), if any
     blinded_up_to: float | None = None  # the largest blinding after blocked accounts
@@ -105,6 +117,14 @@ def cells(records: Sequence[dict[str, Any]]) -> list[Cell]:
                 median_queries=_median(r.get("n_queries") for r in rs),
                 median_seconds=_median(r.get("seconds") for r in rs),
                 statuses=statuses,
+                judge_top1=_judged_rate(rs, "judge_top1"),
+                judge_top5=_judged_rate(rs, "judge_top5"),
+                judge_lineup=_judged_mean(rs, "judge_lineup5"),
+                face_found=_judged_rate(rs, "face_found"),
+                unmeasured=sum(1 for r in rs if not r.get("measured", True)),
+                errors=tuple(
+                    dict.fromkeys(str(r.get("error")) for r in rs if not r.get("measured", True))
+                ),
                 shared_from=next((r["shared_from"] for r in rs if r.get("shared_from")), None),
                 blinded=next((r["blinded"] for r in rs if r.get("blinded")), None),
                 blinded_up_to=max(
@@ -115,6 +135,35 @@ def cells(records: Sequence[dict[str, Any]]) -> list[Cell]:
             )
         )
     return out
+
+
+def _judged(records: Sequence[dict[str, Any]], key: str) -> bool:
+    """Whether any record carries the independent judge's ``key`` (faces only)."""
+    return any(r.get(key) is not None for r in records)
+
+
+def _judged_rate(records: Sequence[dict[str, Any]], key: str) -> float | None:
+    """Rate of ``key`` over every record (unmeasured ones count as misses); None when no
+    record was judged by the independent recogniser."""
+    return _rate(records, key) if _judged(records, key) else None
+
+
+def _judged_mean(records: Sequence[dict[str, Any]], key: str) -> float | None:
+    """Mean of ``key`` over every record, an unmeasured one counting as 0 (no identity
+    shown); None when no record was judged."""
+    if not _judged(records, key):
+        return None
+    return statistics.fmean(float(r.get(key) or 0.0) for r in records)
+
+
+def faces_judged(results: dict[str, Any]) -> bool:
+    """Whether the independent face recogniser gives this audit's verdicts."""
+    return results.get("thresholds", {}).get("judge") == "independent"
+
+
+def identity_bar(results: dict[str, Any]) -> float:
+    """Mean lineup probability that counts as clearly above chance (faces)."""
+    return float(results.get("thresholds", {}).get("identity_lineup", 2 * LINEUP_CHANCE))
 
 
 def utility_of(results: dict[str, Any], target: str, defense: str) -> dict[str, Any]:
@@ -144,6 +193,9 @@ class Verdict:
     blinded_up_to: float | None = None  # its largest, after the service blocked accounts
     accounts: int = 1  # API accounts the strongest API attack opened
     stopped: bool = False  # the service refused the strongest API attack for every person
+    faces_found: float | None = None  # the independent detector found a face (strongest)
+    judge: str = "evaluation model"  # who gave the verdict
+    errors: tuple[str, ...] = ()  # why cells could not be measured
 
 
 def _pct(x: float | None) -> str:
@@ -157,12 +209,16 @@ def _queries(x: float | None) -> str:
 def verdicts(results: dict[str, Any]) -> list[Verdict]:
     """A verdict per (target, defence), judged on the strongest API attack.
 
-    Levels: ``exposed`` when the API attacker *recovers* faces (identity and likeness
-    both above the thresholds) for at least ``thresholds.exposed_rate`` of the people;
+    Levels: ``exposed`` when the API attacker *recovers* faces for at least
+    ``thresholds.exposed_rate`` of the people (faces: the independent recogniser ranks
+    the right person first; elsewhere: evaluation-model top-1 and likeness);
     ``identity leaks`` when the reconstructions point to the right person clearly above
-    chance without looking like them (evaluation top-1 >= ``thresholds.identity_rate``
-    and twice chance, or the 5-way lineup right at least twice its 20 % chance);
-    ``mitigated`` otherwise. A per-account guard (rate limit, query detector) that
+    chance without being recognised (faces: the independent recogniser's mean 5-way
+    lineup probability at least ``thresholds.identity_lineup``; elsewhere: evaluation
+    top-1 >= ``thresholds.identity_rate`` and twice chance, or the 5-way lineup right at
+    least twice its 20 % chance); ``mitigated`` otherwise; ``not measured`` when a record
+    of an API attack could not be measured and what was measured does not already show
+    the defence exposed. A per-account guard (rate limit, query detector) that
     refused every API attack before it finished (all ``rate_limited`` / ``blocked``) and
     left it nothing is ``cut off``, not ``mitigated``: it stopped the audit's accounts,
     and a patient attacker or one with more keys is not stopped by that.
@@ -176,6 +232,9 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
     n_classes = int(results.get("dataset", {}).get("n_classes", 0)) or None
     keys = int(results.get("config", {}).get("accounts") or 1)  # API keys per attack
     chance = 1.0 / n_classes if n_classes else None
+    faces = faces_judged(results)
+    bar = identity_bar(results)
+    judge = "independent face recogniser" if faces else "evaluation model"
     all_cells = cells(results.get("records", []))
     by_key = {(c.target_model, c.attack, c.defense): c for c in all_cells}
     targets = list(dict.fromkeys(c.target_model for c in all_cells))
@@ -195,13 +254,20 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
             if not api and white is None:
                 continue
             details: list[str] = []
+            errors: tuple[str, ...] = ()
             if api:
-                best = max(api, key=lambda c: (c.recovered, c.eval_top1, c.lineup))
-                leaks = any(
-                    (c.eval_top1 >= identity_rate and (chance is None or c.eval_top1 >= 2 * chance))
-                    or c.lineup >= max(identity_rate, 2 * LINEUP_CHANCE)
-                    for c in api
-                )
+                best = max(api, key=lambda c: (c.recovered, _lineup(c, faces), c.eval_top1))
+                if faces:
+                    leaks = any((c.judge_lineup or 0.0) >= bar for c in api)
+                else:
+                    leaks = any(
+                        (
+                            c.eval_top1 >= identity_rate
+                            and (chance is None or c.eval_top1 >= 2 * chance)
+                        )
+                        or c.lineup >= max(identity_rate, 2 * LINEUP_CHANCE)
+                        for c in api
+                    )
                 level = (
                     "exposed"
                     if best.recovered >= exposed_rate
@@ -211,15 +277,30 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                 )
                 if level == "mitigated" and _cut_off(defense, api):
                     level = "cut off"
+                errors = tuple(dict.fromkeys(e for c in api for e in c.errors))
+                if level != "exposed" and any(c.unmeasured for c in api):
+                    level = "not measured"
                 words = {
-                    "exposed": "an outsider recovers recognisable private faces through the API",
-                    "identity leaks": "reconstructions point to the right person but do not "
-                    "look like them (classifier templates, not faces)",
+                    "exposed": "an outsider recovers recognisable private faces through the API"
+                    + (" (the independent face recogniser names the person)" if faces else ""),
+                    "identity leaks": (
+                        "reconstructions point to the right person in a lineup clearly above "
+                        "chance, but the independent face recogniser does not name them"
+                        if faces
+                        else "reconstructions point to the right person but do not look like "
+                        "them (classifier templates, not faces)"
+                    ),
                     "mitigated": "the API attacks recover neither identity nor likeness "
                     "clearly above chance",
                     "cut off": "the guard refused the attacker's account and cut the API attacks "
                     "off before they got far; that stops one account, not an attacker with more "
                     "keys or more time",
+                    "not measured": (
+                        f"{sum(c.unmeasured for c in api)} attack run(s) could not be measured, "
+                        "so this defence is not shown to work ("
+                        + "; ".join(errors[:2])
+                        + "); fix the cause and run again with --resume, which re-runs them"
+                    ),
                 }[level]
                 headline = f"{defense}: {words}."
                 if level != "exposed" and best.recovered > 0:
@@ -245,14 +326,12 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                             "fresh one whenever one was refused."
                         )
                     details.append(
-                        f"{attack_title(c.attack)}: recovered {_pct(c.recovered)} of "
-                        f"{c.n} people; evaluation-model top-1 {_pct(c.eval_top1)}, top-5 "
-                        f"{_pct(c.eval_top5)}; lineup {_pct(c.lineup)} (chance 20 %); "
-                        f"median {_queries(c.median_queries)} queries ({c.status_text})" + keys_text
+                        f"{attack_title(c.attack)}: {_measured_text(c, faces)}; median "
+                        f"{_queries(c.median_queries)} queries ({c.status_text})" + keys_text
                     )
                 api_identity = max(c.eval_top1 for c in api)
                 api_recovered = best.recovered
-                api_lineup = max(c.lineup for c in api)
+                api_lineup = max(_lineup(c, faces) for c in api)
                 api_queries = best.median_queries
                 accounts = best.accounts
                 stopped = _refused(best)
@@ -264,9 +343,8 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                 stopped = False
             if white is not None:
                 details.append(
-                    f"{attack_title('whitebox')}: recovered {_pct(white.recovered)}, "
-                    f"top-1 {_pct(white.eval_top1)} — output defences do not reach an "
-                    "attacker who holds the weights."
+                    f"{attack_title('whitebox')}: {_measured_text(white, faces)} — output "
+                    "defences do not reach an attacker who holds the weights."
                 )
             rate = util.get("rate_limit")
             free = by_key.get((target, "blackbox", "none"))
@@ -347,9 +425,45 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
                     blinded_up_to=raised if blinded and raised > blinded else None,
                     accounts=accounts,
                     stopped=stopped,
+                    faces_found=best.face_found if api else None,
+                    judge=judge,
+                    errors=errors,
                 )
             )
     return out
+
+
+def _identity_text(v: Verdict) -> str:
+    """The verdict's identity measures after its recovered rate, in its judge's words."""
+    if v.judge == "evaluation model":
+        return f"top-1 {_pct(v.api_identity)}, lineup {_pct(v.api_lineup)}"
+    return f"lineup {_pct(v.api_lineup)}, attack accuracy {_pct(v.api_identity)}"
+
+
+def _lineup(c: Cell, faces: bool) -> float:
+    """The lineup measure of the verdict's judge."""
+    return (c.judge_lineup or 0.0) if faces else c.lineup
+
+
+def _measured_text(c: Cell, faces: bool) -> str:
+    """What one attack got, in the words of the verdict's judge."""
+    if faces:
+        text = (
+            f"recovered {_pct(c.recovered)} of {c.n} people (the independent face recogniser "
+            f"ranks the right person first; top-5 {_pct(c.judge_top5)}; 5-way lineup "
+            f"{_pct(c.judge_lineup)}, chance 20 %; a face found in {_pct(c.face_found)}); "
+            f"attack accuracy {_pct(c.eval_top1)} (evaluation-model top-1, trained on the "
+            "same private photos)"
+        )
+    else:
+        text = (
+            f"recovered {_pct(c.recovered)} of {c.n} people; evaluation-model top-1 "
+            f"{_pct(c.eval_top1)}, top-5 {_pct(c.eval_top5)}; lineup {_pct(c.lineup)} "
+            "(chance 20 %)"
+        )
+    if c.unmeasured:
+        text += f"; {c.unmeasured} could not be measured ({'; '.join(c.errors[:2])})"
+    return text
 
 
 def _refused(c: Cell) -> bool:
@@ -424,16 +538,17 @@ def _dp_comparisons(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]
         dp_v, plain_v = by.get((name, "none")), by.get((plain, "none"))
         if dp_v and plain_v and "not measured" not in (dp_v.level, plain_v.level):
             parts.append(
-                f"the strongest API attack recovered {_pct(dp_v.api_recovered)} (top-1 "
-                f"{_pct(dp_v.api_identity)}) against {_pct(plain_v.api_recovered)} (top-1 "
-                f"{_pct(plain_v.api_identity)}) for {plain}"
+                f"the strongest API attack recovered {_pct(dp_v.api_recovered)} "
+                f"({_identity_text(dp_v)}) against {_pct(plain_v.api_recovered)} "
+                f"({_identity_text(plain_v)}) for {plain}"
             )
         dp_w, plain_w = white.get((name, "none")), white.get((plain, "none"))
         if dp_w is not None and plain_w is not None:
+            what = "attack accuracy" if faces_judged(results) else "top-1"
             parts.append(
-                f"the white-box attack recovered {_pct(dp_w.recovered)} (top-1 "
+                f"the white-box attack recovered {_pct(dp_w.recovered)} ({what} "
                 f"{_pct(dp_w.eval_top1)}) against {_pct(plain_w.recovered)} "
-                f"(top-1 {_pct(plain_w.eval_top1)})"
+                f"({what} {_pct(plain_w.eval_top1)})"
             )
         if not parts:
             continue
@@ -458,7 +573,10 @@ def answer(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]:
     lines = []
     for target in dict.fromkeys(v.target_model for v in vs):
         mine = [v for v in vs if v.target_model == target and v.level != "not measured"]
+        unmeasured = _unmeasured_text(vs, target)
         if not mine:
+            if unmeasured:
+                lines.append(f"{target}: {unmeasured}")
             continue
         works = [v for v in mine if v.level == "mitigated"]
         targets = results.get("targets", {})
@@ -499,8 +617,22 @@ def answer(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]:
                 f" An attacker holding the weights recovers {_pct(white[target].recovered)} "
                 "whatever the output defence."
             )
+        if unmeasured:
+            line += f" {unmeasured}"
         lines.append(line)
     return lines
+
+
+def _unmeasured_text(vs: Sequence[Verdict], target: str) -> str:
+    """The defences of ``target`` whose verdict could not be measured, and why."""
+    missing = [v for v in vs if v.target_model == target and v.level == "not measured"]
+    if not missing:
+        return ""
+    why = "; ".join(dict.fromkeys(e for v in missing for e in v.errors[:1])) or "no API attack"
+    return (
+        f"Not measured, so not shown to protect anything: "
+        f"{', '.join(repr(v.defense) for v in missing)} ({why})."
+    )
 
 
 def recommendations(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]:
@@ -508,6 +640,11 @@ def recommendations(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]
     recs: list[str] = []
     max_cost = float(results.get("thresholds", {}).get("max_accuracy_cost", 0.01))
     for target in dict.fromkeys(v.target_model for v in vs):
+        if unmeasured := _unmeasured_text(vs, target):
+            recs.append(
+                f"{target}: do not choose a defence from this report until every cell is "
+                f"measured. {unmeasured} Fix the cause and run the audit again with --resume."
+            )
         mine = [v for v in vs if v.target_model == target and v.level != "not measured"]
         if not mine:
             continue
@@ -523,10 +660,7 @@ def recommendations(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]
             key=lambda v: (v.api_recovered, v.api_identity, v.api_lineup, -(v.topk or 0.0)),
         )
         none = next((v for v in mine if v.defense == "none"), None)
-        got = (
-            f"recovered {_pct(best.api_recovered)} (top-1 {_pct(best.api_identity)}, "
-            f"lineup {_pct(best.api_lineup)})"
-        )
+        got = f"recovered {_pct(best.api_recovered)} ({_identity_text(best)})"
         if best.level == "mitigated":
             line = f"{target}: serve with '{best.defense}' — the API attacks {got}"
         elif len(policies) == 1:
@@ -541,10 +675,7 @@ def recommendations(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]
                 f"'{best.defense}', it still {still}: the API attacks {got}"
             )
         if none is not None and best.defense != "none":
-            line += (
-                f" instead of {_pct(none.api_recovered)} (top-1 {_pct(none.api_identity)}, "
-                f"lineup {_pct(none.api_lineup)})"
-            )
+            line += f" instead of {_pct(none.api_recovered)} ({_identity_text(none)})"
         if best.accuracy_cost is not None and best.defense != "none":
             line += f", at an accuracy cost of {100 * best.accuracy_cost:.1f} points"
         recs.append(line + ".")
@@ -587,7 +718,7 @@ def recommendations(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]
         elif v.blinded:
             recs.append(
                 f"{v.target_model}: under '{v.defense}' an API attacker{how} recovered "
-                f"{_pct(v.api_recovered)} (top-1 {_pct(v.api_identity)}, a median of "
+                f"{_pct(v.api_recovered)} ({_identity_text(v)}, a median of "
                 f"{_queries(v.api_queries)} answered queries per person). The detector "
                 "flags near-identical probes; the row's details say whether it caught "
                 "this attacker."
