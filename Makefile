@@ -4,15 +4,23 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench system-deps clean
+.PHONY: demo test lint lock bench system-deps clean
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every package (and pip itself) to the versions of an environment
+# the whole suite passed in; `make lock` re-captures it from .venv after a dependency
+# change (local version labels such as +cpu are dropped, so torch==2.13.0 matches the
+# CPU build of any index that has it).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	# torch pinned: 2.13.0 is the CPU build on this machine's disk (unpinned pulls CUDA).
-	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints.txt --upgrade pip
+	# torch first: 2.13.0 is the CPU build on this machine's disk (unpinned pulls CUDA).
+	$(BIN)/pip install --quiet -c constraints.txt "torch==2.13.0"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
+
+lock: $(STAMP)
+	{ echo "# pip constraints: make lock (pip freeze of .venv), used by make demo / make test"; \
+	  $(BIN)/pip freeze --all --exclude-editable | sed -E 's/\+[A-Za-z0-9.]+$$//'; } > constraints.txt
 
 # Debian packages the tests start for real: redis-server (shared rate limits) and
 # chromium (the report is opened in a headless browser).
