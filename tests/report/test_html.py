@@ -415,7 +415,7 @@ def test_an_unmeasured_attack_is_never_a_defence_that_works(tmp_path: Path) -> N
     assert any("do not choose a defence" in r and "'round:1'" in r for r in recs)
     assert not any("serve with 'round:1'" in r for r in recs)
     html = " ".join(render_report(tmp_path).read_text().split())
-    assert "lvl-not-measured" in html and "m-unmeasured" in html
+    assert 'lvl lvl-not-measured">not measured' in html and 'class="m-unmeasured"' in html
 
 
 @pytest.mark.browser

@@ -606,9 +606,8 @@ class ResultsFile:
 
     def add(self, record: dict[str, Any]) -> None:
         """Append (or replace) one record and persist at once."""
-        key = record_key(record)
-        if key in self.done:
-            self.doc["records"] = [r for r in self.doc["records"] if record_key(r) != key]
+        key = record_key(record)  # replaces a record of that key (an unmeasured one too)
+        self.doc["records"] = [r for r in self.doc["records"] if record_key(r) != key]
         self.doc["records"].append(record)
         self.done[key] = record
         self.save()
