@@ -176,7 +176,9 @@ def test_attack_cli_moves_to_the_next_api_key_when_one_is_refused(
             url = service.model_url("toy")
             args = ["--label", "s0", "--api-key", f"{keys[0]},{revoked}", "--out", str(out)]
             main(["attack", "miface", "--target", url, "--mode", "blackbox", *args])
-        assert refused.value.code == 2 and f"{revoked[:12]}... was revoked" in capsys.readouterr().err
+        assert (
+            refused.value.code == 2 and f"{revoked[:12]}... was revoked" in capsys.readouterr().err
+        )
         assert not out.exists() and store.queries() == []  # refused before any query
         with pytest.raises(SystemExit) as done:
             main(
@@ -305,3 +307,36 @@ def test_attack_cli_resumed_with_a_checkpoint_moves_past_a_key_blocked_meanwhile
         key_fingerprint(keys[0]): first["n_queries"],
         key_fingerprint(keys[1]): second["n_queries"],
     }
+
+
+def test_a_huge_body_gets_its_answer_unread_over_a_real_socket(
+    tmp_path: Path, model_dir: tuple[Path, Any]
+) -> None:
+    """uvicorn delivers the refusal of a body it never read (60 MB declared, 64 KB sent),
+    closes the connection, and logs no traceback; a small refused body is drained, and
+    its connection kept open."""
+    import socket
+
+    folder, _ = model_dir
+    db = tmp_path / "service.db"
+    key, _ = Store(db).create_key("alice")
+    with ServiceProcess([f"toy={folder}"], db=db) as service:
+        head = (
+            "POST /v1/models/toy/predict HTTP/1.1\r\nHost: x\r\n"
+            "Content-Type: application/json\r\nContent-Length: 60000000\r\n"
+        )
+        answers = []
+        for extra in ("", f"X-API-Key: {key}\r\n"):
+            with socket.create_connection(("127.0.0.1", service.port), timeout=30) as sock:
+                sock.sendall((head + extra + "\r\n").encode() + b"0.1," * 16384)
+                answer = b""
+                while chunk := sock.recv(65536):  # until the server closes
+                    answer += chunk
+            answers.append(answer)
+        with httpx.Client(base_url=service.url) as client:
+            refused = client.post("/v1/models/toy/predict", content=b"[0.1]" * 1000)
+        log = service.log()
+    assert answers[0].startswith(b"HTTP/1.1 401") and b"connection: close" in answers[0].lower()
+    assert answers[1].startswith(b"HTTP/1.1 413") and b"limit of" in answers[1]
+    assert refused.status_code == 401 and "connection" not in refused.headers
+    assert "Traceback" not in log and "rror" not in log

@@ -11,7 +11,6 @@ counting as a query.
 
 from __future__ import annotations
 
-import asyncio
 import binascii
 import json
 import logging
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import anyio
 import numpy as np
 import orjson
 from fastapi import Depends, FastAPI, Query, Request
@@ -493,29 +493,31 @@ async def read_body(
     ClientDisconnected when the client leaves.
     With ``keep=False`` the chunks are dropped as they come (the body is drained).
     """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = anyio.current_time() + timeout
     body = bytearray()
     size = 0
     more = True
-    while more:
-        try:
-            message = await asyncio.wait_for(receive(), max(0.0, min(idle, deadline - loop.time())))
-        except TimeoutError:
-            raise RequestTimeout(
-                f"the request body did not arrive in time ({size} bytes read; the service "
-                f"waits {timeout:g} s for a body and {idle:g} s for each part of it); send it "
-                "at once"
-            ) from None
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnected(f"the client closed the connection after {size} bytes")
-        chunk = message.get("body", b"")
-        more = message.get("more_body", False)
-        size += len(chunk)
-        if size > limit:
-            raise too_large(size)
-        if keep:
-            body += chunk
+    # one cancel scope for the whole body, its deadline moved on at every part (no task
+    # per part; an anyio scope, as Starlette runs the route inside anyio task groups)
+    with anyio.CancelScope(deadline=min(deadline, anyio.current_time() + idle)) as window:
+        while more:
+            message = await receive()
+            window.deadline = min(deadline, anyio.current_time() + idle)
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected(f"the client closed the connection after {size} bytes")
+            chunk = message.get("body", b"")
+            more = message.get("more_body", False)
+            size += len(chunk)
+            if size > limit:
+                raise too_large(size)
+            if keep:
+                body += chunk
+    if window.cancelled_caught:
+        raise RequestTimeout(
+            f"the request body did not arrive in time ({size} bytes read; the service "
+            f"waits {timeout:g} s for a body and {idle:g} s for each part of it); send it "
+            "at once"
+        )
     return body
 
 
