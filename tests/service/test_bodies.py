@@ -8,7 +8,6 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -194,11 +193,17 @@ class Broken(ToySoftmax):
         raise RuntimeError("a bug")
 
 
+class NaNs(ToySoftmax):
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return np.full((X.shape[0], 5), np.nan)
+
+
+@pytest.mark.parametrize("model", [Broken(), NaNs()], ids=["raises", "answers NaN"])
 def test_an_internal_error_is_logged_once_counted_and_in_the_query_log(
-    tmp_path: Path, store: Store, api_key: str, caplog: pytest.LogCaptureFixture
+    store: Store, api_key: str, caplog: pytest.LogCaptureFixture, model: ToySoftmax
 ) -> None:
     settings = ServiceSettings(db=store.path)
-    app = create_app(settings, build_predictors({"faces": Broken()}, settings), store=store)
+    app = create_app(settings, build_predictors({"faces": model}, settings), store=store)
     with caplog.at_level(logging.INFO):
         status, _, doc = asyncio.run(
             call(app, Body([ROW]), {"x-api-key": api_key, "content-length": str(len(ROW))})

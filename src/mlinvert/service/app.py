@@ -12,7 +12,6 @@ counting as a query.
 from __future__ import annotations
 
 import binascii
-import json
 import logging
 import math
 import re
@@ -637,6 +636,9 @@ class _PredictHandler:
                 x = decode_json(data, predictor)
             del data  # the caller's reference goes too once this returns
             response = predictor.predict(x, account=account)
+            for values in (response.probs, response.confidence):
+                if values is not None and not np.isfinite(values).all():  # orjson writes null
+                    raise RuntimeError(f"{predictor.info.policy!r} answered NaN or infinity")
         except Exception as exc:
             return self.refuse(exc, head, account, x)
         n_inputs = int(x.shape[0])
@@ -661,15 +663,14 @@ class _PredictHandler:
             for i, label in enumerate(response.labels.tolist())
         ]
         info = predictor.info
-        body_out = json.dumps(
+        body_out = orjson.dumps(
             {
                 "model": head.name,
                 "policy": info.policy,
                 "carries": info.carries,
                 "predictions": predictions,
-            },
-            allow_nan=False,
-        ).encode()
+            }
+        )
         self.metrics.observe(
             model=head.name,
             status=200,
