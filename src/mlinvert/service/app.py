@@ -450,6 +450,10 @@ JSON_BYTES_PER_NUMBER = 24
 RECORD_BYTES_PER_FEATURE = 128
 #: Room for the JSON document around the numbers (field names, brackets, whitespace).
 JSON_OVERHEAD = 64 * 1024
+#: The memory a JSON body takes while it is decoded, in multiples of its size: its
+#: numbers as Python floats (32 bytes each with the list's pointer, for 10-20 bytes of
+#: text) and then as one array; the body budget reserves this much for a JSON body.
+JSON_EXPANSION = 3
 
 
 def json_body_limit(predictor: Predictor, max_body: int) -> int:
@@ -768,7 +772,9 @@ def _closing(response: Response) -> Response:
 
 
 class _BodyBudget:
-    """The request-body bytes the service holds at once (used on the event loop only)."""
+    """The bytes the service holds at once for request bodies and their decoding (used
+    on the event loop only). A body that alone needs the whole budget is reserved the
+    whole budget, so it is read when nothing else is."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
@@ -1047,11 +1053,14 @@ def create_app(
         admitted = await run_in_threadpool(handler.admit, head)
         if isinstance(admitted, _Outcome):  # refused before its body was read
             return await _unread(request, head, admitted.response())
-        reserve = admitted.limit if head.declared is None else head.declared
+        size = admitted.limit if head.declared is None else head.declared
+        # what decoding costs too: a JSON body's numbers become Python floats first
+        reserve = min(bodies.budget, size * (1 if admitted.raw else JSON_EXPANSION))
         if not bodies.take(reserve):
             busy = Unavailable(
-                f"the service holds {bodies.held} bytes of request bodies; this one "
-                f"({reserve} bytes) would pass its budget of {bodies.budget}: retry in a second",
+                f"the service holds {bodies.held} bytes for request bodies; this one "
+                f"({size} bytes, {reserve} to decode) would pass its budget of "
+                f"{bodies.budget}: retry in a second",
                 retry_after=1.0,
             )
             outcome = await run_in_threadpool(handler.refuse, busy, head, admitted.account)

@@ -63,8 +63,9 @@ class ServiceSettings:
     Request bodies: a body is read only after its key, model and declared size passed.
     ``max_body_bytes`` is the ceiling of any one body (each model's own limit, from its
     largest batch and input size, is usually far lower); ``body_budget_bytes`` bounds
-    the bodies every request together may hold at once (a request that would pass it is
-    answered 503 with Retry-After, unread); a body must arrive within ``body_timeout``
+    what every request together may hold at once for its body and its decoding (3x the
+    size of a JSON body, 1x a raw one; a request that would pass it is answered 503 with
+    Retry-After, unread); a body must arrive within ``body_timeout``
     seconds with no pause over ``idle_timeout`` seconds (408 otherwise), and an idle
     keep-alive connection is closed after ``idle_timeout`` seconds.
 
