@@ -162,7 +162,7 @@ def test_a_client_that_leaves_mid_body_is_no_internal_error(
     assert "mlinvert_server_errors_total{" not in metrics
 
 
-def test_bodies_past_the_budget_get_503_unread(store: Store, api_key: str) -> None:
+def test_bodies_past_the_budget_get_503_drained(store: Store, api_key: str) -> None:
     app = make_app(store, max_body_bytes=50_000, body_budget_bytes=100_000)
     first_reading = asyncio.Event()
     let_go = asyncio.Event()
@@ -176,14 +176,15 @@ def test_bodies_past_the_budget_get_503_unread(store: Store, api_key: str) -> No
         headers = {"x-api-key": api_key, "content-length": "20000"}
         first = asyncio.create_task(call(app, holds, headers))
         await first_reading.wait()  # 3 x 20 kB for the first JSON body and its decoding
-        second = Body(endless=b" ")
+        second = Body([b" " * 20000])
         busy = await call(app, second, headers)
         fits = await call(app, Body([ROW]), {"x-api-key": api_key, "content-length": str(len(ROW))})
         let_go.set()
         return busy, second.taken, fits, await first
 
     (status, answer, doc), taken, fits, first = asyncio.run(scenario())
-    assert status == 503 and answer["retry-after"] == "1" and taken == 0
+    assert status == 503 and answer["retry-after"] == "1"
+    assert taken == 1 and "connection" not in answer  # drained, not kept: the client reads it
     assert "budget" in doc["error"]["message"]
     assert fits[0] == 200 and first[0] == 499
 

@@ -1064,7 +1064,7 @@ def create_app(
                 retry_after=1.0,
             )
             outcome = await run_in_threadpool(handler.refuse, busy, head, admitted.account)
-            return _closing(outcome.response())
+            return await _unread(request, head, outcome.response())
         try:
             try:
                 data = await read_body(
