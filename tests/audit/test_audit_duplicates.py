@@ -61,6 +61,7 @@ def test_an_audit_of_a_folder_with_copied_photos_attacks_every_person(tmp_path: 
         # attacked: ran to its end ('failed' without an error: no image the model takes
         # for the person), nothing refused
         assert r["error"] is None and r["n_queries"] > 0, (key, r["status"], r["error"])
+        assert r["measured"], key  # and judged
     # the model's split (its card) kept each photo's copies on one side
     card = read_card(Path(doc["targets"]["softmax"]["model_dir"]))
     split = Split.from_dict(card["split"])
