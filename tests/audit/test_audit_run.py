@@ -34,7 +34,9 @@ REQUIRED = (
     "utility",
     "recovered",
 )
-DEFENSES = ("none", "round:1", "labels", "rate:60/hour", "detect:block:20")
+# rate:60/day: one input back every 24 minutes, so no test run lasts long enough for
+# a refill to change a count (60/hour gives one back a minute: a slow run could get more)
+DEFENSES = ("none", "round:1", "labels", "rate:60/day", "detect:block:20")
 
 
 class _Stop:
@@ -124,7 +126,7 @@ def test_records_carry_the_schema_and_the_expected_shape(resumed: dict[str, Any]
     assert all(by[("blackbox", "labels", lab)]["measured"] for lab in (0, 1))
     assert all(by[("label-only", "labels", lab)]["n_queries"] > 0 for lab in (0, 1))
     # the rate limit stops the black-box attack before its budget
-    rl = [by[("blackbox", "rate:60/hour", lab)] for lab in (0, 1)]
+    rl = [by[("blackbox", "rate:60/day", lab)] for lab in (0, 1)]
     assert all(r["status"] == "rate_limited" and r["n_queries"] <= 60 for r in rl)
     # the detector blocks the account of each API attack after its first near duplicates
     for attack in ("blackbox", "label-only"):
@@ -139,7 +141,7 @@ def test_records_carry_the_schema_and_the_expected_shape(resumed: dict[str, Any]
     assert util["detect:block:20"]["honest_refused"] == 0
     assert util["detect:block:20"]["accuracy"] == util["none"]["accuracy"]
     html = resumed["index"].read_text()
-    assert "AML.T0024" in html and "rate:60/hour" in html
+    assert "AML.T0024" in html and "rate:60/day" in html
     assert "Query detector (detect:block:20), how the attacks ended:" in html
     assert "(labels through the API): blocked 2" in html
     assert "attacker did not adapt (--blind 0)" in html
@@ -211,7 +213,7 @@ def test_audit_over_the_real_http_service(tmp_path: Path, resumed: dict[str, Any
     index = run_audit(
         _small(
             out,
-            defenses=("rate:60/hour", "detect:block:20"),
+            defenses=("rate:60/day", "detect:block:20"),
             attacks=("blackbox",),
             lanes=2,
             accounts=2,  # a fresh API key when the first is refused
@@ -220,7 +222,7 @@ def test_audit_over_the_real_http_service(tmp_path: Path, resumed: dict[str, Any
     )
     final = json.loads((out / "results.json").read_text())
     assert final["status"] == "complete"
-    records = [r for r in final["records"] if r["defense"] == "rate:60/hour"]
+    records = [r for r in final["records"] if r["defense"] == "rate:60/day"]
     assert [r["label"] for r in sorted(records, key=lambda r: r["label"])] == [0, 1]
     assert all(r["channel"] == "HTTP API" and r["lanes"] == 2 for r in records)
     # two people share the attacker's two accounts' rate limits: once the first key is
@@ -228,7 +230,7 @@ def test_audit_over_the_real_http_service(tmp_path: Path, resumed: dict[str, Any
     assert all(r["status"] == "rate_limited" for r in records), [r["error"] for r in records]
     assert all(r["accounts"] == 2 for r in records)
     assert 60 < sum(r["n_queries"] for r in records) <= 120
-    assert (out / "service" / "rate_60_hour.sqlite3").exists()  # the service's query log
+    assert (out / "service" / "rate_60_day.sqlite3").exists()  # the service's query log
     # the service's detector blocks the attacking account (403) and records the flag
     # (even blinded: noise of +-0.05 moves too few of these 8x8 probes' pixels across the
     # detector's 0.2 quantisation steps to break up their 20-pixel windows); the attacker
