@@ -66,7 +66,8 @@ class ServiceSettings:
     what every request together may hold at once for its body and its decoding (3x the
     size of a JSON body, 1x a raw one; a request that would pass it is answered 503 with
     Retry-After, unread); a body must arrive within ``body_timeout``
-    seconds with no pause over ``idle_timeout`` seconds (408 otherwise), and an idle
+    seconds with no pause over ``idle_timeout`` seconds (408 otherwise; a pause is caught
+    within the timeout's last quarter, see ``read_body``), and an idle
     keep-alive connection is closed after ``idle_timeout`` seconds.
 
     Redis: every Redis call of one request shares one deadline, ``redis_timeout``
