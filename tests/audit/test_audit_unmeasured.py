@@ -74,3 +74,45 @@ def test_a_failing_attack_is_not_measured_and_the_audit_says_so(
     assert all(r["measured"] for r in final["records"]) and len(final["records"]) == 8
     assert [r for r in final["records"] if r["defense"] == "none"] == kept  # not re-run
     assert "Not measured, so not shown" not in (out / "index.html").read_text()
+
+
+class _FakeRecogniser:
+    """Stands in for dlib on digits: a fixed random projection as the descriptor."""
+
+    def embed(self, images: Any) -> Any:
+        import numpy as np
+
+        x = np.asarray(images, dtype=np.float64).reshape(len(images), -1)
+        w = np.random.default_rng(0).normal(size=(x.shape[1], 128))
+        return x @ w, np.ones(len(x), dtype=bool)
+
+
+def test_a_judge_that_fails_leaves_the_record_unmeasured_not_unrecovered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlinvert.evaluation.audit as audit
+    import mlinvert.evaluation.recogniser as recogniser
+    from mlinvert.errors import DataError
+
+    monkeypatch.setattr(audit, "is_faces", lambda dataset: True)  # judge digits as faces
+    monkeypatch.setattr(recogniser, "shared_recogniser", _FakeRecogniser)
+    real = recogniser.IndependentJudge.score
+
+    def flaky(self: Any, images: Any, labels: Any) -> Any:
+        if len(labels) == 1:  # the references (all people at once) pass; every record fails
+            raise DataError("the recogniser crashed")
+        return real(self, images, labels)
+
+    monkeypatch.setattr(recogniser.IndependentJudge, "score", flaky)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as done:
+        main(["audit", "--out", str(out), *ARGS, "--defenses", "none"])
+    assert done.value.code == EXIT_UNMEASURED
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["thresholds"]["judge"] == "independent"
+    for r in doc["records"]:
+        assert r["measured"] is False and r["recovered"] is False
+        assert r["error"] == "the judge failed: the recogniser crashed"
+        assert r["image"]  # the attack ran; only its measurement is missing
+    html = " ".join((out / "index.html").read_text().split())
+    assert "Not measured, so not shown to protect anything: &#39;none&#39;" in html
