@@ -13,12 +13,19 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.extra.numpy import array_shapes, arrays
 from toys import ToySoftmax, ToyTabular
 
 from mlinvert.defenses import Predictor, parse_policy
 from mlinvert.errors import MlinvertError
 from mlinvert.service import Store
-from mlinvert.service.app import decode_json, decode_raw, parse_raw_shape, raw_spec
+from mlinvert.service.app import (
+    decode_json,
+    decode_raw,
+    inputs_array,
+    parse_raw_shape,
+    raw_spec,
+)
 
 FUZZ = settings(max_examples=300, deadline=None, database=None, derandomize=True)
 FACES = Predictor(ToySoftmax(), name="faces", policy=parse_policy("full"), max_batch=8)
@@ -87,6 +94,63 @@ def test_any_json_document_decodes_or_is_refused(doc: dict[str, Any]) -> None:
     body = json.dumps(doc).encode()
     decoded_or_refused(lambda: FACES.validate(decode_json(body, FACES)))
     decoded_or_refused(lambda: SURVEY.validate(decode_json(body, SURVEY)))
+
+
+@FUZZ
+@given(
+    x=arrays(
+        np.float64,
+        array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=4),
+        elements=st.floats(allow_nan=False, allow_infinity=False),
+    ),
+    ints=st.booleans(),
+    indent=st.sampled_from([None, 1]),
+)
+def test_the_fast_inputs_path_reads_every_regular_array_as_the_general_path(
+    x: np.ndarray, ints: bool, indent: int | None
+) -> None:
+    values = x.clip(-(2**53), 2**53).round().astype(np.int64) if ints else x
+    body = json.dumps({"inputs": values.tolist()}, indent=indent).encode()
+    fast = inputs_array(body, FACES.max_batch)
+    assert fast is not None and fast.dtype == np.float64
+    assert np.array_equal(fast, np.asarray(json.loads(body)["inputs"], dtype=np.float64))
+
+
+@FUZZ
+@given(doc=st.dictionaries(st.sampled_from(["inputs", "binary", "x"]), json_values, min_size=1))
+def test_the_fast_inputs_path_reads_the_general_paths_array_or_declines(
+    doc: dict[str, Any],
+) -> None:
+    body = json.dumps(doc).encode()
+    fast = inputs_array(body, FACES.max_batch)
+    if fast is not None:  # the general path must make the same array of it
+        general = np.asarray(json.loads(body)["inputs"])
+        assert general.dtype.kind in "fiu" and general.dtype != np.bool_
+        assert np.array_equal(fast, general.astype(np.float64))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"inputs": [[0.1, [0.2]]]}',  # a leaf list holding a one-number list
+        b'{"inputs": [[0.1], [0.2, 0.3]]}',  # ragged
+        b'{"inputs": [[1, 2], 3]}',  # a number beside a list
+        b'{"inputs": [[[1]], [2]]}',
+        b'{"inputs": [[], []]}',
+        b'{"inputs": [true, 0.5]}',
+        b'{"inputs": ["0.5"]}',
+        b'{"inputs": [NaN]}',
+        b'{"inputs": [1e400]}',
+        b'{"inputs": [1], "inputs": [2]}',  # a repeated key: the general path decides
+        b'{"inputs": [1], "binary": null}',  # another field: the general path refuses it
+        b'{"inputs": [0, 0, 0, 0, 0, 0, 0, 0, 0]}',  # over the batch limit of 8
+        b'{"inputs": 0.5}',
+        b"[0.5]",
+    ],
+)
+def test_the_fast_inputs_path_declines_what_it_cannot_read_exactly(body: bytes) -> None:
+    assert inputs_array(body, FACES.max_batch) is None
+    decoded_or_refused(lambda: FACES.validate(decode_json(body, FACES)))
 
 
 @FUZZ

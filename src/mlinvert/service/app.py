@@ -24,6 +24,7 @@ from typing import Any
 import anyio
 import numpy as np
 import orjson
+import simdjson
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -423,8 +424,16 @@ def decode_raw(body: bytes | bytearray, spec: RawSpec) -> np.ndarray:
 
 
 def decode_json(body: bytes | bytearray, predictor: Predictor) -> np.ndarray:
-    """A JSON body (``inputs``, ``binary`` or ``records``), parsed by orjson straight into
-    Python lists and then one numpy array (no per-number validation)."""
+    """A JSON body (``inputs``, ``binary`` or ``records``) as the array the model takes.
+
+    The common body, ``{"inputs": ...}`` holding one regular array of numbers, is read
+    by :func:`inputs_array` without a Python float per number; any other body, and every
+    body it declines, is parsed by orjson into Python objects, checked field by field
+    and refused with a message that says what is wrong.
+    """
+    fast = inputs_array(body, predictor.max_batch)
+    if fast is not None:
+        return fast
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -441,6 +450,53 @@ def decode_json(body: bytes | bytearray, predictor: Predictor) -> np.ndarray:
     except ValidationError as exc:
         raise QueryRejected(f"bad request body: {_validation_message(exc)}") from None
     return decode_batch(request, predictor)
+
+
+def inputs_array(body: bytes | bytearray, max_batch: int) -> np.ndarray | None:
+    """``body``'s ``inputs`` as a float64 array when the body is exactly
+    ``{"inputs": A}`` with ``A`` a regular array (every list at one depth equally long,
+    no list empty) of at most ``max_batch`` inputs, all of whose leaves are JSON numbers
+    within float64; None for anything else, which :func:`decode_json` then parses and
+    refuses as it always has.
+
+    simdjson parses the text in C and copies the numbers straight into one buffer (at
+    batch 64 of 112x92 images, 13 MB as ``json.dumps`` writes it: about 33 ms where
+    orjson's lists and ``np.asarray`` take about 115 ms). The lists are checked level by
+    level, the leaves only as lists (their numbers stay in C). A leaf list holding a
+    one-number list would pass every length and ``as_buffer`` would flatten it, so the
+    body's ``[`` are counted too: with one key and no strings among the numbers, a
+    regular array of shape ``(d1, ..., dk)`` has exactly ``1 + d1 + ... + d1...d(k-1)``.
+    """
+    parser = simdjson.Parser()  # one per call: a parser is not shared between threads
+    try:
+        doc = parser.parse(body)
+        if not isinstance(doc, simdjson.Object) or list(doc.keys()) != ["inputs"]:
+            return None
+        inputs = doc["inputs"]
+        if not isinstance(inputs, simdjson.Array) or not 0 < len(inputs) <= max_batch:
+            return None
+        shape: list[int] = []
+        node: Any = inputs
+        while isinstance(node, simdjson.Array):
+            if len(node) == 0:
+                return None
+            shape.append(len(node))
+            node = node[0]
+        level: list[Any] = [inputs]
+        for size in shape[:-1]:
+            if any(len(a) != size for a in level):
+                return None
+            level = [child for a in level for child in a]
+            if not all(isinstance(a, simdjson.Array) for a in level):
+                return None
+        if any(len(a) != shape[-1] for a in level):
+            return None
+        if body.count(b"[") != sum(math.prod(shape[:k]) for k in range(len(shape))):
+            return None
+        numbers = inputs.as_buffer(of_type="d")  # TypeError for a leaf that is no number
+    except (ValueError, TypeError, RuntimeError):  # not JSON, too deep, a number too large
+        return None
+    return np.frombuffer(numbers, dtype=np.float64).reshape(shape)
 
 
 #: Bytes the JSON form may spend per number: a float32 written out in full as Python
