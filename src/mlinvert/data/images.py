@@ -44,6 +44,12 @@ def _grey(im: Image.Image) -> Image.Image:
     return im.convert("L")
 
 
+def _listed(items: list[str], most: int, sep: str) -> str:
+    """The first ``most`` of ``items`` joined by ``sep``, and how many more there are."""
+    more = len(items) - most
+    return sep.join(items[:most]) + (f"{sep.rstrip()} and {more} more" if more > 0 else "")
+
+
 def _read_grey(path: Path, size: tuple[int, int] | None, fit: str = "stretch") -> np.ndarray:
     """Read one image as float32 grey in [0, 1], fitted to ``size`` = (h, w) if given
     (``fit``: one of FITS)."""
@@ -109,7 +115,7 @@ def _read_all(
             cause = exc.__cause__ if exc.__cause__ is not None else exc
             bad.append(f"{f.relative_to(root)} ({cause})")
     if bad:
-        shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        shown = _listed(bad, 5, "; ")
         raise DataError(
             f"cannot read image{'s' if len(bad) > 1 else ''} under {root}: {shown}. Replace "
             f"or remove {'them' if len(bad) > 1 else 'it'}; supported formats: "
@@ -262,7 +268,7 @@ def load_folder(
     )
     few = [f"{names[c]} ({distinct[c]})" for c in range(len(names)) if distinct[c] < 2]
     if few:
-        shown = ", ".join(few[:8]) + (f" and {len(few) - 8} more" if len(few) > 8 else "")
+        shown = _listed(few, 8, ", ")
         raise DataError(
             f"{len(few)} of {len(names)} people under {root} have fewer than 2 distinct "
             f"photos (one to train, one to hold out; copies count once): {shown}. Add "
