@@ -230,3 +230,27 @@ def test_an_error_outside_the_predict_route_is_logged_once_and_counted(
     assert r.status_code == 500 and r.json()["error"]["type"] == "InternalError"
     assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
     assert 'mlinvert_server_errors_total{route="/v1/models"} 1' in app.state.metrics.render()
+
+
+@pytest.mark.parametrize(("rows", "hops"), [(1, 1), (8, 2)])
+def test_a_small_body_takes_one_thread_pool_hop_a_large_one_two(
+    store: Store, api_key: str, monkeypatch: pytest.MonkeyPatch, rows: int, hops: int
+) -> None:
+    """A body declared within SMALL_BODY is read first and admitted and answered in one
+    hop; a larger one is admitted (its key checked) before it is read."""
+    from mlinvert.service import app as service_app
+
+    calls: list[str] = []
+    hop = service_app.run_in_threadpool
+
+    async def counted(func: Callable[..., Any], *args: Any) -> Any:
+        calls.append(func.__name__)
+        return await hop(func, *args)
+
+    monkeypatch.setattr(service_app, "run_in_threadpool", counted)
+    monkeypatch.setattr(service_app, "SMALL_BODY", len(ROW))
+    doc = json.dumps({"inputs": np.full((rows, 6, 5), 0.5).tolist()}).encode()
+    headers = {"x-api-key": api_key, "content-length": str(len(doc))}
+    status, _, answer = asyncio.run(call(make_app(store), Body([doc]), headers))
+    assert status == 200 and len(answer["predictions"]) == rows
+    assert calls == (["handle"] if hops == 1 else ["admit", "answer"])

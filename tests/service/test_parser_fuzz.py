@@ -146,6 +146,7 @@ def test_the_fast_inputs_path_reads_the_general_paths_array_or_declines(
         b'{"inputs": [0, 0, 0, 0, 0, 0, 0, 0, 0]}',  # over the batch limit of 8
         b'{"inputs": 0.5}',
         b"[0.5]",
+        b'{"inputs": ' + b"[" * 9 + b"0.5" + b"]" * 9 + b"}",  # 9 dimensions
     ],
 )
 def test_the_fast_inputs_path_declines_what_it_cannot_read_exactly(body: bytes) -> None:
