@@ -134,7 +134,7 @@ def test_finetune_adapts_the_decoder_to_in_domain_photos_of_others(digits: Any) 
     leaves the original prior unchanged, and refuses a private photo."""
     x_test, y_test = digits.test()
     private, _ = digits.train()
-    prior = train_prior(x_test[y_test < 5], _tiny("vae", latent=6), source="0-4", n_people=5)
+    prior = train_prior(x_test[y_test < 5], _tiny("pca", latent=6), source="0-4", n_people=5)
     domain = x_test[y_test >= 5][:24]
     tuned = finetune_prior(
         prior, domain, FinetuneConfig(steps=60, lr=3e-3, mirror=False), source="5-9"
