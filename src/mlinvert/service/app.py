@@ -455,9 +455,9 @@ def decode_json(body: bytes | bytearray, predictor: Predictor) -> np.ndarray:
 def inputs_array(body: bytes | bytearray, max_batch: int) -> np.ndarray | None:
     """``body``'s ``inputs`` as a float64 array when the body is exactly
     ``{"inputs": A}`` with ``A`` a regular array of 1 to 8 dimensions (every list at one
-    depth equally long, no list empty) of at most ``max_batch`` inputs, all of whose leaves are JSON numbers
-    within float64; None for anything else, which :func:`decode_json` then parses and
-    refuses as it always has.
+    depth equally long, no list empty) of at most ``max_batch`` inputs, all of whose
+    leaves are JSON numbers within float64; None for anything else, which
+    :func:`decode_json` then parses and refuses as it always has.
 
     simdjson parses the text in C and copies the numbers straight into one buffer (at
     batch 64 of 112x92 images, 13 MB as ``json.dumps`` writes it: about 33 ms where
