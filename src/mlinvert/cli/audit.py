@@ -264,6 +264,13 @@ def audit(
         "Never written to the results.",
         envvar=_UTILITY_KEY_ENV,
     ),
+    prior: Path | None = typer.Option(
+        None,
+        "--prior",
+        help="The attacker's face prior: a folder written by `mlinvert prior train` (faces "
+        "learned from public photos of other people; refused if it holds a private photo). "
+        "Default: eigenfaces of the other attacked people's held-out photos.",
+    ),
 ) -> None:
     """Attack the model under every defence, measure, and write DIR/index.html.
 
@@ -309,6 +316,7 @@ def audit(
         api=api,
         api_keys=_split(api_key, "api-key") or (),
         utility_key=utility_key,
+        prior=prior,
         command=_redacted(command_line()),
     )
     if out_dir.is_dir() and not (out_dir / "results.json").exists() and any(out_dir.iterdir()):

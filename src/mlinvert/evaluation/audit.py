@@ -226,11 +226,14 @@ class AuditConfig:
     api: str | None = None
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     utility_key: str | None = field(default=None, repr=False)
+    prior: Path | None = None
     command: str = ""
 
     def __post_init__(self) -> None:
         if self.model_dir is not None:
             object.__setattr__(self, "model_dir", Path(self.model_dir))
+        if self.prior is not None:
+            object.__setattr__(self, "prior", Path(self.prior))
         object.__setattr__(self, "out", Path(self.out))
         object.__setattr__(self, "api_keys", tuple(self.api_keys))
         if self.api is not None:
@@ -331,6 +334,7 @@ class AuditConfig:
         d["api_keys"] = [key_fingerprint(k) for k in self.api_keys]
         d["utility_key"] = None if self.utility_key is None else key_fingerprint(self.utility_key)
         d["model_dir"] = None if self.model_dir is None else str(self.model_dir)
+        d["prior"] = None if self.prior is None else str(self.prior)
         d["out"] = str(self.out)
         d["targets"] = list(self.targets)
         d["attacks"] = list(self.attacks)
@@ -494,9 +498,16 @@ _RESUME_FIELDS = (
     "accounts",
     "escalate",
     "api",
+    "prior",
 )
 #: What a results file written before a field existed ran with.
-_RESUME_DEFAULTS: dict[str, Any] = {"blind": 0.0, "accounts": 1, "escalate": False, "api": None}
+_RESUME_DEFAULTS: dict[str, Any] = {
+    "blind": 0.0,
+    "accounts": 1,
+    "escalate": False,
+    "api": None,
+    "prior": None,
+}
 
 
 def _failed_empty(doc: dict[str, Any], out: Path) -> bool:
@@ -652,6 +663,8 @@ class _Context:
     defenses: list[Defense]
     events: Event
     spaces: dict[int, Any] = field(default_factory=dict)
+    #: the attacker's learned prior (``--prior``), or None: eigenfaces of the others
+    prior: Any = None
     #: False once the API the attacks talk to has gone away (then an error is the
     #: run's problem, not an attack outcome: the run stops instead of recording it)
     api_alive: Callable[[], bool] = lambda: True
@@ -1140,8 +1153,35 @@ def _run_faces(
         labels=labels,
         defenses=defenses,
         events=emit,
+        prior=_attacker_prior(config, results, dataset),
     )
     _attack_matrix(ctx)
+
+
+def _attacker_prior(config: AuditConfig, results: ResultsFile, dataset: ImageDataset) -> Any:
+    """The learned prior of ``config.prior`` (checked never to hold a private photo), or
+    None for the default eigenfaces; which one is written into ``results``."""
+    preset_space = results.doc["preset"]["space"]
+    if config.prior is None:
+        results.doc["prior"] = {
+            "kind": preset_space,
+            "path": None,
+            "source": "eigenfaces of the held-out photos of every other attacked person",
+        }
+        return None
+    from mlinvert.attacks.priors import load_prior
+
+    prior = load_prior(config.prior)
+    prior.check_disjoint(dataset.train()[0])
+    card = prior.card
+    results.doc["prior"] = {
+        "kind": prior.kind,
+        "path": str(config.prior),
+        "source": (card.get("data") or {}).get("spec"),
+        "latent": prior.latent,
+        "card": {k: v for k, v in card.items() if k not in ("path",)},
+    }
+    return prior
 
 
 def _describe_dataset(
@@ -1444,6 +1484,7 @@ def _audit_deployed(
         defenses=[defense],
         events=emit,
         api_oracles=attackers,
+        prior=_attacker_prior(config, results, dataset),
     )
     _attack_matrix(ctx)
 
@@ -1914,8 +1955,12 @@ def search_space(
     augment: bool = False,
     detail: int = 0,
     radius: float | None = 1.0,
+    prior: Any = None,
 ) -> Any:
     """The attacks' search space for ``label``, bound to the image size.
+
+    ``prior`` (a learned :class:`~mlinvert.attacks.priors.Prior`, ``--prior``) replaces
+    ``spec``: the attacks search its latent space.
 
     ``pca:K`` is an eigenface prior from the attacker's auxiliary photos — the held-out
     photos of everyone *except* the attacked person (never a private training photo;
@@ -1925,6 +1970,8 @@ def search_space(
     from mlinvert.attacks.spaces import PCAPrior, Space, parse_space
 
     space: Space
+    if prior is not None:
+        return prior.space(radius=radius, private=dataset.train()[0], shape=dataset.image_shape)
     if spec.startswith("pca"):
         _, _, k = spec.partition(":")
         x_test, y_test = dataset.test()
@@ -1982,7 +2029,7 @@ def build_attack(
 def _build_attack(ctx: _Context, attack: str, label: int, defense: Defense) -> Any:
     if label not in ctx.spaces:  # bound once per person: every attack and defence reuses it
         ctx.spaces[label] = search_space(
-            ctx.dataset, label, ctx.preset.space, augment=ctx.preset.augment
+            ctx.dataset, label, ctx.preset.space, augment=ctx.preset.augment, prior=ctx.prior
         )
     budget = int(ctx.results.doc["budget"])
     return build_attack(attack, ctx.preset, budget, ctx.spaces[label], policy=defense.policy)
