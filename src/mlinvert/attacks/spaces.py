@@ -237,7 +237,31 @@ class DCT(Space):
         return {"name": self.name, "k": self.k}
 
 
-class PCAPrior(Space):
+class LatentBall(Space):
+    """A space of whitened latent coordinates ``z ~ N(0, I)`` whose search stays inside
+    the typical-set ball ``||z|| <= radius * sqrt(dim)`` (no ball when ``radius`` is
+    None); ``z = 0`` is the prior's mean face. Subclasses set ``radius`` and ``dim``."""
+
+    radius: float | None
+
+    def project(self, z: np.ndarray) -> np.ndarray:
+        """Pull ``z`` back onto the ball ``||z|| <= radius * sqrt(dim)`` (if a radius is set)."""
+        if self.radius is None:
+            return z
+        limit = self.radius * np.sqrt(self.dim)
+        norm = float(np.linalg.norm(z))
+        return z if norm <= limit else z * (limit / norm)
+
+    def prior_center(self) -> np.ndarray:
+        """``z = 0``: the prior's mean face."""
+        return np.zeros(self.dim)
+
+    def prior_sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Draws from the Gaussian prior ``N(0, I)``."""
+        return rng.standard_normal((n, self.dim))
+
+
+class PCAPrior(LatentBall):
     """Eigenfaces from the attacker's auxiliary images of other people (whitened).
 
     ``aux`` ``(m, h', w')`` in [0, 1] is resized to the target's input shape when bound.
@@ -356,22 +380,6 @@ class PCAPrior(Space):
         """0 inside the ball (the radius is the prior); 0.05 (a light whitened Gaussian
         log-prior) without one."""
         return 0.0 if self.radius is not None else 0.05
-
-    def project(self, z: np.ndarray) -> np.ndarray:
-        """Pull ``z`` back onto the ball ``||z|| <= radius * sqrt(dim)`` (if a radius is set)."""
-        if self.radius is None:
-            return z
-        limit = self.radius * np.sqrt(self.dim)
-        norm = float(np.linalg.norm(z))
-        return z if norm <= limit else z * (limit / norm)
-
-    def prior_center(self) -> np.ndarray:
-        """The auxiliary mean face (``z = 0``)."""
-        return np.zeros(self.dim)
-
-    def prior_sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        """Draws from the Gaussian prior ``N(0, I)``."""
-        return rng.standard_normal((n, self.dim))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form (the aux images themselves are not stored)."""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from mlinvert.attacks.spaces import Space
+from mlinvert.attacks.spaces import LatentBall
 from mlinvert.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ ENCODE_STEPS = 200
 ENCODE_LR = 0.05
 
 
-class PriorSpace(Space):
+class PriorSpace(LatentBall):
     """A learned prior's latent space (see the module docstring)."""
 
     name = "prior"
@@ -115,22 +115,6 @@ class PriorSpace(Space):
                 loss.backward()
                 opt.step()
         return np.stack([self.project(row) for row in z.detach().double().numpy()])
-
-    def project(self, z: np.ndarray) -> np.ndarray:
-        """Pull ``z`` back onto the ball ``||z|| <= radius * sqrt(dim)`` (if a radius is set)."""
-        if self.radius is None:
-            return z
-        limit = self.radius * np.sqrt(self.dim)
-        norm = float(np.linalg.norm(z))
-        return z if norm <= limit else z * (limit / norm)
-
-    def prior_center(self) -> np.ndarray:
-        """``z = 0``: the prior's mean face (pca) or its most typical point (vae, gan)."""
-        return np.zeros(self.dim)
-
-    def prior_sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        """Draws from ``N(0, I)``."""
-        return rng.standard_normal((n, self.dim))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form: the prior's kind, folder, training data and the radius."""
