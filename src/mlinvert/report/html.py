@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -197,7 +198,7 @@ def _mark(record: dict[str, Any], faces: bool) -> str:
 
 
 def _face_cell(
-    out_dir: Path, record: dict[str, Any] | None, faces: bool, inline: bool
+    record: dict[str, Any] | None, faces: bool, image: Callable[[str | None], str | None]
 ) -> dict[str, Any]:
     if record is None:
         return {"src": None, "mark": "none", "title": "not run", "href": None}
@@ -213,7 +214,7 @@ def _face_cell(
     if record.get("error") and mark in ("unmeasured", "none"):
         title += f" — {record['error']}"
     return {
-        "src": (_thumb(out_dir, rel) if inline else rel) if rel else None,
+        "src": image(rel),
         "mark": mark,
         "title": title,
         "href": rel,
@@ -247,7 +248,10 @@ def faces_grid(
     )
     index = {(r["target_model"], r["attack"], r["defense"], int(r["label"])): r for r in records}
     people = labels if labels is not None else sorted({int(r["label"]) for r in records})
-    image = (lambda rel: _thumb(out_dir, rel)) if inline else (lambda rel: rel)
+
+    def image(rel: str | None) -> str | None:
+        return _thumb(out_dir, rel) if inline else rel
+
     grids = []
     for target in dict.fromkeys(r["target_model"] for r in records):
         attacks = list(dict.fromkeys(r["attack"] for r in records if r["target_model"] == target))
@@ -265,11 +269,9 @@ def faces_grid(
                     "name": names[p] if p < len(names) else str(p),
                     "private": image(private.get(str(p))),
                     "held_out": image(held.get(str(p))),
-                    "white": _face_cell(out_dir, white, faces, inline)
-                    if "whitebox" in attacks
-                    else None,
+                    "white": _face_cell(white, faces, image) if "whitebox" in attacks else None,
                     "cells": [
-                        _face_cell(out_dir, index.get((target, a, d, p)), faces, inline)
+                        _face_cell(index.get((target, a, d, p)), faces, image)
                         for d in shown
                         for a in api
                     ],
