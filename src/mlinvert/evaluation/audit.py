@@ -663,7 +663,8 @@ class _Context:
     defenses: list[Defense]
     events: Event
     spaces: dict[int, Any] = field(default_factory=dict)
-    #: the attacker's learned prior (``--prior``), or None: eigenfaces of the others
+    #: the search space of the attacker's learned prior (``--prior``), bound once and
+    #: shared by every person; None: eigenfaces of the others, per person
     prior: Any = None
     #: False once the API the attacks talk to has gone away (then an error is the
     #: run's problem, not an attack outcome: the run stops instead of recording it)
@@ -1159,8 +1160,9 @@ def _run_faces(
 
 
 def _attacker_prior(config: AuditConfig, results: ResultsFile, dataset: ImageDataset) -> Any:
-    """The learned prior of ``config.prior`` (checked never to hold a private photo), or
-    None for the default eigenfaces; which one is written into ``results``."""
+    """The bound search space of the learned prior ``config.prior`` (binding checks that
+    it never saw a private photo), or None for the default eigenfaces; which prior it is
+    goes into ``results``."""
     preset_space = results.doc["preset"]["space"]
     if config.prior is None:
         results.doc["prior"] = {
@@ -1172,7 +1174,7 @@ def _attacker_prior(config: AuditConfig, results: ResultsFile, dataset: ImageDat
     from mlinvert.attacks.priors import load_prior
 
     prior = load_prior(config.prior)
-    prior.check_disjoint(dataset.train()[0])
+    space = prior.space(private=dataset.train()[0], shape=dataset.image_shape)
     card = prior.card
     results.doc["prior"] = {
         "kind": prior.kind,
@@ -1181,7 +1183,7 @@ def _attacker_prior(config: AuditConfig, results: ResultsFile, dataset: ImageDat
         "latent": prior.latent,
         "card": {k: v for k, v in card.items() if k not in ("path",)},
     }
-    return prior
+    return space
 
 
 def _describe_dataset(
@@ -1955,12 +1957,8 @@ def search_space(
     augment: bool = False,
     detail: int = 0,
     radius: float | None = 1.0,
-    prior: Any = None,
 ) -> Any:
     """The attacks' search space for ``label``, bound to the image size.
-
-    ``prior`` (a learned :class:`~mlinvert.attacks.priors.Prior`, ``--prior``) replaces
-    ``spec``: the attacks search its latent space.
 
     ``pca:K`` is an eigenface prior from the attacker's auxiliary photos — the held-out
     photos of everyone *except* the attacked person (never a private training photo;
@@ -1970,8 +1968,6 @@ def search_space(
     from mlinvert.attacks.spaces import PCAPrior, Space, parse_space
 
     space: Space
-    if prior is not None:
-        return prior.space(radius=radius, private=dataset.train()[0], shape=dataset.image_shape)
     if spec.startswith("pca"):
         _, _, k = spec.partition(":")
         x_test, y_test = dataset.test()
@@ -2027,12 +2023,13 @@ def build_attack(
 
 
 def _build_attack(ctx: _Context, attack: str, label: int, defense: Defense) -> Any:
-    if label not in ctx.spaces:  # bound once per person: every attack and defence reuses it
+    if ctx.prior is None and label not in ctx.spaces:  # bound once per person, then reused
         ctx.spaces[label] = search_space(
-            ctx.dataset, label, ctx.preset.space, augment=ctx.preset.augment, prior=ctx.prior
+            ctx.dataset, label, ctx.preset.space, augment=ctx.preset.augment
         )
+    space = ctx.prior if ctx.prior is not None else ctx.spaces[label]
     budget = int(ctx.results.doc["budget"])
-    return build_attack(attack, ctx.preset, budget, ctx.spaces[label], policy=defense.policy)
+    return build_attack(attack, ctx.preset, budget, space, policy=defense.policy)
 
 
 def _attack_one(
