@@ -146,9 +146,11 @@ def test_margin_floor_follows_the_api_rounding(toy_softmax: TorchToy) -> None:
     policy the API documents and reports it."""
     from mlinvert.attacks.gradients import EPS, score_floor
     from mlinvert.attacks.miface import MIFace, MIFaceConfig
+    from mlinvert.core import OracleInfo
 
     answers = np.asarray([[0.98, 0.02, 0.00], [0.99, 0.01, 0.00], [1.00, 0.00, 0.00]])
-    floored = Objective(kind="margin", label=0, floor=score_floor("round:2")).value(answers)
+    rounded = OracleInfo("t", "softmax", (1,), ("a", "b", "c"), "probs", "round:2", 0.01)
+    floored = Objective(kind="margin", label=0, floor=score_floor(rounded)).value(answers)
     assert floored[1] - floored[0] == pytest.approx(np.log(0.99 / 0.98) + np.log(2.0))
     assert floored[2] - floored[1] == pytest.approx(np.log(1.0 / 0.99) + np.log(2.0))
     raw = Objective(kind="margin", label=0).value(answers)

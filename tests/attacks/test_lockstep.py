@@ -12,10 +12,11 @@ import pytest
 from mlinvert.attacks import DCT, NES, Exact, LabelOnly, LabelOnlyConfig, MIFace, MIFaceConfig
 from mlinvert.attacks.base import AttackResult
 from mlinvert.attacks.lockstep import run_lockstep
+from mlinvert.core import Response
 from mlinvert.defenses import Predictor
 from mlinvert.defenses.ratelimit import RateLimiter
 from mlinvert.errors import ConfigError
-from mlinvert.oracle import LocalOracle, Response, WhiteBoxOracle
+from mlinvert.oracle import LocalOracle, WhiteBoxOracle
 from mlinvert.oracle.wrappers import Recording
 
 

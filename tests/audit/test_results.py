@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mlinvert.core import Response
 from mlinvert.errors import ConfigError
 from mlinvert.evaluation.audit import (
     AuditConfig,
@@ -17,7 +18,6 @@ from mlinvert.evaluation.audit import (
     resolve_defenses,
     served_utility,
 )
-from mlinvert.oracle.base import Response
 
 
 def test_defense_specs() -> None:

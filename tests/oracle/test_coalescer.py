@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from mlinvert.core import OracleInfo, Response
 from mlinvert.defenses import Predictor
 from mlinvert.defenses.ratelimit import RateLimiter
 from mlinvert.errors import (
@@ -24,7 +25,7 @@ from mlinvert.errors import (
     QueryRejected,
     RateLimited,
 )
-from mlinvert.oracle import LocalOracle, Oracle, OracleInfo, Response
+from mlinvert.oracle import LocalOracle, Oracle
 from mlinvert.oracle.lockstep import Coalescer, Lane, batch_limit, map_lanes
 from mlinvert.oracle.wrappers import Budgeted
 

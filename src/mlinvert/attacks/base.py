@@ -17,8 +17,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from mlinvert.core import Response
 from mlinvert.errors import Blocked, BudgetExhausted, ConfigError, RateLimited
-from mlinvert.oracle.base import Oracle, Response
+from mlinvert.oracle.base import Oracle
 
 Status = Literal["succeeded", "budget_exhausted", "rate_limited", "blocked", "failed"]
 STATUSES: tuple[str, ...] = ("succeeded", "budget_exhausted", "rate_limited", "blocked", "failed")

@@ -34,9 +34,9 @@ import numpy as np
 
 from mlinvert.attacks.base import query_batched
 from mlinvert.attacks.spaces import Space
-from mlinvert.defenses.policies import score_step
+from mlinvert.core import OracleInfo, Response
 from mlinvert.errors import ConfigError, GradientUnavailable, OracleError
-from mlinvert.oracle.base import Oracle, Response
+from mlinvert.oracle.base import Oracle
 from mlinvert.oracle.wrappers import has_gradient
 
 ObjectiveKind = Literal["prob", "log", "margin"]
@@ -91,10 +91,10 @@ class Objective:
         return dlog if self.kind == "log" else p[self.label] * dlog
 
 
-def score_floor(policy: str) -> float:
-    """The :class:`Objective` floor for an API answering under output ``policy``: half
-    its rounding step (``round:2`` -> 0.005), or ``EPS`` for unrounded scores."""
-    return max(EPS, score_step(policy) / 2.0)
+def score_floor(info: OracleInfo) -> float:
+    """The :class:`Objective` floor for an API described by ``info``: half the step its
+    scores are rounded to (``round:2`` -> 0.005), or ``EPS`` for unrounded scores."""
+    return max(EPS, info.score_step / 2.0)
 
 
 def centred_log_scores(probs: np.ndarray) -> np.ndarray:

@@ -34,7 +34,7 @@ from mlinvert.attacks.base import (
 )
 from mlinvert.attacks.miface import resolve_label
 from mlinvert.attacks.spaces import DCT, Space
-from mlinvert.data.base import Seed, rng_from
+from mlinvert.core import Seed, rng_from
 from mlinvert.errors import ConfigError, OracleError
 from mlinvert.oracle.base import Oracle
 from mlinvert.oracle.wrappers import Budgeted

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from mlinvert.attacks.base import AttackResult, ProgressFn
 from mlinvert.attacks.checkpoint import Checkpoint
-from mlinvert.data.base import Seed
+from mlinvert.core import Seed
 from mlinvert.errors import ConfigError
 from mlinvert.oracle.base import Oracle
 from mlinvert.oracle.lockstep import STALL_S, check_lanes, map_lanes

@@ -45,7 +45,7 @@ from mlinvert.attacks.gradients import (
 )
 from mlinvert.attacks.lockstep import run_lockstep
 from mlinvert.attacks.spaces import Pixel, Space
-from mlinvert.data.base import Seed, rng_from
+from mlinvert.core import Seed, rng_from
 from mlinvert.errors import AttackError, ConfigError, OracleError
 from mlinvert.oracle.base import Oracle
 from mlinvert.oracle.wrappers import Budgeted
@@ -370,7 +370,7 @@ class MIFace:
             )
         space = self.space.bind(info.input_shape)
         rng = rng_from(seed)
-        objective = Objective(kind=cfg.objective, label=label_idx, floor=score_floor(info.policy))
+        objective = Objective(kind=cfg.objective, label=label_idx, floor=score_floor(info))
         center = space.prior_center()
         z0 = self._start(space, rng)
         run = _Run(

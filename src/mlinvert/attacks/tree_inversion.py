@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from mlinvert.attacks.base import Status
-from mlinvert.data.base import Seed
+from mlinvert.core import Seed
 from mlinvert.errors import AttackError, Blocked, BudgetExhausted, ConfigError, RateLimited
 from mlinvert.oracle.base import Oracle
 from mlinvert.targets.tree import Z_95, DecisionTreeTarget

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from mlinvert.data.base import ImageDataset, Split, per_class_split, rng_from
+from mlinvert.data.base import ImageDataset, Split, per_class_split
 from mlinvert.data.images import FITS, load_att, load_digits, load_folder, load_olivetti
 from mlinvert.errors import DataError
 
@@ -111,5 +111,4 @@ __all__ = [
     "load_folder",
     "load_olivetti",
     "per_class_split",
-    "rng_from",
 ]

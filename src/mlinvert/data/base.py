@@ -14,20 +14,11 @@ from mlinvert.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-Seed = int | np.random.Generator | None
-
 #: Two images whose pixels differ by less than this root-mean-square (in [0, 1] units,
 #: about 5 grey levels of 255) are copies of one photo (re-saved, re-encoded, resized).
 #: Distinct photos differ far more: on AT&T, two photos of one person taken moments
 #: apart differ by 0.048 at least, on the digits by 0.041.
 SAME_PHOTO_RMS = 0.02
-
-
-def rng_from(seed: Seed) -> np.random.Generator:
-    """Return a generator for ``seed`` (an int, an existing generator, or None)."""
-    if isinstance(seed, np.random.Generator):
-        return seed
-    return np.random.default_rng(seed)
 
 
 @dataclass(frozen=True, eq=False)

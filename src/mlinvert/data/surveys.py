@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mlinvert.data.base import Seed, Split, rng_from
+from mlinvert.core import Seed, rng_from
+from mlinvert.data.base import Split
 from mlinvert.errors import DataError, MlinvertError, QueryRejected
 
 MISSING = "missing"

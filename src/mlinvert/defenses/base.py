@@ -6,7 +6,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from mlinvert.oracle.base import Carries
+from mlinvert.core import Carries
 
 
 @runtime_checkable

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mlinvert.core import Carries
 from mlinvert.defenses.base import OutputPolicy
 from mlinvert.errors import ConfigError
-from mlinvert.oracle.base import Carries
 
 POLICY_GRAMMAR = (
     "full | round:D (D decimals, 0..15) | round-to:R (granularity, 0 < R <= 1) | "

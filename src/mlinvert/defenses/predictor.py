@@ -11,10 +11,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from mlinvert.core import OracleInfo, Response
 from mlinvert.defenses.base import Guard, OutputPolicy
-from mlinvert.defenses.policies import FullScores
+from mlinvert.defenses.policies import FullScores, score_step
 from mlinvert.errors import InputTooLarge, QueryRejected
-from mlinvert.oracle.base import OracleInfo, Response
 from mlinvert.targets.base import Confident, Tabular, Target
 
 
@@ -54,6 +54,7 @@ class Predictor:
             class_names=tuple(self.model.class_names_),
             carries=carries,
             policy=self.policy.name,
+            score_step=score_step(self.policy.name),
         )
 
     def validate(self, x: np.ndarray) -> np.ndarray:

@@ -46,11 +46,11 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from mlinvert.core import Response
 from mlinvert.data.base import ImageDataset, Split
 from mlinvert.errors import ConfigError, DataError, MlinvertError, ModelError, OracleError
 from mlinvert.evaluation.faces import NOT_FACES
 from mlinvert.evaluation.recogniser import JUDGE_FIELDS, JUDGE_NAME, lineup_chance_bar
-from mlinvert.oracle.base import Response
 from mlinvert.oracle.http import key_fingerprint
 from mlinvert.oracle.lockstep import check_lanes
 from mlinvert.oracle.wrappers import largest_blinding

@@ -45,7 +45,8 @@ import numpy as np
 from PIL import Image
 from skimage.metrics import structural_similarity
 
-from mlinvert.data.base import ImageDataset, Seed, rng_from
+from mlinvert.core import Seed, rng_from
+from mlinvert.data.base import ImageDataset
 from mlinvert.errors import ConfigError, DataError
 from mlinvert.evaluation import references
 from mlinvert.evaluation.identity import (

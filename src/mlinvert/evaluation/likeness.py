@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mlinvert.data.base import Seed, rng_from
+from mlinvert.core import Seed, rng_from
 from mlinvert.errors import ConfigError, DataError
 from mlinvert.evaluation.images import (
     lowpass,

@@ -17,7 +17,7 @@ import logging
 
 import numpy as np
 
-from mlinvert.data.base import Seed, rng_from
+from mlinvert.core import Seed, rng_from
 from mlinvert.errors import ConfigError, DataError
 from mlinvert.evaluation.images import lowpass, lowpass_sigma, standardise
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from mlinvert.data.base import Seed, rng_from
+from mlinvert.core import Seed, rng_from
 from mlinvert.errors import DataError
 
 GREY_LEVEL = 0.5

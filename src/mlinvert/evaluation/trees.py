@@ -53,7 +53,7 @@ from mlinvert.attacks.tree_inversion import (
     WhiteBoxCounts,
     training_confusion,
 )
-from mlinvert.data.base import Seed, rng_from
+from mlinvert.core import Seed, rng_from
 from mlinvert.data.surveys import SurveyDataset
 from mlinvert.errors import AttackError, ConfigError
 from mlinvert.oracle.base import Oracle

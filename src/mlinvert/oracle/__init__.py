@@ -1,6 +1,7 @@
 """Oracles: how an attack reaches a model (in process, over HTTP, wrapped)."""
 
-from mlinvert.oracle.base import GradientOracle, Oracle, OracleInfo, Response
+from mlinvert.core import OracleInfo, Response
+from mlinvert.oracle.base import GradientOracle, Oracle
 from mlinvert.oracle.http import HttpOracle
 from mlinvert.oracle.local import LocalOracle, WhiteBoxOracle
 

@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
+from mlinvert.core import OracleInfo, Response
+from mlinvert.defenses.policies import score_step
 from mlinvert.errors import (
     BadRequest,
     Blocked,
@@ -37,7 +39,6 @@ from mlinvert.errors import (
     UnknownModel,
     UnsupportedMediaType,
 )
-from mlinvert.oracle.base import OracleInfo, Response
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ class HttpOracle:
                         class_names=tuple(m["class_names"]),
                         carries=m["carries"],
                         policy=m["policy"],
+                        score_step=score_step(str(m["policy"])),
                         extra={
                             "max_batch": int(m["max_batch"]),
                             "rate_limit": m.get("rate_limit"),

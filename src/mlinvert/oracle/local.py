@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
+from mlinvert.core import OracleInfo, Response
+from mlinvert.defenses.predictor import Predictor
 from mlinvert.errors import GradientUnavailable
-from mlinvert.oracle.base import OracleInfo, Response
 from mlinvert.targets.base import Differentiable
-
-if TYPE_CHECKING:  # the predictor imports the oracle types; avoid the import cycle
-    from mlinvert.defenses.predictor import Predictor
 
 
 class LocalOracle:

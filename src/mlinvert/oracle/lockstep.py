@@ -32,8 +32,9 @@ from typing import TypeVar
 
 import numpy as np
 
+from mlinvert.core import OracleInfo, Response
 from mlinvert.errors import ConfigError, OracleError, QueryRejected, RateLimited
-from mlinvert.oracle.base import Oracle, OracleInfo, Response
+from mlinvert.oracle.base import Oracle
 
 log = logging.getLogger(__name__)
 

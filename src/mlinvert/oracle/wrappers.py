@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from mlinvert.data.base import Seed, rng_from
+from mlinvert.core import OracleInfo, Response, Seed, rng_from
 from mlinvert.errors import Blocked, BudgetExhausted, ConfigError, GradientUnavailable, RateLimited
-from mlinvert.oracle.base import Oracle, OracleInfo, Response
+from mlinvert.oracle.base import Oracle
 
 
 class _Wrapper:

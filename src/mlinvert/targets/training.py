@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from mlinvert.data.base import ImageDataset, Seed
+from mlinvert.core import Seed
+from mlinvert.data.base import ImageDataset
 from mlinvert.errors import ConfigError, DataError
 from mlinvert.targets.dp import DPConfig, config_dict
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mlinvert.data.base import Seed, rng_from
+from mlinvert.core import Seed, rng_from
 from mlinvert.data.surveys import encode_records as _encode_records
 from mlinvert.errors import ConfigError, ModelError, NotFittedError, QueryRejected
 from mlinvert.targets.base import card_base
