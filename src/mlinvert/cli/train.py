@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from mlinvert.cli.common import check_seed, console, on_interrupt, out, output_dir
+from mlinvert.cli.common import check_seed, console, on_interrupt, out
+from mlinvert.core import output_dir
 
 KIND_HELP = (
     "softmax (softmax regression), mlp (3000 sigmoid hidden units), dae (stacked "

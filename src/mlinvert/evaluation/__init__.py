@@ -8,7 +8,7 @@ like a face, like that person (``likeness``)?
 """
 
 from mlinvert.evaluation.faces import RECORD_FIELDS, FaceJudge, JudgeConfig
-from mlinvert.evaluation.images import image_grid, save_png
+from mlinvert.evaluation.images import image_grid
 from mlinvert.evaluation.likeness import LikenessConfig
 from mlinvert.evaluation.references import REFERENCE_NAMES
 
@@ -19,5 +19,4 @@ __all__ = [
     "JudgeConfig",
     "LikenessConfig",
     "image_grid",
-    "save_png",
 ]

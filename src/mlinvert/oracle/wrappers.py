@@ -333,6 +333,24 @@ def escalating(
     return rotating
 
 
+def one_attacker(
+    accounts: Sequence[Oracle],
+    *,
+    escalate: float | None = None,
+    seed: Seed = None,
+    answered_before: Sequence[int] = (),
+) -> Oracle:
+    """One attacker's oracle over its API accounts: the only one; with ``escalate`` (a
+    starting noise amplitude) and several accounts the blinding Sybil
+    (:func:`escalating`); otherwise a :class:`Rotating` that moves to the next account
+    when one is refused (``answered_before``: as in :class:`Rotating`)."""
+    if escalate is not None and len(accounts) > 1:
+        return escalating(accounts, escalate, seed=seed, answered_before=answered_before)
+    if len(accounts) == 1:
+        return accounts[0]
+    return Rotating(list(accounts), answered_before=answered_before)
+
+
 def largest_blinding(oracle: object) -> float | None:
     """The largest blinding noise ``oracle`` sent: a :class:`Blinded`'s, or the largest
     over a :class:`Rotating`'s blinded accounts (None: no blinded probe sent)."""

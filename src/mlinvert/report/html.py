@@ -20,11 +20,11 @@ import numpy as np
 from jinja2 import Environment, PackageLoader, Undefined, select_autoescape
 from PIL import Image
 
+from mlinvert.core import API_ATTACKS
 from mlinvert.errors import DataError
 from mlinvert.evaluation.faces import NOT_FACES
 from mlinvert.report import plots
 from mlinvert.report.summary import (
-    API_ATTACKS,
     LINEUP_CHANCE,
     answer,
     attack_title,

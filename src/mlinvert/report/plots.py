@@ -15,7 +15,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mlinvert.report.summary import API_ATTACKS, Cell, cells, faces_judged, utility_of
+from mlinvert.core import API_ATTACKS
+from mlinvert.data.images import to_uint8
+from mlinvert.report.summary import Cell, cells, faces_judged, utility_of
 
 _MARKERS = {"whitebox": "s", "blackbox": "o", "label-only": "^"}
 
@@ -238,7 +240,7 @@ def image_grid(
                 draw.rectangle((x, y, x + cell - 1, y + cell - 1), outline="#bbbbbb")
                 draw.line((x, y, x + cell - 1, y + cell - 1), fill="#dddddd")
                 continue
-            arr = (np.clip(np.asarray(img, dtype=np.float64), 0, 1) * 255 + 0.5).astype(np.uint8)
+            arr = to_uint8(img)
             h, w = arr.shape
             scale = cell / max(h, w)
             tile = Image.fromarray(arr, mode="L").resize(

@@ -20,10 +20,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mlinvert.core import API_ATTACKS
+
 #: Chance of the automated 5-way lineup.
 LINEUP_CHANCE = 0.2
-#: Attacks that only see the prediction API (the threat an output defence addresses).
-API_ATTACKS = ("blackbox", "label-only")
 
 ATTACK_TITLES = {
     "whitebox": "White-box MI-Face (attacker holds the model)",

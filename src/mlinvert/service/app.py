@@ -36,9 +36,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlinvert import __version__
-from mlinvert.defenses.base import Guard
 from mlinvert.defenses.detector import FlagStore, HistoryStore, QueryDetector, RedisHistory
-from mlinvert.defenses.policies import parse_policy
 from mlinvert.defenses.predictor import Predictor
 from mlinvert.defenses.ratelimit import (
     BucketStore,
@@ -50,6 +48,7 @@ from mlinvert.defenses.ratelimit import (
     redis_deadline,
     redis_problem,
 )
+from mlinvert.defenses.spec import build_guards, build_predictor
 from mlinvert.errors import (
     BadRequest,
     ClientDisconnected,
@@ -143,28 +142,27 @@ def build_predictors(
     no detector: its pixel-window fingerprints would call any two short rows of category
     codes near duplicates.
     """
-    guards: list[Guard] = []
     url = settings.redis_url
     # one connection pool for both stores
     client = redis_client(url, timeout=settings.redis_timeout) if url else None
-    if settings.rate_limit is not None:
-        if bucket_store is None:
-            bucket_store = (
-                RedisBuckets(url, client=client, refuse_lost=settings.redis_loss == "refuse")
-                if url
-                else MemoryBuckets()
-            )
-        guards.append(RateLimiter(settings.rate_limit, bucket_store))
-    image_guards = list(guards)
-    if settings.detector is not None:
-        history: HistoryStore | None = RedisHistory(url, client=client) if url else None
-        image_guards.append(QueryDetector(settings.detector, flags, history))
+    if settings.rate_limit is not None and bucket_store is None:
+        bucket_store = (
+            RedisBuckets(url, client=client, refuse_lost=settings.redis_loss == "refuse")
+            if url
+            else MemoryBuckets()
+        )
+    history: HistoryStore | None = None
+    if settings.detector is not None and url:
+        history = RedisHistory(url, client=client)
+    guards = build_guards(
+        settings.rate_limit, settings.detector, buckets=bucket_store, history=history, flags=flags
+    )
     return {
-        name: Predictor(
+        name: build_predictor(
             model,
             name=name,
-            policy=parse_policy(settings.policy_for(name)),
-            guards=guards if isinstance(model, Tabular) else image_guards,
+            policy=settings.policy_for(name),
+            guards=guards,
             max_batch=settings.max_batch,
             clock=time.time,
         )
