@@ -19,7 +19,7 @@ ATTACK_SIDE = ("attacks", "oracle", "defenses", "targets", "data")
 JUDGE_MODULES = ("dlib", "face_recognition_models", "mlinvert.evaluation")
 #: Where the audit turns its presets (``attacks/presets.py``, on the attack side above)
 #: into one person's attack: these may not name the judge either.
-AUDIT_ATTACKER = ("_build_attack", "_adapted")
+AUDIT_ATTACKER = ("_build_attack", "_attack_group")
 JUDGE_NAMES = {
     "dlib",
     "face_recognition_models",

@@ -8,6 +8,7 @@ import shutil
 import sqlite3
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from mlinvert.defenses.spec import Defense, build_predictor
 from mlinvert.oracle.http import HttpOracle, key_fingerprint
 from mlinvert.oracle.local import LocalOracle
 from mlinvert.oracle.wrappers import one_attacker
-from mlinvert.service.runner import ServiceProcess
+from mlinvert.service.runner import RedisServer, ServiceProcess
 from mlinvert.service.store import Store
 
 #: Environment of the service subprocess: one math thread (see :func:`single_threaded`).
@@ -42,32 +43,97 @@ def oracles_under(ctx: AuditContext, defense: Defense) -> Iterator[dict[tuple[st
             yield local
         return
 
+    with served_accounts(ctx, defense) as served:
+        clients = {
+            (name, a): [HttpOracle(served.urls[name][0], key, max_wait=0.0) for key in keys]
+            for (name, a), keys in served.keys.items()
+        }
+        try:
+            yield {
+                (name, a): _many(ctx, defense, a, accounts, served.earlier[(name, a)])
+                for (name, a), accounts in clients.items()
+            }
+        finally:
+            for accounts in clients.values():
+                for client in accounts:
+                    client.close()
+
+
+@dataclass(frozen=True)
+class Served:
+    """The service the audit started for one defence, as an attacker knows it: the URLs
+    of each target's model (one per service replica), the API keys of each (target,
+    attack), and what each key answered in an earlier run this one resumes (see
+    ``Rotating``)."""
+
+    urls: dict[str, tuple[str, ...]]
+    keys: dict[tuple[str, str], list[str]]
+    earlier: dict[tuple[str, str], list[int]]
+
+
+@contextlib.contextmanager
+def served_accounts(ctx: AuditContext, defense: Defense) -> Iterator[Served]:
+    """Run ``mlinvert serve`` with ``defense`` (its query log on the RAM disk, copied to
+    ``service/DEFENCE.sqlite3`` afterwards) and open the attackers' accounts on it; the
+    detector's flags are noted in the results when it stops."""
+    api_attacks = [a for a in ctx.config.attacks if a != "whitebox"]
     ctx.events("stage", {"name": f"starting the service with defence {defense.name}"})
     final_db = ctx.results.out / "service" / f"{defense.slug}.sqlite3"
     with ram_query_log(final_db, carry_on=ctx.config.resume) as db:
-        store = Store(db)
-        try:
-            earlier = _answered_per_account(store)
-            keys = {
+        with contextlib.closing(Store(db)) as store:
+            answered = _answered_per_account(store)
+            names = {
                 (t.name, a): [
-                    store.create_key(account_name(defense, t.name, a, i))[0]
-                    for i in range(ctx.config.accounts)
+                    account_name(defense, t.name, a, i) for i in range(ctx.config.accounts)
                 ]
                 for t in ctx.targets
                 for a in api_attacks
             }
-        finally:
-            store.close()
+            keys = {k: [store.create_key(n)[0] for n in ns] for k, ns in names.items()}
         try:
-            with _service(ctx, defense, db, keys, earlier) as oracles:
-                yield oracles
+            with _replicas(ctx, defense, db) as services:
+                processes = [s.process for s in services]
+                ctx.api_alive = lambda: all(p is not None and p.poll() is None for p in processes)
+                try:
+                    yield Served(
+                        urls={
+                            t.name: tuple(s.model_url(t.name) for s in services)
+                            for t in ctx.targets
+                        },
+                        keys=keys,
+                        earlier={k: [answered.get(n, 0) for n in ns] for k, ns in names.items()},
+                    )
+                finally:
+                    ctx.api_alive = lambda: True
         finally:
             if defense.detector is not None:
-                store = Store(db)  # the service keeps its flags in the account database
-                try:
+                with contextlib.closing(Store(db)) as store:  # the service keeps its flags
                     _note_flags(ctx, defense, api_attacks, store)
-                finally:
-                    store.close()
+
+
+@contextlib.contextmanager
+def _replicas(ctx: AuditContext, defense: Defense, db: Path) -> Iterator[list[ServiceProcess]]:
+    """``config.replicas`` service processes serving the targets under ``defense``, one
+    query log; several share a throw-away Redis (their rate limits and detector history)."""
+    with contextlib.ExitStack() as stack:
+        redis = None
+        if ctx.config.replicas > 1:
+            redis = stack.enter_context(RedisServer()).url
+        services = [
+            stack.enter_context(
+                ServiceProcess(
+                    [f"{t.name}={t.folder}" for t in ctx.targets],
+                    db=db,
+                    policy=defense.policy,
+                    rate_limit=defense.rate,
+                    detector=defense.detector,
+                    redis_url=redis,
+                    env=ONE_THREAD_ENV,
+                )
+            )
+            for _ in range(ctx.config.replicas)
+        ]
+        yield services
 
 
 @contextlib.contextmanager
@@ -215,52 +281,3 @@ def _copy_sqlite(src: Path, dst: Path) -> None:
         contextlib.closing(sqlite3.connect(dst)) as b,
     ):
         a.backup(b)
-
-
-@contextlib.contextmanager
-def _service(
-    ctx: AuditContext,
-    defense: Defense,
-    db: Path,
-    keys: dict[tuple[str, str], list[str]],
-    earlier: dict[str, int],
-) -> Iterator[dict[tuple[str, str], Any]]:
-    """Run ``mlinvert serve`` with the defence; yield per (target, attack) an HttpOracle
-    per API key, rotated through when there are several (``earlier``: inputs answered
-    per account name before, see :func:`_answered_per_account`)."""
-
-    with ServiceProcess(
-        [f"{t.name}={t.folder}" for t in ctx.targets],
-        db=db,
-        policy=defense.policy,
-        rate_limit=defense.rate,
-        detector=defense.detector,
-        env=ONE_THREAD_ENV,
-    ) as service:
-        clients = {
-            (name, a): [
-                HttpOracle(service.model_url(name), key, max_wait=0.0) for key in account_keys
-            ]
-            for (name, a), account_keys in keys.items()
-        }
-        process = service.process
-        ctx.api_alive = lambda: process is not None and process.poll() is None
-        try:
-            yield {
-                (name, a): _many(
-                    ctx,
-                    defense,
-                    a,
-                    accounts,
-                    [
-                        earlier.get(account_name(defense, name, a, i), 0)
-                        for i in range(len(accounts))
-                    ],
-                )
-                for (name, a), accounts in clients.items()
-            }
-        finally:
-            ctx.api_alive = lambda: True
-            for accounts in clients.values():
-                for client in accounts:
-                    client.close()

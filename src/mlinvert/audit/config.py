@@ -42,6 +42,8 @@ DEFAULT_BLIND = 0.05
 
 #: Most API accounts one attack may open (``--accounts``): every one is a real API key.
 MAX_ACCOUNTS = 1000
+#: Most service processes per defence (``--replicas``).
+MAX_REPLICAS = 16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +88,11 @@ class AuditConfig:
     attacker's) is the honest client that measures the served accuracy; without it the
     first attacker key does, and those queries then count against that key's rate limit
     and detector history. The keys never reach ``results.json`` (only short fingerprints).
+    ``cluster`` runs the attack matrix on a Dask cluster (:func:`parse_cluster`): one
+    task per (defence, target, attack), against the service the audit starts;
+    ``replicas`` (with ``cluster``) starts that many service processes per defence behind
+    one Redis, which holds their shared rate limits and detector history, and spreads the
+    tasks over them.
     """
 
     data: str | None = None
@@ -109,6 +116,8 @@ class AuditConfig:
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     utility_key: str | None = field(default=None, repr=False)
     prior: Path | None = None
+    cluster: str | None = None
+    replicas: int = 1
     command: str = ""
 
     def __post_init__(self) -> None:
@@ -156,12 +165,36 @@ class AuditConfig:
         object.__setattr__(self, "tree_depths", tuple(self.tree_depths))
         if any(d < 0 for d in self.tree_depths):
             raise ConfigError(f"tree depths must be >= 0 (0 is the root), got {self.tree_depths}")
+        if self.cluster is not None:
+            self._check_cluster()
+        if isinstance(self.replicas, bool) or not 1 <= self.replicas <= MAX_REPLICAS:
+            raise ConfigError(
+                f"--replicas must be between 1 and {MAX_REPLICAS}, got {self.replicas}"
+            )
+        if self.replicas > 1 and self.cluster is None:
+            raise ConfigError(
+                "--replicas spreads a cluster's workers over several service processes; "
+                "give --cluster local:N or tcp://HOST:PORT, or drop --replicas"
+            )
         if self.defenses is not None:
             if not self.defenses:
                 raise ConfigError("empty defence list; use e.g. none,round:2,labels")
             names = [Defense.parse(d).name for d in self.defenses]
             if len(set(names)) != len(names):
                 raise ConfigError(f"defences listed twice: {', '.join(names)}")
+
+    def _check_cluster(self) -> None:
+        parse_cluster(str(self.cluster))
+        if self.in_process:
+            raise ConfigError(
+                "--cluster runs the attacks in worker processes, which reach the model "
+                "through the service the audit starts: drop --in-process"
+            )
+        if self.api is not None:
+            raise ConfigError(
+                "--cluster is for audits that start their own service; an --api audit runs "
+                "on this machine (the attacker's keys are one attacker's): drop --cluster"
+            )
 
     def _check_api(self) -> None:
         """The deployed-API mode's own rules (``api`` is set); fixes ``targets`` and
@@ -222,6 +255,25 @@ class AuditConfig:
         d["defenses"] = None if self.defenses is None else list(self.defenses)
         d["tree_depths"] = list(self.tree_depths)
         return d
+
+
+#: How ``--cluster`` is written.
+CLUSTER_GRAMMAR = (
+    "local:N (a Dask cluster of N worker processes on this machine) or tcp://HOST:PORT "
+    "(the scheduler of a running Dask cluster whose workers can read this output folder)"
+)
+
+
+def parse_cluster(spec: str) -> tuple[str, int | str]:
+    """``("local", N)`` or ``("tcp", "tcp://HOST:PORT")`` of a ``--cluster`` spec."""
+    text = spec.strip()
+    if text.startswith("local:"):
+        count = text.removeprefix("local:")
+        if count.isdigit() and 1 <= int(count) <= 64:
+            return "local", int(count)
+    elif text.startswith("tcp://") and text.removeprefix("tcp://").rpartition(":")[2].isdigit():
+        return "tcp", text
+    raise ConfigError(f"--cluster {spec!r}: write {CLUSTER_GRAMMAR}")
 
 
 def resolve_defenses(config: AuditConfig, budget: int) -> list[Defense]:

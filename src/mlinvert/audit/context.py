@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
+from threadpoolctl import threadpool_limits
 
 from mlinvert.attacks.presets import Preset
 from mlinvert.audit.config import AuditConfig
@@ -77,3 +81,21 @@ def blinding(ctx: AuditContext, attack: str, defense: Defense) -> float | None:
     if attack == "whitebox" or defense.detector is None or ctx.config.blind <= 0:
         return None
     return ctx.config.blind
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """One torch and one BLAS thread for the block, restored afterwards.
+
+    An audit makes hundreds of thousands of tiny predictions; on a small shared machine
+    two intra-op threads that fight other processes for the cores were measured here
+    ~600x slower per small batch (30 ms instead of 0.05 ms).
+    """
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield
+    finally:
+        torch.set_num_threads(before)

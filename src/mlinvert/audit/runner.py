@@ -6,14 +6,10 @@ import contextlib
 import dataclasses
 import shlex
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-from threadpoolctl import threadpool_limits
-
 from mlinvert.audit.config import AuditConfig
-from mlinvert.audit.context import Event, no_event, serialised
+from mlinvert.audit.context import Event, no_event, serialised, single_threaded
 from mlinvert.audit.deployed import run_deployed
 from mlinvert.audit.faces import run_faces
 from mlinvert.audit.results import ResultsFile, now_utc
@@ -25,23 +21,9 @@ from mlinvert.errors import ConfigError, MlinvertError
 from mlinvert.report.html import render_report
 from mlinvert.targets.io import read_card
 
-
-@contextlib.contextmanager
-def single_threaded() -> Iterator[None]:
-    """One torch and one BLAS thread for the block, restored afterwards.
-
-    An audit makes hundreds of thousands of tiny predictions; on a small shared machine
-    two intra-op threads that fight other processes for the cores were measured here
-    ~600x slower per small batch (30 ms instead of 0.05 ms).
-    """
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(limits=1, user_api="blas"):
-            yield
-    finally:
-        torch.set_num_threads(before)
+#: What may stand in a new audit's output folder: trained targets placed there beforehand
+#: (``models/NAME``) are loaded instead of trained again.
+REUSED = ("models",)
 
 
 def data_spec(config: AuditConfig) -> tuple[str, Split | None]:
@@ -70,12 +52,14 @@ def run_audit(config: AuditConfig, *, events: Event | None = None) -> Path:
 
     emit = serialised(events or no_event)
     out = config.out
-    if out.is_dir() and not (out / "results.json").exists() and any(out.iterdir()):
-        raise ConfigError(
-            f"--out {out} holds other files and no audit (results.json); the audit writes "
-            "results.json, index.html, images/, models/ and service/ there, replacing any "
-            "of that name: choose a new or empty folder"
-        )
+    if out.is_dir() and not (out / "results.json").exists():
+        others = sorted(p.name for p in out.iterdir() if p.name not in REUSED)
+        if others:
+            raise ConfigError(
+                f"--out {out} holds other files and no audit ({', '.join(others[:3])}; no "
+                "results.json): the audit writes results.json, index.html, images/, models/ "
+                "and service/ there, replacing any of that name: choose a new or empty folder"
+            )
     output_dir(out)
     results = ResultsFile(out, config)
     results.save()

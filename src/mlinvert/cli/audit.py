@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import (
@@ -19,6 +19,9 @@ from rich.table import Table
 
 from mlinvert.cli.common import check_seed, console, on_interrupt, out
 from mlinvert.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mlinvert.audit.config import AuditConfig
 
 
 def _split(value: str | None, what: str) -> tuple[str, ...] | None:
@@ -298,6 +301,24 @@ _Prior = Annotated[
         "Default: eigenfaces of the other attacked people's held-out photos.",
     ),
 ]
+_Cluster = Annotated[
+    str | None,
+    typer.Option(
+        "--cluster",
+        help="Run the attacks on a Dask cluster: local:N (N worker processes here) or "
+        "tcp://HOST:PORT (a running scheduler whose workers see --out at the same path). "
+        "Records are the same as on one machine; a lost worker's task is re-run, replaying "
+        "the answers the service already gave.",
+    ),
+]
+_Replicas = Annotated[
+    int,
+    typer.Option(
+        "--replicas",
+        help="With --cluster: service processes per defence, behind one Redis that holds "
+        "their shared rate limits and detector history; the tasks spread over them.",
+    ),
+]
 
 
 def audit(
@@ -321,6 +342,8 @@ def audit(
     api_key: _ApiKey = None,
     utility_key: _UtilityKey = None,
     prior: _Prior = None,
+    cluster: _Cluster = None,
+    replicas: _Replicas = 1,
 ) -> None:
     """Attack the model under every defence, measure, and write DIR/index.html.
 
@@ -331,7 +354,7 @@ def audit(
     import os
 
     from mlinvert.audit.config import DEFAULT_BLIND, DEFAULT_LANES, AuditConfig
-    from mlinvert.audit.runner import command_line, run_audit
+    from mlinvert.audit.runner import command_line
     from mlinvert.core import API_ATTACKS, ATTACKS
 
     if api is None and api_key is not None and api_key != os.environ.get(_KEY_ENV):
@@ -361,8 +384,18 @@ def audit(
         api_keys=_split(api_key, "api-key") or (),
         utility_key=utility_key,
         prior=prior,
+        cluster=cluster,
+        replicas=replicas,
         command=_redacted(command_line()),
     )
+    _run(config)
+
+
+def _run(config: AuditConfig) -> None:
+    """Run the audit with a progress display, print the verdicts, exit 3 if unmeasured."""
+    from mlinvert.audit.runner import run_audit
+
+    out_dir = config.out
     with (
         on_interrupt(
             f"{out_dir / 'results.json'} keeps the finished attack runs (partial report: "
