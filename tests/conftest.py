@@ -1,4 +1,5 @@
-"""Shared fixtures: the service tests' toy targets, loaded from their file."""
+"""Shared fixtures: the digits data set, the AT&T folder, the service tests' toy targets
+(loaded from their file) and a real redis-server."""
 
 from __future__ import annotations
 
@@ -10,8 +11,28 @@ from types import ModuleType
 
 import pytest
 
+from mlinvert.data import load
+from mlinvert.data.base import ImageDataset
 from mlinvert.errors import ConfigError
 from mlinvert.service.runner import RedisServer
+
+ATT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "att_faces"
+
+
+@pytest.fixture(scope="session")
+def digits() -> ImageDataset:
+    """scikit-learn digits (8x8), split 70/30 per class with seed 0."""
+    ds = load("digits", seed=0)
+    assert isinstance(ds, ImageDataset)
+    return ds
+
+
+@pytest.fixture(scope="session")
+def att_path() -> Path:
+    """The AT&T faces folder (skips where absent)."""
+    if not (ATT / "s1" / "1.pgm").is_file():
+        pytest.skip("../shared/data/att_faces not present")
+    return ATT
 
 
 def _toys() -> ModuleType:
