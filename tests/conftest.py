@@ -1,5 +1,6 @@
-"""Shared fixtures: the service tests' toy targets, a real redis-server, the surveys
-(skipped when the shared data is absent)."""
+"""Shared fixtures: the digits data set, the AT&T folder, the surveys (skipped when the
+shared data is absent), the service tests' toy targets (loaded from their file) and a
+real redis-server."""
 
 from __future__ import annotations
 
@@ -11,9 +12,30 @@ from types import ModuleType
 
 import pytest
 
+from mlinvert.data import load
+from mlinvert.data.base import ImageDataset
 from mlinvert.data.surveys import SurveyDataset, load_fair, load_gss, load_steak
 from mlinvert.errors import ConfigError
 from mlinvert.service.runner import RedisServer
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ATT = SHARED / "att_faces"
+
+
+@pytest.fixture(scope="session")
+def digits() -> ImageDataset:
+    """scikit-learn digits (8x8), split 70/30 per class with seed 0."""
+    ds = load("digits", seed=0)
+    assert isinstance(ds, ImageDataset)
+    return ds
+
+
+@pytest.fixture(scope="session")
+def att_path() -> Path:
+    """The AT&T faces folder (skips where absent)."""
+    if not (ATT / "s1" / "1.pgm").is_file():
+        pytest.skip("../shared/data/att_faces not present")
+    return ATT
 
 
 def _toys() -> ModuleType:
@@ -46,9 +68,8 @@ def redis_url() -> Iterator[str]:
         yield server.url
 
 
-ROOT = Path(__file__).resolve().parents[1]
-STEAK = ROOT.parent / "shared" / "data" / "steak-survey"
-GSS = ROOT.parent / "shared" / "data" / "gss"
+STEAK = SHARED / "steak-survey"
+GSS = SHARED / "gss"
 
 
 @pytest.fixture(scope="session")
