@@ -36,7 +36,7 @@ from mlinvert.attacks.base import AttackResult
 from mlinvert.attacks.lockstep import run_lockstep
 from mlinvert.attacks.presets import build_attack, preset_for, search_space
 from mlinvert.audit.channels import ONE_THREAD_ENV
-from mlinvert.audit.runner import single_threaded
+from mlinvert.audit.context import single_threaded
 from mlinvert.data import load
 from mlinvert.data.base import ImageDataset, Split
 from mlinvert.errors import DataError
