@@ -17,6 +17,7 @@ import numpy as np
 
 from mlinvert.audit.config import LIKENESS_THRESHOLD, AuditConfig
 from mlinvert.errors import ConfigError, DataError
+from mlinvert.report.summary import THRESHOLDS
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +150,7 @@ class ResultsFile:
             "thresholds": {
                 "likeness": LIKENESS_THRESHOLD,
                 "likeness_doc": "FaceJudge likeness score in [0, 1]",
-                "exposed_rate": 0.2,
-                "identity_rate": 0.3,
-                "max_accuracy_cost": 0.01,
+                **THRESHOLDS,
                 "judge": None,
             },
             "targets": {},

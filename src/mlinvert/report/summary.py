@@ -23,6 +23,19 @@ from mlinvert.core import API_ATTACKS
 
 #: Chance of the automated 5-way lineup.
 LINEUP_CHANCE = 0.2
+#: The verdicts' thresholds: the audit writes them into ``results.json``
+#: (``thresholds``), and a results file that lacks one is judged with these.
+#: ``exposed_rate``: recovered for at least this share of the people is "exposed";
+#: ``identity_rate``: the evaluation model's top-1 at least this (and twice chance) is
+#: "identity leaks" off faces; ``max_accuracy_cost``: a defence may cost honest users
+#: at most this much accuracy to be recommended.
+THRESHOLDS = {"exposed_rate": 0.2, "identity_rate": 0.3, "max_accuracy_cost": 0.01}
+
+
+def thresholds(results: dict[str, Any]) -> dict[str, Any]:
+    """The thresholds ``results`` was judged with (:data:`THRESHOLDS` where it is silent)."""
+    return {**THRESHOLDS, **(results.get("thresholds") or {})}
+
 
 ATTACK_TITLES = {
     "whitebox": "White-box MI-Face (attacker holds the model)",
@@ -250,12 +263,12 @@ class _Judging:
     @classmethod
     def of(cls, results: dict[str, Any]) -> _Judging:
         """The thresholds, judge and cells of ``results``."""
-        th = results.get("thresholds", {})
+        th = thresholds(results)
         n_classes = int(results.get("dataset", {}).get("n_classes", 0)) or None
         return cls(
             results=results,
-            exposed_rate=float(th.get("exposed_rate", 0.2)),
-            identity_rate=float(th.get("identity_rate", 0.3)),
+            exposed_rate=float(th["exposed_rate"]),
+            identity_rate=float(th["identity_rate"]),
             chance=1.0 / n_classes if n_classes else None,
             keys=int(results.get("config", {}).get("accounts") or 1),
             faces=faces_judged(results),
@@ -730,7 +743,7 @@ def _unmeasured_text(vs: Sequence[Verdict], target: str) -> str:
 def recommendations(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]:
     """Recommended settings, derived from the measured verdicts."""
     recs: list[str] = []
-    max_cost = float(results.get("thresholds", {}).get("max_accuracy_cost", 0.01))
+    max_cost = float(thresholds(results)["max_accuracy_cost"])
     for target in dict.fromkeys(v.target_model for v in vs):
         if unmeasured := _unmeasured_text(vs, target):
             recs.append(
