@@ -18,7 +18,8 @@ from mlinvert.defenses.ratelimit import (
     redis_problem,
 )
 from mlinvert.errors import ConfigError
-from mlinvert.service.app import build_predictors, create_app
+from mlinvert.service.app import create_app
+from mlinvert.service.predictors import build_predictors
 from mlinvert.service.settings import ServiceSettings
 from mlinvert.service.store import REDIS_EPOCH, Store
 from mlinvert.targets.base import Target
