@@ -98,6 +98,12 @@ def serve_command(
         "or not (NORMAL, the default: survives a crash of the service). "
         "[MLINVERT_LOG_SYNCHRONOUS=FULL|NORMAL]",
     ),
+    protocol: str = typer.Option(
+        None,
+        "--protocol",
+        help="mlinvert (default: the /v1 routes) or v2 (the Open Inference Protocol's /v2 "
+        "routes as well, for KServe v2 / Triton clients). [MLINVERT_PROTOCOL]",
+    ),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
 ) -> None:
     """Serve models over HTTP with the chosen defences; flags override MLINVERT_* variables."""
@@ -126,6 +132,7 @@ def serve_command(
         log_synchronous=None
         if log_synchronous is None
         else ("FULL" if log_synchronous else "NORMAL"),
+        protocol=protocol,
     )
     serve(settings, log_level=log_level)
 

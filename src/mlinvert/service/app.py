@@ -33,10 +33,11 @@ from mlinvert.service.metrics import Metrics
 from mlinvert.service.middleware import ServerErrors
 from mlinvert.service.openapi import openapi_document
 from mlinvert.service.predictors import build_predictors, limiter_of
-from mlinvert.service.routes import account, health, models, ops, predict
+from mlinvert.service.routes import account, health, models, ops, predict, v2
 from mlinvert.service.settings import ServiceSettings
 from mlinvert.service.state import ServiceState
 from mlinvert.service.store import Store
+from mlinvert.service.v2 import V2Handler
 
 __all__ = ["build_predictors", "create_app"]
 
@@ -51,7 +52,9 @@ def create_app(
     """Build the prediction service for ``predictors`` (a mapping or a list, keyed by name).
 
     The predictors share at most one :class:`RateLimiter` (an account has one budget, as
-    :func:`build_predictors` makes them); ConfigError otherwise.
+    :func:`build_predictors` makes them); ConfigError otherwise. With
+    ``settings.protocol == "v2"`` the Open Inference Protocol's routes (``/v2/...``) are
+    served as well, on the same Predictors, keys, limits, query log and metrics.
     """
     if not isinstance(predictors, Mapping):
         predictors = {p.name: p for p in predictors}
@@ -82,6 +85,7 @@ def create_app(
         metrics=metrics,
         predictors=predictors,
         handler=PredictHandler(predictors, store, metrics, settings),
+        v2_handler=V2Handler(predictors, store, metrics, settings),
         bodies=BodyBudget(settings.body_budget_bytes),
         account_rate=parse_rate(settings.account_rate),
         account_reads=MemoryBuckets(),
@@ -95,6 +99,8 @@ def create_app(
     app.add_middleware(ServerErrors, metrics=metrics)
     for module in (health, ops, models, account, predict):
         app.include_router(module.router)
+    if settings.protocol == "v2":  # beside the mlinvert routes, not instead of them
+        app.include_router(v2.router)
     app.openapi = partial(openapi_document, app)  # type: ignore[method-assign]
     return app
 

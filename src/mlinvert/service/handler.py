@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import numpy as np
 import orjson
@@ -14,7 +16,8 @@ from starlette.responses import JSONResponse, Response
 
 from mlinvert.defenses.predictor import Predictor
 from mlinvert.defenses.ratelimit import redis_deadline
-from mlinvert.errors import MlinvertError, RateLimited, Unauthorized, UnknownModel
+from mlinvert.errors import InputTooLarge, MlinvertError, RateLimited, Unauthorized, UnknownModel
+from mlinvert.oracle.base import Response as Answer
 from mlinvert.service.bodies import (
     RAW_TYPE,
     RawSpec,
@@ -46,6 +49,8 @@ class Head:
     shape: str | None
     dtype: str | None
     started: float
+    #: The Open Inference Protocol's Inference-Header-Content-Length (v2 routes only).
+    header_length: str | None = None
 
 
 @dataclass(frozen=True)
@@ -60,15 +65,19 @@ class Admitted:
 
 @dataclass
 class Outcome:
+    """A request's answer, built in the thread pool: ``render`` writes ``error``."""
+
     status: int
     body: bytes | None = None
     error: MlinvertError | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    media_type: str = "application/json"
+    render: Callable[[MlinvertError], Response] = error_response
 
     def response(self) -> Response:
         """The answer: the prediction, the error document, or a bare 500."""
         if self.error is not None:
-            response: Response = error_response(self.error)
+            response: Response = self.render(self.error)
             response.headers.update(self.headers)
             return response
         if self.status == 500:
@@ -76,7 +85,7 @@ class Outcome:
                 error_body("InternalError", 500, "internal error; see the service log"),
                 status_code=500,
             )
-        return Response(self.body, media_type="application/json", headers=self.headers)
+        return Response(self.body, media_type=self.media_type, headers=self.headers)
 
 
 PREDICT_ROUTE = "/v1/models/{name}/predict"
@@ -85,7 +94,15 @@ PREDICT_ROUTE = "/v1/models/{name}/predict"
 class PredictHandler:
     """The synchronous parts of a prediction request (they run in the thread pool):
     :meth:`admit` before the body is read, :meth:`answer` after, :meth:`refuse` for
-    every refusal (logged and counted)."""
+    every refusal (logged and counted).
+
+    What a protocol reads and writes are its hooks: :meth:`limits` (the body allowed
+    before it is read), :meth:`decode`, :meth:`encode`, :meth:`status` and ``render``
+    (a refusal); this class speaks the mlinvert protocol of ``POST /v1/models/{name}/predict``.
+    """
+
+    route = PREDICT_ROUTE
+    render = staticmethod(error_response)
 
     def __init__(
         self,
@@ -117,22 +134,39 @@ class PredictHandler:
                     f"no model named {clip(head.name)!r}; served: "
                     f"{', '.join(sorted(self.predictors))} (GET /v1/models lists them)"
                 )
-            check_content_type(head.content_type)
-            raw = None
-            if head.content_type == RAW_TYPE:
-                raw = raw_spec(head.shape, head.dtype, predictor)
-                limit = raw.nbytes
-                if limit > self.max_body:
-                    raise too_large(limit, limit=self.max_body, predictor=predictor, raw=True)
-                if head.declared is not None:
-                    raw.check_length(head.declared)
-            else:
-                limit = json_body_limit(predictor, self.max_body)
-                if head.declared is not None and head.declared > limit:
-                    raise too_large(head.declared, limit=limit, predictor=predictor, raw=False)
+            limit, raw = self.limits(head, predictor)
             return Admitted(account, predictor, limit, raw)
         except Exception as exc:
             return self.refuse(exc, head, account)
+
+    def limits(self, head: Head, predictor: Predictor) -> tuple[int, RawSpec | None]:
+        """The largest body ``head`` may send (refused when it declares more), and what a
+        raw body's query parameters announce."""
+        check_content_type(head.content_type)
+        if head.content_type == RAW_TYPE:
+            raw = raw_spec(head.shape, head.dtype, predictor)
+            if raw.nbytes > self.max_body:
+                raise too_large(raw.nbytes, limit=self.max_body, predictor=predictor, raw=True)
+            if head.declared is not None:
+                raw.check_length(head.declared)
+            return raw.nbytes, raw
+        limit = json_body_limit(predictor, self.max_body)
+        if head.declared is not None and head.declared > limit:
+            raise too_large(head.declared, limit=limit, predictor=predictor, raw=False)
+        return limit, None
+
+    def raw_body(self, head: Head) -> bool:
+        """Whether ``head``'s body is array bytes (reserved 1x in the body budget, not 3x)."""
+        return head.content_type == RAW_TYPE
+
+    def body_too_large(self, head: Head, admitted: Admitted) -> Callable[[int], InputTooLarge]:
+        """The error for a body that runs past ``admitted.limit`` while it is read."""
+        return partial(
+            too_large,
+            limit=admitted.limit,
+            predictor=admitted.predictor,
+            raw=self.raw_body(head),
+        )
 
     def handle(self, head: Head, body: bytearray | MlinvertError) -> Outcome:
         """:meth:`admit` and :meth:`answer` a request whose body was read before its key
@@ -154,10 +188,7 @@ class PredictHandler:
         account, predictor = admitted.account, admitted.predictor
         x: np.ndarray | None = None
         try:
-            if admitted.raw is not None:
-                x = decode_raw(data, admitted.raw)
-            else:
-                x = decode_json(data, predictor)
+            x, asked = self.decode(data, admitted, head)
             del data  # the caller's reference goes too once this returns
             response = predictor.predict(x, account=account)
             for values in (response.probs, response.confidence):
@@ -174,6 +205,26 @@ class PredictHandler:
             status=200,
             digests=input_digests(x),
         )
+        outcome = self.encode(head, predictor, response, asked)
+        self.metrics.observe(
+            model=head.name,
+            status=200,
+            n_inputs=n_inputs,
+            reason=None,
+            seconds=time.perf_counter() - head.started,
+        )
+        outcome.headers.update(rate_headers(predictor, account))
+        return outcome
+
+    def decode(self, data: bytearray, admitted: Admitted, head: Head) -> tuple[np.ndarray, Any]:
+        """The batch a body holds, and what else the request asks of the answer (here
+        nothing: the mlinvert answer is always the same document)."""
+        if admitted.raw is not None:
+            return decode_raw(data, admitted.raw), None
+        return decode_json(data, admitted.predictor), None
+
+    def encode(self, head: Head, predictor: Predictor, response: Answer, asked: Any) -> Outcome:
+        """The 200 answer: one prediction per input, as the policy allows."""
         probs = None if response.probs is None else response.probs.tolist()
         conf = None if response.confidence is None else response.confidence.tolist()
         names = response.label_names or tuple(str(v) for v in response.labels)
@@ -195,14 +246,11 @@ class PredictHandler:
                 "predictions": predictions,
             }
         )
-        self.metrics.observe(
-            model=head.name,
-            status=200,
-            n_inputs=n_inputs,
-            reason=None,
-            seconds=time.perf_counter() - head.started,
-        )
-        return Outcome(200, body=body_out, headers=rate_headers(predictor, account))
+        return Outcome(200, body=body_out)
+
+    def status(self, error: MlinvertError) -> int:
+        """The HTTP status of a refusal (see :data:`mlinvert.service.errors.ERROR_TABLE`)."""
+        return status_of(error)
 
     def refuse(
         self,
@@ -215,9 +263,9 @@ class PredictHandler:
         server error (500, logged once with its traceback)."""
         error = exc if isinstance(exc, MlinvertError) else None
         if error is None:
-            log.error("internal error on POST %s", PREDICT_ROUTE, exc_info=exc)
-            self.metrics.server_error(PREDICT_ROUTE)
-        status = 500 if error is None else status_of(error)
+            log.error("internal error on POST %s", self.route, exc_info=exc)
+            self.metrics.server_error(self.route)
+        status = 500 if error is None else self.status(error)
         reason = "InternalError" if error is None else type(error).__name__
         n_inputs = int(x.shape[0]) if x is not None and x.ndim else 0
         if account is not None:  # without a valid key: counted below, never logged
@@ -240,7 +288,7 @@ class PredictHandler:
         headers = {}
         if isinstance(error, RateLimited) and account is not None and head.name in self.predictors:
             headers = rate_headers(self.predictors[head.name], account, error.retry_after)
-        return Outcome(status, error=error, headers=headers)
+        return Outcome(status, error=error, headers=headers, render=self.render)
 
 
 def clip(name: str, most: int = 100) -> str:

@@ -21,13 +21,15 @@ from mlinvert.service.store import Store
 class ServiceState:
     """One app's shared parts. ``account_reads`` meters ``GET /v1/account`` per account
     at ``account_rate``; ``ready_client`` is the Redis client ``/readyz`` asks (None
-    without Redis)."""
+    without Redis); ``handler`` answers the mlinvert predictions, ``v2_handler`` the
+    Open Inference Protocol's."""
 
     settings: ServiceSettings
     store: Store
     metrics: Metrics
     predictors: Mapping[str, Predictor]
     handler: PredictHandler
+    v2_handler: PredictHandler
     bodies: BodyBudget
     account_rate: Rate
     account_reads: MemoryBuckets

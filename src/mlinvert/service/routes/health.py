@@ -7,7 +7,7 @@ from starlette.responses import JSONResponse, Response
 
 from mlinvert.defenses.ratelimit import redis_deadline, redis_problem
 from mlinvert.service.schemas import Health, Readiness
-from mlinvert.service.state import Service
+from mlinvert.service.state import Service, ServiceState
 
 router = APIRouter(tags=["service"])
 
@@ -31,6 +31,14 @@ def readyz(service: Service) -> Response:
     database and the shared store (Redis, when configured) work; 503 naming the
     store that does not (Redis unreachable, or it lost the budgets under
     ``--redis-loss refuse``)."""
+    checks = readiness(service)
+    ready = all(v == "ok" for v in checks.values())
+    doc = Readiness(status="ready" if ready else "unready", checks=checks)
+    return JSONResponse(doc.model_dump(), status_code=200 if ready else 503)
+
+
+def readiness(service: ServiceState) -> dict[str, str]:
+    """Each store a prediction needs: ``ok``, or what is wrong with it."""
     settings = service.settings
     checks = {"database": service.store.problem() or "ok"}
     if service.ready_client is not None:
@@ -39,6 +47,4 @@ def readyz(service: Service) -> Response:
                 service.ready_client, need_epoch=settings.redis_loss == "refuse"
             )
         checks["redis"] = problem or "ok"
-    ready = all(v == "ok" for v in checks.values())
-    doc = Readiness(status="ready" if ready else "unready", checks=checks)
-    return JSONResponse(doc.model_dump(), status_code=200 if ready else 503)
+    return checks

@@ -5,7 +5,6 @@ limits, the body budget, reading the body); the rest runs in the thread pool
 from __future__ import annotations
 
 import time
-from functools import partial
 
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
@@ -13,8 +12,8 @@ from starlette.responses import Response
 
 from mlinvert.errors import InputTooLarge, MlinvertError, Unavailable
 from mlinvert.service.auth import ApiKey
-from mlinvert.service.bodies import RAW_TYPE, SMALL_BODY, read_body, reserve, too_large
-from mlinvert.service.handler import Head, Outcome
+from mlinvert.service.bodies import SMALL_BODY, read_body, reserve
+from mlinvert.service.handler import Head, Outcome, PredictHandler
 from mlinvert.service.openapi import PREDICT_BODY, PREDICT_RESPONSES
 from mlinvert.service.schemas import PredictResponse
 from mlinvert.service.state import Service, ServiceState
@@ -57,26 +56,29 @@ async def predict(
         dtype=dtype,
         started=time.perf_counter(),
     )
-    return await answer(service, request, head)
+    return await answer(service, service.handler, request, head)
 
 
-async def answer(service: ServiceState, request: Request, head: Head) -> Response:
-    """Admit, read and answer the request ``head`` announces, within the body limits."""
-    handler, bodies = service.handler, service.bodies
+async def answer(
+    service: ServiceState, handler: PredictHandler, request: Request, head: Head
+) -> Response:
+    """Admit, read and answer the request ``head`` announces, within the body limits;
+    ``handler`` speaks the protocol of the route."""
+    bodies = service.bodies
     if head.declared is not None and head.declared <= min(
         SMALL_BODY, service.settings.max_body_bytes
     ):
-        reserved = reserve(head.declared, head.content_type == RAW_TYPE, bodies.budget)
+        reserved = reserve(head.declared, handler.raw_body(head), bodies.budget)
         if bodies.take(reserved):
             try:
-                return await _small(service, request, head, head.declared)
+                return await _small(service, handler, request, head, head.declared)
             finally:
                 bodies.release(reserved)
     admitted = await run_in_threadpool(handler.admit, head)
     if isinstance(admitted, Outcome):  # refused before its body was read
         return await _unread(service, request, head, admitted.response())
     size = admitted.limit if head.declared is None else head.declared
-    reserved = reserve(size, admitted.raw is not None, bodies.budget)
+    reserved = reserve(size, handler.raw_body(head), bodies.budget)
     if not bodies.take(reserved):
         busy = Unavailable(
             f"the service holds {bodies.held} bytes for request bodies; this one "
@@ -93,12 +95,7 @@ async def answer(service: ServiceState, request: Request, head: Head) -> Respons
                 admitted.limit,
                 timeout=service.settings.body_timeout,
                 idle=service.settings.idle_timeout,
-                too_large=partial(
-                    too_large,
-                    limit=admitted.limit,
-                    predictor=admitted.predictor,
-                    raw=admitted.raw is not None,
-                ),
+                too_large=handler.body_too_large(head, admitted),
             )
         except MlinvertError as exc:
             outcome = await run_in_threadpool(handler.refuse, exc, head, admitted.account)
@@ -110,7 +107,9 @@ async def answer(service: ServiceState, request: Request, head: Head) -> Respons
     return outcome.response()
 
 
-async def _small(service: ServiceState, request: Request, head: Head, declared: int) -> Response:
+async def _small(
+    service: ServiceState, handler: PredictHandler, request: Request, head: Head, declared: int
+) -> Response:
     """A request whose declared body is small: read first (as a refused body would be
     drained), then admitted and answered in one thread-pool hop, not two."""
     try:
@@ -124,9 +123,9 @@ async def _small(service: ServiceState, request: Request, head: Head, declared: 
             ),
         )
     except MlinvertError as exc:
-        outcome = await run_in_threadpool(service.handler.handle, head, exc)
+        outcome = await run_in_threadpool(handler.handle, head, exc)
         return closing(outcome.response())
-    outcome = await run_in_threadpool(service.handler.handle, head, data)
+    outcome = await run_in_threadpool(handler.handle, head, data)
     del data
     return outcome.response()
 
