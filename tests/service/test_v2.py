@@ -265,3 +265,37 @@ def test_each_inference_is_logged_per_input_and_counted(
     assert [q.digests for q in rows] == [input_digests(x), input_digests(y)]
     assert store.answered("logged") == 7
     assert _inputs_total(service) == counted + 7
+
+
+def test_the_protocol_setting_and_what_each_value_serves(tmp_path: Path) -> None:
+    """The default serves no /v2 route and the same OpenAPI paths as before; v2 adds
+    the /v2 routes beside /v1 (MLINVERT_PROTOCOL or --protocol); anything else is refused."""
+    from fastapi.testclient import TestClient
+    from toys import ToySoftmax
+
+    from mlinvert.errors import ConfigError
+    from mlinvert.service import ServiceSettings, build_predictors, create_app
+
+    def app(protocol: str | None) -> TestClient:
+        env = {} if protocol is None else {"MLINVERT_PROTOCOL": protocol}
+        config = ServiceSettings.from_env(env, db=tmp_path / f"{protocol}.db")
+        assert config.protocol == (protocol or "mlinvert")
+        return TestClient(create_app(config, build_predictors({"faces": ToySoftmax()}, config)))
+
+    default, v2 = app(None), app("v2")
+    assert default.get("/v2/health/live").status_code == 404
+    assert v2.get("/v2/health/live").json() == {"live": True}
+    assert v2.get("/healthz").status_code == 200  # the mlinvert routes stay
+    paths = {p for p in default.get("/openapi.json").json()["paths"]}
+    v2_paths = set(v2.get("/openapi.json").json()["paths"])
+    assert not any(p.startswith("/v2") for p in paths)
+    assert v2_paths - paths == {
+        "/v2",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/v2/models/{name}",
+        "/v2/models/{name}/ready",
+        "/v2/models/{name}/infer",
+    }
+    with pytest.raises(ConfigError, match="protocol must be 'mlinvert'"):
+        ServiceSettings(db=tmp_path / "x.db", protocol="grpc")
