@@ -286,6 +286,10 @@ def test_the_protocol_setting_and_what_each_value_serves(tmp_path: Path) -> None
     assert default.get("/v2/health/live").status_code == 404
     assert v2.get("/v2/health/live").json() == {"live": True}
     assert v2.get("/healthz").status_code == 200  # the mlinvert routes stay
+    for path in ("/v2/nothing", "/v2/models/faces/infer"):  # no route; GET on a POST route
+        r = v2.get(path)
+        assert r.status_code in (404, 405) and set(r.json()) == {"error"}
+    assert default.get("/v2/nothing").json()["error"]["status"] == 404
     paths = {p for p in default.get("/openapi.json").json()["paths"]}
     v2_paths = set(v2.get("/openapi.json").json()["paths"])
     assert not any(p.startswith("/v2") for p in paths)

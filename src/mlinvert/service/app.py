@@ -95,7 +95,7 @@ def create_app(
             else None
         ),
     )
-    _add_error_handlers(app)
+    _add_error_handlers(app, settings)
     app.add_middleware(ServerErrors, metrics=metrics)
     for module in (health, ops, models, account, predict):
         app.include_router(module.router)
@@ -105,8 +105,9 @@ def create_app(
     return app
 
 
-def _add_error_handlers(app: FastAPI) -> None:
-    """Every refusal as the one JSON error document (see :mod:`mlinvert.service.errors`)."""
+def _add_error_handlers(app: FastAPI, settings: ServiceSettings) -> None:
+    """Every refusal as the one JSON error document (see :mod:`mlinvert.service.errors`);
+    an unknown path or method under ``/v2`` as the Open Inference Protocol's."""
 
     @app.exception_handler(MlinvertError)
     async def _mlinvert_error(request: Request, exc: MlinvertError) -> Response:
@@ -119,8 +120,11 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        v2 = settings.protocol == "v2" and request.url.path.split("/")[1] == "v2"
         return JSONResponse(
-            error_body("HTTPError", exc.status_code, str(exc.detail)),
+            {"error": str(exc.detail)}  # a v2 client reads the error's message here
+            if v2
+            else error_body("HTTPError", exc.status_code, str(exc.detail)),
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )
