@@ -303,3 +303,34 @@ def test_the_protocol_setting_and_what_each_value_serves(tmp_path: Path) -> None
     }
     with pytest.raises(ConfigError, match="protocol must be 'mlinvert'"):
         ServiceSettings(db=tmp_path / "x.db", protocol="grpc")
+
+
+def test_the_query_detector_blocks_a_v2_client_as_a_v1_one(
+    tmp_path: Path, model_dir: tuple[Path, Any]
+) -> None:
+    """Near-duplicate probes over v2 are refused at the batch that crosses the detector's
+    count (403, ``{"error"}``), and the flag holds on /v1 too: one Predictor, one detector."""
+    from fastapi.testclient import TestClient
+
+    from mlinvert.service import ServiceSettings, build_predictors, create_app
+
+    config = ServiceSettings(db=tmp_path / "s.db", protocol="v2", detector="detect:block:30")
+    store = config.open_store()
+    key, _ = store.create_key("mallory")
+    app = create_app(
+        config, build_predictors({"faces": model_dir[1]}, config, flags=store), store=store
+    )
+    rng = np.random.default_rng(2)
+    base = (rng.integers(0, 5, SHAPE) * 0.2 + 0.1).astype(np.float32)
+    probes = (base + rng.uniform(-0.05, 0.05, (40, *SHAPE))).astype(np.float32)
+    client = TestClient(app, headers=bearer(key))
+    statuses = []
+    for i in range(4):
+        doc = {"inputs": [{"name": "input", "shape": [10, 8, 8], "datatype": "FP32"}]}
+        doc["inputs"][0]["data"] = probes[10 * i : 10 * i + 10].ravel().tolist()
+        r = client.post("/v2/models/faces/infer", json=doc)
+        statuses.append(r.status_code)
+    assert statuses == [200, 200, 200, 403] and "unflag" in r.json()["error"]
+    v1 = client.post("/v1/models/faces/predict", json={"inputs": probes[:1].tolist()})
+    assert v1.status_code == 403
+    assert [q.status for q in store.queries("mallory")] == [200, 200, 200, 403, 403]
