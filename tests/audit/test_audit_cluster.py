@@ -99,6 +99,7 @@ def _sent(out: Path) -> Counter[tuple[str, str]]:
 
 
 @pytest.mark.redis
+@pytest.mark.timeout(1200)  # two audits and a Dask cluster; slow on a loaded machine
 def test_a_cluster_gives_the_records_of_one_machine_even_when_a_worker_dies(
     tmp_path: Path,
 ) -> None:
