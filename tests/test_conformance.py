@@ -30,6 +30,7 @@ from mlinvert.attacks.tree_inversion import (
     ConfidenceBlackBox,
     Knowledge,
     LabelOnlyMatch,
+    TreeAttackConfig,
     WhiteBoxCounts,
     training_confusion,
 )
@@ -392,15 +393,16 @@ TREE_POLICIES = ("full", "round:2", "top:1", "labels")
 
 def _estimators(world: World) -> dict[str, Any]:
     confusion = training_confusion(world.tree, *world.fair.members())
+    config = TreeAttackConfig(batch_size=64)  # a budget of 100 answers one batch
     return {
-        "black-box-2014": BlackBox2014(confusion),
-        "black-box-confidence": ConfidenceBlackBox(),
-        "label-only": LabelOnlyMatch(),
+        "black-box-2014": BlackBox2014(confusion, config),
+        "black-box-confidence": ConfidenceBlackBox(config),
+        "label-only": LabelOnlyMatch(config),
         "white-box": WhiteBoxCounts(world.tree.to_document()),
     }
 
 
-@pytest.mark.parametrize("budget", [None, 50])
+@pytest.mark.parametrize("budget", [None, 100])
 @pytest.mark.parametrize("spec", TREE_POLICIES)
 @pytest.mark.parametrize(
     "estimator", ["black-box-2014", "black-box-confidence", "label-only", "white-box"]
