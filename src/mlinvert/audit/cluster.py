@@ -37,7 +37,7 @@ from mlinvert.audit.channels import Served, served_accounts
 from mlinvert.audit.config import parse_cluster
 from mlinvert.audit.context import AuditContext, AuditTarget, Event, blinding, single_threaded
 from mlinvert.audit.people import Outcome, blinded_per_person, run_people
-from mlinvert.audit.records import judged_record, shared_record
+from mlinvert.audit.records import record_outcome, shared_record
 from mlinvert.core import Response
 from mlinvert.data import load
 from mlinvert.data.base import ImageDataset, Split
@@ -140,19 +140,7 @@ def attack_on_cluster(
             task = by_future[future]
             target = next(t for t in ctx.targets if t.name == task.target)
             for o in future.result():
-                record = judged_record(
-                    ctx,
-                    task.attack,
-                    defense,
-                    target,
-                    o.label,
-                    o.outcome,
-                    lanes=o.lanes,
-                    accounts=o.accounts,
-                    blinded_up_to=o.blinded_up_to,
-                )
-                ctx.results.add(record)
-                ctx.events("record", record)
+                record_outcome(ctx, task.attack, defense, target, o)
     shutil.rmtree(journal, ignore_errors=True)  # every answer it kept is in a record now
     with contextlib.suppress(OSError):  # the last defence's: no journal is left
         journal.parent.rmdir()

@@ -13,7 +13,7 @@ from mlinvert.audit.channels import oracles_under
 from mlinvert.audit.cluster import attack_on_cluster, open_cluster
 from mlinvert.audit.context import AuditContext, AuditTarget, blinding
 from mlinvert.audit.people import Outcome, blinded_per_person, run_people
-from mlinvert.audit.records import judged_record, shared_record
+from mlinvert.audit.records import record_outcome, shared_record
 from mlinvert.defenses.spec import Defense, build_predictor
 from mlinvert.errors import MlinvertError
 from mlinvert.oracle.local import WhiteBoxOracle
@@ -81,19 +81,7 @@ def _attack_group(
     budget = _budget(ctx, attack)
 
     def record(o: Outcome) -> None:
-        judged = judged_record(
-            ctx,
-            attack,
-            defense,
-            target,
-            o.label,
-            o.outcome,
-            lanes=o.lanes,
-            accounts=o.accounts,
-            blinded_up_to=o.blinded_up_to,
-        )
-        ctx.results.add(judged)
-        ctx.events("record", judged)
+        record_outcome(ctx, attack, defense, target, o)
 
     if attack == "whitebox":
         model = target.model

@@ -9,6 +9,7 @@ import numpy as np
 from mlinvert.attacks.base import AttackResult
 from mlinvert.audit.config import LIKENESS_THRESHOLD
 from mlinvert.audit.context import AuditContext, AuditTarget, blinding
+from mlinvert.audit.people import Outcome
 from mlinvert.audit.results import Record, json_safe
 from mlinvert.data.images import save_png
 from mlinvert.defenses.spec import Defense
@@ -206,3 +207,22 @@ def _shared_run(
         ):
             return r, why
     return None
+
+
+def record_outcome(
+    ctx: AuditContext, attack: str, defense: Defense, target: AuditTarget, o: Outcome
+) -> None:
+    """Judge one person's outcome, write the record and report it."""
+    record = judged_record(
+        ctx,
+        attack,
+        defense,
+        target,
+        o.label,
+        o.outcome,
+        lanes=o.lanes,
+        accounts=o.accounts,
+        blinded_up_to=o.blinded_up_to,
+    )
+    ctx.results.add(record)
+    ctx.events("record", record)
