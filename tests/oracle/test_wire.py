@@ -165,7 +165,7 @@ def test_v2_bad_endpoints_are_clear_errors() -> None:
 
 
 def test_v2_waits_out_a_429_and_retries_a_503() -> None:
-    server = V2Server(status=[429, 503])
+    server = V2Server(status=(429, 503))
     oracle = v2_oracle(server)
     assert oracle.info.carries == "probs" and oracle.n_queries == 1
 

@@ -10,7 +10,22 @@ from typing import Any
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mlinvert.cli.common import check_seed, console, on_interrupt, out, output_dir, write_json
+from mlinvert.cli.common import (
+    CLASSES,
+    HEADER,
+    INPUT_SHAPE,
+    OUTPUT,
+    PROTOCOL,
+    REQUEST,
+    SCORES,
+    check_seed,
+    console,
+    on_interrupt,
+    out,
+    output_dir,
+    wire_config,
+    write_json,
+)
 from mlinvert.errors import ConfigError, OracleError, Unauthorized
 
 MODES = ("whitebox", "blackbox", "label-only")
@@ -76,15 +91,17 @@ def _oracle(
     *,
     escalate: tuple[float, int] | None = None,
     answered_before: Sequence[int] = (),
+    wire: Any = None,
 ) -> Any:
     """The attacker's oracle: a local model, or the API through one key or several
     (``escalate`` = (amplitude, seed): each key blinds its probes, the noise doubled
     each time the service blocks one; ``answered_before``: what each key answered in an
-    earlier, interrupted run, see :class:`~mlinvert.oracle.wrappers.Rotating`)."""
+    earlier, interrupted run, see :class:`~mlinvert.oracle.wrappers.Rotating`; ``wire``:
+    the API's protocol, a :class:`~mlinvert.oracle.wire.WireConfig`)."""
     if (model is None) == (target is None):
         raise ConfigError(
             "pass exactly one of --model DIR (a local model folder) or "
-            "--target URL (http://HOST:PORT/v1/models/NAME)"
+            "--target URL (http://HOST:PORT/v1/models/NAME, or another API with --protocol)"
         )
     if target is not None:
         if mode == "whitebox":
@@ -92,25 +109,20 @@ def _oracle(
                 "--mode whitebox needs the model itself (--model DIR); an API "
                 "--target allows --mode blackbox or label-only"
             )
-        keys = _keys(api_key)
-        if not keys:
-            raise ConfigError("--target needs --api-key KEY (create one with `mlinvert keys`)")
         from mlinvert.oracle.http import HttpOracle
+        from mlinvert.oracle.wire import WireConfig
         from mlinvert.oracle.wrappers import Rotating, escalating
 
+        wire = wire or WireConfig()
+        keys: list[str | None] = list(_keys(api_key))
+        if not keys and wire.protocol == "mlinvert":
+            raise ConfigError("--target needs --api-key KEY (create one with `mlinvert keys`)")
+        keys = keys or [None]  # another protocol: a key (or --header) only if it asks one
         # several keys: a refused key hands over at once; the last one waits out a 429
-        accounts = [HttpOracle(target, k, max_wait=0.0) for k in keys[:-1]]
-        accounts.append(HttpOracle(target, keys[-1]))
-        for account in accounts:  # what each key may still send; a refused key stops here
-            try:
-                a = account.account()
-            except Unauthorized:
-                raise
-            except OracleError as exc:
-                console.print(f"[yellow]note[/]: cannot read the key's account ({exc})")
-                continue
-            left = f"{a.remaining} of {a.rate_limit} inputs left" if a.rate_limit else "no limit"
-            console.print(f"account {a.name}: {left}{' [red](blocked)[/]' if a.blocked else ''}")
+        accounts = [HttpOracle(target, k, wire=wire, max_wait=0.0) for k in keys[:-1]]
+        accounts.append(HttpOracle(target, keys[-1], wire=wire))
+        for account in accounts if wire.protocol == "mlinvert" else ():
+            _show_account(account)
         if len(accounts) == 1:
             return accounts[0]
         if escalate is not None:
@@ -128,6 +140,29 @@ def _oracle(
     if mode == "whitebox":
         return WhiteBoxOracle(Predictor(loaded, name=name))
     return LocalOracle(Predictor(loaded, name=name, policy=parse_policy(policy)))
+
+
+def _api_counts(base: Any) -> dict[str, int]:
+    """What the API answered this run, over all keys: inputs (the attack's queries and
+    any probe that read what the answers carry) and requests."""
+    oracles = getattr(base, "oracles", [base])
+    return {
+        "inputs": sum(int(o.n_queries) for o in oracles),
+        "requests": sum(int(o.n_requests) for o in oracles),
+    }
+
+
+def _show_account(oracle: Any) -> None:
+    """Print what the key may still send (a refused key stops here: Unauthorized)."""
+    try:
+        a = oracle.account()
+    except Unauthorized:
+        raise
+    except OracleError as exc:
+        console.print(f"[yellow]note[/]: cannot read the key's account ({exc})")
+        return
+    left = f"{a.remaining} of {a.rate_limit} inputs left" if a.rate_limit else "no limit"
+    console.print(f"account {a.name}: {left}{' [red](blocked)[/]' if a.blocked else ''}")
 
 
 def _space(
@@ -263,7 +298,10 @@ def register(app: typer.Typer) -> None:
         out_dir: Path = typer.Option(..., "--out", help="Folder for PNGs and result.json."),
         model: Path | None = typer.Option(None, "--model", help="Local model folder."),
         target: str | None = typer.Option(
-            None, "--target", help="API URL http://HOST:PORT/v1/models/NAME."
+            None,
+            "--target",
+            help="API URL: http://HOST:PORT/v1/models/NAME (mlinvert), /v2/models/NAME "
+            "(--protocol v2) or any JSON endpoint (--protocol rest).",
         ),
         api_key: str | None = typer.Option(
             None,
@@ -347,6 +385,13 @@ def register(app: typer.Typer) -> None:
             help="With --blind and several --api-key keys: double the noise each time the "
             "service blocks one of the keys (403).",
         ),
+        protocol: str = PROTOCOL,
+        output: str | None = OUTPUT,
+        request: str | None = REQUEST,
+        scores: str | None = SCORES,
+        header: list[str] | None = HEADER,
+        input_shape: str | None = INPUT_SHAPE,
+        classes: str | None = CLASSES,
         seed: int = typer.Option(0, "--seed"),
     ) -> None:
         """Reconstruct a person's face (MI-Face, Fredrikson et al. CCS 2015; BREP-MI)."""
@@ -388,6 +433,12 @@ def register(app: typer.Typer) -> None:
                 "--escalate raises the --blind noise each time the service blocks a key: it "
                 "needs --target URL, --blind A and several keys (--api-key K1,K2,...)"
             )
+        wire = wire_config(protocol, output, request, scores, header, input_shape, classes)
+        if model is not None and wire.to_dict() != type(wire)().to_dict():
+            raise ConfigError(
+                "--protocol, --output, --request, --scores and --header describe an API "
+                "--target; a local --model needs none of them"
+            )
         ledger = _key_ledger(checkpoint, api_key) if target is not None else None
         before = _read_ledger(ledger, _keys(api_key))
         base = _oracle(
@@ -398,6 +449,7 @@ def register(app: typer.Typer) -> None:
             policy,
             escalate=(blind, seed) if escalate and blind is not None else None,
             answered_before=before if ledger is not None else (),
+            wire=wire,
         )
         oracle = base
         if blind is not None and not escalate:
@@ -531,6 +583,8 @@ def register(app: typer.Typer) -> None:
         merged.extra["blind"] = blind
         merged.extra["escalate"] = escalate
         merged.extra["blinded_up_to"] = largest_blinding(oracle)
+        merged.extra["wire"] = wire.to_dict() if target else None
+        merged.extra["api_answered"] = _api_counts(base) if target else None
         merged.extra["api_keys_used"] = getattr(base, "accounts_used", 1 if target else 0)
         paths = merged.save_pngs(out_dir, scale=3)
         write_json(out_dir / "result.json", merged.to_dict())
