@@ -16,7 +16,19 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from mlinvert.cli.common import check_seed, console, on_interrupt, out, output_dir
+from mlinvert.cli.common import (
+    HEADER,
+    OUTPUT,
+    PROTOCOL,
+    REQUEST,
+    SCORES,
+    check_seed,
+    console,
+    on_interrupt,
+    out,
+    output_dir,
+    wire_config,
+)
 from mlinvert.errors import ConfigError
 
 
@@ -65,11 +77,12 @@ class _Display:
 _KEY_ENV = "MLINVERT_AUDIT_API_KEY"
 _UTILITY_KEY_ENV = "MLINVERT_AUDIT_UTILITY_KEY"
 #: Options whose values are secrets.
-_SECRET_OPTIONS = ("--api-key", "--utility-key")
+_SECRET_OPTIONS = ("--api-key", "--utility-key", "--header")  # a header may carry a token
 
 
 def _redacted(command: str) -> str:
-    """The command line with the values of ``--api-key`` and ``--utility-key`` hidden."""
+    """The command line with the values of ``--api-key``, ``--utility-key`` and
+    ``--header`` hidden."""
     import shlex
 
     parts = shlex.split(command)
@@ -242,9 +255,11 @@ def audit(
         None,
         "--api",
         help="Audit a prediction API that is already running: "
-        "http://HOST:PORT/v1/models/NAME of an mlinvert-compatible service (no service "
-        "started, no target trained; black-box and label-only attacks under the one "
-        "defence it advertises). Needs --data and --api-key.",
+        "http://HOST:PORT/v1/models/NAME of an mlinvert-compatible service, or with "
+        "--protocol v2 an Open Inference Protocol model http://HOST:PORT/v2/models/NAME, or "
+        "with --protocol rest any JSON API (no service started, no target trained; "
+        "black-box and label-only attacks under the one defence it advertises). Needs "
+        "--data, and --api-key for mlinvert's API.",
     ),
     api_key: str | None = typer.Option(
         None,
@@ -271,6 +286,11 @@ def audit(
         "learned from public photos of other people; refused if it holds a private photo). "
         "Default: eigenfaces of the other attacked people's held-out photos.",
     ),
+    protocol: str = PROTOCOL,
+    output: str | None = OUTPUT,
+    request: str | None = REQUEST,
+    scores: str | None = SCORES,
+    header: list[str] | None = HEADER,
 ) -> None:
     """Attack the model under every defence, measure, and write DIR/index.html.
 
@@ -317,6 +337,7 @@ def audit(
         api_keys=_split(api_key, "api-key") or (),
         utility_key=utility_key,
         prior=prior,
+        wire=wire_config(protocol, output, request, scores, header),
         command=_redacted(command_line()),
     )
     if out_dir.is_dir() and not (out_dir / "results.json").exists() and any(out_dir.iterdir()):

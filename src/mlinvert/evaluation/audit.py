@@ -53,6 +53,7 @@ from mlinvert.evaluation.faces import NOT_FACES
 from mlinvert.evaluation.recogniser import JUDGE_FIELDS, JUDGE_NAME, lineup_chance_bar
 from mlinvert.oracle.http import key_fingerprint
 from mlinvert.oracle.lockstep import check_lanes
+from mlinvert.oracle.wire import WireConfig, split_url
 from mlinvert.oracle.wrappers import largest_blinding
 
 log = logging.getLogger(__name__)
@@ -227,6 +228,7 @@ class AuditConfig:
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     utility_key: str | None = field(default=None, repr=False)
     prior: Path | None = None
+    wire: WireConfig = field(default_factory=WireConfig)
     command: str = ""
 
     def __post_init__(self) -> None:
@@ -284,10 +286,11 @@ class AuditConfig:
     def _check_api(self) -> None:
         """The deployed-API mode's own rules (``api`` is set); fixes ``targets`` and
         ``accounts``."""
-        from mlinvert.oracle.http import _split_url
-
-        _split_url(str(self.api))  # ConfigError naming the expected form
-        if not self.api_keys or not all(k.strip() for k in self.api_keys):
+        if self.wire.protocol == "mlinvert":
+            split_url(str(self.api), "/v1/models/")  # ConfigError naming the expected form
+        elif not self.api_keys:  # an API without keys: one anonymous account
+            object.__setattr__(self, "api_keys", ("",))
+        if self.wire.protocol == "mlinvert" and not all(k.strip() for k in self.api_keys or ("",)):
             raise ConfigError(
                 "--api needs the attacker's API key(s) of that service: --api-key K1[,K2,...]"
             )
@@ -331,7 +334,8 @@ class AuditConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON form (paths as strings; API keys as short SHA-256 fingerprints)."""
         d = asdict(self)
-        d["api_keys"] = [key_fingerprint(k) for k in self.api_keys]
+        d["api_keys"] = [key_fingerprint(k) if k else None for k in self.api_keys]
+        d["wire"] = self.wire.to_dict()  # header names only: their values may be secrets
         d["utility_key"] = None if self.utility_key is None else key_fingerprint(self.utility_key)
         d["model_dir"] = None if self.model_dir is None else str(self.model_dir)
         d["prior"] = None if self.prior is None else str(self.prior)
@@ -1312,10 +1316,12 @@ DEPLOYED = "deployed"
 _UTILITY_BATCH = 16
 
 
-def _open_api(config: AuditConfig) -> list[Any]:
+def _open_api(config: AuditConfig, dataset: ImageDataset) -> list[Any]:
     """An HttpOracle per ``config.api_keys`` on ``config.api``, then one for
-    ``config.utility_key`` if given; the service's description read and every key checked
-    (no query spent): a clear OracleError otherwise."""
+    ``config.utility_key`` if given, speaking ``config.wire`` (what the server does not
+    declare, its input shape and classes, taken from ``dataset``); the service's
+    description read and every key checked (mlinvert's API: no query spent; v2 and rest
+    may spend a probe): a clear OracleError otherwise."""
     from mlinvert.errors import Unauthorized, UnknownModel
     from mlinvert.oracle.http import HttpOracle
 
@@ -1323,7 +1329,12 @@ def _open_api(config: AuditConfig) -> list[Any]:
     keys = [*config.api_keys, *([config.utility_key] if config.utility_key else [])]
     names = [f"--api-key #{i + 1} of {len(config.api_keys)}" for i in range(len(config.api_keys))]
     names += ["--utility-key"] if config.utility_key else []
-    oracles = [HttpOracle(url, key, max_wait=0.0, max_retries=2) for key in keys]
+    wire = dataclasses.replace(
+        config.wire,
+        input_shape=config.wire.input_shape or tuple(dataset.image_shape),
+        class_names=config.wire.class_names or tuple(dataset.class_names),
+    )
+    oracles = [HttpOracle(url, key, wire=wire, max_wait=0.0, max_retries=2) for key in keys]
     try:
         try:
             oracles[0].info  # noqa: B018 - fetch the listing: reachable, model served
@@ -1398,7 +1409,7 @@ def _run_deployed(
     preset = preset_for(dataset.image_shape, config.quick)
     budget = config.budget or preset.budget
     emit("stage", {"name": f"reading {config.api}"})
-    oracles = _open_api(config)
+    oracles = _open_api(config, dataset)
     try:
         _audit_deployed(config, results, dataset, emit, oracles, preset, budget)
     finally:
@@ -1450,6 +1461,7 @@ def _audit_deployed(
         "rate_limit": info.extra.get("rate_limit"),
         "detector": info.extra.get("detector"),
         "max_batch": info.extra.get("max_batch"),
+        "protocol": info.extra.get("protocol", "mlinvert"),
         "keys": len(attackers),
         "utility_key": honest_name,
         "answered": answered,
