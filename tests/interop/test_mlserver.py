@@ -117,3 +117,29 @@ def test_mlserver_answers_what_the_estimator_answers(mlserver: dict[str, Any]) -
     assert answered.probs is not None
     expected = mlserver["estimator"].predict_proba(x[:20].reshape(20, -1))
     np.testing.assert_allclose(answered.probs, expected, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_audit_through_v2_counts_every_input_mlserver_answered(
+    mlserver: dict[str, Any],
+) -> None:
+    server = mlserver["server"]
+    out = mlserver["root"] / "audit"
+    before = server.counts()
+    args = ["audit", "--api", server.url, "--protocol", "v2", "--data", ATT, "--labels", "1"]
+    args += ["--budget", "400", "--quick", "--seed", "1", "--attacks", "blackbox,label-only"]
+    with pytest.raises(SystemExit) as done:
+        main([*args, "--out", str(out)])
+    after = server.counts()
+    assert done.value.code in (0, 3)
+    final = json.loads((out / "results.json").read_text())
+    assert final["status"] == "complete" and final["deployment"]["protocol"] == "v2"
+    assert final["config"]["wire"]["protocol"] == "v2"
+    records = final["records"]
+    assert sorted(r["attack"] for r in records) == ["blackbox", "label-only"]
+    assert all(r["n_queries"] > 0 for r in records)
+    utility = final["utility"]["faces"]["deployed"]
+    spent = sum(r["n_queries"] for r in records) + utility["queries_spent"]
+    # the attacks', the served-accuracy measurement's and the one probe's inputs
+    assert after["inputs"] - before["inputs"] == spent + 1
+    assert sum(final["deployment"]["answered"].values()) == spent + 1
