@@ -133,9 +133,17 @@ def _oracle(
     from mlinvert.defenses import Predictor, parse_policy
     from mlinvert.oracle import LocalOracle, WhiteBoxOracle
     from mlinvert.targets import load
+    from mlinvert.targets.files import is_model_file, load_file
 
     assert model is not None
-    loaded = load(model)
+    if is_model_file(model):  # what the file does not declare: --input-shape, --classes
+        loaded = load_file(
+            model,
+            input_shape=None if wire is None else wire.input_shape,
+            class_names=None if wire is None else wire.class_names,
+        )
+    else:
+        loaded = load(model)
     name = model.name
     if mode == "whitebox":
         return WhiteBoxOracle(Predictor(loaded, name=name))
@@ -296,7 +304,12 @@ def register(app: typer.Typer) -> None:
     @attack_app.command("miface")
     def miface(
         out_dir: Path = typer.Option(..., "--out", help="Folder for PNGs and result.json."),
-        model: Path | None = typer.Option(None, "--model", help="Local model folder."),
+        model: Path | None = typer.Option(
+            None,
+            "--model",
+            help="Local model: a folder (`mlinvert train`) or a file: .onnx, .pt "
+            "(TorchScript), .joblib or .skops (scikit-learn).",
+        ),
         target: str | None = typer.Option(
             None,
             "--target",

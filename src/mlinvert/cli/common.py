@@ -116,13 +116,15 @@ HEADER = typer.Option(
 INPUT_SHAPE = typer.Option(
     None,
     "--input-shape",
-    help="v2/rest: the model's input shape (e.g. 112x92) when the server does not declare it.",
+    help="v2/rest or a --model file: the model's input shape (e.g. 112x92) when the server "
+    "or file does not declare it.",
 )
 CLASSES = typer.Option(
     None,
     "--classes",
-    help="v2/rest: the model's classes (N, or comma-separated names) when the server does "
-    "not declare them (needed for a labels-only endpoint).",
+    help="v2/rest or a --model file: the model's classes (N, or comma-separated names) when "
+    "the server or file does not declare them "
+    "(needed for a labels-only endpoint).",
 )
 
 
