@@ -264,7 +264,7 @@ class TorchScriptTarget(_FileTarget):
         import torch
 
         x = torch.from_numpy(self._check(X).copy()).requires_grad_(True)
-        lab = torch.from_numpy(np.broadcast_to(np.asarray(labels, np.int64), (x.shape[0],)))
+        lab = torch.from_numpy(np.broadcast_to(np.asarray(labels, np.int64), (x.shape[0],)).copy())
         out = self._forward(x)
         p = torch.softmax(out, dim=1) if self.logits_ else out
         (grad,) = torch.autograd.grad(p[torch.arange(x.shape[0]), lab].sum(), x)
