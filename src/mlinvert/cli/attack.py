@@ -153,7 +153,7 @@ def _oracle(
 def _api_counts(base: Any) -> dict[str, int]:
     """What the API answered this run, over all keys: inputs (the attack's queries and
     any probe that read what the answers carry) and requests."""
-    oracles = getattr(base, "oracles", [base])
+    oracles = [getattr(o, "inner", o) for o in getattr(base, "oracles", [base])]  # unblinded
     return {
         "inputs": sum(int(o.n_queries) for o in oracles),
         "requests": sum(int(o.n_requests) for o in oracles),
