@@ -38,6 +38,7 @@ demo: $(STAMP)
 # gh-106905, "AST constructor recursion depth mismatch"), and a clean checkout would
 # otherwise compile modules on first import inside the lockstep lanes' threads.
 test: $(STAMP) system-deps
+	$(BIN)/lint-imports --no-cache >/dev/null
 	$(BIN)/python -m compileall -q src >/dev/null
 	$(BIN)/python -m pytest -q
 
@@ -45,6 +46,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -33,10 +33,10 @@ import numpy as np
 
 from lockstep_timing import LANE_COLUMNS, MODELS, ROOT, add_requests, markdown
 from mlinvert.attacks import AttackResult
+from mlinvert.audit.channels import ONE_THREAD_ENV
 from mlinvert.data import load
 from mlinvert.data.base import ImageDataset
 from mlinvert.errors import DataError
-from mlinvert.evaluation.audit import ONE_THREAD_ENV
 from mlinvert.evaluation.faces import FaceJudge
 from mlinvert.service.runner import ServiceProcess
 from mlinvert.service.store import Store

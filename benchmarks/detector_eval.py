@@ -44,12 +44,12 @@ from PIL import Image
 
 from miface_att import DATA, OUT, judge_for, summarise, target
 from mlinvert.attacks import AttackResult
+from mlinvert.attacks.presets import build_attack, preset_for, search_space
 from mlinvert.data import load
 from mlinvert.data.base import ImageDataset
 from mlinvert.defenses import Predictor, parse_policy
 from mlinvert.defenses.detector import DetectorConfig, QueryDetector, RedisHistory, fingerprints
 from mlinvert.errors import DataError
-from mlinvert.evaluation.audit import build_attack, preset_for, search_space
 from mlinvert.evaluation.faces import FaceJudge
 from mlinvert.oracle import LocalOracle, Oracle
 from mlinvert.oracle.wrappers import Blinded

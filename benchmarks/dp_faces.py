@@ -4,7 +4,7 @@ For each target kind (softmax, MLP, CNN, DAE) and privacy target epsilon (inf = 
 cached non-DP model; otherwise DP-SGD with ``mlinvert.targets.training.dp_config``,
 delta 1e-5, models cached under benchmarks/out/models/KIND-dp-epsE), trained on all 40
 people's private photos: test accuracy, then the audit's white-box and black-box
-MI-Face (``mlinvert.evaluation.audit`` builders and preset, eigenface prior from the
+MI-Face (``mlinvert.attacks.presets`` builders and preset, eigenface prior from the
 other people's held-out photos) on the first ``--labels`` people, judged by FaceJudge
 with the cached evaluation model exactly as benchmarks/miface_att.py does: evaluation
 top-1, mean likeness, and the audit's "recovered" share (top-1 right and likeness >=
@@ -41,16 +41,12 @@ import numpy as np
 
 from miface_att import DATA, OUT, judge_for, target
 from mlinvert.attacks import AttackResult
+from mlinvert.attacks.presets import build_attack, preset_for, search_space
+from mlinvert.audit.config import LIKENESS_THRESHOLD
+from mlinvert.audit.records import is_recovered
 from mlinvert.data import load
 from mlinvert.data.base import ImageDataset
 from mlinvert.defenses import Predictor
-from mlinvert.evaluation.audit import (
-    LIKENESS_THRESHOLD,
-    _recovered,
-    build_attack,
-    preset_for,
-    search_space,
-)
 from mlinvert.evaluation.faces import FaceJudge
 from mlinvert.oracle import LocalOracle, WhiteBoxOracle
 
@@ -168,14 +164,14 @@ def attack_all(
 def judged(
     judge: FaceJudge, images: np.ndarray, labels: np.ndarray, per_label: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """Evaluation top-1, likeness and the audit's recovered share (its own ``_recovered``
+    """Evaluation top-1, likeness and the audit's recovered share (its own ``is_recovered``
     rule) of reconstructions ``images`` of ``labels``; mean queries per person."""
     records = judge.score(images, labels)
     s = judge.summary(records)
     return {
         "eval_top1": s["eval_top1"],
         "likeness": s["likeness"],
-        "recovered": float(np.mean([_recovered(r) for r in records])),
+        "recovered": float(np.mean([is_recovered(r) for r in records])),
         "queries_mean": float(np.mean([p.get("n_queries", 0) for p in per_label] or [0])),
     }
 

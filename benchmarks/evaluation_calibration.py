@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from mlinvert.data import ImageDataset, load
-from mlinvert.evaluation import FaceJudge, image_grid, save_png
+from mlinvert.data.images import save_png
+from mlinvert.evaluation import FaceJudge, image_grid
 
 COLUMNS = (
     ("identity_likeness", "a_id"),
@@ -138,7 +139,7 @@ def main() -> None:
         ]
         titles = [f"{n[:14]}" for n in names] + ["private"]
         path = save_png(
-            image_grid(rows, scale=max(1, 96 // ds.image_shape[0]), col_titles=titles), args.grid
+            args.grid, image_grid(rows, scale=max(1, 96 // ds.image_shape[0]), col_titles=titles)
         )
         print(f"grid: {path}")
         for i in show:

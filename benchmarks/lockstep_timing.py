@@ -34,16 +34,12 @@ import numpy as np
 
 from mlinvert.attacks.base import AttackResult
 from mlinvert.attacks.lockstep import run_lockstep
+from mlinvert.attacks.presets import build_attack, preset_for, search_space
+from mlinvert.audit.channels import ONE_THREAD_ENV
+from mlinvert.audit.context import single_threaded
 from mlinvert.data import load
 from mlinvert.data.base import ImageDataset, Split
 from mlinvert.errors import DataError
-from mlinvert.evaluation.audit import (
-    ONE_THREAD_ENV,
-    build_attack,
-    preset_for,
-    search_space,
-    single_threaded,
-)
 from mlinvert.evaluation.faces import FaceJudge
 from mlinvert.oracle.http import HttpOracle
 from mlinvert.service.runner import ServiceProcess

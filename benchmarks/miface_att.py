@@ -95,7 +95,7 @@ def aux_prior(ds: ImageDataset, label: int, k: int = 200) -> PCAPrior:
     """Eigenfaces from the held-out photos of everyone except ``label`` (117 photos, each
     also mirrored and shifted by 2 px: 702 images, ``k`` = 200 components kept) — the
     audit's prior, built by the same function."""
-    from mlinvert.evaluation.audit import search_space
+    from mlinvert.attacks.presets import search_space
 
     space: PCAPrior = search_space(ds, label, f"pca:{k}", augment=True)
     return space

@@ -95,8 +95,8 @@ def spaces(ds: Any, priors: list[str]) -> dict[str, Any]:
     """Row name -> (label -> search space): ``today``, the eigenfaces of the other people's
     held-out photos (augmented, 200 components), or a learned prior's folder (its private
     photo check against the target's training photos)."""
+    from mlinvert.attacks.presets import search_space
     from mlinvert.attacks.priors import load_prior
-    from mlinvert.evaluation.audit import search_space
 
     rows: dict[str, Any] = {}
     private, _ = ds.train()

@@ -1,4 +1,6 @@
-"""Shared fixtures: the service tests' toy targets, loaded from their file."""
+"""Shared fixtures: the digits data set, the AT&T folder, the surveys (skipped when the
+shared data is absent), the service tests' toy targets (loaded from their file) and a
+real redis-server."""
 
 from __future__ import annotations
 
@@ -10,8 +12,30 @@ from types import ModuleType
 
 import pytest
 
+from mlinvert.data import load
+from mlinvert.data.base import ImageDataset
+from mlinvert.data.surveys import SurveyDataset, load_fair, load_gss, load_steak
 from mlinvert.errors import ConfigError
 from mlinvert.service.runner import RedisServer
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ATT = SHARED / "att_faces"
+
+
+@pytest.fixture(scope="session")
+def digits() -> ImageDataset:
+    """scikit-learn digits (8x8), split 70/30 per class with seed 0."""
+    ds = load("digits", seed=0)
+    assert isinstance(ds, ImageDataset)
+    return ds
+
+
+@pytest.fixture(scope="session")
+def att_path() -> Path:
+    """The AT&T faces folder (skips where absent)."""
+    if not (ATT / "s1" / "1.pgm").is_file():
+        pytest.skip("../shared/data/att_faces not present")
+    return ATT
 
 
 def _toys() -> ModuleType:
@@ -42,3 +66,41 @@ def redis_url() -> Iterator[str]:
         pytest.skip(f"redis-server binary absent: {exc}")
     with server:
         yield server.url
+
+
+STEAK = SHARED / "steak-survey"
+GSS = SHARED / "gss"
+
+
+@pytest.fixture(scope="session")
+def steak_path() -> Path:
+    """Folder of the steak survey."""
+    if not (STEAK / "steak-risk-survey.csv").is_file():
+        pytest.skip("../shared/data/steak-survey not present")
+    return STEAK
+
+
+@pytest.fixture(scope="session")
+def gss_path() -> Path:
+    """Folder of the GSS extract."""
+    if not (GSS / "GSS_15235.csv").is_file():
+        pytest.skip("../shared/data/gss not present")
+    return GSS
+
+
+@pytest.fixture(scope="session")
+def steak(steak_path: Path) -> SurveyDataset:
+    """The steak survey, seed 0."""
+    return load_steak(str(steak_path), seed=0)
+
+
+@pytest.fixture(scope="session")
+def gss(gss_path: Path) -> SurveyDataset:
+    """The GSS extract."""
+    return load_gss(str(gss_path), seed=0)
+
+
+@pytest.fixture(scope="session")
+def fair() -> SurveyDataset:
+    """The embedded Fair affairs survey, seed 0."""
+    return load_fair(seed=0)

@@ -1,4 +1,5 @@
-"""The shared vocabulary every room speaks: seeds, and what an API answers.
+"""The shared vocabulary every room speaks: seeds, what an API answers, the attack
+names, and the two file helpers every job writes its output with.
 
 The bottom of the layer order (``docs/architecture.md``): it imports nothing of the
 package, so data, targets, defences, oracles and attacks can all name a
@@ -7,14 +8,27 @@ package, so data, targets, defences, oracles and attacks can all name a
 
 from __future__ import annotations
 
+import contextlib
+import json
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from mlinvert.errors import ConfigError
+
 Seed = int | np.random.Generator | None
 
 Carries = Literal["probs", "top-k", "confidence", "label"]
+
+#: The attacks an audit runs: white-box MI-Face (the attacker holds the weights),
+#: black-box MI-Face and label-only inversion (both through the prediction API).
+ATTACKS = ("whitebox", "blackbox", "label-only")
+#: The attacks that only use the prediction API (all a deployed API allows, ``--api``;
+#: the threat an output defence addresses).
+API_ATTACKS = ("blackbox", "label-only")
 
 
 def rng_from(seed: Seed) -> np.random.Generator:
@@ -65,3 +79,37 @@ class Response:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+
+def output_dir(path: Path, option: str = "--out") -> None:
+    """Create the output folder ``path`` (the value of ``option``) and check that files can
+    be written in it, before a long job starts; ConfigError if it cannot hold the output."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path} is a file; pass a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write into {option} {path} ({exc.strerror or exc}); pass a folder you "
+            "can write to"
+        ) from None
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically (write then rename); ConfigError if
+    ``path`` is a folder or cannot be written (nothing is left behind)."""
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; pass the path of a JSON file to write")
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.replace(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise ConfigError(
+            f"cannot write {path} ({exc.strerror or exc}); pass a path you can write to"
+        ) from None

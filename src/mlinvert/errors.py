@@ -63,21 +63,29 @@ class Unauthorized(OracleError):
     """No valid API key came with the request."""
 
 
-class RateLimited(OracleError):
+class _RetryLater(OracleError):
+    """An answer that says when to ask again (``retry_after`` seconds)."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # pickled with its keyword (a cluster worker returns errors to the driver)
+        return (_retry_later, (type(self), str(self), self.retry_after))
+
+
+def _retry_later(cls: type[_RetryLater], message: str, retry_after: float) -> _RetryLater:
+    return cls(message, retry_after=retry_after)
+
+
+class RateLimited(_RetryLater):
     """The account's query budget is spent for now; retry after ``retry_after`` seconds."""
 
-    def __init__(self, message: str, *, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
-
-class Unavailable(OracleError):
+class Unavailable(_RetryLater):
     """The service cannot answer now (too many request bodies in flight, or its rate-limit
     store lost the budgets); retry after ``retry_after`` seconds."""
-
-    def __init__(self, message: str, *, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class Blocked(OracleError):

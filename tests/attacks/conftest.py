@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from mlinvert.data import load
 from mlinvert.data.base import ImageDataset
 from mlinvert.defenses import Predictor
 
@@ -59,13 +58,6 @@ def _train(ds: ImageDataset, kind: str, seed: int) -> TorchToy:
         torch.nn.functional.cross_entropy(net(xt), yt).backward()
         opt.step()
     return TorchToy(net, ds.image_shape, ds.class_names, kind)
-
-
-@pytest.fixture(scope="session")
-def digits() -> ImageDataset:
-    ds = load("digits", seed=0)
-    assert isinstance(ds, ImageDataset)
-    return ds
 
 
 @pytest.fixture(scope="session")

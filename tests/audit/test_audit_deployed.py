@@ -16,17 +16,15 @@ from typing import Any
 import numpy as np
 import pytest
 
+from mlinvert.audit.channels import ONE_THREAD_ENV
+from mlinvert.audit.config import AuditConfig
+from mlinvert.audit.results import ResultsFile
+from mlinvert.audit.runner import run_audit
 from mlinvert.cli.main import main
 from mlinvert.data import load
 from mlinvert.defenses import Predictor, parse_policy
 from mlinvert.errors import ConfigError
-from mlinvert.evaluation.audit import (
-    ONE_THREAD_ENV,
-    AuditConfig,
-    ResultsFile,
-    run_audit,
-    served_utility,
-)
+from mlinvert.evaluation.utility import served_utility
 from mlinvert.service import Store
 from mlinvert.service.runner import ServiceProcess, free_port
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from mlinvert.audit.config import AuditConfig, parse_target
+from mlinvert.audit.runner import run_audit
 from mlinvert.errors import ConfigError
-from mlinvert.evaluation.audit import AuditConfig, parse_target, run_audit
 from mlinvert.targets.io import read_card
 
 

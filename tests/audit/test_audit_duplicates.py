@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mlinvert.audit.config import AuditConfig
+from mlinvert.audit.runner import run_audit
 from mlinvert.data import load
 from mlinvert.data.base import Split
-from mlinvert.evaluation.audit import AuditConfig, run_audit
 from mlinvert.targets.io import read_card
 
 ATT = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "att_faces"

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from mlinvert.audit.config import AuditConfig, parse_target, parse_target_spec
+from mlinvert.audit.runner import run_audit
 from mlinvert.errors import ConfigError
-from mlinvert.evaluation.audit import AuditConfig, parse_target, parse_target_spec, run_audit
 from mlinvert.targets.io import read_card
 
 

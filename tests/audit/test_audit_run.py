@@ -11,9 +11,11 @@ from typing import Any
 
 import pytest
 
+from mlinvert.audit.config import AuditConfig
+from mlinvert.audit.results import ResultsFile, record_key
+from mlinvert.audit.runner import run_audit
 from mlinvert.cli.main import main
 from mlinvert.errors import ConfigError
-from mlinvert.evaluation.audit import AuditConfig, ResultsFile, record_key, run_audit
 from mlinvert.service import Store
 
 REQUIRED = (
@@ -297,12 +299,12 @@ def test_cli_bad_flag_is_a_clear_error(capsys: pytest.CaptureFixture[str], tmp_p
 def test_cli_ctrl_c_says_what_is_kept_and_how_to_resume(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import mlinvert.evaluation.audit as audit
+    import mlinvert.audit.runner as runner
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(audit, "run_audit", interrupted)
+    monkeypatch.setattr(runner, "run_audit", interrupted)
     with pytest.raises(SystemExit) as exit_info:
         main(["audit", "--out", str(tmp_path / "run")])
     assert exit_info.value.code == 130
@@ -363,7 +365,7 @@ def test_cli_model_without_data_audits_the_data_set_its_card_names(
 ) -> None:
     """``audit --model DIR`` without --data used the digits (and then said the model's
     inputs do not match them), not the data set the model was trained on."""
-    import mlinvert.evaluation.audit as audit
+    import mlinvert.audit.runner as runner
     from mlinvert.data import load
     from mlinvert.targets import save, train_target
 
@@ -375,7 +377,7 @@ def test_cli_model_without_data_audits_the_data_set_its_card_names(
         seen.append(config)
         raise ConfigError("captured")
 
-    monkeypatch.setattr(audit, "run_audit", capture)
+    monkeypatch.setattr(runner, "run_audit", capture)
     for argv, spec in [
         (["--model", str(tmp_path / "tree")], "fair"),
         (["--model", str(tmp_path / "tree"), "--data", "fair"], "fair"),
@@ -383,4 +385,4 @@ def test_cli_model_without_data_audits_the_data_set_its_card_names(
     ]:
         with pytest.raises(SystemExit):
             main(["audit", "--out", str(tmp_path / "run"), *argv])
-        assert audit._data_spec(seen.pop())[0] == spec
+        assert runner.data_spec(seen.pop())[0] == spec

@@ -33,16 +33,16 @@ ARGS = [
 def test_a_failing_attack_is_not_measured_and_the_audit_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import mlinvert.evaluation.audit as audit
+    import mlinvert.audit.matrix as matrix
 
-    real = audit.build_attack
+    real = matrix.build_attack
 
     def broken(attack: str, preset: Any, budget: int, space: Any, *, policy: str = "full") -> Any:
         if policy == "round:2":
             raise AttackError("the prior could not be built (a test's deliberate failure)")
         return real(attack, preset, budget, space, policy=policy)
 
-    monkeypatch.setattr(audit, "build_attack", broken)
+    monkeypatch.setattr(matrix, "build_attack", broken)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as done:
         main(["audit", "--out", str(out), *ARGS])
@@ -65,7 +65,7 @@ def test_a_failing_attack_is_not_measured_and_the_audit_says_so(
     assert "serve with &#39;round:2&#39;" not in html
 
     # fixed: --resume runs the two unmeasured runs again and nothing else
-    monkeypatch.setattr(audit, "build_attack", real)
+    monkeypatch.setattr(matrix, "build_attack", real)
     kept = [r for r in doc["records"] if r["defense"] == "none"]
     with pytest.raises(SystemExit) as again:
         main(["audit", "--out", str(out), "--resume", *ARGS])
@@ -90,11 +90,11 @@ class _FakeRecogniser:
 def test_a_judge_that_fails_leaves_the_record_unmeasured_not_unrecovered(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import mlinvert.evaluation.audit as audit
+    import mlinvert.audit.faces as faces
     import mlinvert.evaluation.recogniser as recogniser
     from mlinvert.errors import DataError
 
-    monkeypatch.setattr(audit, "is_faces", lambda dataset: True)  # judge digits as faces
+    monkeypatch.setattr(faces, "is_faces", lambda dataset: True)  # judge digits as faces
     monkeypatch.setattr(recogniser, "shared_recogniser", _FakeRecogniser)
     real = recogniser.IndependentJudge.score
 

@@ -8,35 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mlinvert.audit.config import AuditConfig, resolve_defenses
+from mlinvert.audit.results import ResultsFile
 from mlinvert.core import Response
 from mlinvert.errors import ConfigError
-from mlinvert.evaluation.audit import (
-    AuditConfig,
-    Defense,
-    ResultsFile,
-    expected_calibration_error,
-    resolve_defenses,
-    served_utility,
-)
-
-
-def test_defense_specs() -> None:
-    assert Defense.parse("none") == Defense(name="none", policy="full", rate=None)
-    d = Defense.parse("round:2+rate:100/hour")
-    assert (d.policy, d.rate, d.slug) == ("round:2", "100/hour", "round_2_rate_100_hour")
-    with pytest.raises(ConfigError):
-        Defense.parse("round:two")
-    with pytest.raises(ConfigError):
-        Defense.parse("rate:fast")
-    d = Defense.parse("round:2+detect:block")
-    assert (d.policy, d.rate, d.detector) == ("round:2", None, "detect:block:100")
-    assert [g.name for g in d.guards()] == ["detector"]
-    both = Defense.parse("detect:40+rate:10/minute")
-    assert [g.name for g in both.guards()] == ["rate-limit", "detector"]
-    with pytest.raises(ConfigError, match="two detectors"):
-        Defense.parse("detect+detect:block")
-    with pytest.raises(ConfigError, match="detect"):
-        Defense.parse("detect:often")
+from mlinvert.evaluation.utility import expected_calibration_error, served_utility
 
 
 def test_default_matrix_has_a_rate_limit_below_the_budget() -> None:
@@ -121,8 +97,8 @@ def test_a_run_that_failed_before_producing_anything_does_not_block_the_correcte
 ) -> None:
     """A mistyped --data fails at once; the corrected command (other settings, no
     --resume) starts afresh instead of being told to --resume a run that holds nothing."""
+    from mlinvert.audit.runner import run_audit
     from mlinvert.errors import DataError
-    from mlinvert.evaluation.audit import run_audit
 
     with pytest.raises(DataError, match="does not exist"):
         run_audit(AuditConfig(out=tmp_path, data="att:/no/such/folder"))

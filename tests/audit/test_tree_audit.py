@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
+from mlinvert.audit.config import AuditConfig
+from mlinvert.audit.runner import run_audit
 from mlinvert.data.surveys import load_fair
 from mlinvert.errors import ConfigError
-from mlinvert.evaluation.audit import AuditConfig, run_audit
 from mlinvert.evaluation.trees import attack_tree
 from mlinvert.service.store import Store
 from mlinvert.targets import io

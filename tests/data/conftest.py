@@ -1,4 +1,5 @@
-"""Fixtures for the data-loader tests: the shared AT&T folder and tiny fake image trees."""
+"""Fixtures for the data-loader tests: tiny fake image trees (the AT&T folder, ``att_path``,
+is in the top conftest)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-ATT = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "att_faces"
-
-
-@pytest.fixture(scope="session")
-def att_path() -> Path:
-    """The AT&T faces folder (skips where absent)."""
-    if not (ATT / "s1" / "1.pgm").is_file():
-        pytest.skip("../shared/data/att_faces not present")
-    return ATT
 
 
 def write_image(path: Path, size: tuple[int, int], seed: int = 0) -> None:

@@ -1,4 +1,4 @@
-"""Fixtures for the face-evaluation tests: AT&T (skipped if absent), digits, a quick
+"""Fixtures for the face-evaluation tests: AT&T (skipped if absent), a quick
 evaluation model (PCA + logistic regression, with ``embed`` = the PCA projection)."""
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
-from mlinvert.data import ImageDataset, load_att, load_digits
+from mlinvert.data import ImageDataset, load_att
 from mlinvert.evaluation import REFERENCE_NAMES, FaceJudge
-
-ATT = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "att_faces"
 
 
 class QuickEvalModel:
@@ -36,10 +34,8 @@ class QuickEvalModel:
 
 
 @pytest.fixture(scope="session")
-def att() -> ImageDataset:
-    if not ATT.exists():
-        pytest.skip("../shared/data/att_faces not present")
-    return load_att(ATT, seed=0)
+def att(att_path: Path) -> ImageDataset:
+    return load_att(att_path, seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -59,11 +55,6 @@ def att_reference_summaries(att_judge: FaceJudge) -> dict[str, dict[str, Any]]:
     refs = att_judge.reference_points(labels, seed=1)
     assert set(refs) == set(REFERENCE_NAMES)
     return {name: att_judge.summary(att_judge.score(imgs, labels)) for name, imgs in refs.items()}
-
-
-@pytest.fixture(scope="session")
-def digits() -> ImageDataset:
-    return load_digits(seed=0)
 
 
 @pytest.fixture(scope="session")

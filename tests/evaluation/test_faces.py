@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from mlinvert.data import ImageDataset
+from mlinvert.data.images import save_png
 from mlinvert.errors import ConfigError, DataError, MlinvertError, ModelError
 from mlinvert.evaluation import (
     RECORD_FIELDS,
@@ -19,7 +20,6 @@ from mlinvert.evaluation import (
     JudgeConfig,
     LikenessConfig,
     image_grid,
-    save_png,
 )
 
 ALL = np.repeat(np.arange(40), 2)
@@ -182,7 +182,7 @@ def test_image_grid_and_png(tmp_path: Path) -> None:
     assert img.mode == "L" and img.width == 2 + 2 * (32 + 2) and img.height == 14 + 2 + 3 * 34
     arr = np.asarray(img)
     assert arr[14 + 2 + 5, 2 + 5] == 0 and arr[14 + 2 + 5, 2 + 34 + 5] == 255
-    path = save_png(img, tmp_path / "sub" / "grid.png")
+    path = save_png(tmp_path / "sub" / "grid.png", img)
     with Image.open(path) as back:
         assert back.size == img.size
     with pytest.raises(DataError, match="equally shaped"):

@@ -238,7 +238,7 @@ def test_a_small_body_takes_one_thread_pool_hop_a_large_one_two(
 ) -> None:
     """A body declared within SMALL_BODY is read first and admitted and answered in one
     hop; a larger one is admitted (its key checked) before it is read."""
-    from mlinvert.service import app as service_app
+    from mlinvert.service.routes import predict as service_app
 
     calls: list[str] = []
     hop = service_app.run_in_threadpool

@@ -19,7 +19,7 @@ from toys import ToySoftmax, ToyTabular
 from mlinvert.defenses import Predictor, parse_policy
 from mlinvert.errors import MlinvertError
 from mlinvert.service import Store
-from mlinvert.service.app import (
+from mlinvert.service.bodies import (
     decode_json,
     decode_raw,
     inputs_array,

@@ -1,4 +1,5 @@
-"""Fixtures for target tests: digits, quick-trained models of every face kind."""
+"""Fixtures for target tests: a few AT&T people, quick-trained models of every face kind
+(on ``digits``, from the top conftest)."""
 
 from __future__ import annotations
 
@@ -10,23 +11,11 @@ from mlinvert.data import load
 from mlinvert.data.base import ImageDataset
 from mlinvert.targets.training import TrainedTarget, train_target
 
-ATT = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "att_faces"
-
 
 @pytest.fixture(scope="session")
-def digits() -> ImageDataset:
-    """scikit-learn digits (8x8), split 70/30 per class with seed 0."""
-    ds = load("digits", seed=0)
-    assert isinstance(ds, ImageDataset)
-    return ds
-
-
-@pytest.fixture(scope="session")
-def att_few() -> ImageDataset:
+def att_few(att_path: Path) -> ImageDataset:
     """The first 6 AT&T identities (skips where the data is absent)."""
-    if not (ATT / "s1" / "1.pgm").is_file():
-        pytest.skip("../shared/data/att_faces not present")
-    ds = load(f"att:{ATT}", seed=0)
+    ds = load(f"att:{att_path}", seed=0)
     assert isinstance(ds, ImageDataset)
     return ds.subset(6)
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from mlinvert.core import Response
+from mlinvert.data.images import save_png
 from mlinvert.errors import Blocked, BudgetExhausted, ConfigError, RateLimited
 from mlinvert.oracle.base import Oracle
 
@@ -154,25 +155,12 @@ class AttackResult:
         out.mkdir(parents=True, exist_ok=True)
         paths = []
         for img, name in zip(self.reconstructions, self.label_names, strict=True):
-            p = out / f"{_safe(name)}.png"
-            to_image(img, scale=scale).save(p)
-            paths.append(p)
+            paths.append(save_png(out / f"{_safe(name)}.png", img, scale=scale))
         return paths
 
 
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "label"
-
-
-def to_image(img: np.ndarray, *, scale: int = 1) -> Any:
-    """A float image in [0, 1] as a PIL grey image, enlarged ``scale`` times."""
-    from PIL import Image
-
-    arr = (np.clip(np.asarray(img, dtype=np.float64), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    im = Image.fromarray(arr, mode="L")
-    if scale > 1:
-        im = im.resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.Resampling.NEAREST)
-    return im
 
 
 def image_grid(rows: list[np.ndarray], path: str | Path, *, scale: int = 1, pad: int = 2) -> Path:
@@ -184,10 +172,7 @@ def image_grid(rows: list[np.ndarray], path: str | Path, *, scale: int = 1, pad:
         for j, img in enumerate(row):
             y, x = pad + i * (h + pad), pad + j * (w + pad)
             grid[y : y + h, x : x + w] = np.clip(img, 0, 1)
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    to_image(grid, scale=scale).save(p)
-    return p
+    return save_png(path, grid, scale=scale)
 
 
 @dataclass(frozen=True)

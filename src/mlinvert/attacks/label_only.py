@@ -84,6 +84,35 @@ class LabelOnlyConfig:
         return asdict(self)
 
 
+@dataclass
+class _Walk:
+    """One label's boundary-repulsion walk: what it queries and where it stands."""
+
+    oracle: Oracle  # budgeted when the run has a budget
+    space: Space  # bound to the model's input shape
+    batch_size: int
+    center: np.ndarray
+    target: int  # the class index, which is also the label the API answers
+    rng: np.random.Generator
+    start_queries: int
+    timer: Timer
+    radius: float
+    z: np.ndarray | None = None  # None until a start labelled as the target is found
+    inside: float = float("nan")  # share of the last sphere still labelled as the target
+    iterations: int = 0
+    status: Status | None = None  # None: not interrupted
+    stop: str = "max_iter"
+    message: str = ""
+
+    def labels_of(self, points: np.ndarray) -> np.ndarray:
+        """The API's labels of points of the search space."""
+        return query_batched(self.oracle, self.space.decode(points), self.batch_size).labels
+
+    def queries(self) -> int:
+        """Queries sent so far by this walk."""
+        return self.oracle.n_queries - self.start_queries
+
+
 class LabelOnly:
     """Label-only inversion (BREP-MI, Kahla et al., CVPR 2022) in a search space."""
 
@@ -115,112 +144,124 @@ class LabelOnly:
         progress: ProgressFn | None = None,
     ) -> AttackResult:
         """Search for an image deep inside ``label``'s region using labels only."""
-        cfg = self.config
         info = oracle.info
         target = resolve_label(label, info.class_names)
-        target_value = target  # the API's labels are class indices 0 .. n-1
         space = self.space.bind(info.input_shape)
         rng = rng_from(seed)
         if budget is not None:
             oracle = Budgeted(oracle, budget)
-        start_q = oracle.n_queries
-        timer = Timer()
-        center = space.prior_center()
-        z: np.ndarray | None = None
-        radius = cfg.initial_radius
-        inside = float("nan")
-        it = 0
-        status: Status | None = None
-        message = ""
-        stop = "max_iter"
-
-        def labels_of(points: np.ndarray) -> np.ndarray:
-            return query_batched(oracle, space.decode(points), cfg.batch_size).labels
-
+        walk = _Walk(
+            oracle=oracle,
+            space=space,
+            batch_size=self.config.batch_size,
+            center=space.prior_center(),
+            target=target,
+            rng=rng,
+            start_queries=oracle.n_queries,
+            timer=Timer(),
+            radius=self.config.initial_radius,
+        )
         try:
-            drawn = 0
-            while z is None and drawn < cfg.start_samples:
-                n = min(cfg.batch_size, cfg.start_samples - drawn)
-                cand = center + space.prior_sample(n, rng)
-                hits = np.flatnonzero(labels_of(cand) == target_value)
-                drawn += n
-                if hits.size:
-                    z = self._limit(cand[hits[0]], center)
-            if z is None:
-                status, stop = "failed", "no_start"
-                message = (
-                    f"none of {drawn} prior draws was labelled {info.class_names[target]!r}; "
-                    "use a better prior (PCAPrior with auxiliary faces) or more start_samples"
-                )
-            while z is not None and it < cfg.max_iter:
-                u = rng.standard_normal((cfg.n_directions, z.size))
-                u /= np.linalg.norm(u, axis=1, keepdims=True)
-                same = labels_of(z + radius * u) == target_value
-                inside = float(same.mean())
-                it += 1
-                if progress is not None:
-                    progress(
-                        ProgressEvent(
-                            label=target,
-                            iteration=it,
-                            n_queries=oracle.n_queries - start_q,
-                            confidence=inside,
-                            best_confidence=radius,
-                            elapsed_s=timer(),
-                        )
-                    )
-                if same.all():
-                    if radius * cfg.radius_growth > cfg.max_radius:
-                        stop = "max_radius"
-                        break
-                    radius *= cfg.radius_growth
-                    continue
-                direction = -u[~same].mean(axis=0)
-                direction /= np.linalg.norm(direction) + 1e-12
-                cand = self._limit(z + cfg.step_fraction * radius * direction, center)
-                if labels_of(cand[None])[0] == target_value:
-                    z = cand
-                else:
-                    radius = max(radius / cfg.radius_growth, 1e-3)
+            self._find_start(walk)
+            self._repel(walk, progress)
         except OracleError as exc:
-            status = interruption_status(exc)
-            if status is None:
+            walk.status = interruption_status(exc)
+            if walk.status is None:
                 raise
-            message, stop = str(exc), status
-        if status is None:
-            status = "succeeded"
-        found = z is not None
-        recon = space.decode((z if z is not None else center)[None])
-        n_q = oracle.n_queries - start_q
+            walk.message, walk.stop = str(exc), walk.status
+        return self._result(walk, seed)
+
+    def _find_start(self, walk: _Walk) -> None:
+        """Draw from the space's prior until the API labels a draw as the target."""
+        cfg = self.config
+        drawn = 0
+        while walk.z is None and drawn < cfg.start_samples:
+            n = min(cfg.batch_size, cfg.start_samples - drawn)
+            cand = walk.center + walk.space.prior_sample(n, walk.rng)
+            hits = np.flatnonzero(walk.labels_of(cand) == walk.target)
+            drawn += n
+            if hits.size:
+                walk.z = self._limit(cand[hits[0]], walk.center)
+        if walk.z is None:
+            name = walk.oracle.info.class_names[walk.target]
+            walk.status, walk.stop = "failed", "no_start"
+            walk.message = (
+                f"none of {drawn} prior draws was labelled {name!r}; "
+                "use a better prior (PCAPrior with auxiliary faces) or more start_samples"
+            )
+
+    def _repel(self, walk: _Walk, progress: ProgressFn | None) -> None:
+        """Step away from the neighbours on the sphere that left the class; grow the
+        sphere while all of it stays inside (until ``max_iter`` or ``max_radius``)."""
+        cfg = self.config
+        while walk.z is not None and walk.iterations < cfg.max_iter:
+            z = walk.z
+            u = walk.rng.standard_normal((cfg.n_directions, z.size))
+            u /= np.linalg.norm(u, axis=1, keepdims=True)
+            same = walk.labels_of(z + walk.radius * u) == walk.target
+            walk.inside = float(same.mean())
+            walk.iterations += 1
+            if progress is not None:
+                progress(
+                    ProgressEvent(
+                        label=walk.target,
+                        iteration=walk.iterations,
+                        n_queries=walk.queries(),
+                        confidence=walk.inside,
+                        best_confidence=walk.radius,
+                        elapsed_s=walk.timer(),
+                    )
+                )
+            if same.all():
+                if walk.radius * cfg.radius_growth > cfg.max_radius:
+                    walk.stop = "max_radius"
+                    break
+                walk.radius *= cfg.radius_growth
+                continue
+            direction = -u[~same].mean(axis=0)
+            direction /= np.linalg.norm(direction) + 1e-12
+            cand = self._limit(z + cfg.step_fraction * walk.radius * direction, walk.center)
+            if walk.labels_of(cand[None])[0] == walk.target:
+                walk.z = cand
+            else:
+                walk.radius = max(walk.radius / cfg.radius_growth, 1e-3)
+
+    def _result(self, walk: _Walk, seed: Seed) -> AttackResult:
+        """The label's AttackResult: the deepest point found (the prior centre if none)."""
+        status: Status = walk.status or "succeeded"
+        found = walk.z is not None
+        recon = walk.space.decode((walk.z if walk.z is not None else walk.center)[None])
+        n_q = walk.queries()
+        class_names = walk.oracle.info.class_names
         per = {
-            "label": target,
-            "name": info.class_names[target],
+            "label": walk.target,
+            "name": class_names[walk.target],
             "status": status,
-            "stop": stop,
-            "iterations": it,
+            "stop": walk.stop,
+            "iterations": walk.iterations,
             "n_queries": n_q,
-            "elapsed_s": timer(),
+            "elapsed_s": walk.timer(),
             "start_found": found,
-            "radius": radius if found else 0.0,
-            "inside_share": inside,
-            "message": message,
+            "radius": walk.radius if found else 0.0,
+            "inside_share": walk.inside,
+            "message": walk.message,
         }
         log.info(
             "label-only %s: %s, radius %.3g, %d queries",
-            info.class_names[target],
-            stop,
+            class_names[walk.target],
+            walk.stop,
             per["radius"],
             n_q,
         )
         return AttackResult(
             attack=self.name,
             reconstructions=recon,
-            labels=np.asarray([target]),
-            class_names=tuple(info.class_names),
+            labels=np.asarray([walk.target]),
+            class_names=tuple(class_names),
             confidence=np.asarray([np.nan]),
             per_label=[per],
             n_queries=n_q,
-            elapsed_s=timer(),
+            elapsed_s=walk.timer(),
             seed=seed if isinstance(seed, int) else None,
             config=self.describe(),
             status=status,

@@ -32,6 +32,7 @@ from mlinvert.attacks.base import (
     ProgressFn,
     Status,
     Timer,
+    encode_array,
     interruption_status,
 )
 from mlinvert.attacks.checkpoint import Checkpoint, State, fingerprint
@@ -232,6 +233,37 @@ class _Run:
     snapshots: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass
+class _Search:
+    """One label's search: what every iteration reads, and the run's mutable state."""
+
+    oracle: Oracle  # budgeted when the run has a budget
+    space: Space  # bound to the model's input shape
+    objective: Objective
+    center: np.ndarray
+    rng: np.random.Generator
+    run: _Run
+    key: str  # the checkpoint key
+    timer: Timer
+    start_queries: int
+    pending: list[int]  # snapshot query counts still to come
+
+    def queries(self) -> int:
+        """Queries of this label so far, those paid before a resume included."""
+        return self.run.queries_before + self.oracle.n_queries - self.start_queries
+
+
+@dataclass
+class _End:
+    """How the search ended: an interruption status (None: ran out), the stop rule,
+    the refusal's message and the last confidence seen."""
+
+    status: Status | None = None
+    stop: str = "max_iter"
+    message: str = ""
+    conf: float = float("nan")
+
+
 class MIFace:
     """MI-Face (Fredrikson et al., CCS 2015), white-box or black-box by composition.
 
@@ -290,24 +322,17 @@ class MIFace:
         return space.project(z)
 
     # -- checkpoint state --------------------------------------------------
-    def _save(
-        self,
-        ckpt: Checkpoint,
-        key: str,
-        run: _Run,
-        rng: np.random.Generator,
-        queries: int,
-        elapsed: float,
-    ) -> None:
+    def _save(self, ckpt: Checkpoint, search: _Search) -> None:
+        run = search.run
         meta = {
             "iteration": run.iteration,
             "best_cost": run.best_cost,
             "best_conf": run.best_conf,
             "best_pred": run.best_pred,
             "since_best": run.since_best,
-            "queries": queries,
-            "elapsed": elapsed,
-            "rng": rng.bit_generator.state,
+            "queries": search.queries(),
+            "elapsed": search.timer(),
+            "rng": search.rng.bit_generator.state,
             "estimator_state": _floats(run.estimator_state),
             "optim_t": run.optim.t,
             "snapshots": [{k: v for k, v in s.items() if k != "image"} for s in run.snapshots],
@@ -318,7 +343,7 @@ class MIFace:
                 arrays[f"estimator:{k}"] = v
         for i, s in enumerate(run.snapshots):
             arrays[f"snap{i}"] = s["image"]
-        ckpt.save(State(arrays=arrays, meta=meta), key)
+        ckpt.save(State(arrays=arrays, meta=meta), search.key)
 
     def _restore(self, state: State, run: _Run, rng: np.random.Generator) -> None:
         m = state.meta
@@ -360,7 +385,6 @@ class MIFace:
         resume); ``checkpoint`` saves the state every ``checkpoint_every`` iterations
         and resumes from it if present.
         """
-        cfg = self.config
         info = oracle.info
         label_idx = resolve_label(label, info.class_names)
         if info.carries == "label":
@@ -368,12 +392,17 @@ class MIFace:
                 f"model {info.model!r} answers labels only (policy {info.policy!r}); MI-Face "
                 "needs confidence scores: use the label-only attack (--mode label-only)"
             )
-        space = self.space.bind(info.input_shape)
-        rng = rng_from(seed)
-        objective = Objective(kind=cfg.objective, label=label_idx, floor=score_floor(info))
-        center = space.prior_center()
+        search = self._begin(oracle, label_idx, seed, budget, checkpoint)
+        end = self._iterate(search, progress, checkpoint)
+        if checkpoint is not None:
+            self._save(checkpoint, search)
+        return self._result(search, end, seed)
+
+    def _fresh_run(self, space: Space, rng: np.random.Generator) -> _Run:
+        """The state of a search that has not started: at ``x0``, optimiser at rest."""
+        cfg = self.config
         z0 = self._start(space, rng)
-        run = _Run(
+        return _Run(
             z=z0,
             best_z=z0.copy(),
             optim=_Optim(
@@ -385,6 +414,23 @@ class MIFace:
                 horizon=cfg.max_iter if cfg.schedule == "cosine" else None,
             ),
         )
+
+    def _begin(
+        self,
+        oracle: Oracle,
+        label_idx: int,
+        seed: Seed,
+        budget: int | None,
+        checkpoint: Checkpoint | None,
+    ) -> _Search:
+        """Bind the space, start (or resume from ``checkpoint``), cap the oracle by ``budget``."""
+        cfg = self.config
+        info = oracle.info
+        space = self.space.bind(info.input_shape)
+        rng = rng_from(seed)
+        objective = Objective(kind=cfg.objective, label=label_idx, floor=score_floor(info))
+        center = space.prior_center()
+        run = self._fresh_run(space, rng)
         key = fingerprint(
             {
                 "attack": self.describe(),
@@ -406,107 +452,131 @@ class MIFace:
                 )
         if budget is not None:
             oracle = Budgeted(oracle, budget, already_spent=run.queries_before)
-        start_queries = oracle.n_queries
-        timer = Timer(run.elapsed_before)
         pending = sorted(
             q
             for q in cfg.snapshot_queries
             if q > run.queries_before and all(s["queries"] != q for s in run.snapshots)
         )
+        return _Search(
+            oracle=oracle,
+            space=space,
+            objective=objective,
+            center=center,
+            rng=rng,
+            run=run,
+            key=key,
+            timer=Timer(run.elapsed_before),
+            start_queries=oracle.n_queries,
+            pending=pending,
+        )
 
-        def queries() -> int:
-            return run.queries_before + oracle.n_queries - start_queries
-
-        status: Status | None = None
-        stop = "max_iter"
-        message = ""
-        conf = float("nan")
+    def _iterate(
+        self, search: _Search, progress: ProgressFn | None, checkpoint: Checkpoint | None
+    ) -> _End:
+        """Descend until a stop rule fires or the API refuses; checkpoint on the way."""
+        cfg = self.config
+        run = search.run
+        end = _End()
         while run.iteration < cfg.max_iter:
-            rng_state = rng.bit_generator.state
+            rng_state = search.rng.bit_generator.state
             try:
                 est: Estimate = self.gradient.estimate(
-                    oracle, space, run.z, objective, rng, run.estimator_state, cfg.batch_size
+                    search.oracle,
+                    search.space,
+                    run.z,
+                    search.objective,
+                    search.rng,
+                    run.estimator_state,
+                    cfg.batch_size,
                 )
             except OracleError as exc:
-                status = interruption_status(exc)
-                if status is None:
+                end.status = interruption_status(exc)
+                if end.status is None:
                     raise
-                message = str(exc)
-                stop = status
-                rng.bit_generator.state = rng_state  # the refused probes are redrawn on resume
+                end.message = str(exc)
+                end.stop = end.status
+                search.rng.bit_generator.state = rng_state  # refused probes are redrawn on resume
                 break
-            conf = float(est.probs[label_idx])
-            prior_cost, prior_grad = self._prior(space, run.z, center)
-            cost = -est.value + prior_cost
-            if cost < run.best_cost - cfg.min_improvement:
-                run.best_cost, run.best_z = cost, run.z.copy()
-                run.best_conf, run.best_pred = conf, est.predicted
-                run.since_best = 0
-            else:
-                run.since_best += 1
-            while pending and queries() >= pending[0]:
-                run.snapshots.append(
-                    {
-                        "queries": pending.pop(0),
-                        "confidence": run.best_conf,
-                        "image": space.decode(run.best_z[None])[0],
-                    }
-                )
+            end.conf = float(est.probs[search.objective.label])
+            prior_grad = self._observe(search, est, end.conf)
             if progress is not None and run.iteration % cfg.progress_every == 0:
                 progress(
                     ProgressEvent(
-                        label=label_idx,
+                        label=search.objective.label,
                         iteration=run.iteration,
-                        n_queries=queries(),
-                        confidence=conf,
+                        n_queries=search.queries(),
+                        confidence=end.conf,
                         best_confidence=run.best_conf,
-                        elapsed_s=timer(),
+                        elapsed_s=search.timer(),
                     )
                 )
-            if cfg.target_confidence is not None and conf >= cfg.target_confidence:
-                stop = "confidence"
+            if cfg.target_confidence is not None and end.conf >= cfg.target_confidence:
+                end.stop = "confidence"
                 break
             if run.since_best >= cfg.patience:
-                stop = "patience"
+                end.stop = "patience"
                 break
-            run.z = space.project(run.optim.update(run.z, -est.grad + prior_grad))
+            run.z = search.space.project(run.optim.update(run.z, -est.grad + prior_grad))
             run.iteration += 1
             if checkpoint is not None and run.iteration % cfg.checkpoint_every == 0:
-                self._save(checkpoint, key, run, rng, queries(), timer())
-        if checkpoint is not None:
-            self._save(checkpoint, key, run, rng, queries(), timer())
-        if status is None:
-            status = "succeeded" if run.best_pred == label_idx else "failed"
-        recon = space.decode(run.best_z[None])
+                self._save(checkpoint, search)
+        return end
+
+    def _observe(self, search: _Search, est: Estimate, conf: float) -> np.ndarray:
+        """Score the current point (keeping it if best) and take the snapshots now due;
+        returns the prior terms' gradient for the step."""
+        run = search.run
+        prior_cost, prior_grad = self._prior(search.space, run.z, search.center)
+        cost = -est.value + prior_cost
+        if cost < run.best_cost - self.config.min_improvement:
+            run.best_cost, run.best_z = cost, run.z.copy()
+            run.best_conf, run.best_pred = conf, est.predicted
+            run.since_best = 0
+        else:
+            run.since_best += 1
+        while search.pending and search.queries() >= search.pending[0]:
+            run.snapshots.append(
+                {
+                    "queries": search.pending.pop(0),
+                    "confidence": run.best_conf,
+                    "image": search.space.decode(run.best_z[None])[0],
+                }
+            )
+        return prior_grad
+
+    def _result(self, search: _Search, end: _End, seed: Seed) -> AttackResult:
+        """The label's AttackResult (the best iterate, its per-label record, snapshots)."""
+        run = search.run
+        label_idx = search.objective.label
+        class_names = search.oracle.info.class_names
+        status: Status = end.status or ("succeeded" if run.best_pred == label_idx else "failed")
         per = {
             "label": label_idx,
-            "name": info.class_names[label_idx],
+            "name": class_names[label_idx],
             "status": status,
-            "stop": stop,
+            "stop": end.stop,
             "iterations": run.iteration,
-            "n_queries": queries(),
-            "elapsed_s": timer(),
+            "n_queries": search.queries(),
+            "elapsed_s": search.timer(),
             "confidence": run.best_conf,
-            "last_confidence": conf,
+            "last_confidence": end.conf,
             "predicted": run.best_pred,
             "best_cost": run.best_cost,
-            "queries_per_iteration": self.gradient.queries_per_step(space.dim),
-            "score_floor": objective.floor,
-            "message": message,
+            "queries_per_iteration": self.gradient.queries_per_step(search.space.dim),
+            "score_floor": search.objective.floor,
+            "message": end.message,
             **_floats(run.estimator_state),
         }
         log.info(
             "label %s: %s after %d iterations, %d queries, confidence %.3f",
-            info.class_names[label_idx],
-            stop,
+            class_names[label_idx],
+            end.stop,
             run.iteration,
-            queries(),
+            search.queries(),
             run.best_conf,
         )
         extra: dict[str, Any] = {}
         if run.snapshots:
-            from mlinvert.attacks.base import encode_array
-
             extra["snapshots"] = [
                 {
                     "label": label_idx,
@@ -518,13 +588,13 @@ class MIFace:
             ]
         return AttackResult(
             attack=self.name,
-            reconstructions=recon,
+            reconstructions=search.space.decode(run.best_z[None]),
             labels=np.asarray([label_idx]),
-            class_names=tuple(info.class_names),
+            class_names=tuple(class_names),
             confidence=np.asarray([run.best_conf if np.isfinite(run.best_conf) else np.nan]),
             per_label=[per],
-            n_queries=queries(),
-            elapsed_s=timer(),
+            n_queries=search.queries(),
+            elapsed_s=search.timer(),
             seed=seed if isinstance(seed, int) else None,
             config=self.describe(),
             status=status,

@@ -384,12 +384,11 @@ class ConfidenceBlackBox:
         """Query every candidate value; needs confidences in the answers."""
         started = time.perf_counter()
         oracle = _need_oracle(oracle, self.name)
+        if oracle.info.carries == "label":  # refused before any query is paid for
+            raise self._no_confidence(oracle)
         answers = _query_all(oracle, knowledge, self.config.batch_size)
         if answers.confidence is None and answers.n_answered:
-            raise AttackError(
-                f"{self.name} needs confidences but the API answers {oracle.info.carries} "
-                f"(policy {oracle.info.policy!r}); use LabelOnlyMatch or BlackBox2014"
-            )
+            raise self._no_confidence(oracle)
         k = max(len(oracle.info.class_names), 2)
         conf = np.zeros(answers.labels.shape)
         if answers.confidence is not None:
@@ -398,6 +397,12 @@ class ConfidenceBlackBox:
         match = answers.labels == knowledge.y[:, None, None]
         scores = _marginal(np.where(match, size + 1, 1.0) / (size + k), knowledge)
         return _finish(self.name, scores, knowledge, answers, started, seed, asdict(self.config))
+
+    def _no_confidence(self, oracle: Oracle) -> AttackError:
+        return AttackError(
+            f"{self.name} needs confidences but the API answers {oracle.info.carries} "
+            f"(policy {oracle.info.policy!r}); use LabelOnlyMatch or BlackBox2014"
+        )
 
 
 class LabelOnlyMatch:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import (
@@ -26,10 +27,12 @@ from mlinvert.cli.common import (
     console,
     on_interrupt,
     out,
-    output_dir,
     wire_config,
 )
 from mlinvert.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mlinvert.audit.config import AuditConfig
 
 
 def _split(value: str | None, what: str) -> tuple[str, ...] | None:
@@ -50,7 +53,7 @@ class _Display:
         self.audit: Any = None
         self.attack: Any = None
 
-    def __call__(self, kind: str, data: dict[str, Any]) -> None:
+    def __call__(self, kind: str, data: Mapping[str, Any]) -> None:
         p = self.progress
         if kind == "stage":
             p.update(self.stage, description=str(data["name"]))
@@ -185,74 +188,93 @@ def _tree_summary(tree: dict[str, Any]) -> None:
     out.print(table)
 
 
-def audit(
-    data: str | None = typer.Option(
-        None,
+_Data = Annotated[
+    str | None,
+    typer.Option(
         "--data",
         help="Data spec: digits (default; with --model, the data set its card names), "
         "att:PATH, folder:PATH, olivetti; survey specs steak:PATH, gss:PATH, fair run the "
         "decision-tree audit. Required with --api (the owner's data: the judge and the "
         "attacker's prior).",
     ),
-    model: Path | None = typer.Option(
-        None, "--model", help="Audit an existing trained model folder instead of training."
-    ),
-    targets: str = typer.Option(
-        "softmax,mlp",
+]
+_Model = Annotated[
+    Path | None,
+    typer.Option("--model", help="Audit an existing trained model folder instead of training."),
+]
+_Targets = Annotated[
+    str,
+    typer.Option(
         "--targets",
         help="Target kinds to train (comma-separated); KIND@dp:EPS trains that kind by "
         "DP-SGD at privacy budget EPS (softmax, mlp), audited beside the others.",
     ),
-    attacks: str | None = typer.Option(
-        None, "--attacks", help="Subset of whitebox,blackbox,label-only (default: all)."
-    ),
-    defenses: str | None = typer.Option(
-        None,
+]
+_Attacks = Annotated[
+    str | None,
+    typer.Option("--attacks", help="Subset of whitebox,blackbox,label-only (default: all)."),
+]
+_Defenses = Annotated[
+    str | None,
+    typer.Option(
         "--defenses",
         help="Comma-separated defences, e.g. none,round:2,top:1,labels,rate:500/hour,"
         "detect:block (default: none, round:3, round:2, round:1, top:1, labels, a rate limit, "
         "detect:block).",
     ),
-    labels: int | None = typer.Option(
-        None, "--labels", help="Attack only the first N classes (default: every class)."
-    ),
-    budget: int | None = typer.Option(
-        None, "--budget", help="API queries per attack per person (default: preset by size)."
-    ),
-    seed: int = typer.Option(0, "--seed", help="Seed of training, attacks and evaluation."),
-    out_dir: Path = typer.Option(Path("runs/audit"), "--out", help="Output folder."),
-    in_process: bool = typer.Option(
-        False, "--in-process", help="Query through LocalOracle instead of the HTTP service."
-    ),
-    resume: bool = typer.Option(False, "--resume", help="Continue a partial run in --out."),
-    quick: bool = typer.Option(False, "--quick", help="Tiny training settings (smoke tests)."),
-    lanes: int | None = typer.Option(
-        None,
+]
+_Labels = Annotated[
+    int | None,
+    typer.Option("--labels", help="Attack only the first N classes (default: every class)."),
+]
+_Budget = Annotated[
+    int | None,
+    typer.Option("--budget", help="API queries per attack per person (default: preset by size)."),
+]
+_Seed = Annotated[int, typer.Option("--seed", help="Seed of training, attacks and evaluation.")]
+_OutDir = Annotated[Path, typer.Option("--out", help="Output folder.")]
+_InProcess = Annotated[
+    bool,
+    typer.Option("--in-process", help="Query through LocalOracle instead of the HTTP service."),
+]
+_Resume = Annotated[bool, typer.Option("--resume", help="Continue a partial run in --out.")]
+_Quick = Annotated[bool, typer.Option("--quick", help="Tiny training settings (smoke tests).")]
+_Lanes = Annotated[
+    int | None,
+    typer.Option(
         "--lanes",
         help="People one API attack attacks at once; their probes share each request "
         "(default 8; 1 = one person after another).",
     ),
-    blind: float | None = typer.Option(
-        None,
+]
+_Blind = Annotated[
+    float | None,
+    typer.Option(
         "--blind",
         help="Query blinding the API attacker uses under a defence with a query detector: "
         "fresh uniform noise of +-A on every probe (default 0.05; 0 = a naive attacker "
         "who does not adapt).",
     ),
-    accounts: int = typer.Option(
-        1,
+]
+_Accounts = Annotated[
+    int,
+    typer.Option(
         "--accounts",
         help="API accounts each API attack may open: when the service refuses one (rate "
         "limited or blocked) the attacker continues through a fresh key (default 1).",
     ),
-    escalate: bool = typer.Option(
-        False,
+]
+_Escalate = Annotated[
+    bool,
+    typer.Option(
         "--escalate",
         help="With --blind and --accounts N: double the blinding noise each time the "
         "service blocks one of the attacker's accounts (stealthier, noisier probes).",
     ),
-    api: str | None = typer.Option(
-        None,
+]
+_Api = Annotated[
+    str | None,
+    typer.Option(
         "--api",
         help="Audit a prediction API that is already running: "
         "http://HOST:PORT/v1/models/NAME of an mlinvert-compatible service, or with "
@@ -261,8 +283,10 @@ def audit(
         "black-box and label-only attacks under the one defence it advertises). Needs "
         "--data, and --api-key for mlinvert's API.",
     ),
-    api_key: str | None = typer.Option(
-        None,
+]
+_ApiKey = Annotated[
+    str | None,
+    typer.Option(
         "--api-key",
         help="With --api: the attacker's API key(s) of that service, comma-separated; "
         "several are rotated through like --accounts (the first also measures the served "
@@ -270,8 +294,10 @@ def audit(
         "Never written to the results.",
         envvar=_KEY_ENV,
     ),
-    utility_key: str | None = typer.Option(
-        None,
+]
+_UtilityKey = Annotated[
+    str | None,
+    typer.Option(
         "--utility-key",
         help="With --api: the key of an honest client, another account than the "
         "attacker's, that measures the served accuracy (so those queries do not count "
@@ -279,13 +305,59 @@ def audit(
         "Never written to the results.",
         envvar=_UTILITY_KEY_ENV,
     ),
-    prior: Path | None = typer.Option(
-        None,
+]
+_Prior = Annotated[
+    Path | None,
+    typer.Option(
         "--prior",
         help="The attacker's face prior: a folder written by `mlinvert prior train` (faces "
         "learned from public photos of other people; refused if it holds a private photo). "
         "Default: eigenfaces of the other attacked people's held-out photos.",
     ),
+]
+_Cluster = Annotated[
+    str | None,
+    typer.Option(
+        "--cluster",
+        help="Run the attacks on a Dask cluster: local:N (N worker processes here) or "
+        "tcp://HOST:PORT (a running scheduler whose workers see --out at the same path). "
+        "Records are the same as on one machine; a lost worker's task is re-run, replaying "
+        "the answers the service already gave.",
+    ),
+]
+_Replicas = Annotated[
+    int,
+    typer.Option(
+        "--replicas",
+        help="With --cluster: service processes per defence, behind one Redis that holds "
+        "their shared rate limits and detector history; the tasks spread over them.",
+    ),
+]
+
+
+def audit(
+    data: _Data = None,
+    model: _Model = None,
+    targets: _Targets = "softmax,mlp",
+    attacks: _Attacks = None,
+    defenses: _Defenses = None,
+    labels: _Labels = None,
+    budget: _Budget = None,
+    seed: _Seed = 0,
+    out_dir: _OutDir = Path("runs/audit"),
+    in_process: _InProcess = False,
+    resume: _Resume = False,
+    quick: _Quick = False,
+    lanes: _Lanes = None,
+    blind: _Blind = None,
+    accounts: _Accounts = 1,
+    escalate: _Escalate = False,
+    api: _Api = None,
+    api_key: _ApiKey = None,
+    utility_key: _UtilityKey = None,
+    prior: _Prior = None,
+    cluster: _Cluster = None,
+    replicas: _Replicas = 1,
     protocol: str = PROTOCOL,
     output: str | None = OUTPUT,
     request: str | None = REQUEST,
@@ -300,15 +372,9 @@ def audit(
     """
     import os
 
-    from mlinvert.evaluation.audit import (
-        API_ATTACKS,
-        ATTACKS,
-        DEFAULT_BLIND,
-        DEFAULT_LANES,
-        AuditConfig,
-        command_line,
-        run_audit,
-    )
+    from mlinvert.audit.config import DEFAULT_BLIND, DEFAULT_LANES, AuditConfig
+    from mlinvert.audit.runner import command_line
+    from mlinvert.core import API_ATTACKS, ATTACKS
 
     if api is None and api_key is not None and api_key != os.environ.get(_KEY_ENV):
         raise ConfigError("--api-key is for --api (auditing a deployed API); give --api URL")
@@ -337,16 +403,19 @@ def audit(
         api_keys=_split(api_key, "api-key") or (),
         utility_key=utility_key,
         prior=prior,
+        cluster=cluster,
+        replicas=replicas,
         wire=wire_config(protocol, output, request, scores, header),
         command=_redacted(command_line()),
     )
-    if out_dir.is_dir() and not (out_dir / "results.json").exists() and any(out_dir.iterdir()):
-        raise ConfigError(
-            f"--out {out_dir} holds other files and no audit (results.json); the audit writes "
-            "results.json, index.html, images/, models/ and service/ there, replacing any "
-            "of that name: choose a new or empty folder"
-        )
-    output_dir(out_dir)
+    _run(config)
+
+
+def _run(config: AuditConfig) -> None:
+    """Run the audit with a progress display, print the verdicts, exit 3 if unmeasured."""
+    from mlinvert.audit.runner import run_audit
+
+    out_dir = config.out
     with (
         on_interrupt(
             f"{out_dir / 'results.json'} keeps the finished attack runs (partial report: "

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import typer
@@ -38,40 +34,6 @@ def setup_logging(verbose: bool) -> None:
         handlers=[RichHandler(console=console, show_path=False)],
         force=True,
     )
-
-
-def output_dir(path: Path, option: str = "--out") -> None:
-    """Create the output folder ``path`` (the value of ``option``) and check that files can
-    be written in it, before a long job starts; ConfigError if it cannot hold the output."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{option} {path} is a file; pass a folder path")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot write into {option} {path} ({exc.strerror or exc}); pass a folder you "
-            "can write to"
-        ) from None
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as indented JSON, atomically (write then rename); ConfigError if
-    ``path`` is a folder or cannot be written (nothing is left behind)."""
-    if path.is_dir():
-        raise ConfigError(f"{path} is a folder; pass the path of a JSON file to write")
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-        tmp.replace(path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise ConfigError(
-            f"cannot write {path} ({exc.strerror or exc}); pass a path you can write to"
-        ) from None
 
 
 @contextmanager

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import typer
 
-from mlinvert.cli.common import console, write_json
+from mlinvert.cli.common import console
+from mlinvert.core import write_json
 from mlinvert.errors import ConfigError, ModelError
 
 

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from mlinvert.cli.common import check_seed, console, on_interrupt, out, output_dir
+from mlinvert.cli.common import check_seed, console, on_interrupt, out
+from mlinvert.core import output_dir
 from mlinvert.errors import ConfigError
 
 if TYPE_CHECKING:

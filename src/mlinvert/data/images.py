@@ -24,6 +24,31 @@ ATT_SHAPE = (112, 92)  # (h, w)
 FITS = ("crop", "pad", "stretch")
 
 
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """A float image in [0, 1] (clipped) as 8-bit grey levels, rounded to the nearest."""
+    return (np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def to_image(image: np.ndarray, *, scale: int = 1) -> Image.Image:
+    """A float image in [0, 1] as a PIL grey image, enlarged ``scale`` times
+    (nearest neighbour, so small images such as 8x8 digits stay sharp)."""
+    arr = to_uint8(image)
+    im = Image.fromarray(arr, mode="L")
+    if scale > 1:
+        im = im.resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.Resampling.NEAREST)
+    return im
+
+
+def save_png(path: str | Path, image: np.ndarray | Image.Image, *, scale: int = 1) -> Path:
+    """Write ``image`` (a float array in [0, 1], or a PIL image) as a PNG at ``path``,
+    creating the folder; returns the path."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    im = image if isinstance(image, Image.Image) else to_image(image, scale=scale)
+    im.save(p, format="PNG")
+    return p
+
+
 def _hidden(p: Path) -> bool:
     """Dot files and folders (``.DS_Store``, macOS ``._x.jpg`` twins, ``.thumbnails``)."""
     return p.name.startswith(".")

@@ -1,14 +1,15 @@
-"""Evaluation of reconstructions: identity and likeness of faces (``faces``), and the
-tree-inversion measures (``trees``).
+"""The judges: what a reconstruction shows, and what a defence costs honest users.
 
-The face measures answer two questions for every reconstruction (PAPER.md, "What
-counts as a recovered face"): does it point to the right person (evaluation-model
-top-1/top-5, pixel and eigenface nearest neighbour, a 5-way lineup), and does it look
-like a face, like that person (``likeness``)?
+On faces the verdict is the independent face recogniser's (``recogniser``: dlib, which
+never saw these people and which no attack may use); beside it this project's own
+measures answer whether a reconstruction points to the right person (evaluation-model
+top-1/top-5, pixel and eigenface nearest neighbour, a 5-way lineup) and whether it
+looks like that person (``likeness``). ``trees`` measures attribute inversion of
+survey trees; ``utility`` the accuracy and calibration honest clients are served.
 """
 
 from mlinvert.evaluation.faces import RECORD_FIELDS, FaceJudge, JudgeConfig
-from mlinvert.evaluation.images import image_grid, save_png
+from mlinvert.evaluation.images import image_grid
 from mlinvert.evaluation.likeness import LikenessConfig
 from mlinvert.evaluation.references import REFERENCE_NAMES
 
@@ -19,5 +20,4 @@ __all__ = [
     "JudgeConfig",
     "LikenessConfig",
     "image_grid",
-    "save_png",
 ]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import wraps
-from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 import numpy as np
@@ -16,6 +15,7 @@ from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter
 from threadpoolctl import threadpool_limits
 
+from mlinvert.data.images import to_uint8
 from mlinvert.errors import DataError
 
 LOWPASS_FRACTION = 0.03
@@ -116,11 +116,6 @@ def standardise(images: np.ndarray) -> np.ndarray:
     return out
 
 
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """Clip a [0, 1] float image to [0, 1] and convert it to uint8."""
-    return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
 def image_grid(
     rows: Sequence[Sequence[np.ndarray]],
     *,
@@ -164,14 +159,6 @@ def image_grid(
         for j, title in enumerate(col_titles[:n_cols]):
             draw.text((left + pad + j * (cell_w + pad), 1), title, fill=0)
     return canvas
-
-
-def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Write a PIL image as PNG, creating the parent folder."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    image.save(p, format="PNG")
-    return p
 
 
 def principal_components(centred: np.ndarray, variance: float, max_k: int) -> np.ndarray:

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from mlinvert.data.images import to_uint8
 from mlinvert.errors import ConfigError, DataError
 
 #: dlib's published same-person threshold on the descriptor distance.
@@ -114,7 +115,7 @@ def model_files() -> dict[str, Path]:
 
 def _to_rgb(image: np.ndarray) -> np.ndarray:
     """Grey float image in [0, 1] -> contiguous uint8 RGB (h, w, 3)."""
-    grey = np.clip(np.rint(np.asarray(image, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+    grey = to_uint8(image)
     return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
 
 

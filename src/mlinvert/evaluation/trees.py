@@ -149,11 +149,11 @@ def ideal_guesses(
 
 
 def _local_oracle(model: DecisionTreeTarget, policy: str) -> Oracle:
-    from mlinvert.defenses import Predictor, parse_policy
+    from mlinvert.defenses.spec import build_predictor
     from mlinvert.oracle import LocalOracle
 
     return LocalOracle(
-        Predictor(model, name="tree", policy=parse_policy(policy), max_batch=4096),
+        build_predictor(model, name="tree", policy=policy, max_batch=4096),
         account="auditor",
     )
 

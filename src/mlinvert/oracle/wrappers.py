@@ -12,7 +12,9 @@ accounts), so a stack reports the queries that really reached the API.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -184,6 +186,84 @@ class Cached(_Wrapper):
         return Response(labels=labels, probs=probs, confidence=confidence)
 
 
+class Journaled(_Wrapper):
+    """Keep every answered batch in a journal file and, when the file already holds
+    answers (a run that was interrupted: a lost worker, a killed process), answer the
+    same batches again from it instead of asking the API a second time.
+
+    A deterministic attack re-run from its start sends the same batches in the same
+    order, so the journal's batches are replayed one by one, each checked by its
+    SHA-256; the first batch that differs (or the end of the journal) goes to the API,
+    and from there on every answer is appended (flushed per batch). Replayed inputs
+    count in ``n_queries`` as the answers they stand for: the attack's counts are those
+    of an uninterrupted run, and the API is not asked twice for what it answered.
+    """
+
+    def __init__(self, oracle: Oracle, path: Path) -> None:
+        super().__init__(oracle)
+        self.path = Path(path)
+        self.replayed = 0
+        self._journal = self._read()
+        self._next = 0  # the journal entry the next batch is checked against
+        self._live = not self._journal
+
+    def _read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        entries = []
+        for line in self.path.read_text().splitlines():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by the interruption
+                break
+        return entries
+
+    @property
+    def n_queries(self) -> int:
+        """Inputs answered: by the API in this run, plus those replayed from the journal."""
+        return self.inner.n_queries + self.replayed
+
+    def query(self, x: np.ndarray) -> Response:
+        """Answer ``x`` from the journal while it matches, else from the API (and keep it)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        digest = hashlib.sha256(x.tobytes() + repr(x.shape).encode()).hexdigest()
+        if not self._live:
+            if self._next < len(self._journal) and self._journal[self._next]["digest"] == digest:
+                self._next += 1
+                self.replayed += len(x)
+                return _response_of(self._journal[self._next - 1])
+            # the run departs from the journal here: keep what was replayed, then go live
+            kept = self._journal[: self._next]
+            self.path.write_text("".join(json.dumps(e) + "\n" for e in kept))
+            self._live, self._journal = True, []
+        answer = self.inner.query(x)
+        with self.path.open("a") as f:
+            f.write(json.dumps({"digest": digest, **_entry_of(answer)}) + "\n")
+        return answer
+
+
+def _entry_of(r: Response) -> dict[str, Any]:
+    return {
+        "labels": np.asarray(r.labels).tolist(),
+        "probs": None if r.probs is None else np.asarray(r.probs, dtype=np.float64).tolist(),
+        "confidence": None if r.confidence is None else np.asarray(r.confidence).tolist(),
+        "label_names": None if r.label_names is None else list(r.label_names),
+    }
+
+
+def _response_of(entry: dict[str, Any]) -> Response:
+    return Response(
+        labels=np.asarray(entry["labels"], dtype=np.int64),
+        probs=None if entry["probs"] is None else np.asarray(entry["probs"], dtype=np.float64),
+        confidence=(
+            None
+            if entry["confidence"] is None
+            else np.asarray(entry["confidence"], dtype=np.float64)
+        ),
+        label_names=None if entry["label_names"] is None else tuple(entry["label_names"]),
+    )
+
+
 class Blinded(_Wrapper):
     """Query blinding: every probe gets fresh uniform noise in ``[-amplitude, amplitude]``
     per value (clipped to [0, 1]) before it reaches the wrapped oracle.
@@ -331,6 +411,24 @@ def escalating(
         answered_before=answered_before,
     )
     return rotating
+
+
+def one_attacker(
+    accounts: Sequence[Oracle],
+    *,
+    escalate: float | None = None,
+    seed: Seed = None,
+    answered_before: Sequence[int] = (),
+) -> Oracle:
+    """One attacker's oracle over its API accounts: the only one; with ``escalate`` (a
+    starting noise amplitude) and several accounts the blinding Sybil
+    (:func:`escalating`); otherwise a :class:`Rotating` that moves to the next account
+    when one is refused (``answered_before``: as in :class:`Rotating`)."""
+    if escalate is not None and len(accounts) > 1:
+        return escalating(accounts, escalate, seed=seed, answered_before=answered_before)
+    if len(accounts) == 1:
+        return accounts[0]
+    return Rotating(list(accounts), answered_before=answered_before)
 
 
 def largest_blinding(oracle: object) -> float | None:

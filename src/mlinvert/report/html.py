@@ -20,11 +20,11 @@ import numpy as np
 from jinja2 import Environment, PackageLoader, Undefined, select_autoescape
 from PIL import Image
 
+from mlinvert.core import API_ATTACKS
 from mlinvert.errors import DataError
 from mlinvert.evaluation.faces import NOT_FACES
 from mlinvert.report import plots
 from mlinvert.report.summary import (
-    API_ATTACKS,
     LINEUP_CHANCE,
     answer,
     attack_title,
@@ -32,6 +32,7 @@ from mlinvert.report.summary import (
     faces_judged,
     identity_bar,
     recommendations,
+    thresholds,
     utility_of,
     verdicts,
 )
@@ -401,6 +402,7 @@ def render_report(out_dir: Path | str) -> Path:
         "recommendations": recommendations(results, vs),
         "mapping": MAPPING,
         "lineup_chance": LINEUP_CHANCE,
+        "thresholds": thresholds(results),
         "tables": _tables(results),
         "grids": _grids(results, out_dir) if has_faces else [],
         "references": _references(results, out_dir),

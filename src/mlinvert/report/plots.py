@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import matplotlib
@@ -15,7 +16,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mlinvert.report.summary import API_ATTACKS, Cell, cells, faces_judged, utility_of
+from mlinvert.core import API_ATTACKS
+from mlinvert.data.images import to_uint8
+from mlinvert.report.summary import Cell, cells, faces_judged, utility_of
 
 _MARKERS = {"whitebox": "s", "blackbox": "o", "label-only": "^"}
 
@@ -119,52 +122,36 @@ def privacy_utility(results: dict[str, Any]) -> bytes:
     defence withholds or coarsens information); right: top-k usability. One point per
     (target, defence), labelled with the defence.
     """
-    cs = cells(results.get("records", []))
     faces = faces_judged(results)
     by_key: dict[tuple[str, str], list[Cell]] = {}
-    for c in cs:
+    for c in cells(results.get("records", [])):
         if c.attack in API_ATTACKS:
             by_key.setdefault((c.target_model, c.defense), []).append(c)
     defenses = list(dict.fromkeys(d for _, d in by_key))
     colour = _colours(defenses)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    panels = (
-        ("brier", "Brier score of the returned scores (honest users; lower is better)"),
-        ("topk_accuracy", "top-k"),
-    )
     targets = list(dict.fromkeys(t for t, _ in by_key))
     shapes = {t: "osD^v"[i % 5] for i, t in enumerate(targets)}
-    for ax, (field, xlabel) in zip(axes, panels, strict=True):
-        names: dict[tuple[float, float], list[str]] = {}  # first target's defences per point
-        for (target, defense), group in by_key.items():
-            util = utility_of(results, target, defense)
-            x = util.get(field)
-            if x is None:
-                continue
-            xv = x * (100 if field == "topk_accuracy" else 1)
-            y = 100 * max(c.recovered if faces else c.eval_top1 for c in group)
-            ax.scatter(xv, y, color=colour[defense], marker=shapes[target], s=60, alpha=0.85)
-            if target == targets[0]:  # to the tables' precision: near points share a label
-                key = (round(xv, 3 if field == "brier" else 1), round(y))
-                names.setdefault(key, []).append(defense)
-        for (xv, y), ds in names.items():
-            ax.annotate(
-                ", ".join(ds), (xv, y), fontsize=7, xytext=(4, 3), textcoords="offset points"
-            )
-        if field == "topk_accuracy":
-            k = next(
-                (
-                    utility_of(results, t, d).get("k")
-                    for t, d in by_key
-                    if utility_of(results, t, d).get("k")
-                ),
-                3,
-            )
-            xlabel = f"top-{k} usability for honest users (% test rows, true class in top {k})"
-        ax.set_xlabel(xlabel)
-        ax.xaxis.set_major_locator(MaxNLocator(5))
-        ax.grid(alpha=0.3)
-        ax.set_ylim(-5, 105)
+    style = _PointStyle(colour=colour, shapes=shapes, first_target=targets[0] if targets else "")
+    _utility_panel(
+        axes[0],
+        results,
+        by_key,
+        "brier",
+        "Brier score of the returned scores (honest users; lower is better)",
+        style,
+        faces,
+    )
+    k = next(
+        (
+            utility_of(results, t, d).get("k")
+            for t, d in by_key
+            if utility_of(results, t, d).get("k")
+        ),
+        3,
+    )
+    topk_label = f"top-{k} usability for honest users (% test rows, true class in top {k})"
+    _utility_panel(axes[1], results, by_key, "topk_accuracy", topk_label, style, faces)
     axes[0].set_ylabel(
         "highest API-attack recovered (% of people)"
         if faces
@@ -175,6 +162,60 @@ def privacy_utility(results: dict[str, Any]) -> bytes:
         "further left (Brier) and further right (top-k)",
         fontsize=10,
     )
+    _target_legend(fig, defenses, colour, targets, shapes)
+    return _png(fig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _PointStyle:
+    """How a (target, defence) point is drawn: colour by defence, marker by target; only
+    the first target's points are labelled."""
+
+    colour: dict[str, Any]
+    shapes: dict[str, str]
+    first_target: str
+
+
+def _utility_panel(
+    ax: Any,
+    results: dict[str, Any],
+    by_key: dict[tuple[str, str], list[Cell]],
+    field: str,
+    xlabel: str,
+    style: _PointStyle,
+    faces: bool,
+) -> None:
+    """One panel: the highest API-attack rate of each (target, defence) against its
+    utility ``field`` (top-k in %), the first target's points labelled by defence."""
+    names: dict[tuple[float, float], list[str]] = {}  # first target's defences per point
+    for (target, defense), group in by_key.items():
+        x = utility_of(results, target, defense).get(field)
+        if x is None:
+            continue
+        xv = x * (100 if field == "topk_accuracy" else 1)
+        y = 100 * max(c.recovered if faces else c.eval_top1 for c in group)
+        ax.scatter(
+            xv, y, color=style.colour[defense], marker=style.shapes[target], s=60, alpha=0.85
+        )
+        if target == style.first_target:  # to the tables' precision: near points share a label
+            key = (round(xv, 3 if field == "brier" else 1), round(y))
+            names.setdefault(key, []).append(defense)
+    for (xv, y), ds in names.items():
+        ax.annotate(", ".join(ds), (xv, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel(xlabel)
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.grid(alpha=0.3)
+    ax.set_ylim(-5, 105)
+
+
+def _target_legend(
+    fig: Figure,
+    defenses: Sequence[str],
+    colour: dict[str, Any],
+    targets: Sequence[str],
+    shapes: dict[str, str],
+) -> None:
+    """Colour per defence, marker per target (no legend when nothing was drawn)."""
     handles = [
         plt.Line2D([], [], marker="o", linestyle="", color=colour[d], label=f"defence {d}")
         for d in defenses
@@ -193,7 +234,6 @@ def privacy_utility(results: dict[str, Any]) -> bytes:
     ]
     if handles:
         fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-    return _png(fig)
 
 
 def image_grid(
@@ -238,7 +278,7 @@ def image_grid(
                 draw.rectangle((x, y, x + cell - 1, y + cell - 1), outline="#bbbbbb")
                 draw.line((x, y, x + cell - 1, y + cell - 1), fill="#dddddd")
                 continue
-            arr = (np.clip(np.asarray(img, dtype=np.float64), 0, 1) * 255 + 0.5).astype(np.uint8)
+            arr = to_uint8(img)
             h, w = arr.shape
             scale = cell / max(h, w)
             tile = Image.fromarray(arr, mode="L").resize(

@@ -14,16 +14,28 @@ shows it ``exposed``: a failed measurement never reads as a defence's success.
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mlinvert.core import API_ATTACKS
+
 #: Chance of the automated 5-way lineup.
 LINEUP_CHANCE = 0.2
-#: Attacks that only see the prediction API (the threat an output defence addresses).
-API_ATTACKS = ("blackbox", "label-only")
+#: The verdicts' thresholds: the audit writes them into ``results.json``
+#: (``thresholds``), and a results file that lacks one is judged with these.
+#: ``exposed_rate``: recovered for at least this share of the people is "exposed";
+#: ``identity_rate``: the evaluation model's top-1 at least this (and twice chance) is
+#: "identity leaks" off faces; ``max_accuracy_cost``: a defence may cost honest users
+#: at most this much accuracy to be recommended.
+THRESHOLDS = {"exposed_rate": 0.2, "identity_rate": 0.3, "max_accuracy_cost": 0.01}
+
+
+def thresholds(results: dict[str, Any]) -> dict[str, Any]:
+    """The thresholds ``results`` was judged with (:data:`THRESHOLDS` where it is silent)."""
+    return {**THRESHOLDS, **(results.get("thresholds") or {})}
+
 
 ATTACK_TITLES = {
     "whitebox": "White-box MI-Face (attacker holds the model)",
@@ -226,211 +238,304 @@ def verdicts(results: dict[str, Any]) -> list[Verdict]:
     ``api_recovered``, ``api_identity`` and ``api_lineup`` are each the highest any API
     attack reached, so no number understates what one attack got.
     """
-    th = results.get("thresholds", {})
-    exposed_rate = float(th.get("exposed_rate", 0.2))
-    identity_rate = float(th.get("identity_rate", 0.3))
-    n_classes = int(results.get("dataset", {}).get("n_classes", 0)) or None
-    keys = int(results.get("config", {}).get("accounts") or 1)  # API keys per attack
-    chance = 1.0 / n_classes if n_classes else None
-    faces = faces_judged(results)
-    bar = identity_bar(results)
-    judge = "independent face recogniser" if faces else "evaluation model"
-    all_cells = cells(results.get("records", []))
-    by_key = {(c.target_model, c.attack, c.defense): c for c in all_cells}
-    targets = list(dict.fromkeys(c.target_model for c in all_cells))
+    judging = _Judging.of(results)
+    targets = list(dict.fromkeys(c.target_model for c in judging.by_key.values()))
     defenses = [d["name"] for d in results.get("defenses", [])] or list(
-        dict.fromkeys(c.defense for c in all_cells)
+        dict.fromkeys(c.defense for c in judging.by_key.values())
     )
-    out: list[Verdict] = []
-    for target in targets:
-        base_util = utility_of(results, target, "none")
-        for defense in defenses:
-            api = [by_key[k] for a in API_ATTACKS if (k := (target, a, defense)) in by_key]
-            white = by_key.get((target, "whitebox", defense))
-            util = utility_of(results, target, defense)
-            acc = util.get("accuracy")
-            base_acc = base_util.get("accuracy")
-            cost = None if acc is None or base_acc is None else base_acc - acc
-            if not api and white is None:
-                continue
-            details: list[str] = []
-            errors: tuple[str, ...] = ()
-            if api:
-                best = max(api, key=lambda c: (c.recovered, _lineup(c, faces), c.eval_top1))
-                if faces:
-                    leaks = any((c.judge_lineup or 0.0) >= bar for c in api)
-                else:
-                    leaks = any(
-                        (
-                            c.eval_top1 >= identity_rate
-                            and (chance is None or c.eval_top1 >= 2 * chance)
-                        )
-                        or c.lineup >= max(identity_rate, 2 * LINEUP_CHANCE)
-                        for c in api
-                    )
-                level = (
-                    "exposed"
-                    if best.recovered >= exposed_rate
-                    else "identity leaks"
-                    if leaks
-                    else "mitigated"
-                )
-                if level == "mitigated" and _cut_off(defense, api):
-                    level = "cut off"
-                errors = tuple(dict.fromkeys(e for c in api for e in c.errors))
-                if level != "exposed" and any(c.unmeasured for c in api):
-                    level = "not measured"
-                words = {
-                    "exposed": "an outsider recovers recognisable private faces through the API"
-                    + (" (the independent face recogniser names the person)" if faces else ""),
-                    "identity leaks": (
-                        "reconstructions point to the right person in a lineup clearly above "
-                        "chance, but the independent face recogniser does not name them"
-                        if faces
-                        else "reconstructions point to the right person but do not look like "
-                        "them (classifier templates, not faces)"
-                    ),
-                    "mitigated": "the API attacks recover neither identity nor likeness "
-                    "clearly above chance",
-                    "cut off": "the guard refused the attacker's account and cut the API attacks "
-                    "off before they got far; that stops one account, not an attacker with more "
-                    "keys or more time",
-                    "not measured": (
-                        f"{sum(c.unmeasured for c in api)} attack run(s) could not be measured, "
-                        "so this defence is not shown to work ("
-                        + "; ".join(errors[:2])
-                        + "); fix the cause and run again with --resume, which re-runs them"
-                    ),
-                }[level]
-                headline = f"{defense}: {words}."
-                if level != "exposed" and best.recovered > 0:
-                    lost = round(best.recovered * best.n)
-                    headline += (
-                        f" Still, {lost} of {best.n} {'was' if lost == 1 else 'were'} recovered "
-                        f"({attack_title(best.attack)}), below the {_pct(exposed_rate)} that "
-                        "counts as exposed."
-                    )
-                for c in api:
-                    keys_text = "."
-                    if keys > 1 and c.accounts == 1 and _refused(c):
-                        # Rotating moves on only from an account that answered something
-                        keys_text = (
-                            f"; the attacker had {keys} API keys but opened 1: the service "
-                            "refused its first account before that account answered anything, "
-                            "so the refusal was of the queries themselves and a fresh key "
-                            "would have been refused too."
-                        )
-                    elif keys > 1:
-                        keys_text = (
-                            f"; the attacker had {keys} API keys and opened {c.accounts}, a "
-                            "fresh one whenever one was refused."
-                        )
-                    details.append(
-                        f"{attack_title(c.attack)}: {_measured_text(c, faces)}; median "
-                        f"{_queries(c.median_queries)} queries ({c.status_text})" + keys_text
-                    )
-                api_identity = max(c.eval_top1 for c in api)
-                api_recovered = best.recovered
-                api_lineup = max(_lineup(c, faces) for c in api)
-                api_queries = best.median_queries
-                accounts = best.accounts
-                stopped = _refused(best)
-            else:
-                level, headline = "not measured", f"{defense}: no API attack was run."
-                api_identity = api_recovered = api_lineup = 0.0
-                api_queries = None
-                accounts = 1
-                stopped = False
-            if white is not None:
-                details.append(
-                    f"{attack_title('whitebox')}: {_measured_text(white, faces)} — output "
-                    "defences do not reach an attacker who holds the weights."
-                )
-            rate = util.get("rate_limit")
-            free = by_key.get((target, "blackbox", "none"))
-            if rate and free is not None and free.median_queries:
-                count, _, period = str(rate).partition("/")
-                with contextlib.suppress(ValueError):
-                    hours = free.median_queries / float(count)
-                    details.append(
-                        f"Patience: the black-box attack needs a median of "
-                        f"{_queries(free.median_queries)} queries per person without a limit; "
-                        f"at {rate} per account that is about {hours:,.1f} {period}(s) of one "
-                        "account per person (many accounts or a slow attack still get there)."
-                    )
-            blinded = next((c.blinded for c in api if c.blinded), None)
-            raised = max((c.blinded_up_to or 0.0 for c in api), default=0.0)
-            if util.get("detector") and api:
-                outcomes = "; ".join(f"{attack_title(c.attack)}: {c.status_text}" for c in api)
-                honest = (
-                    f"An honest client sending the {util.get('n_test', '?')} held-out inputs "
-                    f"had {util.get('honest_refused', 0)} refused."
-                )
-                flagged = _flag_text(results, defense, target, api)
-                if flagged:
-                    honest = f"{flagged} {honest}"
-                if blinded:
-                    more = (
-                        f", doubling it each time the service blocked one of its accounts "
-                        f"(up to ±{raised:g})"
-                        if raised > blinded
-                        else ""
-                    )
-                    details.append(
-                        f"Query detector ({util['detector']}): the API advertises it, so the "
-                        f"attacker adapted and added fresh noise of ±{blinded:g} to every probe "
-                        f"(query blinding){more}. How the attacks ended: {outcomes}. {honest}"
-                    )
-                else:
-                    details.append(
-                        f"Query detector ({util['detector']}), how the attacks ended: "
-                        f"{outcomes}. {honest} This audit's attacker did not adapt (--blind 0). "
-                        "The detector stops an account, not an attacker: probes blinded with "
-                        "noise coarser than its quantisation (--blind), or spread over enough "
-                        "keys that none sends 100 near duplicates, get past it (BENCHMARKS.md, "
-                        "'Query detector')."
-                    )
-            if util:
-                parts = [f"served accuracy {_pct(acc)}"]
-                if cost is not None and defense != "none":
-                    parts.append(
-                        f"{abs(100 * cost):.1f} points {'above' if cost < 0 else 'below'} 'none'"
-                    )
-                if util.get("brier") is not None:
-                    parts.append(f"Brier score {util['brier']:.3f}")
-                if util.get("ece") is not None:
-                    parts.append(f"calibration error {util['ece']:.3f}")
-                if util.get("topk_accuracy") is not None:
-                    parts.append(f"top-{util.get('k', 3)} usability {_pct(util['topk_accuracy'])}")
-                if util.get("rate_limit"):
-                    parts.append(f"honest clients limited to {util['rate_limit']} per account")
-                details.append("Utility for honest users: " + ", ".join(parts) + ".")
-            out.append(
-                Verdict(
-                    defense=defense,
-                    target_model=target,
-                    level=level,
-                    headline=headline,
-                    details=details,
-                    api_identity=api_identity,
-                    api_recovered=api_recovered,
-                    api_lineup=api_lineup,
-                    api_queries=api_queries,
-                    accuracy=acc,
-                    accuracy_cost=cost,
-                    ece=util.get("ece"),
-                    brier=util.get("brier"),
-                    topk=util.get("topk_accuracy"),
-                    blinded=blinded,
-                    blinded_up_to=raised if blinded and raised > blinded else None,
-                    accounts=accounts,
-                    stopped=stopped,
-                    faces_found=best.face_found if api else None,
-                    judge=judge,
-                    errors=errors,
-                )
-            )
-    return out
+    found = (_verdict(judging, target, defense) for target in targets for defense in defenses)
+    return [v for v in found if v is not None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Judging:
+    """What every verdict of one results document is judged with."""
+
+    results: dict[str, Any]
+    exposed_rate: float
+    identity_rate: float
+    chance: float | None  # 1 / the number of classes, when known
+    keys: int  # API keys per attack
+    faces: bool  # the independent face recogniser judges
+    bar: float  # the lineup that counts as identity leaking (faces)
+    by_key: dict[tuple[str, str, str], Cell]  # by (target, attack, defence)
+
+    @classmethod
+    def of(cls, results: dict[str, Any]) -> _Judging:
+        """The thresholds, judge and cells of ``results``."""
+        th = thresholds(results)
+        n_classes = int(results.get("dataset", {}).get("n_classes", 0)) or None
+        return cls(
+            results=results,
+            exposed_rate=float(th["exposed_rate"]),
+            identity_rate=float(th["identity_rate"]),
+            chance=1.0 / n_classes if n_classes else None,
+            keys=int(results.get("config", {}).get("accounts") or 1),
+            faces=faces_judged(results),
+            bar=identity_bar(results),
+            by_key={
+                (c.target_model, c.attack, c.defense): c for c in cells(results.get("records", []))
+            },
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class _ApiFindings:
+    """What the API attacks on one (target, defence) got, for its :class:`Verdict`."""
+
+    level: str
+    headline: str
+    details: list[str]
+    api_identity: float = 0.0
+    api_recovered: float = 0.0
+    api_lineup: float = 0.0
+    api_queries: float | None = None
+    accounts: int = 1
+    stopped: bool = False
+    faces_found: float | None = None
+    errors: tuple[str, ...] = ()
+
+
+def _verdict(judging: _Judging, target: str, defense: str) -> Verdict | None:
+    """The verdict of ``defense`` on ``target`` (None when no attack ran under it)."""
+    by_key = judging.by_key
+    api = [by_key[k] for a in API_ATTACKS if (k := (target, a, defense)) in by_key]
+    white = by_key.get((target, "whitebox", defense))
+    util = utility_of(judging.results, target, defense)
+    acc = util.get("accuracy")
+    base_acc = utility_of(judging.results, target, "none").get("accuracy")
+    cost = None if acc is None or base_acc is None else base_acc - acc
+    if not api and white is None:
+        return None
+    if api:
+        found = _api_findings(judging, defense, api)
+    else:
+        found = _ApiFindings(
+            level="not measured", headline=f"{defense}: no API attack was run.", details=[]
+        )
+    details = list(found.details)
+    if white is not None:
+        details.append(
+            f"{attack_title('whitebox')}: {_measured_text(white, judging.faces)} — output "
+            "defences do not reach an attacker who holds the weights."
+        )
+    if patience := _patience_text(util, by_key.get((target, "blackbox", "none"))):
+        details.append(patience)
+    blinded = next((c.blinded for c in api if c.blinded), None)
+    raised = max((c.blinded_up_to or 0.0 for c in api), default=0.0)
+    if util.get("detector") and api:
+        flagged = _flag_text(judging.results, defense, target, api)
+        details.append(_detector_text(util, api, flagged, blinded, raised))
+    if util:
+        details.append(_utility_text(defense, util, cost))
+    return Verdict(
+        defense=defense,
+        target_model=target,
+        level=found.level,
+        headline=found.headline,
+        details=details,
+        api_identity=found.api_identity,
+        api_recovered=found.api_recovered,
+        api_lineup=found.api_lineup,
+        api_queries=found.api_queries,
+        accuracy=acc,
+        accuracy_cost=cost,
+        ece=util.get("ece"),
+        brier=util.get("brier"),
+        topk=util.get("topk_accuracy"),
+        blinded=blinded,
+        blinded_up_to=raised if blinded and raised > blinded else None,
+        accounts=found.accounts,
+        stopped=found.stopped,
+        faces_found=found.faces_found,
+        judge="independent face recogniser" if judging.faces else "evaluation model",
+        errors=found.errors,
+    )
+
+
+def _api_findings(judging: _Judging, defense: str, api: Sequence[Cell]) -> _ApiFindings:
+    """Level, headline and measures from the API attacks (``api`` not empty), judged on
+    the strongest; a detail line per attack."""
+    faces = judging.faces
+    best = max(api, key=lambda c: (c.recovered, _lineup(c, faces), c.eval_top1))
+    level = _level(judging, defense, api, best)
+    errors = tuple(dict.fromkeys(e for c in api for e in c.errors))
+    if level != "exposed" and any(c.unmeasured for c in api):
+        level = "not measured"
+    return _ApiFindings(
+        level=level,
+        headline=_headline(judging, defense, level, api, best, errors),
+        details=[_attack_text(c, faces, judging.keys) for c in api],
+        api_identity=max(c.eval_top1 for c in api),
+        api_recovered=best.recovered,
+        api_lineup=max(_lineup(c, faces) for c in api),
+        api_queries=best.median_queries,
+        accounts=best.accounts,
+        stopped=_refused(best),
+        faces_found=best.face_found,
+        errors=errors,
+    )
+
+
+def _level(judging: _Judging, defense: str, api: Sequence[Cell], best: Cell) -> str:
+    """``exposed``, ``identity leaks``, ``mitigated`` or ``cut off`` from what was
+    measured (before unmeasured runs are accounted for)."""
+    if judging.faces:
+        leaks = any((c.judge_lineup or 0.0) >= judging.bar for c in api)
+    else:
+        chance, identity_rate = judging.chance, judging.identity_rate
+        leaks = any(
+            (c.eval_top1 >= identity_rate and (chance is None or c.eval_top1 >= 2 * chance))
+            or c.lineup >= max(identity_rate, 2 * LINEUP_CHANCE)
+            for c in api
+        )
+    level = (
+        "exposed"
+        if best.recovered >= judging.exposed_rate
+        else "identity leaks"
+        if leaks
+        else "mitigated"
+    )
+    if level == "mitigated" and _cut_off(defense, api):
+        level = "cut off"
+    return level
+
+
+def _headline(
+    judging: _Judging,
+    defense: str,
+    level: str,
+    api: Sequence[Cell],
+    best: Cell,
+    errors: tuple[str, ...],
+) -> str:
+    """The verdict's first sentence, and how many were recovered below the bar."""
+    faces = judging.faces
+    words = {
+        "exposed": "an outsider recovers recognisable private faces through the API"
+        + (" (the independent face recogniser names the person)" if faces else ""),
+        "identity leaks": (
+            "reconstructions point to the right person in a lineup clearly above "
+            "chance, but the independent face recogniser does not name them"
+            if faces
+            else "reconstructions point to the right person but do not look like "
+            "them (classifier templates, not faces)"
+        ),
+        "mitigated": "the API attacks recover neither identity nor likeness clearly above chance",
+        "cut off": "the guard refused the attacker's account and cut the API attacks "
+        "off before they got far; that stops one account, not an attacker with more "
+        "keys or more time",
+        "not measured": (
+            f"{sum(c.unmeasured for c in api)} attack run(s) could not be measured, "
+            "so this defence is not shown to work ("
+            + "; ".join(errors[:2])
+            + "); fix the cause and run again with --resume, which re-runs them"
+        ),
+    }[level]
+    headline = f"{defense}: {words}."
+    if level != "exposed" and best.recovered > 0:
+        lost = round(best.recovered * best.n)
+        headline += (
+            f" Still, {lost} of {best.n} {'was' if lost == 1 else 'were'} recovered "
+            f"({attack_title(best.attack)}), below the {_pct(judging.exposed_rate)} that "
+            "counts as exposed."
+        )
+    return headline
+
+
+def _attack_text(c: Cell, faces: bool, keys: int) -> str:
+    """One API attack's detail line: what it got, its queries and the keys it used."""
+    keys_text = "."
+    if keys > 1 and c.accounts == 1 and _refused(c):
+        # Rotating moves on only from an account that answered something
+        keys_text = (
+            f"; the attacker had {keys} API keys but opened 1: the service "
+            "refused its first account before that account answered anything, "
+            "so the refusal was of the queries themselves and a fresh key "
+            "would have been refused too."
+        )
+    elif keys > 1:
+        keys_text = (
+            f"; the attacker had {keys} API keys and opened {c.accounts}, a "
+            "fresh one whenever one was refused."
+        )
+    return (
+        f"{attack_title(c.attack)}: {_measured_text(c, faces)}; median "
+        f"{_queries(c.median_queries)} queries ({c.status_text})" + keys_text
+    )
+
+
+def _patience_text(util: dict[str, Any], free: Cell | None) -> str:
+    """Under a rate limit, how long one account needs for what the undefended black-box
+    attack (``free``) spent ("" without a rate limit or a parsable one)."""
+    rate = util.get("rate_limit")
+    if not (rate and free is not None and free.median_queries):
+        return ""
+    count, _, period = str(rate).partition("/")
+    try:
+        hours = free.median_queries / float(count)
+    except ValueError:
+        return ""
+    return (
+        f"Patience: the black-box attack needs a median of "
+        f"{_queries(free.median_queries)} queries per person without a limit; "
+        f"at {rate} per account that is about {hours:,.1f} {period}(s) of one "
+        "account per person (many accounts or a slow attack still get there)."
+    )
+
+
+def _detector_text(
+    util: dict[str, Any],
+    api: Sequence[Cell],
+    flagged: str,
+    blinded: float | None,
+    raised: float,
+) -> str:
+    """How the API attacks ended under a query detector, whether the attacker blinded its
+    probes, what the detector flagged and what it refused an honest client."""
+    outcomes = "; ".join(f"{attack_title(c.attack)}: {c.status_text}" for c in api)
+    honest = (
+        f"An honest client sending the {util.get('n_test', '?')} held-out inputs "
+        f"had {util.get('honest_refused', 0)} refused."
+    )
+    if flagged:
+        honest = f"{flagged} {honest}"
+    if blinded:
+        more = (
+            f", doubling it each time the service blocked one of its accounts (up to ±{raised:g})"
+            if raised > blinded
+            else ""
+        )
+        return (
+            f"Query detector ({util['detector']}): the API advertises it, so the "
+            f"attacker adapted and added fresh noise of ±{blinded:g} to every probe "
+            f"(query blinding){more}. How the attacks ended: {outcomes}. {honest}"
+        )
+    return (
+        f"Query detector ({util['detector']}), how the attacks ended: "
+        f"{outcomes}. {honest} This audit's attacker did not adapt (--blind 0). "
+        "The detector stops an account, not an attacker: probes blinded with "
+        "noise coarser than its quantisation (--blind), or spread over enough "
+        "keys that none sends 100 near duplicates, get past it (BENCHMARKS.md, "
+        "'Query detector')."
+    )
+
+
+def _utility_text(defense: str, util: dict[str, Any], cost: float | None) -> str:
+    """What the defence leaves honest users: accuracy (and its cost), calibration,
+    top-k usability, their rate limit."""
+    parts = [f"served accuracy {_pct(util.get('accuracy'))}"]
+    if cost is not None and defense != "none":
+        parts.append(f"{abs(100 * cost):.1f} points {'above' if cost < 0 else 'below'} 'none'")
+    if util.get("brier") is not None:
+        parts.append(f"Brier score {util['brier']:.3f}")
+    if util.get("ece") is not None:
+        parts.append(f"calibration error {util['ece']:.3f}")
+    if util.get("topk_accuracy") is not None:
+        parts.append(f"top-{util.get('k', 3)} usability {_pct(util['topk_accuracy'])}")
+    if util.get("rate_limit"):
+        parts.append(f"honest clients limited to {util['rate_limit']} per account")
+    return "Utility for honest users: " + ", ".join(parts) + "."
 
 
 def _identity_text(v: Verdict) -> str:
@@ -638,7 +743,7 @@ def _unmeasured_text(vs: Sequence[Verdict], target: str) -> str:
 def recommendations(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]:
     """Recommended settings, derived from the measured verdicts."""
     recs: list[str] = []
-    max_cost = float(results.get("thresholds", {}).get("max_accuracy_cost", 0.01))
+    max_cost = float(thresholds(results)["max_accuracy_cost"])
     for target in dict.fromkeys(v.target_model for v in vs):
         if unmeasured := _unmeasured_text(vs, target):
             recs.append(
@@ -646,92 +751,13 @@ def recommendations(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]
                 f"measured. {unmeasured} Fix the cause and run the audit again with --resume."
             )
         mine = [v for v in vs if v.target_model == target and v.level != "not measured"]
-        if not mine:
-            continue
-        # the output policy to serve with; per-account guards (rate limit, detector) stop
-        # one key, not an attacker with many, so they are recommended on top, not instead
-        policies = [v for v in mine if not _per_account(v.defense)]
-        if not policies:
-            continue
-        cheap = [v for v in policies if v.accuracy_cost is None or v.accuracy_cost <= max_cost]
-        pool = cheap or policies
-        best = min(
-            pool,
-            key=lambda v: (v.api_recovered, v.api_identity, v.api_lineup, -(v.topk or 0.0)),
-        )
-        none = next((v for v in mine if v.defense == "none"), None)
-        got = f"recovered {_pct(best.api_recovered)} ({_identity_text(best)})"
-        if best.level == "mitigated":
-            line = f"{target}: serve with '{best.defense}' — the API attacks {got}"
-        elif len(policies) == 1:
-            line = (
-                f"{target}: no output policy protects it, since only '{best.defense}' was "
-                f"audited ({best.level}): the API attacks {got}"
-            )
-        else:
-            still = "leaks identity" if best.level == "identity leaks" else f"is {best.level}"
-            line = (
-                f"{target}: no output policy measured protects it; under the least exposing, "
-                f"'{best.defense}', it still {still}: the API attacks {got}"
-            )
-        if none is not None and best.defense != "none":
-            line += f" instead of {_pct(none.api_recovered)} ({_identity_text(none)})"
-        if best.accuracy_cost is not None and best.defense != "none":
-            line += f", at an accuracy cost of {100 * best.accuracy_cost:.1f} points"
-        recs.append(line + ".")
+        if line := _policy_text(target, mine, max_cost):
+            recs.append(line)
     leaky = [v for v in vs if "rate:" in v.defense and v.level == "exposed"]
-    for v in leaky:
-        if v.accounts > 1:
-            recs.append(
-                f"{v.target_model}: the rate limit '{v.defense}' did not stop the API "
-                f"attacks ({_pct(v.api_recovered)} recovered, median "
-                f"{_queries(v.api_queries)} queries per person): the attacker spread them "
-                f"over {v.accounts} API keys. A per-account limit prices the attack in "
-                "accounts, it does not cap it: make accounts costly to open (verification, "
-                "payment) and limit per client as well as per key."
-            )
-            continue
-        fit = (
-            "answered before the limit cut each attack off were already enough"
-            if v.stopped
-            else "fit in one account's allowance"
-        )
-        recs.append(
-            f"{v.target_model}: the rate limit '{v.defense}' did not stop the API attacks "
-            f"({_pct(v.api_recovered)} recovered; the median {_queries(v.api_queries)} queries "
-            f"per person {fit}): size a limit for the cheapest attack measured, not for a "
-            "query-hungry sampling search."
-        )
-    for v in vs:
-        if "detect" not in v.defense or v.level == "not measured":
-            continue
-        how = f" whose probes carried ±{v.blinded:g} noise" if v.blinded else ""
-        if v.blinded and v.blinded_up_to:
-            how = f" whose probes carried ±{v.blinded:g} to ±{v.blinded_up_to:g} noise"
-        if v.level == "exposed":
-            recs.append(
-                f"{v.target_model}: the query detector '{v.defense}' did not stop an API "
-                f"attacker{how} ({_pct(v.api_recovered)} recovered, median "
-                f"{_queries(v.api_queries)} queries per person); keep it for the naive "
-                "attacker it flags, not as protection."
-            )
-        elif v.blinded:
-            recs.append(
-                f"{v.target_model}: under '{v.defense}' an API attacker{how} recovered "
-                f"{_pct(v.api_recovered)} ({_identity_text(v)}, a median of "
-                f"{_queries(v.api_queries)} answered queries per person). The detector "
-                "flags near-identical probes; the row's details say whether it caught "
-                "this attacker."
-            )
-        else:
-            recs.append(
-                f"{v.target_model}: add the query detector ('{v.defense}') to flag attacking "
-                f"accounts for investigation: the strongest API attack recovered "
-                f"{_pct(v.api_recovered)} through one account it watched (a median of "
-                f"{_queries(v.api_queries)} answered queries per person). Count it "
-                "as a tripwire, not a wall: probes blinded with noise, or spread thinly "
-                "over many keys, get past it."
-            )
+    recs.extend(_rate_limit_text(v) for v in leaky)
+    recs.extend(
+        _detector_advice(v) for v in vs if "detect" in v.defense and v.level != "not measured"
+    )
     recs.extend(_dp_comparisons(results, vs))
     if recs:
         if not leaky:
@@ -744,3 +770,93 @@ def recommendations(results: dict[str, Any], vs: Sequence[Verdict]) -> list[str]
             "defence, so a leaked or downloadable model gives the faces away."
         )
     return recs
+
+
+def _policy_text(target: str, mine: Sequence[Verdict], max_cost: float) -> str:
+    """The output policy to serve ``target`` with, among its measured verdicts ``mine``:
+    the least exposing one costing at most ``max_cost`` accuracy ("" without any).
+    Per-account guards (rate limit, detector) stop one key, not an attacker with many,
+    so they are recommended on top, not instead."""
+    policies = [v for v in mine if not _per_account(v.defense)]
+    if not policies:
+        return ""
+    cheap = [v for v in policies if v.accuracy_cost is None or v.accuracy_cost <= max_cost]
+    pool = cheap or policies
+    best = min(
+        pool,
+        key=lambda v: (v.api_recovered, v.api_identity, v.api_lineup, -(v.topk or 0.0)),
+    )
+    none = next((v for v in mine if v.defense == "none"), None)
+    got = f"recovered {_pct(best.api_recovered)} ({_identity_text(best)})"
+    if best.level == "mitigated":
+        line = f"{target}: serve with '{best.defense}' — the API attacks {got}"
+    elif len(policies) == 1:
+        line = (
+            f"{target}: no output policy protects it, since only '{best.defense}' was "
+            f"audited ({best.level}): the API attacks {got}"
+        )
+    else:
+        still = "leaks identity" if best.level == "identity leaks" else f"is {best.level}"
+        line = (
+            f"{target}: no output policy measured protects it; under the least exposing, "
+            f"'{best.defense}', it still {still}: the API attacks {got}"
+        )
+    if none is not None and best.defense != "none":
+        line += f" instead of {_pct(none.api_recovered)} ({_identity_text(none)})"
+    if best.accuracy_cost is not None and best.defense != "none":
+        line += f", at an accuracy cost of {100 * best.accuracy_cost:.1f} points"
+    return line + "."
+
+
+def _rate_limit_text(v: Verdict) -> str:
+    """Why a rate limit under which faces were recovered did not stop the attack."""
+    if v.accounts > 1:
+        return (
+            f"{v.target_model}: the rate limit '{v.defense}' did not stop the API "
+            f"attacks ({_pct(v.api_recovered)} recovered, median "
+            f"{_queries(v.api_queries)} queries per person): the attacker spread them "
+            f"over {v.accounts} API keys. A per-account limit prices the attack in "
+            "accounts, it does not cap it: make accounts costly to open (verification, "
+            "payment) and limit per client as well as per key."
+        )
+    fit = (
+        "answered before the limit cut each attack off were already enough"
+        if v.stopped
+        else "fit in one account's allowance"
+    )
+    return (
+        f"{v.target_model}: the rate limit '{v.defense}' did not stop the API attacks "
+        f"({_pct(v.api_recovered)} recovered; the median {_queries(v.api_queries)} queries "
+        f"per person {fit}): size a limit for the cheapest attack measured, not for a "
+        "query-hungry sampling search."
+    )
+
+
+def _detector_advice(v: Verdict) -> str:
+    """What a query detector's measured verdict ``v`` recommends."""
+    how = f" whose probes carried ±{v.blinded:g} noise" if v.blinded else ""
+    if v.blinded and v.blinded_up_to:
+        how = f" whose probes carried ±{v.blinded:g} to ±{v.blinded_up_to:g} noise"
+    if v.level == "exposed":
+        return (
+            f"{v.target_model}: the query detector '{v.defense}' did not stop an API "
+            f"attacker{how} ({_pct(v.api_recovered)} recovered, median "
+            f"{_queries(v.api_queries)} queries per person); keep it for the naive "
+            "attacker it flags, not as protection."
+        )
+    if v.blinded:
+        return (
+            f"{v.target_model}: under '{v.defense}' an API attacker{how} recovered "
+            f"{_pct(v.api_recovered)} ({_identity_text(v)}, a median of "
+            f"{_queries(v.api_queries)} answered queries per person). The detector "
+            "flags near-identical probes; the row's details say whether it caught "
+            "this attacker."
+        )
+    return (
+        f"{v.target_model}: add the query detector ('{v.defense}') to flag attacking "
+        f"accounts for investigation: the strongest API attack recovered "
+        f"{_pct(v.api_recovered)} through one account it watched (a median of "
+        f"{_queries(v.api_queries)} answered queries per person). Count it "
+        "as a tripwire, not a wall: probes blinded with noise, or spread thinly "
+        "over many keys, get past it."
+    )

@@ -57,10 +57,16 @@ def error_response(exc: MlinvertError) -> JSONResponse:
     """JSON error response for ``exc``; 429 and 503 carry ``Retry-After`` (whole seconds)."""
     status = status_of(exc)
     body = error_body(type(exc).__name__, status, str(exc))
-    headers = {}
     if isinstance(exc, RateLimited | Unavailable):
         body["error"]["retry_after"] = exc.retry_after  # type: ignore[index]
+    return JSONResponse(body, status_code=status, headers=error_headers(exc))
+
+
+def error_headers(exc: MlinvertError) -> dict[str, str]:
+    """``Retry-After`` (whole seconds) of a 429 or 503; ``WWW-Authenticate`` of a 401."""
+    headers = {}
+    if isinstance(exc, RateLimited | Unavailable):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = 'Bearer realm="mlinvert"'
-    return JSONResponse(body, status_code=status, headers=headers)
+    return headers

@@ -50,6 +50,7 @@ class ServiceProcess:
         redis_url: str | None = None,
         max_batch: int | None = None,
         max_body_bytes: int | None = None,
+        protocol: str | None = None,
         host: str = "127.0.0.1",
         port: int | None = None,
         env: Mapping[str, str] | None = None,
@@ -75,6 +76,8 @@ class ServiceProcess:
             args += ["--max-batch", str(max_batch)]
         if max_body_bytes is not None:
             args += ["--max-body", str(max_body_bytes)]
+        if protocol is not None:
+            args += ["--protocol", protocol]
         self.args = args
         self.env = {**os.environ, **(env or {})}
         self.log_path = Path(tempfile.mkstemp(prefix="mlinvert-serve-", suffix=".log")[1])

@@ -18,7 +18,8 @@ from mlinvert.defenses.ratelimit import (
     redis_problem,
 )
 from mlinvert.errors import ConfigError
-from mlinvert.service.app import build_predictors, create_app
+from mlinvert.service.app import create_app
+from mlinvert.service.predictors import build_predictors
 from mlinvert.service.settings import ServiceSettings
 from mlinvert.service.store import REDIS_EPOCH, Store
 from mlinvert.targets.base import Target
@@ -157,13 +158,14 @@ def serve(settings: ServiceSettings, *, log_level: str = "warning") -> None:
     predictors = build_predictors(models, settings, flags=store)
     app = create_app(settings, predictors, store=store)
     log.warning(
-        "serving %s on http://%s:%d (rate limit %s, detector %s%s)",
+        "serving %s on http://%s:%d (rate limit %s, detector %s%s)%s",
         ", ".join(f"{name} [{p.policy.name}]" for name, p in predictors.items()),
         settings.host,
         settings.port,
         settings.rate_limit or "none",
         settings.detector or "off",
         f"; shared via {settings.redis_url}" if settings.redis_url else "",
+        "; Open Inference Protocol (v2) at /v2 as well" if settings.protocol == "v2" else "",
     )
     uvicorn.run(
         app,

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from mlinvert.service.store import Store
 
 ENV_PREFIX = "MLINVERT_"
+#: What ``protocol`` may be: the mlinvert routes alone, or the v2 routes beside them.
+PROTOCOLS = ("mlinvert", "v2")
 #: Accepted spellings of ``log_synchronous`` and the SQLite mode each means.
 _SYNCHRONOUS = {
     **dict.fromkeys(("full", "1", "true", "yes", "on"), "FULL"),
@@ -48,7 +50,8 @@ class ServiceSettings:
     ``MLINVERT_BODY_TIMEOUT``, ``MLINVERT_IDLE_TIMEOUT``, ``MLINVERT_REDIS_TIMEOUT``,
     ``MLINVERT_REDIS_LOSS``, ``MLINVERT_LOG_MAX_AGE_DAYS``, ``MLINVERT_LOG_MAX_ROWS``,
     ``MLINVERT_ACCOUNT_RATE``, ``MLINVERT_HOST``,
-    ``MLINVERT_PORT``, ``MLINVERT_LOG_SYNCHRONOUS``, ``MLINVERT_MODELS`` (model folders,
+    ``MLINVERT_PORT``, ``MLINVERT_LOG_SYNCHRONOUS``, ``MLINVERT_PROTOCOL``,
+    ``MLINVERT_MODELS`` (model folders,
     ``NAME=DIR`` or ``DIR``, separated by ``os.pathsep``), ``MLINVERT_MODEL_POLICIES``
     (``NAME=SPEC`` overriding ``policy`` for one model, separated by ``,``).
 
@@ -81,6 +84,10 @@ class ServiceSettings:
     ``log_max_rows`` entries (default 10 million, about 1-2 GB); requests without a
     valid key are counted in ``/metrics``, not logged. ``GET /v1/account`` answers each
     account at most ``account_rate`` (default 60/minute, per service process).
+
+    ``protocol``: ``mlinvert`` (default) serves the ``/v1`` routes; ``v2`` serves the
+    Open Inference Protocol's ``/v2`` routes as well (beside, not instead of, ``/v1``:
+    keys, accounts, ``/healthz`` and ``/metrics`` stay where they are).
     """
 
     db: Path
@@ -103,6 +110,7 @@ class ServiceSettings:
     models: tuple[str, ...] = ()
     model_policies: tuple[str, ...] = ()
     log_synchronous: str = "NORMAL"
+    protocol: str = "mlinvert"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "db", Path(self.db))
@@ -151,6 +159,11 @@ class ServiceSettings:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a number of seconds > 0, got {value!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(
+                f"protocol must be 'mlinvert' (the /v1 routes) or 'v2' (the Open Inference "
+                f"Protocol's /v2 routes as well), got {self.protocol!r}"
+            )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
 

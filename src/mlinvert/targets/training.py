@@ -235,6 +235,17 @@ def train_target(
     names the public data and which stages were public and which private (with ``dp``,
     ``privacy`` composes only the private ones: pass ``dp_config(..., private=...)``).
     """
+    kind = _checked_kind(kind, dp, public)
+    s = resolve_seed(seed)
+    if kind == "tree" or not isinstance(dataset, ImageDataset):
+        _check_survey(dataset, kind)
+        return _train_tree(dataset, s, quick)
+    return _train_face(dataset, kind, seed=s, quick=quick, dp=dp, public=public)
+
+
+def _checked_kind(kind: str, dp: DPConfig | None, public: Any) -> str:
+    """``kind`` normalised; ConfigError unless it is known and can train with ``dp`` and
+    ``public``."""
     kind = kind.strip().lower()
     if kind not in KINDS:
         raise ConfigError(f"unknown model kind {kind!r}; choose one of: {', '.join(KINDS)}")
@@ -248,25 +259,29 @@ def train_target(
             f"public pre-training is available for the dae only, not {kind!r}; "
             "drop --public-pretrain or train --model dae"
         )
-    s = resolve_seed(seed)
-    is_image = isinstance(dataset, ImageDataset)
-    if kind == "tree" or not is_image:
-        if kind != "tree":
-            raise ConfigError(
-                f"model kind {kind!r} needs an image data set; {dataset.spec!r} is a survey — "
-                "use --model tree for surveys"
-            )
-        if is_image:
-            raise ConfigError(
-                f"decision trees train on surveys (steak:PATH, gss:PATH, fair), not on the "
-                f"image data set {dataset.spec!r}; pick a face kind: {', '.join(FACE_KINDS)}"
-            )
-        return _train_tree(dataset, s, quick)
-    X, y = dataset.train()
-    Xt, yt = dataset.test()
-    if X.shape[0] == 0:
-        raise DataError(f"data set {dataset.spec!r} has no training images")
-    config = face_config(kind, seed=s, quick=quick)
+    return kind
+
+
+def _check_survey(dataset: Any, kind: str) -> None:
+    """ConfigError unless a tree trains on a survey (a face kind needs images)."""
+    if kind != "tree":
+        raise ConfigError(
+            f"model kind {kind!r} needs an image data set; {dataset.spec!r} is a survey — "
+            "use --model tree for surveys"
+        )
+    if isinstance(dataset, ImageDataset):
+        raise ConfigError(
+            f"decision trees train on surveys (steak:PATH, gss:PATH, fair), not on the "
+            f"image data set {dataset.spec!r}; pick a face kind: {', '.join(FACE_KINDS)}"
+        )
+
+
+def _face_training_config(
+    kind: str, *, seed: int, quick: bool, dp: DPConfig | None, public: Any
+) -> Any:
+    """:func:`face_config` with the DP-SGD network and settings (``dp``) and the public
+    pre-training (``public``) applied."""
+    config = face_config(kind, seed=seed, quick=quick)
     changes: dict[str, Any] = {}
     if dp is not None:
         changes.update(dp=dp, **{"cnn": DP_CNN, "dae": DP_DAE}.get(kind, {}))
@@ -274,6 +289,24 @@ def train_target(
         changes.update(public=public, **DP_DAE_PUBLIC)
     if changes:  # one replace: the DAE checks its DP stages against its public option
         config = replace(config, **changes)
+    return config
+
+
+def _train_face(
+    dataset: ImageDataset,
+    kind: str,
+    *,
+    seed: int,
+    quick: bool,
+    dp: DPConfig | None,
+    public: Any,
+) -> TrainedTarget:
+    """Fit a face ``kind`` on ``dataset``'s private split and describe it in its card."""
+    X, y = dataset.train()
+    Xt, yt = dataset.test()
+    if X.shape[0] == 0:
+        raise DataError(f"data set {dataset.spec!r} has no training images")
+    config = _face_training_config(kind, seed=seed, quick=quick, dp=dp, public=public)
     model = make_face_model(kind, config)
     log.info(
         "training %s on %s (%d images %dx%d, %d classes)",
@@ -287,28 +320,14 @@ def train_target(
     start = time.perf_counter()
     model.fit(X, y, class_names=dataset.class_names)
     seconds = time.perf_counter() - start
-    train_acc = model.score(X, y)
-    test_acc = model.score(Xt, yt) if yt.size else None
-    log.info(
-        "%s: train accuracy %.4f, test accuracy %s, %.1f s",
-        kind,
-        train_acc,
-        "n/a" if test_acc is None else f"{test_acc:.4f}",
-        seconds,
-    )
     card = {
         "kind": kind,
         "dataset": dataset.spec,
         "split": dataset.split.to_dict(),
-        "seed": s,
+        "seed": seed,
         "quick": quick,
         "config": config_dict(config),
-        "n_train": int(X.shape[0]),
-        "n_test": int(Xt.shape[0]),
-        "chance_accuracy": 1.0 / dataset.n_classes,
-        "train_accuracy": train_acc,
-        "test_accuracy": test_acc,
-        "train_seconds": round(seconds, 3),
+        **_scores(model, kind, (X, y), (Xt, yt), dataset.n_classes, seconds),
     }
     if model.privacy_ is not None:
         card["privacy"] = model.privacy_.to_dict()
@@ -319,3 +338,32 @@ def train_target(
         card["test_reconstruction_mse"] = float(((recon - Xt) ** 2).mean())
         card["mean_image_mse"] = float(((Xt - X.mean(axis=0)) ** 2).mean())
     return TrainedTarget(model=model, card=card)
+
+
+def _scores(
+    model: Any,
+    kind: str,
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    n_classes: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """The card's sizes, accuracies (train, test, chance) and training seconds."""
+    (X, y), (Xt, yt) = train, test
+    train_acc = model.score(X, y)
+    test_acc = model.score(Xt, yt) if yt.size else None
+    log.info(
+        "%s: train accuracy %.4f, test accuracy %s, %.1f s",
+        kind,
+        train_acc,
+        "n/a" if test_acc is None else f"{test_acc:.4f}",
+        seconds,
+    )
+    return {
+        "n_train": int(X.shape[0]),
+        "n_test": int(Xt.shape[0]),
+        "chance_accuracy": 1.0 / n_classes,
+        "train_accuracy": train_acc,
+        "test_accuracy": test_acc,
+        "train_seconds": round(seconds, 3),
+    }

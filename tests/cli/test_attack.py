@@ -309,12 +309,12 @@ def test_cli_ctrl_c_says_whether_the_attack_can_resume(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    import mlinvert.attacks as attacks
+    import mlinvert.attacks.runner as runner
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(attacks, "run_lockstep", interrupted)
+    monkeypatch.setattr(runner, "run_lockstep", interrupted)
     argv = ["attack", "miface", "--model", str(model_dir), "--label", "3", "--mode", "blackbox"]
     argv += ["--out", str(tmp_path / "out")]
     for extra, words in [

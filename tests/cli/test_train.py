@@ -77,12 +77,12 @@ def test_bad_input_is_one_clear_line(
 def test_ctrl_c_while_training_says_so_and_writes_no_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import mlinvert.targets.training as training
+    import mlinvert.targets.job as job
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "train_target", interrupted)
+    monkeypatch.setattr(job, "train_target", interrupted)
     with pytest.raises(SystemExit) as exc:
         main(["train", "--out", str(tmp_path / "m"), "--quick"])
     assert exc.value.code == 130
