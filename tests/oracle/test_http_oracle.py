@@ -68,7 +68,7 @@ def test_parity_and_batching_in_process(
 
 
 def mock_oracle(
-    responses: list[httpx.Response | Exception], **kwargs: object
+    responses: list[httpx.Response | Exception], name: str = "m", **kwargs: object
 ) -> tuple[HttpOracle, list[float], list[httpx.Request]]:
     seen: list[httpx.Request] = []
     listing = {
@@ -97,7 +97,7 @@ def mock_oracle(
 
     sleeps: list[float] = []
     oracle = HttpOracle(
-        "http://svc/v1/models/m",
+        f"http://svc/v1/models/{name}",
         "k",
         client=httpx.Client(transport=httpx.MockTransport(handler)),
         sleep=sleeps.append,
@@ -196,8 +196,7 @@ def test_bad_urls_and_unknown_models() -> None:
     for url in ("ftp://x/v1/models/m", "http://x/models/m", "http://x/v1/models/"):
         with pytest.raises(ConfigError):
             HttpOracle(url, "k")
-    oracle, _, _ = mock_oracle([])
-    oracle.name = "other"
+    oracle, _, _ = mock_oracle([], name="other")
     with pytest.raises(UnknownModel, match="served: m"):
         _ = oracle.info
 

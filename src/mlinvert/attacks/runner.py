@@ -38,7 +38,9 @@ from mlinvert.oracle.base import Oracle
 from mlinvert.oracle.http import HttpOracle, key_fingerprint
 from mlinvert.oracle.local import LocalOracle, WhiteBoxOracle
 from mlinvert.oracle.lockstep import check_lanes
+from mlinvert.oracle.wire import WireConfig
 from mlinvert.oracle.wrappers import Blinded, largest_blinding, one_attacker
+from mlinvert.targets.files import is_model_file, load_file
 from mlinvert.targets.io import load as load_model
 from mlinvert.targets.io import read_card
 
@@ -99,6 +101,9 @@ class AttackJob:
     blind: float | None = None
     escalate: bool = False
     seed: int = 0
+    #: what the API speaks (``--protocol`` and its options); for a model file, its
+    #: ``input_shape`` and ``class_names`` complete what the file declares
+    wire: WireConfig = field(default_factory=WireConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_keys", tuple(k.strip() for k in self.api_keys if k.strip()))
@@ -140,15 +145,21 @@ class AttackJob:
         if (self.model is None) == (self.target is None):
             raise ConfigError(
                 "pass exactly one of --model DIR (a local model folder) or "
-                "--target URL (http://HOST:PORT/v1/models/NAME)"
+                "--target URL (http://HOST:PORT/v1/models/NAME, or another API with --protocol)"
             )
         if self.target is not None and self.mode == "whitebox":
             raise ConfigError(
                 "--mode whitebox needs the model itself (--model DIR); an API "
                 "--target allows --mode blackbox or label-only"
             )
-        if self.target is not None and not self.api_keys:
+        mlinvert_api = self.wire.protocol == "mlinvert"
+        if self.target is not None and not self.api_keys and mlinvert_api:
             raise ConfigError("--target needs --api-key KEY (create one with `mlinvert keys`)")
+        if self.model is not None and self.wire.to_dict() != WireConfig().to_dict():
+            raise ConfigError(
+                "--protocol, --output, --request, --scores and --header describe an API "
+                "--target; a local --model needs none of them"
+            )
 
     @property
     def resumable(self) -> bool:
@@ -258,6 +269,8 @@ def run_attack_job(
         escalate=job.escalate,
         blinded_up_to=largest_blinding(oracle),
         api_keys_used=getattr(base, "accounts_used", 1 if job.target else 0),
+        wire=job.wire.to_dict() if job.target else None,
+        api_answered=_api_counts(base) if job.target else None,
     )
     paths = merged.save_pngs(job.out, scale=3)
     write_json(job.out / "result.json", merged.to_dict())
@@ -293,15 +306,22 @@ def _reach(job: AttackJob, answered_before: Sequence[int], note: Note) -> Oracle
     interrupted run, see :class:`~mlinvert.oracle.wrappers.Rotating`)."""
     if job.target is None:
         assert job.model is not None
-        model = load_model(job.model)
+        if is_model_file(job.model):  # what the file does not declare: --input-shape, --classes
+            model = load_file(
+                job.model, input_shape=job.wire.input_shape, class_names=job.wire.class_names
+            )
+        else:
+            model = load_model(job.model)
         if job.mode == "whitebox":
             return WhiteBoxOracle(build_predictor(model, name=job.model.name))
         return LocalOracle(build_predictor(model, name=job.model.name, policy=job.policy))
-    keys = list(job.api_keys)
+    # another protocol: a key (or --header) only if the API asks for one
+    keys: list[str | None] = [*job.api_keys] or [None]
     # several keys: a refused key hands over at once; the last one waits out a 429
-    accounts = [HttpOracle(job.target, k, max_wait=0.0) for k in keys[:-1]]
-    accounts.append(HttpOracle(job.target, keys[-1]))
-    for account in accounts:  # what each key may still send; a refused key stops here
+    accounts = [HttpOracle(job.target, k, wire=job.wire, max_wait=0.0) for k in keys[:-1]]
+    accounts.append(HttpOracle(job.target, keys[-1], wire=job.wire))
+    # what each key may still send (mlinvert's accounts); a refused key stops here
+    for account in accounts if job.wire.protocol == "mlinvert" else ():
         try:
             a = account.account()
         except Unauthorized:
@@ -317,6 +337,16 @@ def _reach(job: AttackJob, answered_before: Sequence[int], note: Note) -> Oracle
         seed=job.seed,
         answered_before=answered_before if job.ledger is not None else (),
     )
+
+
+def _api_counts(base: Any) -> dict[str, int]:
+    """What the API answered this run, over all keys: inputs (the attack's queries and
+    any probe that read what the answers carry) and requests."""
+    oracles = [getattr(o, "inner", o) for o in getattr(base, "oracles", [base])]  # unblinded
+    return {
+        "inputs": sum(int(o.n_queries) for o in oracles),
+        "requests": sum(int(o.n_requests) for o in oracles),
+    }
 
 
 def _read_ledger(ledger: Path | None, keys: list[str]) -> list[int]:

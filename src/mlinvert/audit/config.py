@@ -11,8 +11,9 @@ import numpy as np
 from mlinvert.core import ATTACKS
 from mlinvert.defenses.spec import Defense
 from mlinvert.errors import ConfigError
-from mlinvert.oracle.http import _split_url, key_fingerprint
+from mlinvert.oracle.http import key_fingerprint
 from mlinvert.oracle.lockstep import check_lanes
+from mlinvert.oracle.wire import WireConfig, split_url
 from mlinvert.targets.dae import PublicPretrain
 from mlinvert.targets.training import DP_KINDS, dp_config
 
@@ -118,6 +119,7 @@ class AuditConfig:
     prior: Path | None = None
     cluster: str | None = None
     replicas: int = 1
+    wire: WireConfig = field(default_factory=WireConfig)
     command: str = ""
 
     def __post_init__(self) -> None:
@@ -200,8 +202,11 @@ class AuditConfig:
         """The deployed-API mode's own rules (``api`` is set); fixes ``targets`` and
         ``accounts``."""
 
-        _split_url(str(self.api))  # ConfigError naming the expected form
-        if not self.api_keys or not all(k.strip() for k in self.api_keys):
+        if self.wire.protocol == "mlinvert":
+            split_url(str(self.api), "/v1/models/")  # ConfigError naming the expected form
+        elif not self.api_keys:  # an API without keys: one anonymous account
+            object.__setattr__(self, "api_keys", ("",))
+        if self.wire.protocol == "mlinvert" and not all(k.strip() for k in self.api_keys or ("",)):
             raise ConfigError(
                 "--api needs the attacker's API key(s) of that service: --api-key K1[,K2,...]"
             )
@@ -245,7 +250,8 @@ class AuditConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON form (paths as strings; API keys as short SHA-256 fingerprints)."""
         d = asdict(self)
-        d["api_keys"] = [key_fingerprint(k) for k in self.api_keys]
+        d["api_keys"] = [key_fingerprint(k) if k else None for k in self.api_keys]
+        d["wire"] = self.wire.to_dict()  # header names only: their values may be secrets
         d["utility_key"] = None if self.utility_key is None else key_fingerprint(self.utility_key)
         d["model_dir"] = None if self.model_dir is None else str(self.model_dir)
         d["prior"] = None if self.prior is None else str(self.prior)

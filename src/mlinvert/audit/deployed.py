@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -32,16 +33,23 @@ DEPLOYED = "deployed"
 _UTILITY_BATCH = 16
 
 
-def _open_api(config: AuditConfig) -> list[Any]:
+def _open_api(config: AuditConfig, dataset: ImageDataset) -> list[Any]:
     """An HttpOracle per ``config.api_keys`` on ``config.api``, then one for
-    ``config.utility_key`` if given; the service's description read and every key checked
-    (no query spent): a clear OracleError otherwise."""
+    ``config.utility_key`` if given, speaking ``config.wire`` (what the server does not
+    declare, its input shape and classes, taken from ``dataset``); the service's
+    description read and every key checked (mlinvert's API: no query spent; v2 and rest
+    may spend a probe): a clear OracleError otherwise."""
 
     url = str(config.api)
     keys = [*config.api_keys, *([config.utility_key] if config.utility_key else [])]
     names = [f"--api-key #{i + 1} of {len(config.api_keys)}" for i in range(len(config.api_keys))]
     names += ["--utility-key"] if config.utility_key else []
-    oracles = [HttpOracle(url, key, max_wait=0.0, max_retries=2) for key in keys]
+    wire = dataclasses.replace(
+        config.wire,
+        input_shape=config.wire.input_shape or tuple(dataset.image_shape),
+        class_names=config.wire.class_names or tuple(dataset.class_names),
+    )
+    oracles = [HttpOracle(url, key, wire=wire, max_wait=0.0, max_retries=2) for key in keys]
     try:
         try:
             oracles[0].info  # noqa: B018 - fetch the listing: reachable, model served
@@ -116,7 +124,7 @@ def run_deployed(
     preset = preset_for(dataset.image_shape, config.quick)
     budget = config.budget or preset.budget
     emit("stage", {"name": f"reading {config.api}"})
-    oracles = _open_api(config)
+    oracles = _open_api(config, dataset)
     try:
         _audit_deployed(config, results, dataset, emit, oracles, preset, budget)
     finally:
@@ -210,6 +218,7 @@ def _deployment(info: OracleInfo, url: str, words: str) -> dict[str, Any]:
         "rate_limit": info.extra.get("rate_limit"),
         "detector": info.extra.get("detector"),
         "max_batch": info.extra.get("max_batch"),
+        "protocol": info.extra.get("protocol", "mlinvert"),
         "description": words,
     }
 

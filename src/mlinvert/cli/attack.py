@@ -13,15 +13,40 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from mlinvert.cli.common import check_seed, console, on_interrupt, out
+from mlinvert.cli.common import (
+    CLASSES,
+    HEADER,
+    INPUT_SHAPE,
+    OUTPUT,
+    PROTOCOL,
+    REQUEST,
+    SCORES,
+    check_seed,
+    console,
+    on_interrupt,
+    out,
+    wire_config,
+)
 
 if TYPE_CHECKING:
     from mlinvert.attacks.runner import AttackJob
 
 _OutDir = Annotated[Path, typer.Option("--out", help="Folder for PNGs and result.json.")]
-_Model = Annotated[Path | None, typer.Option("--model", help="Local model folder.")]
+_Model = Annotated[
+    Path | None,
+    typer.Option(
+        "--model",
+        help="Local model: a folder (`mlinvert train`) or a file: .onnx, .pt "
+        "(TorchScript), .joblib or .skops (scikit-learn).",
+    ),
+]
 _Target = Annotated[
-    str | None, typer.Option("--target", help="API URL http://HOST:PORT/v1/models/NAME.")
+    str | None,
+    typer.Option(
+        "--target",
+        help="API URL: http://HOST:PORT/v1/models/NAME (mlinvert), /v2/models/NAME "
+        "(--protocol v2) or any JSON endpoint (--protocol rest).",
+    ),
 ]
 _ApiKey = Annotated[
     str | None,
@@ -179,6 +204,13 @@ def register(app: typer.Typer) -> None:
         blind: _Blind = None,
         escalate: _Escalate = False,
         seed: _Seed = 0,
+        protocol: str = PROTOCOL,
+        output: str | None = OUTPUT,
+        request: str | None = REQUEST,
+        scores: str | None = SCORES,
+        header: list[str] | None = HEADER,
+        input_shape: str | None = INPUT_SHAPE,
+        classes: str | None = CLASSES,
     ) -> None:
         """Reconstruct a person's face (MI-Face, Fredrikson et al. CCS 2015; BREP-MI)."""
         from mlinvert.attacks.runner import AttackJob
@@ -212,6 +244,7 @@ def register(app: typer.Typer) -> None:
             blind=blind,
             escalate=escalate,
             seed=seed,
+            wire=wire_config(protocol, output, request, scores, header, input_shape, classes),
         )
         _run(job)
 

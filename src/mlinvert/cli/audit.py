@@ -17,7 +17,18 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from mlinvert.cli.common import check_seed, console, on_interrupt, out
+from mlinvert.cli.common import (
+    HEADER,
+    OUTPUT,
+    PROTOCOL,
+    REQUEST,
+    SCORES,
+    check_seed,
+    console,
+    on_interrupt,
+    out,
+    wire_config,
+)
 from mlinvert.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -69,11 +80,12 @@ class _Display:
 _KEY_ENV = "MLINVERT_AUDIT_API_KEY"
 _UTILITY_KEY_ENV = "MLINVERT_AUDIT_UTILITY_KEY"
 #: Options whose values are secrets.
-_SECRET_OPTIONS = ("--api-key", "--utility-key")
+_SECRET_OPTIONS = ("--api-key", "--utility-key", "--header")  # a header may carry a token
 
 
 def _redacted(command: str) -> str:
-    """The command line with the values of ``--api-key`` and ``--utility-key`` hidden."""
+    """The command line with the values of ``--api-key``, ``--utility-key`` and
+    ``--header`` hidden."""
     import shlex
 
     parts = shlex.split(command)
@@ -265,9 +277,11 @@ _Api = Annotated[
     typer.Option(
         "--api",
         help="Audit a prediction API that is already running: "
-        "http://HOST:PORT/v1/models/NAME of an mlinvert-compatible service (no service "
-        "started, no target trained; black-box and label-only attacks under the one "
-        "defence it advertises). Needs --data and --api-key.",
+        "http://HOST:PORT/v1/models/NAME of an mlinvert-compatible service, or with "
+        "--protocol v2 an Open Inference Protocol model http://HOST:PORT/v2/models/NAME, or "
+        "with --protocol rest any JSON API (no service started, no target trained; "
+        "black-box and label-only attacks under the one defence it advertises). Needs "
+        "--data, and --api-key for mlinvert's API.",
     ),
 ]
 _ApiKey = Annotated[
@@ -344,6 +358,11 @@ def audit(
     prior: _Prior = None,
     cluster: _Cluster = None,
     replicas: _Replicas = 1,
+    protocol: str = PROTOCOL,
+    output: str | None = OUTPUT,
+    request: str | None = REQUEST,
+    scores: str | None = SCORES,
+    header: list[str] | None = HEADER,
 ) -> None:
     """Attack the model under every defence, measure, and write DIR/index.html.
 
@@ -386,6 +405,7 @@ def audit(
         prior=prior,
         cluster=cluster,
         replicas=replicas,
+        wire=wire_config(protocol, output, request, scores, header),
         command=_redacted(command_line()),
     )
     _run(config)

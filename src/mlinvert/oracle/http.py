@@ -12,26 +12,23 @@ whether it is blocked) without spending a query.
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
 
 from mlinvert.core import OracleInfo, Response
-from mlinvert.defenses.policies import score_step
 from mlinvert.errors import (
     BadRequest,
     Blocked,
     ConfigError,
     InputTooLarge,
+    MlinvertError,
     OracleError,
     QueryRejected,
     RateLimited,
@@ -39,6 +36,7 @@ from mlinvert.errors import (
     UnknownModel,
     UnsupportedMediaType,
 )
+from mlinvert.oracle.wire import MlinvertWire, Payload, Raw, Wire, WireConfig, candidates, make_wire
 
 log = logging.getLogger(__name__)
 
@@ -79,44 +77,28 @@ class Account:
     inputs_answered: int
 
 
-@dataclass(frozen=True)
-class _Raw:
-    """A raw request body (array bytes) and its query parameters."""
-
-    data: bytes
-    params: dict[str, str]
-
-
-def _split_url(url: str) -> tuple[str, str]:
-    parts = urlsplit(url)
-    path = parts.path.rstrip("/")
-    prefix = "/v1/models/"
-    if parts.scheme not in ("http", "https") or not parts.netloc or prefix not in path:
-        raise ConfigError(f"HttpOracle url {url!r} must look like http://HOST:PORT/v1/models/NAME")
-    root, name = path.rsplit(prefix, 1)
-    if not name or "/" in name:
-        raise ConfigError(f"HttpOracle url {url!r} must end in /v1/models/NAME")
-    return f"{parts.scheme}://{parts.netloc}{root}", name
-
-
 class HttpOracle:
-    """An oracle on ``url`` = ``http://HOST:PORT/v1/models/NAME`` with ``api_key``.
+    """An oracle on a prediction API at ``url``, spoken to as ``wire`` says.
 
-    ``encoding`` is ``"binary"`` (the raw form: float32 bytes as
-    ``application/octet-stream`` with ``?shape=...&dtype=float32``; exact and fastest),
-    ``"base64"`` (the same bytes base64-encoded in a JSON body) or ``"json"`` (nested
-    lists). ``client`` may be a pre-built ``httpx.Client`` (its base URL is ignored:
-    requests use absolute URLs). Raises Unauthorized, Blocked, UnknownModel,
-    InputTooLarge, BadRequest, QueryRejected, RateLimited (after waiting up to
-    ``max_wait`` seconds) or OracleError (server error, retries used up).
+    ``wire`` (a :class:`~mlinvert.oracle.wire.WireConfig`; default: mlinvert's own API)
+    picks the protocol: ``mlinvert`` (``http://HOST:PORT/v1/models/NAME``), ``v2``
+    (``http://HOST:PORT/v2/models/NAME``), ``rest`` (any JSON endpoint) or ``auto``.
+    ``api_key`` goes as ``Authorization: Bearer KEY`` (None: no such header; the wire's
+    headers are sent too). ``encoding`` (mlinvert's API only) is ``"binary"`` (float32
+    bytes as ``application/octet-stream``; exact and fastest), ``"base64"`` or ``"json"``.
+    ``client`` may be a pre-built ``httpx.Client`` (its base URL is ignored). Raises
+    Unauthorized, Blocked, UnknownModel, InputTooLarge, BadRequest, QueryRejected,
+    RateLimited (after waiting up to ``max_wait`` seconds) or OracleError (server error,
+    retries used up, an answer the wire cannot read).
     """
 
     def __init__(
         self,
         url: str,
-        api_key: str,
+        api_key: str | None = None,
         client: httpx.Client | None = None,
         *,
+        wire: WireConfig | None = None,
         encoding: Literal["binary", "base64", "json"] = "binary",
         timeout: float = 60.0,
         max_retries: int = 3,
@@ -124,22 +106,27 @@ class HttpOracle:
         max_wait: float = 60.0,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        if encoding not in ("binary", "base64", "json"):
-            raise ConfigError(f"encoding must be 'binary', 'base64' or 'json', got {encoding!r}")
         if max_retries < 0 or backoff < 0 or max_wait < 0:
             raise ConfigError("max_retries, backoff and max_wait must be >= 0")
-        self.root, self.name = _split_url(url)
-        self.url = f"{self.root}/v1/models/{self.name}"
-        self.encoding = encoding
+        self.wire_config = wire or WireConfig()
+        self._encoding = encoding
+        self._wire: Wire | None = None
+        if self.wire_config.protocol != "auto":
+            self._wire = make_wire(url, self.wire_config, encoding)
+        self.url = getattr(self._wire, "url", url)
         self.max_retries = max_retries
         self.backoff = backoff
         self.max_wait = max_wait
         self._sleep = sleep
         self._owns_client = client is None
         self.client = client if client is not None else httpx.Client(timeout=timeout)
-        self._headers = {"Authorization": f"Bearer {api_key}"}
+        self._headers = dict(self.wire_config.headers)
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
         self._info: OracleInfo | None = None
         self._n = 0
+        #: inference requests answered (a batch is one request)
+        self.n_requests = 0
 
     # context manager ----------------------------------------------------------
     def close(self) -> None:
@@ -155,32 +142,20 @@ class HttpOracle:
 
     # Oracle protocol ----------------------------------------------------------
     @property
+    def protocol(self) -> str:
+        """The protocol spoken (``auto`` until the description has detected it)."""
+        return str(self.info.extra.get("protocol", self.wire_config.protocol))
+
+    @property
     def info(self) -> OracleInfo:
-        """The served model's description, fetched once from ``GET /v1/models``."""
+        """The served model's description, fetched once (v2 and rest: it may spend a
+        counted probe query, when the server does not declare what its answers hold)."""
         if self._info is None:
-            listing = self._request("GET", f"{self.root}/v1/models", None)
-            for m in listing.get("models", []):
-                if m.get("name") == self.name:
-                    self._info = OracleInfo(
-                        model=m["name"],
-                        kind=m["kind"],
-                        input_shape=tuple(m["input_shape"]),
-                        class_names=tuple(m["class_names"]),
-                        carries=m["carries"],
-                        policy=m["policy"],
-                        score_step=score_step(str(m["policy"])),
-                        extra={
-                            "max_batch": int(m["max_batch"]),
-                            "rate_limit": m.get("rate_limit"),
-                            "detector": m.get("detector"),
-                            "feature_names": m.get("feature_names"),
-                            "url": self.url,
-                        },
-                    )
-                    break
+            if self._wire is None:
+                self._info = self._detect()
+                self.url = getattr(self._wire, "url", self.url)
             else:
-                served = ", ".join(m.get("name", "?") for m in listing.get("models", []))
-                raise UnknownModel(f"{self.root} serves no model {self.name!r}; served: {served}")
+                self._info = self._wire.describe(self)
         return self._info
 
     @property
@@ -197,27 +172,31 @@ class HttpOracle:
         if x.ndim == 0:
             raise QueryRejected(f"inputs must be a batch (n, ...), got a scalar {x!r}")
         step = int(self.info.extra["max_batch"])
-        parts = [self._query_chunk(x[i : i + step]) for i in range(0, max(len(x), 1), step)]
+        parts = [self.answer(x[i : i + step]) for i in range(0, max(len(x), 1), step)]
         return parts[0] if len(parts) == 1 else _concat(parts)
 
     def query_records(self, records: list[dict[str, Any]]) -> Response:
         """Answer survey records ``{feature: value}`` (tabular models), counted like rows."""
+        wire = self._mlinvert("survey records")
         step = int(self.info.extra["max_batch"])
         parts = []
         for i in range(0, max(len(records), 1), step):
             chunk = records[i : i + step]
-            parts.append(self._answer({"records": chunk}, len(chunk)))
+            doc = self.request("POST", f"{wire.url}/predict", {"records": chunk})
+            parts.append(self._count(wire.decode(doc, len(chunk))))
         return parts[0] if len(parts) == 1 else _concat(parts)
 
     def account(self) -> Account:
         """The key's account as ``GET /v1/account`` tells it, spending no query.
 
         Raises Unauthorized (the service's reason: missing, unknown or revoked key) if
-        the service refuses the key, OracleError if it has no such route.
+        the service refuses the key, OracleError if it has no such route (or the API
+        is not mlinvert's: other protocols have no accounts).
         """
-        url = f"{self.root}/v1/account"
+        wire = self._mlinvert("an account route")
+        url = f"{wire.root}/v1/account"
         try:
-            doc = self._request("GET", url, None)
+            doc = self.request("GET", url, None)
         except UnknownModel:  # a 404: the route itself is missing
             raise OracleError(
                 f"{url} does not exist: the service is not `mlinvert serve` (or an older "
@@ -227,7 +206,7 @@ class HttpOracle:
             limit = doc["rate_limit"]
             return Account(
                 name=str(doc["account"]),
-                blocked=self.name in doc["blocked_models"],
+                blocked=wire.name in doc["blocked_models"],
                 rate_limit=None if limit is None else str(limit["limit"]),
                 remaining=None if limit is None else int(limit["remaining"]),
                 reset_in=None if limit is None else float(limit["reset_in"]),
@@ -239,57 +218,66 @@ class HttpOracle:
     def check_key(self) -> None:
         """Check that the service accepts ``api_key`` without spending a query.
 
-        Reads ``GET /v1/account``: Unauthorized, with the service's reason, for a
-        missing, malformed, unknown or revoked key. A blocked or rate-limited account
-        passes: its key is valid, and the service says 403 or 429 when it is used.
+        mlinvert's API: reads ``GET /v1/account``, Unauthorized with the service's
+        reason for a missing, malformed, unknown or revoked key (a blocked or
+        rate-limited account passes). Other protocols have no account route: the
+        description (already read) is the check, and a refused key shows at the first
+        query.
         """
-        self.account()
+        if self.protocol == "mlinvert":
+            self.account()
+
+    def answer(self, x: np.ndarray) -> Response:
+        """One request for the batch ``x`` (at most ``max_batch`` inputs), counted."""
+        wire = self._wire
+        assert wire is not None  # set before any description or query
+        url, payload = wire.encode(x)
+        return self._count(wire.decode(self.request("POST", url, payload), x.shape[0]))
 
     # internals ----------------------------------------------------------------
-    def _query_chunk(self, x: np.ndarray) -> Response:
-        data = np.ascontiguousarray(x, dtype="<f4")
-        if self.encoding == "binary":
-            shape = ",".join(str(d) for d in data.shape)
-            return self._answer(
-                _Raw(data.tobytes(), {"shape": shape, "dtype": "float32"}),
-                x.shape[0],
-            )
-        if self.encoding == "base64":
-            body = (
-                b'{"binary":{"dtype":"float32","shape":'
-                + json.dumps(list(data.shape)).encode()
-                + b',"data":"'
-                + base64.b64encode(data.tobytes())
-                + b'"}}'
-            )
-        else:
-            body = json.dumps({"inputs": x.tolist()}).encode()
-        return self._answer(body, x.shape[0])
-
-    def _answer(self, payload: _Raw | bytes | dict[str, Any], n: int) -> Response:
-        doc = self._request("POST", f"{self.url}/predict", payload)
-        preds = doc["predictions"]
-        if len(preds) != n:
-            raise OracleError(f"the service answered {len(preds)} predictions for {n} inputs")
-        scores = [p["scores"] for p in preds]
-        conf = [p["confidence"] for p in preds]
-        response = Response(
-            labels=np.array([p["label"] for p in preds], dtype=np.int64),
-            probs=None if any(s is None for s in scores) else np.array(scores, dtype=np.float64),
-            confidence=None if any(c is None for c in conf) else np.array(conf, dtype=np.float64),
-            label_names=tuple(p["label_name"] for p in preds),
-        )
+    def _count(self, response: Response) -> Response:
         self._n += len(response)
+        self.n_requests += 1
         return response
 
-    def _request(self, method: str, url: str, payload: _Raw | bytes | dict[str, Any] | None) -> Any:
+    def _detect(self) -> OracleInfo:
+        """``--protocol auto``: the first wire whose description succeeds; OracleError
+        naming each protocol tried and why it failed."""
+        tried = []
+        for protocol, wire in candidates(self.url, self.wire_config, self._encoding):
+            if isinstance(wire, str):
+                tried.append(f"{protocol} ({wire})")
+                continue
+            self._wire = wire
+            try:
+                return wire.describe(self)
+            except MlinvertError as exc:
+                tried.append(f"{protocol} ({exc})")
+        self._wire = None
+        raise OracleError(
+            f"cannot tell which protocol {self.url} speaks; tried "
+            + "; ".join(tried)
+            + ". Pass --protocol mlinvert, v2 or rest (with --request and --scores)"
+        )
+
+    def _mlinvert(self, what: str) -> MlinvertWire:
+        self.info  # noqa: B018 - resolve an auto-detected wire
+        if not isinstance(self._wire, MlinvertWire):
+            raise OracleError(
+                f"{self.url} speaks {self.protocol}, which has no {what}; "
+                "only `mlinvert serve` (--protocol mlinvert) has"
+            )
+        return self._wire
+
+    def request(self, method: str, url: str, payload: Payload | None) -> Any:
+        """One HTTP exchange with retries, 429 waits and errors mapped; the JSON answer."""
         attempt = 0
         waited = 0.0
         while True:
             try:
                 if payload is None:
                     r = self.client.request(method, url, headers=self._headers)
-                elif isinstance(payload, _Raw):
+                elif isinstance(payload, Raw):
                     r = self.client.request(
                         method,
                         url,
@@ -321,9 +309,9 @@ class HttpOracle:
                 except ValueError:
                     raise OracleError(
                         f"{method} {url} answered 200 with a body that is not JSON "
-                        f"({r.text[:80]!r}); is this the URL of an `mlinvert serve` service?"
+                        f"({r.text[:80]!r}); {self._hint}"
                     ) from None
-            message = _error_message(r)
+            message = _error_message(r, self._hint)
             if r.status_code in _TRANSIENT_STATUS and attempt < self.max_retries:
                 self._backoff(attempt, f"HTTP {r.status_code}")
                 attempt += 1
@@ -343,6 +331,11 @@ class HttpOracle:
                 message if _foreign(r) else f"HTTP {r.status_code} from {url}: {message}"
             )
 
+    @property
+    def _hint(self) -> str:
+        """What an error suggests when the server's answer is not understood."""
+        return self._wire.hint if self._wire is not None else "check the URL and --protocol"
+
     def _backoff(self, attempt: int, why: str) -> None:
         delay = self.backoff * 2**attempt
         log.info("transient failure (%s); retrying in %.2f s", why, delay)
@@ -357,15 +350,22 @@ def _foreign(r: httpx.Response) -> bool:
         return True
 
 
-def _error_message(r: httpx.Response) -> str:
-    """The service's error message, or for another server's answer what came back."""
+def _error_message(r: httpx.Response, hint: str) -> str:
+    """The service's error message, or for another server's answer what came back
+    (an Open Inference Protocol ``{"error": "..."}`` body's text) and ``hint``."""
     if not _foreign(r):
         return str(r.json()["error"]["message"])
+    try:
+        said = r.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        said = None
+    if isinstance(said, str):  # the Open Inference Protocol's error body
+        return f"HTTP {r.status_code} from {r.request.url}: {said!r}; {hint}"
     body = r.text[:200].strip()
     return (
         f"HTTP {r.status_code} from {r.request.url} without an mlinvert error body"
         + (f" ({body!r})" if body else "")
-        + "; is this the URL of an `mlinvert serve` service?"
+        + f"; {hint}"
     )
 
 

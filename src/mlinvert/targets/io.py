@@ -152,7 +152,8 @@ def read_card(folder: str | Path) -> dict[str, Any]:
 
 
 def load(folder: str | Path) -> Any:
-    """Load a ready, fitted model from a folder written by :func:`save`.
+    """Load a ready, fitted model from a folder written by :func:`save` (or a user's
+    model file: :func:`mlinvert.targets.files.load_file`).
 
     ModelError on a missing folder or file, corrupt JSON or weights, a weights file
     whose SHA-256 differs from the card (tampered), an unknown kind, or tensors whose
@@ -161,6 +162,10 @@ def load(folder: str | Path) -> Any:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    from mlinvert.targets import files
+
+    if files.is_model_file(folder):  # a user's .onnx, .pt, .joblib or .skops file
+        return files.load_file(folder)
     root = Path(folder)
     card = read_card(root)
     cls = model_class(str(card["kind"]))
