@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt --upgrade pip
 	# torch first: 2.13.0 is the CPU build on this machine's disk (unpinned pulls CUDA).
 	$(BIN)/pip install --quiet -c constraints.txt "torch==2.13.0"
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,files]"
 	touch $(STAMP)
 
 lock: $(STAMP)
