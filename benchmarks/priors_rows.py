@@ -182,6 +182,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=20_000, help="queries per person")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     OUT.mkdir(parents=True, exist_ok=True)
     ds = att_dataset()
     kinds = args.kinds.split(",")
