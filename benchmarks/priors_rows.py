@@ -9,6 +9,8 @@ independent judge (dlib, enrolled with each person's private photos), all 40 peo
 
 ``art``: IBM ART's ``MIFace`` at the best setting found earlier (grey start, threshold 1.0
 so only ``max_iter`` stops it, learning rate 0.1) on a frozen copy of the same network.
+``ceiling`` / ``ceiling-dev``: what each ``--space`` (comma-separated) can draw of each
+person at best, their own photo projected into it (a bound, not an attack).
 ``blackbox``: improved MI-Face over real HTTP (``mlinvert serve`` on loopback, raw binary
 requests, full scores), every query counted; the best image after each of SNAPS queries
 is judged, giving top-1 and the 5-way lineup against queries per person (table and plot).
@@ -112,6 +114,35 @@ def blackbox_rows(ds: Any, kind: str, args: argparse.Namespace) -> list[dict[str
     return rows
 
 
+def ceiling_rows(ds: Any, name: str, priors: list[str]) -> list[dict[str, Any]]:
+    """What each space can draw of each person at best (a bound, not an attack: it
+    looks at the person's photos): the person's first held-out photo and the mean of
+    their private photos, each projected into the space (its ``encode`` then ``decode``,
+    inside the ball), scored by the judge."""
+    judge = judge_for(ds)
+    x_train, y_train = ds.train()
+    x_test, y_test = ds.test()
+    labels = np.arange(ds.n_classes)
+    photos = {
+        "a held-out photo": np.stack([x_test[y_test == c][0] for c in labels]),
+        "the mean of the private photos": np.stack([x_train[y_train == c].mean(0) for c in labels]),
+    }
+    rows = []
+    for row_name, space_for in spaces(ds, priors).items():
+        for what, x in photos.items():
+            drawn = np.stack([_drawn(space_for(c), x[c]) for c in labels])
+            s = judge.summary(judge.score(drawn, labels))
+            rows.append({"set": name, "target": "-", "space": f"{what} in {row_name}", **s})
+            log.info("%s", json.dumps(rows[-1], default=float))
+    return rows
+
+
+def _drawn(space: Any, photo: np.ndarray) -> np.ndarray:
+    """``photo`` as the space draws it: its nearest latent point inside the ball, decoded."""
+    z = space.project(space.encode(photo[None])[0])
+    return np.asarray(space.decode(z[None]))[0]
+
+
 def _snapshot(part: Any, q: int) -> np.ndarray:
     """The best image after ``q`` queries (the final one if the run stopped before)."""
     from mlinvert.attacks.base import decode_array
@@ -173,7 +204,7 @@ def curve_table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     """``art`` or ``blackbox`` (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=("art", "blackbox"))
+    parser.add_argument("what", choices=("art", "blackbox", "ceiling", "ceiling-dev"))
     parser.add_argument("--kinds", default="softmax,mlp")
     parser.add_argument("--max-iter", type=int, default=10_000, help="ART's iterations")
     parser.add_argument("--space", default="today", help="today, a prior folder, FOLDER+SETTING")
@@ -184,6 +215,16 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.what.startswith("ceiling"):
+        from priors_dev import dev_dataset
+
+        name = "dev" if args.what.endswith("dev") else "att"
+        ds = dev_dataset() if name == "dev" else att_dataset()
+        rows = ceiling_rows(ds, name, args.space.split(","))
+        tag = "-".join(Path(p).name for p in args.space.split(","))
+        (OUT / f"ceiling-{name}-{tag}.json").write_text(json.dumps(rows, indent=2, default=float))
+        print(table(rows))
+        return
     ds = att_dataset()
     kinds = args.kinds.split(",")
     t0 = time.perf_counter()
