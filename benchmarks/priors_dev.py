@@ -13,7 +13,8 @@ trained on them. The priors are trained on LFW *without* these 40 people:
         --epochs 25 --exclude-people priors/dev-people.txt --out priors/lfw-gan
     nice -n 10 python benchmarks/priors_dev.py dev \\
         --priors today,priors/lfw-pca,priors/lfw-vae,priors/lfw-gan
-    nice -n 10 python benchmarks/priors_dev.py dev --kinds softmax --priors priors/lfw-pca+mean5-stop
+    nice -n 10 python benchmarks/priors_dev.py dev --kinds softmax \\
+        --priors priors/lfw-pca+mean5-stop
     nice -n 10 python benchmarks/priors_dev.py att --priors today,priors/lfw-pca,priors/lfw-gan
     python benchmarks/priors_dev.py grid-att   (docs/images/priors_att_KIND.png)
 
