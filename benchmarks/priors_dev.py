@@ -10,10 +10,12 @@ trained on them. The priors are trained on LFW *without* these 40 people:
     nice -n 10 mlinvert prior train --data lfw:../shared/data/lfw/faces --kind vae \\
         --epochs 8 --exclude-people priors/dev-people.txt --out priors/lfw-vae
     nice -n 10 mlinvert prior train --data lfw:../shared/data/lfw/faces --kind gan \\
-        --epochs 8 --exclude-people priors/dev-people.txt --out priors/lfw-gan
+        --epochs 25 --exclude-people priors/dev-people.txt --out priors/lfw-gan
     nice -n 10 python benchmarks/priors_dev.py dev \\
         --priors today,priors/lfw-pca,priors/lfw-vae,priors/lfw-gan
-    nice -n 10 python benchmarks/priors_dev.py att --priors today,priors/lfw-pca,priors/lfw-vae
+    nice -n 10 python benchmarks/priors_dev.py dev --kinds softmax \\
+        --priors priors/lfw-pca+mean5-stop
+    nice -n 10 python benchmarks/priors_dev.py att --priors today,priors/lfw-pca,priors/lfw-gan
     python benchmarks/priors_dev.py grid-att   (docs/images/priors_att_KIND.png)
 
 Each row: the white-box improved MI-Face (MIFaceConfig.improved(), exact gradients) in
@@ -106,13 +108,13 @@ def spaces(ds: Any, priors: list[str]) -> dict[str, Any]:
                 ds, lab, "pca:200", augment=True
             )
             continue
-        folder, _, adapt = path.partition("+")
+        folder, _, setting = path.partition("+")
         prior = load_prior(folder)
         name = f"{prior.kind} prior {Path(folder).name}"
-        if adapt:
-            folds = adapted(ds, prior)
-            rows[f"{name}, adapted to the other half's held-out photos"] = (
-                lambda lab, f=folds, half=ds.n_classes // 2: f[int(lab >= half)]
+        if setting:
+            folds, spaces_ = adapted(ds, prior, setting)
+            rows[f"{name}, adapted ({setting}: {ADAPT[setting][1]})"] = (
+                lambda lab, f=folds, s=spaces_: s[int(f[lab])]
             )
             continue
         bound = prior.space(private=private, shape=ds.image_shape)
@@ -120,24 +122,60 @@ def spaces(ds: Any, priors: list[str]) -> dict[str, Any]:
     return rows
 
 
-def adapted(ds: Any, prior: Any) -> tuple[Any, Any]:
-    """Two copies of ``prior`` fine-tuned (GLO) on the attacker's in-domain photos of other
-    people: the held-out photos of the second half of the people (for attacking the first
-    half), and of the first half (for the second); never a photo of the attacked person
-    and never a private photo (checked)."""
-    from mlinvert.attacks.priors import FinetuneConfig, finetune_prior
+def _adapt_settings() -> dict[str, tuple[int, str, Any]]:
+    """Named domain adaptations: (folds of people, description, FinetuneConfig)."""
+    from mlinvert.attacks.priors import FinetuneConfig
 
+    return {
+        "adapt": (2, "all weights, 300 steps, the other half's held-out photos", FinetuneConfig()),
+        "all5": (5, "all weights, 300 steps, the other 4/5's held-out photos", FinetuneConfig()),
+        "all5-stop": (
+            5,
+            "all weights, stopped by 1/5 of the other people held out",
+            FinetuneConfig(holdout=0.2),
+        ),
+        "mean5-stop": (
+            5,
+            "the mean face only, stopped by 1/5 of the other people held out",
+            FinetuneConfig(train=("mean",), holdout=0.2),
+        ),
+        "mean5": (
+            5,
+            "the mean face only, 300 steps, the other 4/5's held-out photos",
+            FinetuneConfig(train=("mean",)),
+        ),
+    }
+
+
+ADAPT = _adapt_settings()
+
+
+def adapted(ds: Any, prior: Any, setting: str) -> tuple[np.ndarray, list[Any]]:
+    """Copies of ``prior`` fine-tuned (GLO) on the attacker's in-domain photos of other
+    people: the people are cut into K folds (contiguous labels); the copy that attacks
+    a fold's people is adapted to the held-out photos of every other fold. Never a photo
+    of the attacked person and never a private photo (checked). Returns each label's
+    fold and the folds' spaces."""
+    from mlinvert.attacks.priors import finetune_prior
+
+    k, _, config = ADAPT[setting]
     x_test, y_test = ds.test()
     private, _ = ds.train()
-    half = ds.n_classes // 2
+    fold_of = np.arange(ds.n_classes) * k // ds.n_classes
     out = []
-    for others in (y_test >= half, y_test < half):
+    for f in range(k):
+        others = fold_of[y_test] != f
         tuned = finetune_prior(
-            prior, x_test[others], FinetuneConfig(), source="held-out photos", private=private
+            prior,
+            x_test[others],
+            config,
+            source="held-out photos of other people",
+            private=private,
+            groups=y_test[others],
         )
-        log.info("adapted %s: %s", prior.kind, tuned.card["finetuned"])
+        log.info("adapted %s (%s, fold %d): %s", prior.kind, setting, f, tuned.card["finetuned"])
         out.append(tuned.space(private=private, shape=ds.image_shape))
-    return out[0], out[1]
+    return fold_of, out
 
 
 def attack_rows(ds: Any, name: str, kinds: list[str], priors: list[str]) -> list[dict[str, Any]]:
@@ -212,7 +250,9 @@ def main() -> None:
     parser.add_argument(
         "--priors",
         default="today",
-        help="comma-separated: today, prior folders, FOLDER+adapt (fine-tuned per half)",
+        help="comma-separated: today, prior folders, FOLDER+SETTING (adapted: "
+        + ", ".join(ADAPT)
+        + ")",
     )
     parser.add_argument("--kinds", default="softmax,mlp")
     args = parser.parse_args()

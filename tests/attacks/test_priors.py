@@ -209,3 +209,59 @@ def test_cli_trains_a_prior_and_attacks_in_it(
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "Traceback" not in err
     assert "private training photo" in err and not (tmp_path / "x" / "result.json").exists()
+
+
+def test_finetune_the_mean_only_keeps_the_public_basis_and_stops_on_held_out_people(
+    digits: Any,
+) -> None:
+    """``train=("mean",)`` moves the eigenface prior's mean face and nothing else; with
+    ``holdout`` whole people (digits) are held out and the card says at which checked
+    step their error was lowest."""
+    import dataclasses
+    import itertools
+
+    x_test, y_test = digits.test()
+    prior = train_prior(x_test[y_test < 5], _tiny("pca", latent=6), source="0-4", n_people=5)
+    domain, groups = x_test[y_test >= 5][:60], y_test[y_test >= 5][:60]
+    config = FinetuneConfig(steps=40, lr=1e-2, mirror=False, train=("mean",))
+    tuned = finetune_prior(prior, domain, config, source="5-9")
+    np.testing.assert_array_equal(tuned.decoder.basis.numpy(), prior.decoder.basis.numpy())
+    assert not np.array_equal(tuned.decoder.mean.numpy(), prior.decoder.mean.numpy())
+    stopped = dataclasses.replace(config, holdout=0.4, check_every=5)
+    card = finetune_prior(prior, domain, stopped, source="5-9", groups=groups).card["finetuned"]
+    assert card["n_heldout"] + card["n_fit"] == 60 and card["stopped_at"] % 5 == 0
+    counts = np.bincount(groups)[5:]
+    assert card["n_heldout"] in {a + b for a, b in itertools.combinations(counts, 2)}
+    with pytest.raises(ConfigError, match="no parameters named weights"):
+        finetune_prior(prior, domain, FinetuneConfig(steps=1, train=("weights",)), source="x")
+
+
+def test_cli_finetunes_a_tiny_prior_and_refuses_private_photos(
+    digits: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`mlinvert prior finetune` writes an adapted prior that loads; photos that include
+    the target's private training photos are refused before anything is written."""
+    trained = train_target(digits, "softmax", seed=0, quick=True)
+    model = tmp_path / "model"
+    save(trained.model, model, card=trained.card)
+    x_test, y_test = digits.test()
+    x_train, y_train = digits.train()
+    prior = train_prior(x_test[y_test < 5], _tiny("pca", latent=6), source="0-4", n_people=5)
+    prior.save(tmp_path / "p")
+    others = _person_folders(tmp_path / "others", x_test[y_test >= 5], y_test[y_test >= 5])
+    argv = ["prior", "finetune", "--prior", str(tmp_path / "p"), "--steps", "20"]
+    argv += ["--train", "mean", "--holdout", "0.4", "--model", str(model)]
+    res = CliRunner().invoke(
+        build_app(), [*argv, "--data", f"lfw:{others}", "--out", str(tmp_path / "a")]
+    )
+    assert res.exit_code == 0, res.output
+    adapted = load_prior(tmp_path / "a")
+    assert adapted.card["finetuned"]["config"]["train"] == ["mean"]
+    assert adapted.card["finetuned"]["n_images"] == int((y_test >= 5).sum())
+    assert "stopped_at" in adapted.card["finetuned"]
+    leaky = _person_folders(tmp_path / "leaky", x_train[:60], y_train[:60])
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, "--data", f"lfw:{leaky}", "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    assert "private training" in err and not (tmp_path / "b" / "prior.json").exists()

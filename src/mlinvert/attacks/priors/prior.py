@@ -396,20 +396,38 @@ class FinetuneConfig:
     """How to adapt a prior to the target's domain with the attacker's in-domain photos of
     other people: ``steps`` of Adam (``lr``) on the decoder and one latent point per
     photo jointly (GLO, Bojanowski et al., ICML 2018), the latents pulled to the prior
-    by ``latent_weight * ||z||^2 / 2``; ``mirror`` adds each photo's mirror image."""
+    by ``latent_weight * ||z||^2 / 2``; ``mirror`` adds each photo's mirror image.
+
+    ``train`` names the decoder parameters that adapt (prefixes of their names, e.g.
+    ``("mean",)`` for the eigenface prior's offset only: fewer free dimensions, the
+    public basis kept); empty: all. ``holdout`` > 0 keeps that fraction of the photos
+    (of the people, when the photos' groups are given) out of the fit and stops where
+    their reconstruction error, latent points fitted to the current decoder, is lowest
+    (checked every ``check_every`` steps; step 0, the prior itself, is a candidate).
+    """
 
     steps: int = 300
     lr: float = 1e-3
     latent_weight: float = 1e-3
     mirror: bool = True
+    train: tuple[str, ...] = ()
+    holdout: float = 0.0
+    check_every: int = 10
     seed: int = 0
     threads: int | None = 1
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or not self.lr > 0 or self.latent_weight < 0 or self.seed < 0:
+        if (
+            self.steps < 1
+            or not self.lr > 0
+            or self.latent_weight < 0
+            or self.seed < 0
+            or not 0.0 <= self.holdout < 1.0
+            or self.check_every < 1
+        ):
             raise ConfigError(
-                "invalid FinetuneConfig: steps >= 1, lr > 0, latent_weight >= 0, seed >= 0 "
-                f"expected, got {self}"
+                "invalid FinetuneConfig: steps >= 1, lr > 0, latent_weight >= 0, seed >= 0, "
+                f"0 <= holdout < 1 and check_every >= 1 expected, got {self}"
             )
 
 
@@ -420,49 +438,130 @@ def finetune_prior(
     *,
     source: str,
     private: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
 ) -> Prior:
     """``prior`` adapted to in-domain ``images`` ``(n, h, w)`` of *other* people (a new
     Prior; ``prior`` is unchanged). Each photo starts at its nearest latent point (the
-    space's ``encode``); the decoder and the latent points then descend the squared
-    reconstruction error together. ``private`` photos are refused as in
+    space's ``encode``); the decoder's ``config.train`` parameters and the latent points
+    then descend the squared reconstruction error together. ``groups`` (one person id per
+    photo) makes the held-out part whole people. ``private`` photos are refused as in
     :func:`train_prior`; the card adds what the prior was adapted to."""
     import copy
 
     x = np.asarray(images, dtype=np.float32)
     if x.ndim != 3 or x.shape[0] < 2:
         raise ConfigError(f"fine-tuning needs at least 2 grey images (n, h, w), got {x.shape}")
+    if groups is not None and len(groups) != len(x):
+        raise ConfigError(f"groups has {len(groups)} entries for {len(x)} images")
     if private is not None:
         prior.check_disjoint(private)
         check_disjoint(
             thumbnails(x), thumbnails(np.asarray(private, dtype=np.float32)), tol=SAME_PHOTO
         )
     t0 = time.perf_counter()
-    shape = prior.config.shape
     with torch.no_grad():
-        data = resample(torch.as_tensor(x)[:, None], shape)
-    if config.mirror:
-        data = torch.cat([data, data.flip(-1)])
-    decoder = copy.deepcopy(prior.decoder).train().requires_grad_(True)
+        data = resample(torch.as_tensor(x)[:, None], prior.config.shape)
+    decoder = copy.deepcopy(prior.decoder).train()
+    params = _trainable(decoder, config.train)
     with torch_threads(config.threads), seeded(config.seed):
-        z0 = prior.space(radius=None, shape=shape).encode(data[:, 0].numpy())
-        z = torch.as_tensor(z0, dtype=torch.float32).requires_grad_(True)
-        opt = torch.optim.Adam([*decoder.parameters(), z], lr=config.lr)
-        for _ in range(config.steps):
-            rec = ((decoder(z) - data) ** 2).flatten(1).sum(1).mean()
-            loss = rec + config.latent_weight * 0.5 * (z**2).sum(1).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    rmse = float((rec.detach() / data[0].numel()).sqrt())
+        fit, held = _split(len(x), groups, config)
+        stats = _glo(prior, decoder, params, _mirrored(data[fit], config), data[held], config)
     card = {
         **prior.card,
         "finetuned": {
             "data": source,
             "n_images": int(x.shape[0]),
+            "n_fit": len(fit),
+            "n_heldout": len(held),
             "config": asdict(config),
-            "rmse": round(rmse, 4),
+            **stats,
             "seconds": round(time.perf_counter() - t0, 1),
         },
     }
-    thumbs = np.concatenate([prior.thumbs, thumbnails(data[: x.shape[0], 0].numpy())])
+    thumbs = np.concatenate([prior.thumbs, thumbnails(data[:, 0].numpy())])
     return Prior(prior.config, decoder, card, thumbs)
+
+
+def _trainable(decoder: torch.nn.Module, names: tuple[str, ...]) -> list[torch.nn.Parameter]:
+    """The decoder's parameters named by ``names`` (prefixes; empty: all) set to learn,
+    the others frozen; ConfigError naming the choices if a name matches nothing."""
+    named = dict(decoder.named_parameters())
+    unknown = [n for n in names if not any(k.startswith(n) for k in named)]
+    if unknown:
+        raise ConfigError(
+            f"the prior's decoder has no parameters named {', '.join(unknown)}; choose "
+            f"among {', '.join(sorted(named))} (or none: all of them)"
+        )
+    keep = [k for k in named if not names or any(k.startswith(n) for n in names)]
+    for k, p in named.items():
+        p.requires_grad_(k in keep)
+    return [named[k] for k in keep]
+
+
+def _split(n: int, groups: np.ndarray | None, config: FinetuneConfig) -> tuple[Any, Any]:
+    """Indices fitted and held out (``config.holdout`` of the photos, or of the groups)."""
+    rng = np.random.default_rng(config.seed)
+    if config.holdout == 0.0:
+        return np.arange(n), np.arange(0)
+    ids = np.asarray(groups) if groups is not None else np.arange(n)
+    unique = np.unique(ids)
+    n_held = min(len(unique) - 1, max(1, round(config.holdout * len(unique))))
+    if n_held < 1:
+        raise ConfigError("holdout needs photos of at least 2 people (or 2 photos) to split")
+    held = np.isin(ids, rng.choice(unique, size=n_held, replace=False))
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def _mirrored(data: torch.Tensor, config: FinetuneConfig) -> torch.Tensor:
+    return torch.cat([data, data.flip(-1)]) if config.mirror else data
+
+
+def _glo(
+    prior: Prior,
+    decoder: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    data: torch.Tensor,
+    held: torch.Tensor,
+    config: FinetuneConfig,
+) -> dict[str, Any]:
+    """GLO steps on ``decoder`` (in place); with ``held`` photos, the decoder of the lowest
+    held-out error is restored at the end. Returns the card's figures."""
+    import copy
+
+    space = prior.space(radius=None, shape=prior.config.shape)
+    z = torch.as_tensor(space.encode(data[:, 0].numpy()), dtype=torch.float32)
+    opt = torch.optim.Adam([*params, z.requires_grad_(True)], lr=config.lr)
+    zh = torch.zeros(0, z.shape[1])
+    if len(held):
+        zh = torch.as_tensor(space.encode(held[:, 0].numpy()), dtype=torch.float32)
+    opt_h = torch.optim.Adam([zh.requires_grad_(True)], lr=config.lr)
+    best: tuple[float, int, dict[str, torch.Tensor] | None] = (np.inf, 0, None)
+
+    def error(codes: torch.Tensor, photos: torch.Tensor) -> torch.Tensor:
+        return ((decoder(codes) - photos) ** 2).flatten(1).sum(1).mean()
+
+    for step in range(config.steps + 1):
+        if len(held):
+            rec_h = error(zh, held)
+            checked = step % config.check_every == 0 or step == config.steps
+            if checked and float(rec_h.detach()) < best[0]:
+                best = (float(rec_h.detach()), step, copy.deepcopy(decoder.state_dict()))
+            (zh.grad,) = torch.autograd.grad(rec_h + _penalty(zh, config), [zh])
+            opt_h.step()
+        if step == config.steps:
+            break
+        rec = error(z, data)
+        opt.zero_grad(set_to_none=True)
+        (rec + _penalty(z, config)).backward()
+        opt.step()
+    stats: dict[str, Any] = {"rmse": round(float((rec.detach() / data[0].numel()).sqrt()), 4)}
+    if best[2] is not None:
+        decoder.load_state_dict(best[2])
+        stats["heldout_rmse"] = round(float(np.sqrt(best[0] / held[0].numel())), 4)
+        stats["stopped_at"] = best[1]
+    decoder.eval().requires_grad_(False)
+    return stats
+
+
+def _penalty(z: torch.Tensor, config: FinetuneConfig) -> torch.Tensor:
+    return config.latent_weight * 0.5 * (z**2).sum(1).mean()
