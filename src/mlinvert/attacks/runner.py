@@ -11,7 +11,6 @@ used in turn; with ``checkpoint`` what each key answered is kept beside it
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -30,10 +29,8 @@ from mlinvert.attacks.presets import search_space
 from mlinvert.attacks.priors import load_prior
 from mlinvert.attacks.spaces import Space, check_disjoint, load_aux, parse_space
 from mlinvert.core import OracleInfo, output_dir, write_json
-from mlinvert.data import load
-from mlinvert.data.base import ImageDataset, Split
 from mlinvert.defenses.spec import build_predictor
-from mlinvert.errors import ConfigError, DataError, MlinvertError, OracleError, Unauthorized
+from mlinvert.errors import ConfigError, MlinvertError, OracleError, Unauthorized
 from mlinvert.oracle.base import Oracle
 from mlinvert.oracle.http import HttpOracle, key_fingerprint
 from mlinvert.oracle.local import LocalOracle, WhiteBoxOracle
@@ -42,7 +39,7 @@ from mlinvert.oracle.wire import WireConfig
 from mlinvert.oracle.wrappers import Blinded, largest_blinding, one_attacker
 from mlinvert.targets.files import is_model_file, load_file
 from mlinvert.targets.io import load as load_model
-from mlinvert.targets.io import read_card
+from mlinvert.targets.io import trained_on
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +391,7 @@ def _spaces(job: AttackJob, shape: tuple[int, ...], note: Note) -> Callable[[int
             raise ConfigError(
                 f"--aux heldout builds an eigenface prior: use --space pca, not {job.space!r}"
             )
-        data = _training_data(job.model)
+        data = trained_on(job.model)
         return lambda label: search_space(
             data,
             label,
@@ -433,25 +430,7 @@ def _private_photos(model: Path | None, option: str, note: Note) -> Any:
     if model is None:
         return None
     try:
-        return _training_data(model).train()[0]
+        return trained_on(model).train()[0]
     except MlinvertError as exc:
         note(f"cannot check {option} against the model's data ({exc})")
         return None
-
-
-def _training_data(model: Path) -> ImageDataset:
-    """The local model's image data set with its card's split (DataError if not here)."""
-    card = read_card(model)
-    spec, split = card.get("dataset"), card.get("split")
-    if not spec or not isinstance(split, dict):
-        raise DataError(f"the model card in {model} names no data set and split")
-    try:
-        data = load(spec)
-    except DataError as exc:
-        raise DataError(
-            f"the model card in {model} names the data set {spec!r}, which is not readable "
-            f"here: {exc}"
-        ) from None
-    if not isinstance(data, ImageDataset):
-        raise DataError(f"the model in {model} was trained on {spec!r}, not on images")
-    return dataclasses.replace(data, split=Split.from_dict(split))

@@ -68,19 +68,9 @@ def _images(
 def _private_photos(model: Path) -> np.ndarray:
     """The training photos of the local model in ``model`` (its card's data set and
     split); DataError if that data is not readable here."""
-    from mlinvert.data import load
-    from mlinvert.data.base import ImageDataset, Split
-    from mlinvert.errors import DataError
-    from mlinvert.targets.io import read_card
+    from mlinvert.targets.io import trained_on
 
-    card = read_card(model)
-    spec, split = card.get("dataset"), card.get("split")
-    if not spec or not isinstance(split, dict):
-        raise DataError(f"the model card in {model} names no data set and split")
-    data = load(spec)
-    if not isinstance(data, ImageDataset):
-        raise DataError(f"the model in {model} was trained on {spec!r}, not on images")
-    return data.images[Split.from_dict(split).train]
+    return trained_on(model).train()[0]
 
 
 def run_prior_train(
@@ -166,125 +156,127 @@ def run_prior_finetune(
     return tuned.card
 
 
+def train_command(
+    data: str = typer.Option(
+        ...,
+        "--data",
+        "-d",
+        help="Public faces of OTHER people: lfw:PATH (one folder per person) or folder:PATH.",
+    ),
+    kind: str = typer.Option("pca", "--kind", help="pca (eigenfaces), vae or gan."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write the prior to."),
+    size: str = typer.Option("64x52", "--size", help="HxW the prior learns faces at."),
+    latent: int | None = typer.Option(
+        None, "--latent", help="Latent size (default: pca 300, vae 64, gan 100)."
+    ),
+    epochs: int = typer.Option(20, "--epochs", help="Passes over the data (vae, gan)."),
+    exclude: Path | None = typer.Option(
+        None,
+        "--exclude-people",
+        help="Text file of people (folder names, one a line) to leave out, e.g. the "
+        "people of a development target.",
+    ),
+    threads: int = typer.Option(1, "--threads", help="torch threads."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Train a face prior on public photos and save it as a folder.
+
+    The folder holds prior.json (the card: kind, data, people, seed, size, training
+    time), weights.pt and thumbs.npy (a thumbnail of each training photo, so an
+    attack can check that the prior never saw a target's private photo). Use it with
+    `mlinvert attack miface --prior DIR`. Example:
+
+        mlinvert prior train --data lfw:../shared/data/lfw/faces --kind vae \\
+            --out priors/lfw-vae
+    """
+    from mlinvert.attacks.priors import KINDS, PriorConfig
+
+    if kind not in KINDS:
+        raise ConfigError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    check_seed(seed)
+    config = PriorConfig(
+        kind=kind,  # type: ignore[arg-type]
+        shape=_shape(size),
+        latent=latent,
+        epochs=epochs,
+        seed=seed,
+        threads=threads,
+    )
+    card = run_prior_train(data, out_dir, config, _excluded(exclude))
+    out.print(
+        f"[bold green]trained[/] a {kind} prior on {card['data']['n_images']} photos of "
+        f"{card['data']['n_people']} people in {card['training_seconds']} s: "
+        f"{card['weights_bytes'] / 1e6:.1f} MB in {out_dir}"
+    )
+
+
+def finetune_command(
+    prior_dir: Path = typer.Option(..., "--prior", "-p", help="The prior folder to adapt."),
+    data: str = typer.Option(
+        ...,
+        "--data",
+        "-d",
+        help="In-domain photos of OTHER people (folder:PATH, att:PATH, lfw:PATH ...).",
+    ),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write the new prior to."),
+    model: Path | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="A local target: refuse if the prior or the photos include its private "
+        "training photos (checked against its card's data set and split).",
+    ),
+    exclude: Path | None = typer.Option(
+        None, "--exclude-people", help="Text file of people to leave out, one a line."
+    ),
+    train: str = typer.Option(
+        "",
+        "--train",
+        help="Decoder parameters that adapt, comma-separated name prefixes (e.g. mean "
+        "for the eigenface prior's mean face only); empty: all.",
+    ),
+    holdout: float = typer.Option(
+        0.0,
+        "--holdout",
+        help="Fraction of the people held out; stop where their error is lowest.",
+    ),
+    steps: int = typer.Option(300, "--steps", help="Adam steps."),
+    lr: float = typer.Option(1e-3, "--lr", help="Adam step size."),
+    threads: int = typer.Option(1, "--threads", help="torch threads."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Adapt a prior to the target's domain with photos of other people there.
+
+    GLO fine-tuning: the decoder and one latent point per photo descend the
+    reconstruction error together. Example (the eigenface prior's mean face only,
+    stopped by a fifth of the people held out):
+
+        mlinvert prior finetune --prior priors/lfw-pca --data folder:my-photos \\
+            --train mean --holdout 0.2 --model models/target --out priors/lfw-pca-adapted
+    """
+    from mlinvert.attacks.priors import FinetuneConfig
+
+    check_seed(seed)
+    config = FinetuneConfig(
+        steps=steps,
+        lr=lr,
+        train=tuple(t.strip() for t in train.split(",") if t.strip()),
+        holdout=holdout,
+        seed=seed,
+        threads=threads,
+    )
+    card = run_prior_finetune(prior_dir, data, out_dir, config, _excluded(exclude), model)
+    tuned = card["finetuned"]
+    stop = f", stopped at step {tuned['stopped_at']}" if "stopped_at" in tuned else ""
+    out.print(
+        f"[bold green]adapted[/] the {card['kind']} prior to {tuned['n_images']} photos in "
+        f"{tuned['seconds']} s (RMSE {tuned['rmse']}{stop}): {out_dir}"
+    )
+
+
 def register(app: typer.Typer) -> None:
-    """Add the ``prior`` command group."""
+    """Add the ``prior`` command group: ``train`` and ``finetune``."""
     prior_app = typer.Typer(help="Attacker priors learned from public faces.", no_args_is_help=True)
     app.add_typer(prior_app, name="prior")
-
-    @prior_app.command("train")
-    def train(
-        data: str = typer.Option(
-            ...,
-            "--data",
-            "-d",
-            help="Public faces of OTHER people: lfw:PATH (one folder per person) or folder:PATH.",
-        ),
-        kind: str = typer.Option("pca", "--kind", help="pca (eigenfaces), vae or gan."),
-        out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write the prior to."),
-        size: str = typer.Option("64x52", "--size", help="HxW the prior learns faces at."),
-        latent: int | None = typer.Option(
-            None, "--latent", help="Latent size (default: pca 300, vae 64, gan 100)."
-        ),
-        epochs: int = typer.Option(20, "--epochs", help="Passes over the data (vae, gan)."),
-        exclude: Path | None = typer.Option(
-            None,
-            "--exclude-people",
-            help="Text file of people (folder names, one a line) to leave out, e.g. the "
-            "people of a development target.",
-        ),
-        threads: int = typer.Option(1, "--threads", help="torch threads."),
-        seed: int = typer.Option(0, "--seed"),
-    ) -> None:
-        """Train a face prior on public photos and save it as a folder.
-
-        The folder holds prior.json (the card: kind, data, people, seed, size, training
-        time), weights.pt and thumbs.npy (a thumbnail of each training photo, so an
-        attack can check that the prior never saw a target's private photo). Use it with
-        `mlinvert attack miface --prior DIR`. Example:
-
-            mlinvert prior train --data lfw:../shared/data/lfw/faces --kind vae \\
-                --out priors/lfw-vae
-        """
-        from mlinvert.attacks.priors import KINDS, PriorConfig
-
-        if kind not in KINDS:
-            raise ConfigError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
-        check_seed(seed)
-        config = PriorConfig(
-            kind=kind,  # type: ignore[arg-type]
-            shape=_shape(size),
-            latent=latent,
-            epochs=epochs,
-            seed=seed,
-            threads=threads,
-        )
-        card = run_prior_train(data, out_dir, config, _excluded(exclude))
-        out.print(
-            f"[bold green]trained[/] a {kind} prior on {card['data']['n_images']} photos of "
-            f"{card['data']['n_people']} people in {card['training_seconds']} s: "
-            f"{card['weights_bytes'] / 1e6:.1f} MB in {out_dir}"
-        )
-
-    @prior_app.command("finetune")
-    def finetune(
-        prior_dir: Path = typer.Option(..., "--prior", "-p", help="The prior folder to adapt."),
-        data: str = typer.Option(
-            ...,
-            "--data",
-            "-d",
-            help="In-domain photos of OTHER people (folder:PATH, att:PATH, lfw:PATH ...).",
-        ),
-        out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write the new prior to."),
-        model: Path | None = typer.Option(
-            None,
-            "--model",
-            "-m",
-            help="A local target: refuse if the prior or the photos include its private "
-            "training photos (checked against its card's data set and split).",
-        ),
-        exclude: Path | None = typer.Option(
-            None, "--exclude-people", help="Text file of people to leave out, one a line."
-        ),
-        train: str = typer.Option(
-            "",
-            "--train",
-            help="Decoder parameters that adapt, comma-separated name prefixes (e.g. mean "
-            "for the eigenface prior's mean face only); empty: all.",
-        ),
-        holdout: float = typer.Option(
-            0.0,
-            "--holdout",
-            help="Fraction of the people held out; stop where their error is lowest.",
-        ),
-        steps: int = typer.Option(300, "--steps", help="Adam steps."),
-        lr: float = typer.Option(1e-3, "--lr", help="Adam step size."),
-        threads: int = typer.Option(1, "--threads", help="torch threads."),
-        seed: int = typer.Option(0, "--seed"),
-    ) -> None:
-        """Adapt a prior to the target's domain with photos of other people there.
-
-        GLO fine-tuning: the decoder and one latent point per photo descend the
-        reconstruction error together. Example (the eigenface prior's mean face only,
-        stopped by a fifth of the people held out):
-
-            mlinvert prior finetune --prior priors/lfw-pca --data folder:my-photos \\
-                --train mean --holdout 0.2 --model models/target --out priors/lfw-pca-adapted
-        """
-        from mlinvert.attacks.priors import FinetuneConfig
-
-        check_seed(seed)
-        config = FinetuneConfig(
-            steps=steps,
-            lr=lr,
-            train=tuple(t.strip() for t in train.split(",") if t.strip()),
-            holdout=holdout,
-            seed=seed,
-            threads=threads,
-        )
-        card = run_prior_finetune(prior_dir, data, out_dir, config, _excluded(exclude), model)
-        tuned = card["finetuned"]
-        stop = f", stopped at step {tuned['stopped_at']}" if "stopped_at" in tuned else ""
-        out.print(
-            f"[bold green]adapted[/] the {card['kind']} prior to {tuned['n_images']} photos in "
-            f"{tuned['seconds']} s (RMSE {tuned['rmse']}{stop}): {out_dir}"
-        )
+    prior_app.command("train")(train_command)
+    prior_app.command("finetune")(finetune_command)

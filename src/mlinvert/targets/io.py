@@ -11,6 +11,7 @@ state), ``weights`` (file name and sha256), ``library_versions``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -22,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from mlinvert.errors import ModelError
+from mlinvert.data import load as load_data
+from mlinvert.data.base import ImageDataset, Split
+from mlinvert.errors import DataError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -198,3 +201,22 @@ def load(folder: str | Path) -> Any:
     if list(model.class_names_) != list(card.get("class_names", model.class_names_)):
         raise ModelError(f"{root}: class names in the card and the parameters disagree")
     return model
+
+
+def trained_on(model: Path) -> ImageDataset:
+    """The image data set the model folder ``model`` was trained on, with its card's
+    private/held-out split (DataError if that data is not readable here)."""
+    card = read_card(model)
+    spec, split = card.get("dataset"), card.get("split")
+    if not spec or not isinstance(split, dict):
+        raise DataError(f"the model card in {model} names no data set and split")
+    try:
+        data = load_data(spec)
+    except DataError as exc:
+        raise DataError(
+            f"the model card in {model} names the data set {spec!r}, which is not readable "
+            f"here: {exc}"
+        ) from None
+    if not isinstance(data, ImageDataset):
+        raise DataError(f"the model in {model} was trained on {spec!r}, not on images")
+    return dataclasses.replace(data, split=Split.from_dict(split))
