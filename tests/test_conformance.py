@@ -34,6 +34,7 @@ from mlinvert.attacks.tree_inversion import (
     WhiteBoxCounts,
     training_confusion,
 )
+from mlinvert.core import OracleInfo, Response
 from mlinvert.data import load
 from mlinvert.data.base import ImageDataset
 from mlinvert.defenses import Predictor, parse_policy
@@ -46,7 +47,7 @@ from mlinvert.errors import (
     MlinvertError,
 )
 from mlinvert.oracle import HttpOracle, LocalOracle, WhiteBoxOracle
-from mlinvert.oracle.base import Oracle, OracleInfo, Response
+from mlinvert.oracle.base import Oracle
 from mlinvert.oracle.lockstep import Coalescer
 from mlinvert.oracle.wrappers import (
     Blinded,

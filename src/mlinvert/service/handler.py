@@ -14,10 +14,10 @@ import numpy as np
 import orjson
 from starlette.responses import JSONResponse, Response
 
+from mlinvert.core import Response as Answer
 from mlinvert.defenses.predictor import Predictor
 from mlinvert.defenses.ratelimit import redis_deadline
 from mlinvert.errors import InputTooLarge, MlinvertError, RateLimited, Unauthorized, UnknownModel
-from mlinvert.oracle.base import Response as Answer
 from mlinvert.service.bodies import (
     RAW_TYPE,
     RawSpec,
@@ -46,9 +46,10 @@ class Head:
     key_problem: str | None
     content_type: str
     declared: int | None  # Content-Length; None for a chunked body
-    shape: str | None
-    dtype: str | None
     started: float
+    #: The raw form's query parameters (/v1 predict only).
+    shape: str | None = None
+    dtype: str | None = None
     #: The Open Inference Protocol's Inference-Header-Content-Length (v2 routes only).
     header_length: str | None = None
 

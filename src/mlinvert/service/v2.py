@@ -25,9 +25,9 @@ import numpy as np
 import orjson
 from starlette.responses import JSONResponse
 
+from mlinvert.core import Response as Answer
 from mlinvert.defenses.predictor import Predictor
 from mlinvert.errors import BadRequest, InputTooLarge, MlinvertError, QueryRejected
-from mlinvert.oracle.base import Response as Answer
 from mlinvert.service.bodies import JSON_OVERHEAD, json_body_limit
 from mlinvert.service.errors import error_headers, status_of
 from mlinvert.service.handler import Admitted, Head, Outcome, PredictHandler

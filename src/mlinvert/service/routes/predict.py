@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from mlinvert.errors import InputTooLarge, MlinvertError, Unavailable
-from mlinvert.service.auth import ApiKey
+from mlinvert.service.auth import ApiKey, PresentedKey
 from mlinvert.service.bodies import SMALL_BODY, read_body, reserve
 from mlinvert.service.handler import Head, Outcome, PredictHandler
 from mlinvert.service.openapi import PREDICT_BODY, PREDICT_RESPONSES
@@ -46,17 +46,22 @@ async def predict(
     ``Content-Type: application/octet-stream`` with the array bytes and the query
     parameters ``shape`` and ``dtype``.
     """
-    head = Head(
+    head = head_of(request, name, key, shape=shape, dtype=dtype)
+    return await answer(service, service.handler, request, head)
+
+
+def head_of(request: Request, name: str, key: PresentedKey, **extra: str | None) -> Head:
+    """The request's :class:`Head` (its body not read yet), as every route builds it;
+    ``extra``: the route's own fields (the raw form's shape and dtype, v2's header length)."""
+    return Head(
         name=name,
         key=key.key,
         key_problem=key.problem,
         content_type=request.headers.get("content-type", "").split(";")[0].strip().lower(),
         declared=content_length(request),
-        shape=shape,
-        dtype=dtype,
         started=time.perf_counter(),
+        **extra,
     )
-    return await answer(service, service.handler, request, head)
 
 
 async def answer(

@@ -5,7 +5,6 @@ takes the same key as a prediction."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -15,9 +14,9 @@ from mlinvert import __version__
 from mlinvert.defenses.predictor import Predictor
 from mlinvert.errors import UnknownModel
 from mlinvert.service.auth import ApiKey
-from mlinvert.service.handler import Head, clip
+from mlinvert.service.handler import clip
 from mlinvert.service.routes.health import readiness
-from mlinvert.service.routes.predict import answer, content_length
+from mlinvert.service.routes.predict import answer, head_of
 from mlinvert.service.state import Service, ServiceState
 from mlinvert.service.v2 import HEADER_LENGTH, model_metadata, v2_error_response
 
@@ -71,17 +70,7 @@ async def infer(name: str, request: Request, key: ApiKey, service: Service) -> R
     """Answer one input tensor as the model's policy allows: JSON ``data`` or binary
     tensor data (``Inference-Header-Content-Length``); outputs by name, each as JSON or
     binary (``binary_data_output``)."""
-    head = Head(
-        name=name,
-        key=key.key,
-        key_problem=key.problem,
-        content_type=request.headers.get("content-type", "").split(";")[0].strip().lower(),
-        declared=content_length(request),
-        shape=None,
-        dtype=None,
-        started=time.perf_counter(),
-        header_length=request.headers.get(HEADER_LENGTH),
-    )
+    head = head_of(request, name, key, header_length=request.headers.get(HEADER_LENGTH))
     return await answer(service, service.v2_handler, request, head)
 
 
