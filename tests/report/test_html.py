@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import re
 from pathlib import Path
@@ -11,7 +9,6 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pytest
 from matplotlib.figure import Figure
-from PIL import Image
 
 from mlinvert.errors import DataError
 from mlinvert.report import plots
@@ -231,42 +228,21 @@ def test_an_accuracy_cost_reads_as_a_loss(tmp_path: Path) -> None:
     assert "'none'" not in base  # no comparison of 'none' with itself
 
 
-def test_grid_titles_name_people_as_their_columns_do(tmp_path: Path) -> None:
-    doc = make_results(tmp_path)
-    doc["dataset"]["class_names"] = ["ann", "bob", "cy", "dee"]
-    (tmp_path / "results.json").write_text(json.dumps(doc))
+def test_index_embeds_the_sample_and_faces_html_holds_every_reconstruction(
+    tmp_path: Path,
+) -> None:
+    doc = make_results(tmp_path, n_labels=12)
     html = render_report(tmp_path).read_text()
-    assert (
-        "<h3>softmax — White-box MI-Face (attacker holds the model) — people ann…dee</h3>" in html
-    )
-    assert "crossed-out cell" in html
-
-
-def test_a_shared_run_is_drawn_once_and_named(tmp_path: Path) -> None:
-    doc = make_results(tmp_path)
-    for r in doc["records"]:  # output policies do not reach the white-box attack
-        if r["attack"] == "whitebox" and r["defense"] != "none":
-            r["shared_from"] = "none"
-    (tmp_path / "results.json").write_text(json.dumps(doc))
-    html = render_report(tmp_path).read_text().replace("&#39;", "'")
-    grids = re.findall(
-        r'<h3>([^<]*)</h3>\n(?:<p class="muted">([^<]*)</p>\n)?'
-        r'<img class="grid" src="data:image/png;base64,([^"]+)"',
-        html,
-    )
-    heights = {}
-    for title, note, b64 in grids:
-        heights[title] = Image.open(io.BytesIO(base64.b64decode(b64))).height
-        if "White-box" in title:
-            assert "round:1, labels, rate:300/hour: the same run as 'none'" in " ".join(
-                note.split()
-            )
-        else:
-            assert not note
-    white, black = (
-        heights[f"softmax — {attack_title(a)} — people s1…s4"] for a in ("whitebox", "blackbox")
-    )
-    assert white < black  # two rows (photo, 'none') against five
+    srcs = re.findall(r'<img[^>]+src="([^"]+)"', html)
+    # two plots, the references, and per target 4 sampled people: private, held-out and
+    # white-box photos plus each API attack (2) under each defence; no per-attack grids
+    assert len(srcs) == 3 + 2 * 4 * (3 + 2 * len(DEFENSES))
+    assert all(s.startswith("data:image/png;base64,") for s in srcs)
+    faces = (tmp_path / "faces.html").read_text()
+    shown = set(re.findall(r'<img[^>]+src="([^"]+)"', faces))
+    # every API attack's reconstruction, and the white-box one once (defences do not reach it)
+    drawn = [r for r in doc["records"] if r["attack"] != "whitebox" or r["defense"] == "none"]
+    assert {r["image"] for r in drawn if r.get("image")} <= shown
 
 
 def test_keys_an_attacker_never_used_are_not_said_to_have_been_rotated(tmp_path: Path) -> None:

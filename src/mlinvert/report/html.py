@@ -39,8 +39,6 @@ from mlinvert.report.summary import (
 
 log = logging.getLogger(__name__)
 
-#: Labels per grid block (a wider grid is split into blocks of this many people).
-GRID_COLUMNS = 10
 #: People in the first screen's faces grid, spread evenly over the attacked people
 #: (every person is on ``faces.html``).
 SAMPLE_PEOPLE = 4
@@ -107,69 +105,6 @@ def _maybe_image(out_dir: Path, rel: str | None) -> np.ndarray | None:
         log.warning("image %s referenced by results.json is missing", path)
         return None
     return read_image(path)
-
-
-def _grids(results: dict[str, Any], out_dir: Path) -> list[dict[str, Any]]:
-    """One grid per (target, attack) and block of people: private photo + each defence."""
-    records = results.get("records", [])
-    defenses = [d["name"] for d in results.get("defenses", [])] or list(
-        dict.fromkeys(r["defense"] for r in records)
-    )
-    private = results.get("private_images", {})
-    names = results.get("dataset", {}).get("class_names", [])
-    index = {(r["target_model"], r["attack"], r["defense"], int(r["label"])): r for r in records}
-    grids = []
-    for target in dict.fromkeys(r["target_model"] for r in records):
-        for attack in dict.fromkeys(r["attack"] for r in records if r["target_model"] == target):
-            labels = sorted(
-                {
-                    int(r["label"])
-                    for r in records
-                    if (r["target_model"], r["attack"]) == (target, attack)
-                }
-            )
-            for start in range(0, len(labels), GRID_COLUMNS):
-                block = labels[start : start + GRID_COLUMNS]
-                cols = [names[lab] if lab < len(names) else str(lab) for lab in block]
-                rows: list[tuple[str, list[np.ndarray | None], list[bool]]] = [
-                    (
-                        "private\ntraining photo",
-                        [_maybe_image(out_dir, private.get(str(lab))) for lab in block],
-                        [False] * len(block),
-                    )
-                ]
-                shown: list[str] = []
-                repeats: dict[str, list[str]] = {}
-                for defense in defenses:
-                    recs = [index.get((target, attack, defense, lab)) for lab in block]
-                    if not any(recs):
-                        continue
-                    origin = {r.get("shared_from") for r in recs if r}
-                    if len(origin) == 1 and (source := origin.pop()) in shown:
-                        # the very run of an earlier row: the same images, drawn once
-                        repeats.setdefault(source, []).append(defense)
-                        continue
-                    shown.append(defense)
-                    rows.append(
-                        (
-                            defense,
-                            [_maybe_image(out_dir, r.get("image")) if r else None for r in recs],
-                            [bool(r and r.get("recovered")) for r in recs],
-                        )
-                    )
-                title = f"{target} — {attack_title(attack)} — people {cols[0]}…{cols[-1]}"
-                grids.append(
-                    {
-                        "title": title,
-                        "uri": data_uri(plots.image_grid(cols, rows)),
-                        "alt": f"reconstructions: {title}",
-                        "repeats": [
-                            f"{', '.join(ds)}: the same run as '{src}' (its row)"
-                            for src, ds in repeats.items()
-                        ],
-                    }
-                )
-    return grids
 
 
 def _thumb(out_dir: Path, rel: str | None) -> str | None:
@@ -404,7 +339,6 @@ def render_report(out_dir: Path | str) -> Path:
         "lineup_chance": LINEUP_CHANCE,
         "thresholds": thresholds(results),
         "tables": _tables(results),
-        "grids": _grids(results, out_dir) if has_faces else [],
         "references": _references(results, out_dir),
         "plot_queries": data_uri(plots.accuracy_vs_queries(results)) if has_faces else None,
         "plot_utility": data_uri(plots.privacy_utility(results)) if has_faces else None,
