@@ -419,6 +419,7 @@ def test_tree_inversion_on_a_tree_target(
     if estimator == "black-box-confidence" and labels_only:
         with pytest.raises(AttackError, match="needs confidences"):
             attack.run(oracle, knowledge, seed=0)
+        assert base.n_queries == 0  # a declared labels-only API costs no query
         return
     result = attack.run(oracle, knowledge, seed=0)
     assert result.guesses.shape == (knowledge.n,) and result.guesses.dtype == np.int64

@@ -120,8 +120,10 @@ def test_budget_stops_cleanly(steak: SurveyDataset) -> None:
 def test_labels_policy_withholds_confidence(steak: SurveyDataset) -> None:
     model, _ = train_tree(steak, seed=0, quick=True)
     k = Knowledge.of(steak, "non-members")
+    labels_only = _oracle(model, "labels")
     with pytest.raises(AttackError, match="needs confidences"):
-        ConfidenceBlackBox().run(_oracle(model, "labels"), k)
+        ConfidenceBlackBox().run(labels_only, k)
+    assert labels_only.n_queries == 0  # refused before paying for any query
     full = LabelOnlyMatch().run(_oracle(model), k)
     labels = LabelOnlyMatch().run(_oracle(model, "labels"), k)
     assert np.array_equal(full.guesses, labels.guesses)

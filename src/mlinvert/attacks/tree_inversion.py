@@ -384,8 +384,11 @@ class ConfidenceBlackBox:
         """Query every candidate value; needs confidences in the answers."""
         started = time.perf_counter()
         oracle = _need_oracle(oracle, self.name)
-        answers = _query_all(oracle, knowledge, self.config.batch_size)
-        if answers.confidence is None and answers.n_answered:
+        # a declared labels-only API is refused before any query is paid for; one that
+        # says nothing of itself is found out from its first answers
+        labels_only = oracle.info.carries == "label"
+        answers = None if labels_only else _query_all(oracle, knowledge, self.config.batch_size)
+        if answers is None or (answers.confidence is None and answers.n_answered):
             raise AttackError(
                 f"{self.name} needs confidences but the API answers {oracle.info.carries} "
                 f"(policy {oracle.info.policy!r}); use LabelOnlyMatch or BlackBox2014"
