@@ -155,3 +155,20 @@ def _bare_torchscript(path: Path) -> None:
 
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
     torch.jit.save(torch.jit.trace(net, torch.zeros(1, 2, 2)), str(path))
+
+
+def test_a_folder_pointing_at_a_file_loads_it_and_refuses_a_changed_file(
+    softmax: dict[str, Any], sklearn_files: dict[str, Any], tmp_path: Path
+) -> None:
+    import shutil
+
+    path = shutil.copy(sklearn_files["joblib"], tmp_path / "tree.joblib")
+    target = load_file(path, input_shape=(8, 8), class_names=tuple("abcdefghij"))
+    folder = io.save(target, tmp_path / "folder", card={"dataset": "digits"})
+    again = io.load(folder)  # the file at the shape and classes the folder recorded
+    x, _ = softmax["dataset"].test()
+    assert again.input_shape_ == (8, 8) and again.class_names_ == tuple("abcdefghij")
+    np.testing.assert_array_equal(again.predict_proba(x), target.predict_proba(x))
+    Path(path).write_bytes(Path(path).read_bytes() + b"\0")
+    with pytest.raises(ModelError, match="changed since this folder was written"):
+        io.load(folder)

@@ -14,10 +14,17 @@ of the ``--data`` when the file declares a flat row of features) and ``class_nam
 joblib files are pickles: loading one runs code from it, so load only files you trust;
 a ``.skops`` file is loaded only if every type in it is one skops trusts by default or
 comes from scikit-learn, numpy or scipy.sparse.
+
+A file target saved with :func:`mlinvert.targets.io.save` becomes a model folder that
+points at the file: its card holds the file's path and SHA-256, the input shape and the
+classes the caller gave (``mlinvert audit --model file --data SPEC`` writes one, so the
+service it starts reads the file as the audit does); loading the folder refuses a file
+that changed since.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from pathlib import Path
@@ -153,6 +160,34 @@ class _FileTarget:
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Most likely class index per input (int64)."""
         return self.predict_proba(X).argmax(axis=1).astype(np.int64)
+
+    def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """A model folder's state: no tensors; the file (path, SHA-256), the input shape
+        and the classes, so the folder loads the file as this target reads it."""
+        return {}, {
+            "file": str(self.path.resolve()),
+            "sha256": file_sha256(self.path),
+            "input_shape": list(self.input_shape_),
+            "class_names": list(self.class_names_),
+        }
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, np.ndarray], params: dict[str, Any]) -> Any:
+        """Inverse of :meth:`get_state`: the file, if it is still the one recorded."""
+        del tensors  # the model lives in the file
+        path = Path(params["file"])
+        if not path.is_file():
+            raise ModelError(f"the model file {path} this folder points at does not exist")
+        if file_sha256(path) != params["sha256"]:
+            raise ModelError(
+                f"{path} changed since this folder was written (its SHA-256 differs): "
+                "audit the new file with --model again"
+            )
+        return load_file(
+            path,
+            input_shape=tuple(params["input_shape"]),
+            class_names=tuple(params["class_names"]),
+        )
 
     def card(self) -> dict[str, Any]:
         """What mlinvert knows of the model (its card)."""
@@ -302,6 +337,15 @@ class SklearnTarget(_FileTarget):
 
     def _raw(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self.estimator.predict_proba(x.reshape(len(x), -1)))
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of the file at ``path`` (hex)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _read_estimator(path: Path) -> Any:
