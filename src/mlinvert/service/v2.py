@@ -42,8 +42,9 @@ INPUT = "input"
 PROBS, CONFIDENCE, LABEL = "probabilities", "confidence", "label"
 _DTYPES: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
 #: The scores' datatype: the Predictor's own (float64, as its policies compute them), so a
-#: v2 client reads the very numbers /v1 and an in-process oracle read (FP32 would round
-#: them, and an attack's trajectory would part from theirs at the last bits).
+#: v2 client reads the very numbers /v1 and an in-process oracle read, in JSON as in bytes
+#: (FP32 in JSON is the float32's shortest decimal, which a client reads back as another
+#: double: an attack's trajectory then parts from theirs at the last bits).
 SCORES = "FP64"
 _REQUEST_KEYS = frozenset({"id", "parameters", "inputs", "outputs"})
 _TENSOR_KEYS = frozenset({"name", "shape", "datatype", "data", "parameters"})
