@@ -191,6 +191,23 @@ def _timed(run: Any, *args: Any, **kwargs: Any) -> tuple[np.ndarray, float, int]
     return out.guesses, seconds, out.n_queries
 
 
+def sensitive_first(data: SurveyDataset) -> SurveyDataset:
+    """``data`` with the sensitive column moved first: ART's white-box attacks refuse to
+    attack the last column (their check ``attack_feature >= x.shape[1]`` is off by one),
+    where GSS keeps it; every attack of the comparison sees this order."""
+    import dataclasses
+
+    j = data.sensitive_index
+    order = [j, *(i for i in range(len(data.feature_names)) if i != j)]
+    return dataclasses.replace(
+        data,
+        feature_names=tuple(data.feature_names[i] for i in order),
+        domains=tuple(data.domains[i] for i in order),
+        ordered=tuple(data.ordered[i] for i in order),
+        X=np.ascontiguousarray(data.X[:, order]),
+    )
+
+
 def art_beside_ours(data: SurveyDataset, seed: int, folder: Path) -> list[str]:
     """ART's three attribute-inference attacks beside ours on one scikit-learn tree.
 
@@ -200,11 +217,13 @@ def art_beside_ours(data: SurveyDataset, seed: int, folder: Path) -> list[str]:
     ``y``: the true label, the knowledge our estimators have) and the sensitive
     feature's prior over the population attacked. ART's black-box attack model (a random
     forest) is trained on the non-members with their sensitive answers known, so it is
-    scored on the members only. Returns Markdown rows.
+    scored on the members only. Returns Markdown rows (``data``: see
+    :func:`sensitive_first`).
     """
     import joblib
     from art.attacks.inference.attribute_inference import AttributeInferenceBlackBox
     from art.estimators.classification.scikitlearn import ScikitlearnDecisionTreeClassifier
+    from sklearn.ensemble import RandomForestClassifier
     from sklearn.tree import DecisionTreeClassifier
 
     from mlinvert.targets.files import load_survey_tree
@@ -218,11 +237,14 @@ def art_beside_ours(data: SurveyDataset, seed: int, folder: Path) -> list[str]:
     black = AttributeInferenceBlackBox(
         art, attack_feature=data.sensitive_index, attack_model_type="rf"
     )
+    # ART's "rf" model, seeded (ART tests `if attack_model:`, which an unfitted forest fails)
+    black.attack_model = RandomForestClassifier(random_state=seed)
     black.fit(*data.nonmembers())
     rows = []
     for population in ("members", "non-members"):
         knowledge = Knowledge.of(data, population)
-        runs = _population(data, model, art, knowledge)
+        runs = {"baseline: always no": (np.full(knowledge.n, -1), 0.0, 0)}
+        runs.update(_population(data, model, art, knowledge))
         if population == "members":
             rest = np.delete(knowledge.X, data.sensitive_index, axis=1)
             pred = estimator.predict(knowledge.X).reshape(-1, 1)
@@ -272,7 +294,7 @@ def art_table(seed: int, folder: Path) -> None:
     print("| survey | respondents | attack | acc / prec / rec (%) | queries | time |")
     print("|---|---|---|---|---|---|")
     for data in datasets(seed):
-        for row in art_beside_ours(data, seed, folder):
+        for row in art_beside_ours(sensitive_first(data), seed, folder):
             print(row, flush=True)
 
 

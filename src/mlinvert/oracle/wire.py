@@ -377,6 +377,7 @@ class V2Wire:
             )
         probe = self._first_answer(http, shape, asked=not outputs and self.output is None)
         k = None if probe.probs is None else int(probe.probs.shape[1])
+        log.info("%s: %s tensors", self.url, "binary" if self.binary else "JSON")
         if probe.probs is None:
             log.warning(
                 "%s answers labels only (output %s): score-based attacks cannot run",
