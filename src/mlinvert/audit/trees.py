@@ -54,19 +54,7 @@ def run_tree(config: AuditConfig, results: ResultsFile, dataset: Any, emit: Even
         )
     policies = tuple(dict.fromkeys(d.policy for d in defenses))
 
-    if config.model_dir is not None and is_model_file(config.model_dir):
-        emit("stage", {"name": f"reading the scikit-learn tree in {config.model_dir}"})
-        model, card = load_survey_tree(config.model_dir, dataset)
-        folder = results.out / "models" / "tree"
-        io.save(model, folder, card=card)
-    elif config.model_dir is not None:
-        folder = config.model_dir
-        model, dataset = _load_tree(folder, dataset)
-    else:
-        emit("stage", {"name": "training the survey tree"})
-        model, card = train_tree(dataset, seed=config.seed)
-        folder = results.out / "models" / "tree"
-        io.save(model, folder, card=card)
+    model, folder, dataset = _target_tree(config, results.out, dataset, emit)
     served: _TreeOracles | None = None
     with contextlib.ExitStack() as stack:
         if not config.in_process:
@@ -116,6 +104,25 @@ def run_tree(config: AuditConfig, results: ResultsFile, dataset: Any, emit: Even
         "plot": "images/tree_depth_sweep.png" if config.tree_depths else None,
         "records": records,
     }
+
+
+def _target_tree(
+    config: AuditConfig, out: Path, dataset: Any, emit: Event
+) -> tuple[Any, Path, Any]:
+    """The audited tree, the folder it is served from, and the data set (with the
+    folder's member split where its card has one)."""
+    if config.model_dir is not None and is_model_file(config.model_dir):
+        emit("stage", {"name": f"reading the scikit-learn tree in {config.model_dir}"})
+        model, card = load_survey_tree(config.model_dir, dataset)
+    elif config.model_dir is not None:
+        model, dataset = _load_tree(config.model_dir, dataset)
+        return model, config.model_dir, dataset
+    else:
+        emit("stage", {"name": "training the survey tree"})
+        model, card = train_tree(dataset, seed=config.seed)
+    folder = out / "models" / "tree"
+    io.save(model, folder, card=card)
+    return model, folder, dataset
 
 
 def _load_tree(folder: Path, dataset: Any) -> tuple[Any, Any]:
