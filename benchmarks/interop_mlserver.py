@@ -8,6 +8,13 @@ seed; the script prints whether the reconstructions, queries and statuses are eq
 the largest pixel difference and the time each path took.
 
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/interop_mlserver.py --labels 5
+
+With ``--audit`` the same file is served by MLServer and by ``mlinvert serve --protocol
+v2`` side by side, and one seeded ``mlinvert audit --api URL --protocol v2`` (black-box
+and label-only, the independent judge) runs against each; the script prints whether the
+records, the served utility and the answered counts are equal, wall-clock fields aside.
+
+    OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/interop_mlserver.py --audit --labels 2
 """
 
 from __future__ import annotations
@@ -41,6 +48,9 @@ from mlinvert.oracle.wire import WireConfig  # noqa: E402
 from mlinvert.targets.files import load_file  # noqa: E402
 
 SHAPE = (112, 92)
+ATT = f"att:{ROOT.parent / 'shared' / 'data' / 'att_faces'}"
+#: Record fields that are wall-clock, not results.
+CLOCK = frozenset({"seconds", "elapsed_s", "started", "finished", "judge_seconds"})
 
 
 def attack(kind: str) -> Any:
@@ -65,12 +75,93 @@ def run(oracle: Any, kind: str, label: int, seed: int, budget: int) -> dict[str,
     }
 
 
+def audit(url: str, out: Path, labels: int, budget: int, **wire: Any) -> dict[str, Any]:
+    """One seeded deployed-API audit of ``url`` through v2; its results and its time."""
+    from mlinvert.audit.config import AuditConfig
+    from mlinvert.audit.runner import run_audit
+
+    keys = tuple(wire.pop("keys", ()))
+    config = AuditConfig(
+        api=url,
+        api_keys=keys,
+        data=ATT,
+        labels=labels,
+        budget=budget,
+        quick=True,
+        seed=1,
+        attacks=("blackbox", "label-only"),
+        wire=WireConfig(protocol="v2", **wire),
+        out=out,
+    )
+    t0 = time.perf_counter()
+    run_audit(config)
+    done = json.loads((out / "results.json").read_text())
+    done["bench_seconds"] = time.perf_counter() - t0
+    return dict(done)
+
+
+def without_clock(value: Any) -> Any:
+    """``value`` with the wall-clock fields dropped, at any depth."""
+    if isinstance(value, dict):
+        return {k: without_clock(v) for k, v in value.items() if k not in CLOCK}
+    if isinstance(value, list):
+        return [without_clock(v) for v in value]
+    return value
+
+
+def compare_audits(labels: int, budget: int) -> None:
+    """The same model.joblib behind MLServer and ``mlinvert serve --protocol v2``, one
+    seeded audit of each; print what is equal."""
+    from mlinvert.service.runner import ServiceProcess
+    from mlinvert.service.store import Store
+
+    root = Path(tempfile.mkdtemp(prefix="interop-audit-"))
+    repo = mlserver_box.write_repository(root / "repo", "faces", face_classifier())
+    model_file = repo / "faces" / "model.joblib"
+    db = root / "serve.sqlite3"
+    key, _ = Store(db).create_key("auditor")
+    with (
+        mlserver_box.serve(repo, "faces", root / "mlserver.log") as server,
+        ServiceProcess([f"faces={model_file}"], db=db, protocol="v2") as ours,
+    ):
+        theirs = audit(server.url, root / "mlserver", labels, budget)
+        served = ours.url + "/v2/models/faces"
+        mine = audit(served, root / "serve", labels, budget, output="probabilities", keys=[key])
+        counts = server.counts()
+    for name, doc in (("MLServer", theirs), ("mlinvert serve --protocol v2", mine)):
+        print(f"{name}: {doc['deployment']}")
+        print(f"  {doc['bench_seconds']:.0f} s, answered {doc['deployment']['answered']}")
+        for r in doc["records"]:
+            print(f"  {r['attack']} {r['label']}: {r['status']}, {r['n_queries']} queries")
+    print(json.dumps({"mlserver_inputs": counts["inputs"]}))
+    same = {
+        "records": without_clock(theirs["records"]) == without_clock(mine["records"]),
+        "utility": without_clock(theirs["utility"]) == without_clock(mine["utility"]),
+        "answered": sum(theirs["deployment"]["answered"].values())
+        == sum(mine["deployment"]["answered"].values()),
+        "images": all(
+            (root / "mlserver" / r["image"]).read_bytes()
+            == (root / "serve" / r["image"]).read_bytes()
+            for r in theirs["records"]
+        ),
+    }
+    for a, b in zip(theirs["records"], mine["records"], strict=True):
+        diff = [k for k in a if k not in CLOCK and a[k] != b.get(k)]
+        if diff:
+            print(f"  differ {a['attack']} {a['label']}: {diff}")
+    print(json.dumps({"equal": same, "records": len(mine["records"])}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--labels", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--budget", type=int, default=1200)
+    parser.add_argument("--audit", action="store_true", help="audit through both servers")
     args = parser.parse_args()
+    if args.audit:
+        compare_audits(args.labels, args.budget)
+        return
     root = Path(tempfile.mkdtemp(prefix="interop-"))
     repo = mlserver_box.write_repository(root / "repo", "faces", face_classifier())
     model_file = repo / "faces" / "model.joblib"

@@ -5,7 +5,13 @@ Usage (from the repository root)::
     nice .venv/bin/python benchmarks/trees.py [--out DIR] [--seed 0]
 
 Prints Markdown for BENCHMARKS.md and writes ``records.json`` and the sweep plots to
-``--out``. The black-box estimator is timed over real HTTP (``mlinvert serve`` in a
+``--out``. ``--art`` runs only the comparison with ART's attribute-inference attacks on
+one scikit-learn ``DecisionTreeClassifier`` per survey, saved as ``tree.joblib`` and
+read back as ``mlinvert audit --model tree.joblib`` reads it::
+
+    nice .venv/bin/python benchmarks/trees.py --art
+
+The black-box estimator is timed over real HTTP (``mlinvert serve`` in a
 subprocess) when ``mlinvert.targets.io`` can save model folders, otherwise in process
 (the output says which).
 """
@@ -166,13 +172,143 @@ def partial_knowledge(data: SurveyDataset, unknown: tuple[str, ...], *, seed: in
     return f"- {data.name} members, unknown {list(unknown) or 'none'}: " + "; ".join(cells)
 
 
+def _scored(guesses: np.ndarray, knowledge: Knowledge, data: SurveyDataset) -> str:
+    """One row: accuracy / precision / recall of the guessed "yes" answers."""
+    from mlinvert.evaluation.trees import binary_metrics
+
+    truth = knowledge.truth == data.sensitive_positive
+    m = binary_metrics(truth, np.asarray(guesses) == data.sensitive_positive)
+    return f"{100 * m['accuracy']:.1f} / {100 * m['precision']:.1f} / {100 * m['recall']:.1f}"
+
+
+def _timed(run: Any, *args: Any, **kwargs: Any) -> tuple[np.ndarray, float, int]:
+    """Guesses, seconds and queries of one attack call (ours return a result)."""
+    t0 = time.perf_counter()
+    out = run(*args, **kwargs)
+    seconds = time.perf_counter() - t0
+    if isinstance(out, np.ndarray):
+        return out, seconds, 0
+    return out.guesses, seconds, out.n_queries
+
+
+def sensitive_first(data: SurveyDataset) -> SurveyDataset:
+    """``data`` with the sensitive column moved first: ART's white-box attacks refuse to
+    attack the last column (their check ``attack_feature >= x.shape[1]`` is off by one),
+    where GSS keeps it; every attack of the comparison sees this order."""
+    import dataclasses
+
+    j = data.sensitive_index
+    order = [j, *(i for i in range(len(data.feature_names)) if i != j)]
+    return dataclasses.replace(
+        data,
+        feature_names=tuple(data.feature_names[i] for i in order),
+        domains=tuple(data.domains[i] for i in order),
+        ordered=tuple(data.ordered[i] for i in order),
+        X=np.ascontiguousarray(data.X[:, order]),
+    )
+
+
+def art_beside_ours(data: SurveyDataset, seed: int, folder: Path) -> list[str]:
+    """ART's three attribute-inference attacks beside ours on one scikit-learn tree.
+
+    The tree (``min_samples_leaf=2``, as ours) is fitted on the members, saved as
+    ``tree.joblib`` and read back by :func:`load_survey_tree` (what ``audit --model``
+    does). Every attacker knows a respondent's other answers and label (ART's
+    ``y``: the true label, the knowledge our estimators have) and the sensitive
+    feature's prior over the population attacked. ART's black-box attack model (a random
+    forest) is trained on the non-members with their sensitive answers known, so it is
+    scored on the members only. Returns Markdown rows (``data``: see
+    :func:`sensitive_first`).
+    """
+    import joblib
+    from art.attacks.inference.attribute_inference import AttributeInferenceBlackBox
+    from art.estimators.classification.scikitlearn import ScikitlearnDecisionTreeClassifier
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.tree import DecisionTreeClassifier
+
+    from mlinvert.targets.files import load_survey_tree
+
+    estimator = DecisionTreeClassifier(min_samples_leaf=2, random_state=seed)
+    estimator.fit(*data.members())
+    path = folder / f"{data.name}-tree.joblib"
+    joblib.dump(estimator, path)
+    model, _ = load_survey_tree(path, data)
+    art = ScikitlearnDecisionTreeClassifier(estimator)
+    black = AttributeInferenceBlackBox(
+        art, attack_feature=data.sensitive_index, attack_model_type="rf"
+    )
+    # ART's "rf" model, seeded (ART tests `if attack_model:`, which an unfitted forest fails)
+    black.attack_model = RandomForestClassifier(random_state=seed)
+    black.fit(*data.nonmembers())
+    rows = []
+    for population in ("members", "non-members"):
+        knowledge = Knowledge.of(data, population)
+        runs = {"baseline: always no": (np.full(knowledge.n, -1), 0.0, 0)}
+        runs.update(_population(data, model, art, knowledge))
+        if population == "members":
+            rest = np.delete(knowledge.X, data.sensitive_index, axis=1)
+            pred = estimator.predict(knowledge.X).reshape(-1, 1)
+            values = list(range(len(data.domains[data.sensitive_index])))
+            runs["ART BlackBox (random forest on the non-members)"] = _timed(
+                black.infer, rest, knowledge.y, pred=pred, values=values
+            )
+        for name, (guesses, seconds, queries) in runs.items():
+            rows.append(
+                f"| {data.name} | {population} | {name} | "
+                f"{_scored(guesses, knowledge, data)} | {queries:,} | {seconds:.2f} s |"
+            )
+    return rows
+
+
+def _population(
+    data: SurveyDataset, model: DecisionTreeTarget, art: Any, knowledge: Knowledge
+) -> dict[str, tuple[np.ndarray, float, int]]:
+    """Our two estimators and ART's two white-box attacks on one population."""
+    from art.attacks.inference.attribute_inference import (
+        AttributeInferenceWhiteBoxDecisionTree,
+        AttributeInferenceWhiteBoxLifestyleDecisionTree,
+    )
+
+    from mlinvert.defenses import Predictor
+    from mlinvert.oracle import LocalOracle
+
+    j = data.sensitive_index
+    rest = np.delete(knowledge.X, j, axis=1)
+    known = {"values": list(range(len(data.domains[j]))), "priors": list(knowledge.prior)}
+    oracle = LocalOracle(Predictor(model, name="tree", max_batch=4096))
+    black_2014 = BlackBox2014(training_confusion(model, *data.members()))
+    white = AttributeInferenceWhiteBoxDecisionTree(art, attack_feature=j)
+    life = AttributeInferenceWhiteBoxLifestyleDecisionTree(art, attack_feature=j)
+    return {
+        "mlinvert white-box (counts in the document)": _timed(
+            WhiteBoxCounts(model.to_document()).run, None, knowledge
+        ),
+        "mlinvert black-box 2014 (API answers)": _timed(black_2014.run, oracle, knowledge),
+        "ART WhiteBoxDecisionTree": _timed(white.infer, rest, knowledge.y, **known),
+        "ART WhiteBoxLifestyleDecisionTree": _timed(life.infer, rest, **known),
+    }
+
+
+def art_table(seed: int, folder: Path) -> None:
+    """Print the ART comparison on every survey here."""
+    print("| survey | respondents | attack | acc / prec / rec (%) | queries | time |")
+    print("|---|---|---|---|---|---|")
+    for data in datasets(seed):
+        for row in art_beside_ours(sensitive_first(data), seed, folder):
+            print(row, flush=True)
+
+
 def main() -> None:
     """Run everything and print the Markdown."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "mlinvert-trees")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--art", action="store_true", help="only ART's attacks beside ours")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.art:
+        art_table(args.seed, args.out)
+        return
     records: list[dict[str, Any]] = []
     for data in datasets(args.seed):
         t0 = time.perf_counter()

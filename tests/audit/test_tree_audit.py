@@ -12,7 +12,7 @@ import pytest
 from mlinvert.audit.config import AuditConfig
 from mlinvert.audit.runner import run_audit
 from mlinvert.data.surveys import load_fair
-from mlinvert.errors import ConfigError
+from mlinvert.errors import ConfigError, ModelError
 from mlinvert.evaluation.trees import attack_tree
 from mlinvert.service.store import Store
 from mlinvert.targets import io
@@ -172,3 +172,32 @@ def test_cli_summary_table_for_a_survey_audit(
     assert f"{100 * wb['accuracy']:.1f} %" in shown
     for policy in POLICIES:
         assert policy in shown
+
+
+def test_a_scikit_learn_tree_file_is_inverted(tmp_path: Path) -> None:
+    """``--model tree.joblib --data fair``: a DecisionTreeClassifier fitted on the
+    members runs the tree inversion; its white-box document leaks the members' answers."""
+    import joblib
+    from sklearn.dummy import DummyClassifier
+    from sklearn.tree import DecisionTreeClassifier
+
+    data = load_fair(seed=0)
+    estimator = DecisionTreeClassifier(min_samples_leaf=2, random_state=0).fit(*data.members())
+    joblib.dump(estimator, tmp_path / "tree.joblib")
+    out = tmp_path / "audit"
+    settings: dict[str, Any] = dict(data="fair", seed=0, in_process=True, tree_depths=())
+    run_audit(AuditConfig(model_dir=tmp_path / "tree.joblib", out=out, **settings))
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["targets"]["tree"]["test_accuracy"] == estimator.score(*data.nonmembers())
+    card = io.read_card(out / "models" / "tree")
+    assert card["file"]["estimator"] == "DecisionTreeClassifier" and card["dataset"] == "fair"
+    records = doc["tree_audit"]["records"]
+    white = _get(records, estimator="white-box", population="members", defense="none")
+    ideal = _get(records, estimator="ideal", population="members", defense="none")
+    held_out = _get(records, estimator="white-box", population="non-members", defense="none")
+    assert white["accuracy"] > ideal["accuracy"] and white["accuracy"] > held_out["accuracy"]
+    black = _get(records, estimator="black-box-2014", population="members", defense="full")
+    assert black["n_queries"] > 0
+    joblib.dump(DummyClassifier().fit(*data.members()), tmp_path / "dummy.joblib")
+    with pytest.raises(ModelError, match="holds a DummyClassifier, not a fitted Decision"):
+        run_audit(AuditConfig(model_dir=tmp_path / "dummy.joblib", out=tmp_path / "x", **settings))

@@ -8,6 +8,7 @@ into a cache folder and reused (tests/interop/mlserver_box.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from collections.abc import Iterator
@@ -117,6 +118,32 @@ def test_mlserver_answers_what_the_estimator_answers(mlserver: dict[str, Any]) -
     assert answered.probs is not None
     expected = mlserver["estimator"].predict_proba(x[:20].reshape(20, -1))
     np.testing.assert_allclose(answered.probs, expected, atol=1e-9)
+
+
+def test_mlinvert_serve_v2_answers_mlserver_s_very_numbers(mlserver: dict[str, Any]) -> None:
+    """The same model.joblib behind `mlinvert serve --protocol v2` (its FP64 scores as
+    binary tensors and as JSON) and behind MLServer (JSON): bit-identical probabilities,
+    so a seeded audit through either takes the same path (BENCHMARKS.md, "Interop")."""
+    from mlinvert.oracle import HttpOracle
+    from mlinvert.oracle.wire import WireConfig
+    from mlinvert.service.runner import ServiceProcess
+    from mlinvert.service.store import Store
+
+    dataset = load(ATT, seed=1)
+    x = dataset.test()[0][:20]
+    wire = WireConfig(protocol="v2", class_names=dataset.class_names, input_shape=(112, 92))
+    db = mlserver["root"] / "serve.sqlite3"
+    key, _ = Store(db).create_key("parity")
+    model_file = mlserver["root"] / "repo" / NAME / "model.joblib"
+    with HttpOracle(mlserver["server"].url, wire=wire) as theirs:
+        expected = theirs.query(x).probs
+        assert theirs.info.extra["tensors"] == "json"  # MLServer lists no binary tensors
+    with ServiceProcess([f"{NAME}={model_file}"], db=db, protocol="v2") as served:
+        for binary, tensors in ((None, "binary"), (False, "json")):
+            ours = dataclasses.replace(wire, output="probabilities", binary=binary)
+            with HttpOracle(served.url + f"/v2/models/{NAME}", key, wire=ours) as oracle:
+                np.testing.assert_array_equal(oracle.query(x).probs, expected)
+                assert oracle.info.extra["tensors"] == tensors
 
 
 @pytest.mark.slow

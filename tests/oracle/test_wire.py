@@ -48,6 +48,8 @@ class V2Server:
             return httpx.Response(200, json=self.metadata())
         if path == "/v2/repository/index":
             return httpx.Response(200, json=[{"name": "m", "state": "READY"}])
+        if path == "/v2":  # no server metadata: JSON tensors
+            return httpx.Response(404, json={"error": "not found"})
         if path != "/v2/models/m/infer":
             return httpx.Response(404, json={"error": f"Model {path.split('/')[3]} not found"})
         if self.status:

@@ -78,7 +78,7 @@ def test_health_and_metadata(served: tuple[ServiceProcess, Store, dict[str, str]
     assert meta["platform"] == "mlinvert" and meta["versions"] == ["1"]
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 8, 8]}]
     assert [(o["name"], o["datatype"], o["shape"]) for o in meta["outputs"]] == [
-        ("probabilities", "FP32", [-1, 5]),
+        ("probabilities", "FP64", [-1, 5]),
         ("label", "INT64", [-1]),
     ]
     labels_only = c.get_model_metadata("labels")
@@ -111,8 +111,9 @@ def test_infer_answers_as_the_predictor_does(
     assert [o["name"] for o in answer["outputs"]] == ["label", "probabilities"]
     assert all(("parameters" in o) == binary for o in answer["outputs"])
     probs = result.as_numpy("probabilities")
-    assert probs.dtype == np.float32 and probs.shape == (5, 5)
-    np.testing.assert_allclose(probs, expected.probs, rtol=1e-6, atol=1e-7)
+    # the Predictor's own float64 scores, bit for bit (as /v1 and in process answer them)
+    assert probs.dtype == np.float64 and probs.shape == (5, 5)
+    np.testing.assert_array_equal(probs, expected.probs)
     assert result.as_numpy("label").tolist() == expected.labels.tolist()
 
 

@@ -155,3 +155,44 @@ def _bare_torchscript(path: Path) -> None:
 
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
     torch.jit.save(torch.jit.trace(net, torch.zeros(1, 2, 2)), str(path))
+
+
+def test_a_folder_pointing_at_a_file_loads_it_and_refuses_a_changed_file(
+    softmax: dict[str, Any], sklearn_files: dict[str, Any], tmp_path: Path
+) -> None:
+    import shutil
+
+    path = shutil.copy(sklearn_files["joblib"], tmp_path / "tree.joblib")
+    target = load_file(path, input_shape=(8, 8), class_names=tuple("abcdefghij"))
+    folder = io.save(target, tmp_path / "folder", card={"dataset": "digits"})
+    again = io.load(folder)  # the file at the shape and classes the folder recorded
+    x, _ = softmax["dataset"].test()
+    assert again.input_shape_ == (8, 8) and again.class_names_ == tuple("abcdefghij")
+    np.testing.assert_array_equal(again.predict_proba(x), target.predict_proba(x))
+    Path(path).write_bytes(Path(path).read_bytes() + b"\0")
+    with pytest.raises(ModelError, match="changed since this folder was written"):
+        io.load(folder)
+
+
+def test_a_scikit_learn_tree_on_survey_codes_answers_as_the_estimator(tmp_path: Path) -> None:
+    import joblib
+    import skops.io as sio
+    from sklearn.tree import DecisionTreeClassifier
+
+    from mlinvert.targets.files import load_survey_tree
+
+    fair = load("fair", seed=0)
+    x, y = fair.members()
+    estimator = DecisionTreeClassifier(max_depth=7, random_state=0).fit(x, y)
+    sio.dump(estimator, tmp_path / "tree.skops")
+    tree, card = load_survey_tree(tmp_path / "tree.skops", fair)
+    everything = fair.X
+    np.testing.assert_allclose(tree.predict_proba(everything), estimator.predict_proba(everything))
+    # the white-box document: training rows per node, each split a set of categories
+    leaves = estimator.apply(x)
+    rows = np.bincount(leaves, minlength=estimator.tree_.node_count)
+    np.testing.assert_allclose(tree.counts_.sum(axis=1)[leaves], rows[leaves])
+    assert card["depth"] == estimator.get_depth() and card["split"] == fair.split.to_dict()
+    joblib.dump(DecisionTreeClassifier().fit(x[:, :3], y), tmp_path / "narrow.joblib")
+    with pytest.raises(ModelError, match=r"reads 3 features, the data fair has 8"):
+        load_survey_tree(tmp_path / "narrow.joblib", fair)

@@ -12,6 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from mlinvert.errors import ModelError
 from mlinvert.targets import io, load, save
+from mlinvert.targets.files import file_sha256
 from mlinvert.targets.training import TrainedTarget
 
 Trained = Callable[[str], TrainedTarget]
@@ -107,7 +108,7 @@ def test_wrong_tensor_shapes_even_with_matching_sha(folder: Path) -> None:
     name = next(k for k, v in tensors.items() if v.ndim == 2)
     tensors[name] = np.zeros((3, 3), np.float32)
     save_file(tensors, str(w))
-    _rewrite_card(folder, weights={"file": w.name, "sha256": io._sha256(w)})
+    _rewrite_card(folder, weights={"file": w.name, "sha256": file_sha256(w)})
     with pytest.raises(ModelError, match=r"has shape \(3, 3\)"):
         load(folder)
 
@@ -117,7 +118,7 @@ def test_missing_tensor_and_bad_params(folder: Path) -> None:
     tensors = load_file(str(w))
     tensors.pop(sorted(tensors)[0])
     save_file(tensors, str(w))
-    _rewrite_card(folder, weights={"file": w.name, "sha256": io._sha256(w)})
+    _rewrite_card(folder, weights={"file": w.name, "sha256": file_sha256(w)})
     with pytest.raises(ModelError, match="missing"):
         load(folder)
     card = json.loads((folder / "model.json").read_text())

@@ -219,6 +219,7 @@ def _deployment(info: OracleInfo, url: str, words: str) -> dict[str, Any]:
         "detector": info.extra.get("detector"),
         "max_batch": info.extra.get("max_batch"),
         "protocol": info.extra.get("protocol", "mlinvert"),
+        "tensors": info.extra.get("tensors"),  # v2: binary or JSON tensors
         "description": words,
     }
 

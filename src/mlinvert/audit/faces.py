@@ -25,11 +25,12 @@ from mlinvert.audit.results import ResultsFile, json_safe
 from mlinvert.data.base import ImageDataset
 from mlinvert.data.images import save_png
 from mlinvert.defenses.spec import Defense
-from mlinvert.errors import DataError, ModelError
+from mlinvert.errors import ConfigError, DataError, ModelError
 from mlinvert.evaluation.faces import NOT_FACES, FaceJudge, JudgeConfig
 from mlinvert.evaluation.recogniser import JUDGE_NAME, lineup_chance_bar
 from mlinvert.evaluation.utility import served_utilities
 from mlinvert.targets import io
+from mlinvert.targets.files import is_model_file, load_file
 from mlinvert.targets.training import dp_config, public_pretrain, train_target
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,9 @@ def run_faces(
     doc = results.doc
 
     targets: list[AuditTarget] = []
-    if config.model_dir is not None:
+    if config.model_dir is not None and is_model_file(config.model_dir):
+        targets.append(_model_file(config, dataset, emit))
+    elif config.model_dir is not None:
         emit("stage", {"name": f"loading {config.model_dir}"})
         model = io.load(config.model_dir)
         card = io.read_card(config.model_dir)
@@ -88,6 +91,26 @@ def run_faces(
         prior=attacker_prior(config, results, dataset),
     )
     attack_matrix(ctx)
+
+
+def _model_file(config: AuditConfig, dataset: ImageDataset, emit: Event) -> AuditTarget:
+    """The user's model file read at the shape and classes of ``--data``, saved as the
+    folder ``models/NAME`` that points at it (its card: what the file declares, the data
+    set and its split), which the audit's service serves."""
+    path = Path(str(config.model_dir))
+    emit("stage", {"name": f"loading the model file {path}"})
+    model = load_file(path, input_shape=dataset.image_shape, class_names=dataset.class_names)
+    if "whitebox" in config.attacks and not hasattr(model, "class_gradient"):
+        raise ConfigError(
+            f"{path} gives no gradients (it answers scores only): audit it "
+            "with --attacks blackbox,label-only, or give a TorchScript .pt for the white-box "
+            "attack"
+        )
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem) or model.kind
+    folder = config.out / "models" / name
+    card = {"dataset": dataset.spec, "split": dataset.split.to_dict(), "file": model.card()}
+    io.save(model, folder, card=card)
+    return AuditTarget(name=name, model=model, card=io.read_card(folder), folder=folder)
 
 
 def _load_or_train(

@@ -19,6 +19,7 @@ from mlinvert.data import load
 from mlinvert.data.base import ImageDataset, Split
 from mlinvert.errors import ConfigError, MlinvertError
 from mlinvert.report.html import render_report
+from mlinvert.targets.files import is_model_file
 from mlinvert.targets.io import read_card
 
 #: What may stand in a new audit's output folder: trained targets placed there beforehand
@@ -30,6 +31,13 @@ def data_spec(config: AuditConfig) -> tuple[str, Split | None]:
     """The data spec to load and, with ``--model``, the split recorded in its card."""
     if config.model_dir is None:
         return config.data or "digits", None
+    if is_model_file(config.model_dir):
+        if not config.data:
+            raise ConfigError(
+                f"{config.model_dir} is a model file, which does not say what data it was "
+                "trained on: pass --data SPEC (the images and classes the model reads)"
+            )
+        return config.data, None
 
     card = read_card(config.model_dir)
     spec = config.data or card.get("dataset")

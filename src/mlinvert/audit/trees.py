@@ -27,17 +27,20 @@ from mlinvert.oracle.http import HttpOracle
 from mlinvert.service.runner import ServiceProcess
 from mlinvert.service.store import Store
 from mlinvert.targets import io
+from mlinvert.targets.files import is_model_file, load_survey_tree
 from mlinvert.targets.tree import train_tree
 
 
 def run_tree(config: AuditConfig, results: ResultsFile, dataset: Any, emit: Event) -> None:
     """Survey data: the decision-tree attribute-inversion audit (paper-shaped tables).
 
-    The target tree is ``model_dir`` (its card's member split is used) or is trained
-    once and saved to ``DIR/models/tree``; unless ``in_process`` it is served by the
-    real service (one model name per output policy, see :func:`_tree_service`), and the
-    black-box estimators query it over HTTP. The privacy-aware CART sweep
-    (``tree_depths``) is attacked in process.
+    The target tree is ``model_dir`` (its card's member split is used), a scikit-learn
+    ``DecisionTreeClassifier`` file (``.joblib`` / ``.skops``, fitted on the members of
+    ``--data``'s split: :func:`~mlinvert.targets.files.load_survey_tree`, saved as
+    ``DIR/models/tree``), or is trained once and saved to ``DIR/models/tree``; unless
+    ``in_process`` it is served by the real service (one model name per output policy,
+    see :func:`_tree_service`), and the black-box estimators query it over HTTP. The
+    privacy-aware CART sweep (``tree_depths``) is attacked in process.
     """
 
     emit("stage", {"name": f"decision-tree audit on {dataset.spec}"})
@@ -51,14 +54,7 @@ def run_tree(config: AuditConfig, results: ResultsFile, dataset: Any, emit: Even
         )
     policies = tuple(dict.fromkeys(d.policy for d in defenses))
 
-    if config.model_dir is not None:
-        folder = config.model_dir
-        model, dataset = _load_tree(folder, dataset)
-    else:
-        emit("stage", {"name": "training the survey tree"})
-        model, card = train_tree(dataset, seed=config.seed)
-        folder = results.out / "models" / "tree"
-        io.save(model, folder, card=card)
+    model, folder, dataset = _target_tree(config, results.out, dataset, emit)
     served: _TreeOracles | None = None
     with contextlib.ExitStack() as stack:
         if not config.in_process:
@@ -108,6 +104,25 @@ def run_tree(config: AuditConfig, results: ResultsFile, dataset: Any, emit: Even
         "plot": "images/tree_depth_sweep.png" if config.tree_depths else None,
         "records": records,
     }
+
+
+def _target_tree(
+    config: AuditConfig, out: Path, dataset: Any, emit: Event
+) -> tuple[Any, Path, Any]:
+    """The audited tree, the folder it is served from, and the data set (with the
+    folder's member split where its card has one)."""
+    if config.model_dir is not None and is_model_file(config.model_dir):
+        emit("stage", {"name": f"reading the scikit-learn tree in {config.model_dir}"})
+        model, card = load_survey_tree(config.model_dir, dataset)
+    elif config.model_dir is not None:
+        model, dataset = _load_tree(config.model_dir, dataset)
+        return model, config.model_dir, dataset
+    else:
+        emit("stage", {"name": "training the survey tree"})
+        model, card = train_tree(dataset, seed=config.seed)
+    folder = out / "models" / "tree"
+    io.save(model, folder, card=card)
+    return model, folder, dataset
 
 
 def _load_tree(folder: Path, dataset: Any) -> tuple[Any, Any]:

@@ -200,7 +200,12 @@ _Data = Annotated[
 ]
 _Model = Annotated[
     Path | None,
-    typer.Option("--model", help="Audit an existing trained model folder instead of training."),
+    typer.Option(
+        "--model",
+        help="Audit an existing model instead of training: a folder from `mlinvert train`, "
+        "or a file (.onnx, .pt TorchScript, .joblib / .skops scikit-learn; with --data, "
+        "whose images and classes it reads; a decision tree's file with survey --data).",
+    ),
 ]
 _Targets = Annotated[
     str,

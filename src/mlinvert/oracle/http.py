@@ -36,7 +36,17 @@ from mlinvert.errors import (
     UnknownModel,
     UnsupportedMediaType,
 )
-from mlinvert.oracle.wire import MlinvertWire, Payload, Raw, Wire, WireConfig, candidates, make_wire
+from mlinvert.oracle.wire import (
+    HEADER_LENGTH,
+    MlinvertWire,
+    Payload,
+    Raw,
+    Wire,
+    WireConfig,
+    candidates,
+    make_wire,
+    split_binary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +293,11 @@ class HttpOracle:
                         url,
                         params=payload.params,
                         content=payload.data,
-                        headers={**self._headers, "Content-Type": "application/octet-stream"},
+                        headers={
+                            **self._headers,
+                            "Content-Type": "application/octet-stream",
+                            **payload.headers,
+                        },
                     )
                 elif isinstance(payload, bytes):
                     r = self.client.request(
@@ -304,6 +318,8 @@ class HttpOracle:
                 attempt += 1
                 continue
             if r.status_code == 200:
+                if HEADER_LENGTH in r.headers:  # binary tensors after a JSON header
+                    return split_binary(r.content, r.headers[HEADER_LENGTH])
                 try:
                     return r.json()
                 except ValueError:

@@ -8,6 +8,10 @@ ends (``attack --target``, ``audit --api``) pass that one object down:
   ``GET /v2/models/NAME`` for the input's name, shape and datatype and the outputs,
   ``POST /v2/models/NAME/infer`` with one tensor input; the probability output chosen
   by name or the single output; an endpoint that answers labels only is recognised.
+  The tensors travel as bytes after a JSON header (the binary tensor data extension,
+  ``Inference-Header-Content-Length``) when the server lists ``binary_tensor_data`` in
+  ``GET /v2`` and takes such a request; as JSON otherwise (``info.extra["tensors"]``
+  says which).
 - ``rest``: any JSON API, by a request template (``$INPUTS`` stands for the batch as
   nested lists) and a path to the scores in the answer (``predictions[*].probabilities``).
 - ``auto``: the first of those that answers, or an error naming what was tried.
@@ -24,7 +28,7 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import urlsplit
 
@@ -44,16 +48,48 @@ PROTOCOLS = ("mlinvert", "v2", "rest", "auto")
 PREDICT_PROBA = "predict_proba"
 _FLOAT_TYPES = frozenset({"FP16", "FP32", "FP64"})
 _NUMPY_TYPES = {"FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
+#: What a binary output tensor's bytes hold, by its v2 datatype (little-endian).
+_BINARY_TYPES = {
+    **_NUMPY_TYPES,
+    **{f"INT{b}": f"<i{b // 8}" for b in (8, 16, 32, 64)},
+    **{f"UINT{b}": f"<u{b // 8}" for b in (8, 16, 32, 64)},
+}
+#: The header that gives the JSON header's length when binary tensor data follows it.
+HEADER_LENGTH = "Inference-Header-Content-Length"
+#: The v2 server extension of binary tensors (listed in ``GET /v2``).
+BINARY_EXTENSION = "binary_tensor_data"
 #: Rows of a probability output sum to 1 within this tolerance.
 _SUM_TOL = 1e-3
 
 
 @dataclass(frozen=True)
 class Raw:
-    """A raw request body (array bytes) and its query parameters."""
+    """A raw request body (array bytes), its query parameters and extra headers."""
 
     data: bytes
     params: dict[str, str]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Binary:
+    """An answer of the binary tensor data extension: the JSON header and the bytes
+    that follow it."""
+
+    doc: Any
+    data: bytes
+
+
+def split_binary(content: bytes, length: str) -> Binary:
+    """A body whose first ``length`` bytes are JSON (``Inference-Header-Content-Length``)."""
+    try:
+        n = int(length)
+        return Binary(json.loads(content[:n]), content[n:])
+    except ValueError:
+        raise OracleError(
+            f"an answer with {HEADER_LENGTH} {length[:20]!r} does not start with a JSON "
+            "header of that length"
+        ) from None
 
 
 Payload = Raw | bytes | dict[str, Any]
@@ -69,7 +105,8 @@ class WireConfig:
     ``headers``: extra request headers (``Name: value``, e.g. an auth token).
     ``input_shape`` / ``class_names``: the model's input shape and classes when the
     server does not declare them (an audit takes them from its ``--data``).
-    ``max_batch``: inputs per request for the v2 and rest protocols.
+    ``max_batch``: inputs per request for the v2 and rest protocols. ``binary`` (v2):
+    None sends binary tensors when the server supports them, False always JSON.
     """
 
     protocol: Literal["mlinvert", "v2", "rest", "auto"] = "mlinvert"
@@ -80,6 +117,7 @@ class WireConfig:
     input_shape: tuple[int, ...] | None = None
     class_names: tuple[str, ...] | None = None
     max_batch: int = 64
+    binary: bool | None = None
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -136,6 +174,7 @@ class WireConfig:
             "scores": self.scores,
             "headers": [name for name, _ in self.headers],
             "max_batch": self.max_batch,
+            "binary": self.binary,
         }
 
 
@@ -314,11 +353,16 @@ class V2Wire:
         self.datatype = "FP32"
         self.tensor_shape: tuple[int, ...] | None = None
         self.output: str | None = config.output
+        #: tensors as bytes after the JSON header (the binary tensor data extension)
+        self.binary = False
 
     def describe(self, http: HttpOracle) -> OracleInfo:
         """Read ``GET /v2/models/NAME``; probe once when it declares no outputs' sizes."""
         meta = self._metadata(http)
         shape = self._read_input(meta)
+        self.binary = self.config.binary is not False and (
+            self.config.binary is True or self._lists_binary(http)
+        )
         outputs = [str(o.get("name")) for o in meta.get("outputs") or [] if isinstance(o, dict)]
         if self.output is not None and outputs and self.output not in outputs:
             raise ConfigError(
@@ -331,8 +375,9 @@ class V2Wire:
                 f"{self.url} has several outputs ({', '.join(outputs)}): choose the "
                 "probability output with --output NAME"
             )
-        probe = self._probe(http, shape, asked=not outputs and self.output is None)
+        probe = self._first_answer(http, shape, asked=not outputs and self.output is None)
         k = None if probe.probs is None else int(probe.probs.shape[1])
+        log.info("%s: %s tensors", self.url, "binary" if self.binary else "JSON")
         if probe.probs is None:
             log.warning(
                 "%s answers labels only (output %s): score-based attacks cannot run",
@@ -351,6 +396,7 @@ class V2Wire:
                 "protocol": "v2",
                 "output": self.output,
                 "input": self.input_name,
+                "tensors": "binary" if self.binary else "json",
                 "rate_limit": None,
                 "detector": None,
             },
@@ -367,6 +413,32 @@ class V2Wire:
         if not isinstance(meta, dict) or "name" not in meta:
             raise OracleError(f"GET {self.url} answered {str(meta)[:120]!r}; {self.hint}")
         return meta
+
+    def _lists_binary(self, http: HttpOracle) -> bool:
+        """Whether ``GET /v2`` (the server's metadata) lists the binary tensor extension."""
+        try:
+            server = http.request("GET", f"{self.root}/v2", None)
+        except OracleError as exc:
+            log.info("GET %s/v2 failed (%s); sending JSON tensors", self.root, exc)
+            return False
+        extensions = server.get("extensions") if isinstance(server, dict) else None
+        return isinstance(extensions, list) and BINARY_EXTENSION in extensions
+
+    def _first_answer(self, http: HttpOracle, shape: tuple[int, ...], *, asked: bool) -> Response:
+        """The probe (:meth:`_probe`), in binary tensors if chosen; a server that lists
+        the extension but refuses such a request (unless ``binary=True`` insists) is
+        spoken to in JSON from then on."""
+        if not self.binary:
+            return self._probe(http, shape, asked=asked)
+        try:
+            return self._probe(http, shape, asked=asked)
+        except (BadRequest, QueryRejected) as exc:
+            if self.config.binary is True:
+                raise
+            log.warning("%s refused binary tensors (%s); sending JSON", self.url, exc)
+        self.binary = False
+        self.output = self.config.output
+        return self._probe(http, shape, asked=asked)
 
     def _served(self, http: HttpOracle) -> str:
         """``; served: ...`` from the repository index, where the server has one."""
@@ -430,25 +502,37 @@ class V2Wire:
         return http.answer(x)
 
     def encode(self, x: np.ndarray) -> tuple[str, Payload]:
-        """``{"inputs": [one tensor]}`` and the chosen output, as JSON."""
+        """``{"inputs": [one tensor]}`` and the chosen output: JSON, or a JSON header
+        followed by the tensor's bytes (and asking for binary outputs)."""
         assert self.tensor_shape is not None  # set by describe, which query calls first
         data = np.ascontiguousarray(x, dtype=_NUMPY_TYPES[self.datatype])
-        body: dict[str, Any] = {
-            "inputs": [
-                {
-                    "name": self.input_name,
-                    "shape": [int(x.shape[0]), *self.tensor_shape],
-                    "datatype": self.datatype,
-                    "data": data.reshape(-1).tolist(),
-                }
-            ]
+        tensor: dict[str, Any] = {
+            "name": self.input_name,
+            "shape": [int(x.shape[0]), *self.tensor_shape],
+            "datatype": self.datatype,
         }
+        body: dict[str, Any] = {"inputs": [tensor]}
+        if self.binary:
+            tensor["parameters"] = {"binary_data_size": data.nbytes}
+            body["parameters"] = {"binary_data_output": True}
+        else:
+            tensor["data"] = data.reshape(-1).tolist()
         if self.output is not None:
             body["outputs"] = [{"name": self.output}]
-        return f"{self.url}/infer", json.dumps(body).encode()
+            if self.binary:
+                body["outputs"][0]["parameters"] = {"binary_data": True}
+        header = json.dumps(body).encode()
+        if not self.binary:
+            return f"{self.url}/infer", header
+        return f"{self.url}/infer", Raw(
+            header + data.tobytes(), {}, {HEADER_LENGTH: str(len(header))}
+        )
 
     def decode(self, doc: Any, n: int) -> Response:
         """The chosen (or single) output tensor as probabilities or labels."""
+        tail = b""
+        if isinstance(doc, Binary):
+            doc, tail = doc.doc, doc.data
         outputs = doc.get("outputs") if isinstance(doc, dict) else None
         if not isinstance(outputs, list) or not outputs:
             raise OracleError(f"{self.url}/infer answered no outputs ({str(doc)[:120]!r})")
@@ -463,11 +547,31 @@ class V2Wire:
         what = f"the output {out.get('name')!r} of {self.url}"
         dtype = str(out.get("datatype", "")).upper()
         try:
-            values = np.asarray(out["data"], dtype=np.float64).reshape(out["shape"])
+            if "data" in out:
+                values = np.asarray(out["data"], dtype=np.float64).reshape(out["shape"])
+            else:
+                values = _binary_output(outputs, out, tail).reshape(out["shape"])
         except (KeyError, TypeError, ValueError):
             raise OracleError(f"{what} is not a numeric tensor ({dtype}) of its shape") from None
         probs, labels = probs_or_labels(values, n, what, integral=dtype not in _FLOAT_TYPES)
         return Response(labels=labels, probs=probs)
+
+
+def _binary_output(outputs: list[Any], out: dict[str, Any], tail: bytes) -> np.ndarray:
+    """The bytes of ``out`` among the binary outputs that follow the JSON header, in the
+    order of ``outputs`` (each ``parameters.binary_data_size`` long); ValueError if they
+    do not add up."""
+    start = 0
+    for o in outputs:
+        params = {} if "data" in o else o.get("parameters") or {}
+        size = int(params.get("binary_data_size", 0))
+        if o is out:
+            if start + size > len(tail):
+                raise ValueError("binary output past the end of the body")
+            dtype = _BINARY_TYPES[str(out.get("datatype", "")).upper()]
+            return np.frombuffer(tail[start : start + size], dtype=dtype).astype(np.float64)
+        start += size
+    raise ValueError("output not found")
 
 
 # --------------------------------------------------------------------------- rest

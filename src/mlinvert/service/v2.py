@@ -4,8 +4,8 @@
 FP32 (or FP64), ``shape`` ``[n, *input_shape]``, its ``data`` flat or nested in JSON or
 its bytes after the JSON header (the binary tensor data extension: the header's length
 in ``Inference-Header-Content-Length``, the tensor's in ``parameters.binary_data_size``).
-It answers the outputs the policy lets out: ``probabilities`` (FP32 ``[n, classes]``)
-and ``confidence`` (FP32 ``[n]``, a confidence model's) unless the policy answers
+It answers the outputs the policy lets out: ``probabilities`` (FP64 ``[n, classes]``)
+and ``confidence`` (FP64 ``[n]``, a confidence model's) unless the policy answers
 labels only, and ``label`` (INT64 ``[n]``) always; each as JSON ``data`` or, when asked
 (``binary_data_output``, or an output's ``binary_data``), as little-endian bytes after
 the header. Refusals are ``{"error": message}``; a mlinvert 415 or 422 is a v2 400.
@@ -41,6 +41,11 @@ VERSION = "1"
 INPUT = "input"
 PROBS, CONFIDENCE, LABEL = "probabilities", "confidence", "label"
 _DTYPES: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
+#: The scores' datatype: the Predictor's own (float64, as its policies compute them), so a
+#: v2 client reads the very numbers /v1 and an in-process oracle read, in JSON as in bytes
+#: (FP32 in JSON is the float32's shortest decimal, which a client reads back as another
+#: double: an attack's trajectory then parts from theirs at the last bits).
+SCORES = "FP64"
 _REQUEST_KEYS = frozenset({"id", "parameters", "inputs", "outputs"})
 _TENSOR_KEYS = frozenset({"name", "shape", "datatype", "data", "parameters"})
 
@@ -62,9 +67,9 @@ def output_specs(predictor: Predictor) -> list[dict[str, Any]]:
     specs: list[dict[str, Any]] = []
     if carries != "label":
         k = len(predictor.info.class_names)
-        specs.append({"name": PROBS, "datatype": "FP32", "shape": [-1, k]})
+        specs.append({"name": PROBS, "datatype": SCORES, "shape": [-1, k]})
     if carries == "confidence":
-        specs.append({"name": CONFIDENCE, "datatype": "FP32", "shape": [-1]})
+        specs.append({"name": CONFIDENCE, "datatype": SCORES, "shape": [-1]})
     specs.append({"name": LABEL, "datatype": "INT64", "shape": [-1]})
     return specs
 
@@ -272,9 +277,9 @@ def encode_infer(name: str, response: Answer, ask: InferAsk) -> Outcome:
     """The infer answer: the asked outputs as JSON data, or as bytes after the header."""
     tensors: dict[str, np.ndarray] = {}
     if response.probs is not None:
-        tensors[PROBS] = np.ascontiguousarray(response.probs, dtype="<f4")
+        tensors[PROBS] = np.ascontiguousarray(response.probs, dtype=_DTYPES[SCORES])
     if response.confidence is not None:
-        tensors[CONFIDENCE] = np.ascontiguousarray(response.confidence, dtype="<f4")
+        tensors[CONFIDENCE] = np.ascontiguousarray(response.confidence, dtype=_DTYPES[SCORES])
     tensors[LABEL] = np.ascontiguousarray(response.labels, dtype="<i8")
     wanted = ask.outputs or tuple((n, ask.binary_default) for n in tensors)
     outputs: list[dict[str, Any]] = []
@@ -283,7 +288,7 @@ def encode_infer(name: str, response: Answer, ask: InferAsk) -> Outcome:
         array = tensors[out_name]
         out: dict[str, Any] = {
             "name": out_name,
-            "datatype": "INT64" if out_name == LABEL else "FP32",
+            "datatype": "INT64" if out_name == LABEL else SCORES,
             "shape": list(array.shape),
         }
         if binary:

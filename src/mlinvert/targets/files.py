@@ -14,18 +14,29 @@ of the ``--data`` when the file declares a flat row of features) and ``class_nam
 joblib files are pickles: loading one runs code from it, so load only files you trust;
 a ``.skops`` file is loaded only if every type in it is one skops trusts by default or
 comes from scikit-learn, numpy or scipy.sparse.
+
+A file target saved with :func:`mlinvert.targets.io.save` becomes a model folder that
+points at the file: its card holds the file's path and SHA-256, the input shape and the
+classes the caller gave (``mlinvert audit --model file --data SPEC`` writes one, so the
+service it starts reads the file as the audit does); loading the folder refuses a file
+that changed since.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mlinvert.errors import ModelError, QueryRejected
+
+if TYPE_CHECKING:
+    from mlinvert.data.surveys import SurveyDataset
+    from mlinvert.targets.tree import DecisionTreeTarget
 
 SUFFIXES = (".onnx", ".pt", ".pth", ".joblib", ".skops")
 _CHUNK = 256
@@ -153,6 +164,34 @@ class _FileTarget:
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Most likely class index per input (int64)."""
         return self.predict_proba(X).argmax(axis=1).astype(np.int64)
+
+    def get_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """A model folder's state: no tensors; the file (path, SHA-256), the input shape
+        and the classes, so the folder loads the file as this target reads it."""
+        return {}, {
+            "file": str(self.path.resolve()),
+            "sha256": file_sha256(self.path),
+            "input_shape": list(self.input_shape_),
+            "class_names": list(self.class_names_),
+        }
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, np.ndarray], params: dict[str, Any]) -> Any:
+        """Inverse of :meth:`get_state`: the file, if it is still the one recorded."""
+        del tensors  # the model lives in the file
+        path = Path(params["file"])
+        if not path.is_file():
+            raise ModelError(f"the model file {path} this folder points at does not exist")
+        if file_sha256(path) != params["sha256"]:
+            raise ModelError(
+                f"{path} changed since this folder was written (its SHA-256 differs): "
+                "audit the new file with --model again"
+            )
+        return load_file(
+            path,
+            input_shape=tuple(params["input_shape"]),
+            class_names=tuple(params["class_names"]),
+        )
 
     def card(self) -> dict[str, Any]:
         """What mlinvert knows of the model (its card)."""
@@ -302,6 +341,124 @@ class SklearnTarget(_FileTarget):
 
     def _raw(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self.estimator.predict_proba(x.reshape(len(x), -1)))
+
+
+def load_survey_tree(
+    path: str | Path, survey: SurveyDataset
+) -> tuple[DecisionTreeTarget, dict[str, Any]]:
+    """The scikit-learn ``DecisionTreeClassifier`` in ``path`` (``.joblib`` / ``.skops``),
+    fitted on ``survey``'s category codes, as mlinvert's tree, and its card.
+
+    Every split ``code <= threshold`` becomes the set of categories it sends left; each
+    node's class counts are its class shares times its (weighted) training rows, as
+    scikit-learn keeps them; the classes are indices into ``survey.class_names``. The
+    tree then answers as the estimator does and its document is the white-box
+    attacker's. ModelError if the file holds anything else or reads other features.
+    """
+    p = Path(path)
+    if p.suffix.lower() not in (".joblib", ".skops") or not p.is_file():
+        raise ModelError(
+            f"{p}: survey data is audited on a decision tree; give a scikit-learn "
+            "DecisionTreeClassifier saved as .joblib or .skops (or a model folder)"
+        )
+    from sklearn.tree import DecisionTreeClassifier
+
+    from mlinvert.targets.tree import DecisionTreeTarget
+
+    estimator = _read_estimator(p)
+    if not isinstance(estimator, DecisionTreeClassifier) or not hasattr(estimator, "tree_"):
+        raise ModelError(
+            f"{p} holds a {type(estimator).__name__}, not a fitted DecisionTreeClassifier"
+        )
+    _check_survey_tree(p, estimator, survey)
+    doc = _tree_document(estimator, survey)
+    model = DecisionTreeTarget.from_document(doc)
+    card = {
+        "dataset": survey.spec,
+        "split": survey.split.to_dict(),
+        "sensitive": survey.sensitive,
+        "file": {"path": str(p), "sha256": file_sha256(p), "estimator": "DecisionTreeClassifier"},
+        "n_nodes": model.n_nodes_,
+        "depth": int(model.depth_.max()),
+    }
+    return model, card
+
+
+def _check_survey_tree(path: Path, estimator: Any, survey: SurveyDataset) -> None:
+    """ModelError unless ``estimator`` reads ``survey``'s features and predicts its classes."""
+    d = len(survey.feature_names)
+    names = getattr(estimator, "feature_names_in_", None)
+    if estimator.n_features_in_ != d or (
+        names is not None and tuple(map(str, names)) != survey.feature_names
+    ):
+        raise ModelError(
+            f"the tree in {path} reads {estimator.n_features_in_} features"
+            + ("" if names is None else f" ({', '.join(map(str, names))})")
+            + f", the data {survey.spec} has {d} ({', '.join(survey.feature_names)}); "
+            "pass the --data it was trained on"
+        )
+    classes = np.asarray(estimator.classes_)
+    k = len(survey.class_names)
+    if (
+        estimator.n_outputs_ != 1
+        or classes.dtype.kind not in "iuf"
+        or np.any(classes != np.round(classes))
+        or classes.min() < 0
+        or classes.max() >= k
+    ):
+        raise ModelError(
+            f"the tree in {path} predicts the classes {classes.tolist()[:6]}, not class "
+            f"indices 0..{k - 1} of {survey.target_name!r} ({', '.join(survey.class_names)})"
+        )
+
+
+def _tree_document(estimator: Any, survey: SurveyDataset) -> dict[str, Any]:
+    """The :meth:`DecisionTreeTarget.to_document` form of a fitted scikit-learn tree."""
+    from dataclasses import asdict
+
+    from mlinvert.targets.tree import DOCUMENT_FORMAT, TreeConfig
+
+    t = estimator.tree_
+    columns = np.asarray(estimator.classes_).astype(np.int64)
+    shares = t.value[:, 0, :] / np.maximum(t.value[:, 0, :].sum(axis=1, keepdims=True), 1e-300)
+    counts = np.zeros((t.node_count, len(survey.class_names)))
+    counts[:, columns] = shares * t.weighted_n_node_samples[:, None]
+    depth = np.zeros(t.node_count, dtype=np.int64)
+    nodes: list[dict[str, Any]] = []
+    for i in range(t.node_count):  # scikit-learn numbers a parent before its children
+        node: dict[str, Any] = {"depth": int(depth[i]), "counts": counts[i].tolist()}
+        left, right = int(t.children_left[i]), int(t.children_right[i])
+        if left >= 0:
+            j = int(t.feature[i])
+            dom = survey.domains[j]
+            node["split"] = {
+                "feature": survey.feature_names[j],
+                "left": [c for code, c in enumerate(dom) if code <= t.threshold[i]],
+            }
+            node["children"] = [left, right]
+            depth[[left, right]] = depth[i] + 1
+        nodes.append(node)
+    return {
+        "format": DOCUMENT_FORMAT,
+        "kind": "tree",
+        "features": [
+            {"name": n, "categories": list(dom), "ordered": o}
+            for n, dom, o in zip(survey.feature_names, survey.domains, survey.ordered, strict=True)
+        ],
+        "classes": list(survey.class_names),
+        "sensitive": survey.sensitive,
+        "config": asdict(TreeConfig(max_depth=int(estimator.get_depth()))),
+        "nodes": nodes,
+    }
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of the file at ``path`` (hex)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _read_estimator(path: Path) -> Any:

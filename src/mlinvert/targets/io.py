@@ -12,7 +12,6 @@ state), ``weights`` (file name and sha256), ``library_versions``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import json
 import logging
@@ -26,6 +25,7 @@ import numpy as np
 from mlinvert.data import load as load_data
 from mlinvert.data.base import ImageDataset, Split
 from mlinvert.errors import DataError, ModelError
+from mlinvert.targets.files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,10 @@ KINDS: dict[str, str] = {
     "cnn": "mlinvert.targets.torch_models:CNN",
     "evaluation": "mlinvert.targets.torch_models:EvaluationNet",
     "tree": "mlinvert.targets.tree:DecisionTreeTarget",
+    # a folder pointing at a user's model file (see mlinvert.targets.files)
+    "onnx": "mlinvert.targets.files:OnnxTarget",
+    "torchscript": "mlinvert.targets.files:TorchScriptTarget",
+    "sklearn": "mlinvert.targets.files:SklearnTarget",
 }
 
 
@@ -63,14 +67,6 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return out
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _json_safe(value: Any) -> Any:
@@ -114,7 +110,7 @@ def save(model: Any, folder: str | Path, *, card: dict[str, Any] | None = None) 
         "class_names": list(model.class_names_),
         "input_shape": list(model.input_shape_),
         "params": _json_safe(params),
-        "weights": {"file": WEIGHTS, "sha256": _sha256(weights)},
+        "weights": {"file": WEIGHTS, "sha256": file_sha256(weights)},
         "library_versions": library_versions(),
     }
     tmp_card = out / (CARD + ".tmp")
@@ -178,7 +174,7 @@ def load(folder: str | Path) -> Any:
     weights = root / str(info.get("file", WEIGHTS))
     if weights.parent != root or not weights.is_file():
         raise ModelError(f"{root} is not a complete model folder: {weights.name} is missing")
-    if _sha256(weights) != info["sha256"]:
+    if file_sha256(weights) != info["sha256"]:
         raise ModelError(
             f"{weights} does not match the sha256 recorded in {CARD}: the weights were "
             "modified or truncated after saving; re-train or restore the original folder"
