@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from mlinvert.audit.channels import ONE_THREAD_ENV
-from mlinvert.audit.cluster import FAULT_ENV, plan_tasks, split_people
+from mlinvert.audit.cluster import FAULT_ENV, comparable, plan_tasks, split_people
 from mlinvert.audit.config import AuditConfig, parse_cluster
 from mlinvert.errors import ConfigError
 from mlinvert.service import Store
@@ -112,17 +112,6 @@ def alone(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any
     return out, _audit(out, *ARGS)
 
 
-def _records(doc: dict[str, Any]) -> dict[tuple[Any, ...], dict[str, Any]]:
-    """Records by key, without wall-clock text (seconds; a rate limit's refill)."""
-    out = {}
-    for r in doc["records"]:
-        kept = {k: v for k, v in r.items() if k != "seconds"}
-        if isinstance(kept.get("error"), str):
-            kept["error"] = re.sub(r"retry after [0-9.]+ s|[0-9]+ left", "T", kept["error"])
-        out[(r["attack"], r["defense"], r["target_model"], r["label"])] = kept
-    return out
-
-
 def _sent(out: Path) -> Counter[tuple[str, str]]:
     """Every input the services answered, as (account, digest) with multiplicity."""
     sent: Counter[tuple[str, str]] = Counter()
@@ -161,8 +150,8 @@ def test_a_cluster_gives_the_records_of_one_machine_even_when_a_worker_dies(
     )
     assert marker.exists(), "no worker was killed: the fault was not injected"
     assert on_cluster["status"] == "complete"
-    assert _records(on_cluster) == _records(one_machine)
-    assert len(_records(one_machine)) == 12  # 3 attacks x 2 defences x 2 people
+    assert comparable(on_cluster) == comparable(one_machine)
+    assert len(comparable(one_machine)) == 12  # 3 attacks x 2 defences x 2 people
     assert {r["status"] for r in one_machine["records"]} >= {"succeeded"}
     # no input was answered twice because of the lost worker: the services answered the
     # same inputs, as often, as on one machine
@@ -215,8 +204,8 @@ def test_an_api_audit_spread_over_two_replicas_gives_the_records_of_one_machine(
         )
         answered = [_inputs_answered(r) - n for r, n in zip(replicas, before, strict=True)]
     assert spread["status"] == "complete"
-    assert _records(spread) == _records(one_machine)
-    assert len(_records(one_machine)) == 4  # 2 API attacks x 2 people
+    assert comparable(spread) == comparable(one_machine)
+    assert len(comparable(one_machine)) == 4  # 2 API attacks x 2 people
     assert all(n > 0 for n in answered), answered  # both replicas answered the cluster
     # the same inputs through the cluster's key as through one machine's, none twice
     store = Store(db)

@@ -51,6 +51,7 @@ import hashlib
 import itertools
 import logging
 import os
+import re
 import shutil
 import threading
 from collections import OrderedDict
@@ -460,6 +461,19 @@ def _stamp(path: Path) -> tuple[str, int]:
     """A folder or file and its newest modification time (a retrained model: new key)."""
     files = [path, *path.rglob("*")] if path.is_dir() else [path]
     return str(path.resolve()), max((f.stat().st_mtime_ns for f in files if f.exists()), default=0)
+
+
+def comparable(doc: dict[str, Any]) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """The records of a ``results.json`` document by (attack, defence, target, person),
+    without what depends on the wall clock (``seconds``; a rate limit's "retry after N s
+    / N left" text): what a cluster run shares with the one-machine run."""
+    out = {}
+    for r in doc["records"]:
+        kept = {k: v for k, v in r.items() if k != "seconds"}
+        if isinstance(kept.get("error"), str):
+            kept["error"] = re.sub(r"retry after [0-9.]+ s|[0-9]+ left", "T", kept["error"])
+        out[(r["attack"], r["defense"], r["target_model"], r["label"])] = kept
+    return out
 
 
 def _faulty(oracle: Journaled) -> Oracle:
