@@ -79,15 +79,18 @@ def test_tasks_split_people_only_where_the_defence_keeps_no_account_state() -> N
     halves = [("t", (("whitebox", (0, 1)),)), ("t", (("whitebox", (2, 3)),))]
     plan = {"lanes": 2, "group_size": 2}
     # a rate limit or detector: an API attack's people stay with its account(s)
-    assert plan_tasks(todo, stateful=True, shared_keys=False, **plan) == whole + halves
+    assert plan_tasks(todo, stateful=True, shared_keys=False, **plan) == [
+        *whole,
+        *halves,
+    ]
     # ... and with --api's keys shared by the attacks, one task runs them in order
     assert plan_tasks(todo[:2], stateful=True, shared_keys=True, **plan) == [
         ("t", (("blackbox", (0, 1, 2, 3)), ("label-only", (0, 1, 2, 3))))
     ]
     assert plan_tasks(todo, stateful=False, shared_keys=True, **plan) == [
         ("t", ((a, half),))
+        for half in ((0, 1), (2, 3))  # the same people's tasks together
         for a in ("blackbox", "label-only", "whitebox")
-        for half in ((0, 1), (2, 3))
     ]
 
 

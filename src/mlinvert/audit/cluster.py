@@ -225,7 +225,8 @@ def plan_tasks(
     ``shared_keys``: the API attacks share the attacker's keys (``--api``). Where the
     people may be split (see the module's docstring), groups of
     :func:`split_people`; else one task per (target, attack), or per target with every
-    attack in order when the attacks share the keys.
+    attack in order when the attacks share the keys. The tasks go by their first person
+    (stable), so the attacks on the same people reach the workers together.
     """
     if stateful and shared_keys:
         targets: list[T] = []
@@ -243,7 +244,8 @@ def plan_tasks(
             split=whitebox or not stateful,
         ):
             units.append((target, ((attack, part),)))
-    return units
+    # the same people's tasks one after another: a worker keeps their search spaces
+    return sorted(units, key=lambda unit: unit[1][0][1][0])
 
 
 def split_people(
