@@ -7,8 +7,9 @@ import contextlib
 import shutil
 import sqlite3
 import tempfile
+from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +64,13 @@ def oracles_under(ctx: AuditContext, defense: Defense) -> Iterator[dict[tuple[st
 class Served:
     """The service the audit started for one defence, as an attacker knows it: the URLs
     of each target's model (one per service replica), the API keys of each (target,
-    attack), and what each key answered in an earlier run this one resumes (see
-    ``Rotating``)."""
+    attack), and what each key answered before (in an earlier run this one resumes, see
+    ``Rotating``); ``spent`` collects the inputs each key answered in the cluster's tasks."""
 
     urls: dict[str, tuple[str, ...]]
     keys: dict[tuple[str, str], list[str]]
     earlier: dict[tuple[str, str], list[int]]
+    spent: Counter[str] = field(default_factory=Counter)
 
 
 @contextlib.contextmanager
@@ -143,19 +145,50 @@ def deployed_oracles(ctx: AuditContext, defense: Defense) -> Iterator[dict[tuple
     through like ``--accounts`` (a key the service refused earlier is moved past)."""
     (target,) = ctx.targets
     api_attacks = [a for a in ctx.config.attacks if a != "whitebox"]
+    with _deployed_keys(ctx, Counter()) as before:
+        yield {
+            (target.name, a): _many(ctx, defense, a, ctx.api_oracles, before) for a in api_attacks
+        }
+
+
+@contextlib.contextmanager
+def deployed_accounts(ctx: AuditContext, defense: Defense) -> Iterator[Served]:
+    """The deployed API as a cluster's tasks reach it: its URLs (``--api``, its replicas),
+    the attacker's keys shared by the API attacks, and what each key answered before a
+    task opens it (earlier runs, and this run's served-accuracy measurement);
+    what the tasks report in ``spent`` is added to ``deployment.answered``."""
+    (target,) = ctx.targets
+    api_attacks = [a for a in ctx.config.attacks if a != "whitebox"]
+    keys = list(ctx.config.api_keys)
+    spent: Counter[str] = Counter()
+    with _deployed_keys(ctx, spent) as before:
+        so_far = [n + o.n_queries for n, o in zip(before, ctx.api_oracles, strict=True)]
+        yield Served(
+            urls={target.name: ctx.config.api_urls},
+            keys={(target.name, a): keys for a in api_attacks},
+            earlier={(target.name, a): so_far for a in api_attacks},
+            spent=spent,
+        )
+
+
+@contextlib.contextmanager
+def _deployed_keys(ctx: AuditContext, spent: Counter[str]) -> Iterator[list[int]]:
+    """What each of the attacker's keys answered in earlier runs (``deployment.answered``);
+    afterwards that, plus what its oracle in ``ctx.api_oracles`` counted and what the
+    cluster's tasks report in ``spent``, is written back."""
     first = ctx.api_oracles[0]
     ctx.api_alive = lambda: reachable(first)
     answered = ctx.results.doc["deployment"]["answered"]
     prints = [key_fingerprint(k) for k in ctx.config.api_keys]
     before = [int(answered.get(p, 0)) for p in prints]
     try:
-        yield {
-            (target.name, a): _many(ctx, defense, a, ctx.api_oracles, before) for a in api_attacks
-        }
+        yield before
     finally:
         ctx.api_alive = lambda: True
-        for p, n, oracle in zip(prints, before, ctx.api_oracles, strict=True):
-            answered[p] = n + oracle.n_queries
+        for key, p, n, oracle in zip(
+            ctx.config.api_keys, prints, before, ctx.api_oracles, strict=True
+        ):
+            answered[p] = n + oracle.n_queries + spent[key]
         ctx.results.save()
 
 

@@ -45,6 +45,9 @@ DEFAULT_BLIND = 0.05
 MAX_ACCOUNTS = 1000
 #: Most service processes per defence (``--replicas``).
 MAX_REPLICAS = 16
+#: People one cluster task attacks at most, where the defence lets the people be split
+#: (``--group-size``; see ``audit/cluster.py``): two lockstep batches of the default lanes.
+DEFAULT_GROUP_SIZE = 2 * DEFAULT_LANES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,10 +93,15 @@ class AuditConfig:
     first attacker key does, and those queries then count against that key's rate limit
     and detector history. The keys never reach ``results.json`` (only short fingerprints).
     ``cluster`` runs the attack matrix on a Dask cluster (:func:`parse_cluster`): one
-    task per (defence, target, attack), against the service the audit starts;
-    ``replicas`` (with ``cluster``) starts that many service processes per defence behind
-    one Redis, which holds their shared rate limits and detector history, and spreads the
-    tasks over them.
+    task per (defence, target, attack, group of people), against the service the audit
+    starts or the ``api`` endpoint; ``group_size`` (with ``cluster``; ``None``:
+    :data:`DEFAULT_GROUP_SIZE`) caps the people of one task where the defence keeps no
+    per-account state (``audit/cluster.py`` says where and why). ``replicas`` (with
+    ``cluster``) starts that many service processes per defence behind one Redis, which
+    holds their shared rate limits and detector history, and spreads the tasks over them;
+    with ``api`` and ``cluster``, ``api`` may list several comma-separated URLs of the
+    same model (service replicas sharing one Redis) that the tasks spread over instead
+    (:attr:`api_urls`).
     """
 
     data: str | None = None
@@ -119,6 +127,7 @@ class AuditConfig:
     prior: Path | None = None
     cluster: str | None = None
     replicas: int = 1
+    group_size: int | None = None
     wire: WireConfig = field(default_factory=WireConfig)
     command: str = ""
 
@@ -178,6 +187,13 @@ class AuditConfig:
                 "--replicas spreads a cluster's workers over several service processes; "
                 "give --cluster local:N or tcp://HOST:PORT, or drop --replicas"
             )
+        if self.group_size is not None and (
+            self.cluster is None or isinstance(self.group_size, bool) or self.group_size < 1
+        ):
+            raise ConfigError(
+                "--group-size N (N >= 1) is the most people of one cluster task; give it "
+                f"with --cluster, or drop it (got {self.group_size})"
+            )
         if self.defenses is not None:
             if not self.defenses:
                 raise ConfigError("empty defence list; use e.g. none,round:2,labels")
@@ -192,18 +208,33 @@ class AuditConfig:
                 "--cluster runs the attacks in worker processes, which reach the model "
                 "through the service the audit starts: drop --in-process"
             )
-        if self.api is not None:
+        if self.api is not None and self.replicas > 1:
             raise ConfigError(
-                "--cluster is for audits that start their own service; an --api audit runs "
-                "on this machine (the attacker's keys are one attacker's): drop --cluster"
+                "--replicas starts service processes, and an --api audit starts none: give "
+                "the deployed replicas' URLs as --api URL1,URL2 instead"
             )
 
     def _check_api(self) -> None:
         """The deployed-API mode's own rules (``api`` is set); fixes ``targets`` and
         ``accounts``."""
 
+        urls = self.api_urls
+        if not urls:
+            raise ConfigError("--api is empty; give http://HOST:PORT/v1/models/NAME")
         if self.wire.protocol == "mlinvert":
-            split_url(str(self.api), "/v1/models/")  # ConfigError naming the expected form
+            names = {split_url(u, "/v1/models/")[1] for u in urls}  # ConfigError if malformed
+            if len(names) > 1:
+                raise ConfigError(
+                    f"the --api URLs name different models ({', '.join(sorted(names))}); "
+                    "list replicas of one model"
+                )
+        if len(urls) > 1 and self.cluster is None:
+            raise ConfigError(
+                "several --api URLs spread a cluster's tasks over service replicas: give "
+                "--cluster local:N or tcp://HOST:PORT, or one URL"
+            )
+        if len(set(urls)) != len(urls):
+            raise ConfigError(f"--api lists a URL twice: {self.api}")
         elif not self.api_keys:  # an API without keys: one anonymous account
             object.__setattr__(self, "api_keys", ("",))
         if self.wire.protocol == "mlinvert" and not all(k.strip() for k in self.api_keys or ("",)):
@@ -246,6 +277,13 @@ class AuditConfig:
             )
         object.__setattr__(self, "accounts", len(self.api_keys))
         object.__setattr__(self, "targets", ())
+
+    @property
+    def api_urls(self) -> tuple[str, ...]:
+        """The deployed API's URLs (``api`` split at commas); empty without ``api``."""
+        if self.api is None:
+            return ()
+        return tuple(u.strip() for u in str(self.api).split(",") if u.strip())
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form (paths as strings; API keys as short SHA-256 fingerprints)."""

@@ -34,13 +34,14 @@ _UTILITY_BATCH = 16
 
 
 def _open_api(config: AuditConfig, dataset: ImageDataset) -> list[Any]:
-    """An HttpOracle per ``config.api_keys`` on ``config.api``, then one for
+    """An HttpOracle per ``config.api_keys`` on the first ``config.api`` URL, then one for
     ``config.utility_key`` if given, speaking ``config.wire`` (what the server does not
     declare, its input shape and classes, taken from ``dataset``); the service's
     description read and every key checked (mlinvert's API: no query spent; v2 and rest
-    may spend a probe): a clear OracleError otherwise."""
+    may spend a probe), and every other URL (a cluster's replicas) checked to serve the
+    same: a clear OracleError otherwise."""
 
-    url = str(config.api)
+    url = config.api_urls[0]
     keys = [*config.api_keys, *([config.utility_key] if config.utility_key else [])]
     names = [f"--api-key #{i + 1} of {len(config.api_keys)}" for i in range(len(config.api_keys))]
     names += ["--utility-key"] if config.utility_key else []
@@ -72,11 +73,40 @@ def _open_api(config: AuditConfig, dataset: ImageDataset) -> list[Any]:
                     f"{url} refused {name} ({exc}); check the "
                     "key (the service owner creates keys with `mlinvert keys create`)"
                 ) from None
+        for other in config.api_urls[1:]:
+            _check_replica(other, keys[0], wire, oracles[0].info)
     except BaseException:
         for oracle in oracles:
             oracle.close()
         raise
     return oracles
+
+
+def _check_replica(url: str, key: str, wire: Any, first: OracleInfo) -> None:
+    """The replica at ``url`` serves what the first ``--api`` URL does (model, classes,
+    input shape, policy, rate limit, detector): OracleError naming the difference."""
+    with HttpOracle(url, key, wire=wire, max_wait=0.0, max_retries=2) as o:
+        try:
+            info = o.info
+            o.check_key()
+        except OracleError as exc:
+            raise OracleError(
+                f"the --api replica {url} did not answer its model listing with --api-key #1 "
+                f"({exc}); check the URL, that it runs, and that it shares the first's keys"
+            ) from None
+
+    def served(i: OracleInfo) -> tuple[Any, ...]:
+        limits = (i.extra.get("rate_limit"), i.extra.get("detector"))
+        return (i.model, tuple(i.class_names), tuple(i.input_shape), i.policy, *limits)
+
+    if served(info) != served(first):
+        raise OracleError(
+            f"the --api replica {url} serves {info.model!r} under policy {info.policy}, "
+            f"rate limit {info.extra.get('rate_limit')}, detector {info.extra.get('detector')}"
+            f"; the first URL serves {first.model!r} under {first.policy}, "
+            f"{first.extra.get('rate_limit')}, {first.extra.get('detector')} (or their "
+            "classes or input shapes differ): list replicas of one deployment"
+        )
 
 
 def _check_served(info: Any, dataset: ImageDataset, url: str) -> None:
@@ -149,7 +179,7 @@ def _audit_deployed(
         (oracles[-1], "--utility-key") if config.utility_key else (oracles[0], "--api-key #1")
     )
     info = oracles[0].info
-    _check_served(info, dataset, str(config.api))
+    _check_served(info, dataset, oracles[0].url)
     defense, words = _deployed_defense(info)
     labels = describe_dataset(config, results, dataset, preset, budget, [defense])
     doc = results.doc

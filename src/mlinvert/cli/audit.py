@@ -286,7 +286,8 @@ _Api = Annotated[
         "--protocol v2 an Open Inference Protocol model http://HOST:PORT/v2/models/NAME, or "
         "with --protocol rest any JSON API (no service started, no target trained; "
         "black-box and label-only attacks under the one defence it advertises). Needs "
-        "--data, and --api-key for mlinvert's API.",
+        "--data, and --api-key for mlinvert's API. With --cluster: several comma-separated "
+        "URLs of the same model (replicas behind one Redis) that the tasks spread over.",
     ),
 ]
 _ApiKey = Annotated[
@@ -330,6 +331,16 @@ _Cluster = Annotated[
         "the answers the service already gave.",
     ),
 ]
+_GroupSize = Annotated[
+    int | None,
+    typer.Option(
+        "--group-size",
+        help="With --cluster: the most people of one task where the defence keeps no "
+        "per-account state (output policies alone, and the white-box attack); each task "
+        "keeps at least --lanes people. Under a rate limit or detector one task attacks "
+        "all of an attack's people, as one machine's attacker does (default 16).",
+    ),
+]
 _Replicas = Annotated[
     int,
     typer.Option(
@@ -363,6 +374,7 @@ def audit(
     prior: _Prior = None,
     cluster: _Cluster = None,
     replicas: _Replicas = 1,
+    group_size: _GroupSize = None,
     protocol: str = PROTOCOL,
     output: str | None = OUTPUT,
     request: str | None = REQUEST,
@@ -410,6 +422,7 @@ def audit(
         prior=prior,
         cluster=cluster,
         replicas=replicas,
+        group_size=group_size,
         wire=wire_config(protocol, output, request, scores, header),
         command=_redacted(command_line()),
     )
