@@ -40,6 +40,22 @@ def test_parse_rate(spec: str, count: int, period: float) -> None:
     assert parse_rate(spec) == Rate(count=count, period=period)
 
 
+@pytest.mark.parametrize(
+    ("count", "period", "text"),
+    [
+        (300, 3600.0, "300/hour"),
+        (300, 30 * 86400.0, "300/30d"),
+        (9, 1e7, "9/10000000s"),
+        (5, 2.5, "5/2.5s"),
+        (1, 1e-4, "1/0.0001s"),
+    ],
+)
+def test_a_rate_is_written_as_the_parser_reads_it(count: int, period: float, text: str) -> None:
+    # the service advertises str(rate) and an attacker or an --api audit parses it back
+    rate = Rate(count=count, period=period)
+    assert str(rate) == text and parse_rate(str(rate)) == rate
+
+
 @pytest.mark.parametrize("spec", ["", "2000", "x/hour", "10/fortnight", "0/hour", "10/0s"])
 def test_parse_rate_rejects(spec: str) -> None:
     with pytest.raises(ConfigError):

@@ -64,10 +64,16 @@ class Rate:
         return self.count / self.period
 
     def __str__(self) -> str:
+        """The rate as :func:`parse_rate` reads it back: ``300/hour``, ``300/30d``, ``5/2.5s``."""
         for unit in ("day", "hour", "minute", "second"):
             if self.period == _PERIODS[unit]:
                 return f"{self.count}/{unit}"
-        return f"{self.count}/{self.period:g}s"
+        for unit in ("d", "h", "m"):
+            if (self.period / _PERIODS[unit]).is_integer():
+                return f"{self.count}/{int(self.period / _PERIODS[unit])}{unit}"
+        # positional, never an exponent (which the parser would refuse)
+        seconds = np.format_float_positional(self.period, trim="-")
+        return f"{self.count}/{seconds}s"
 
 
 def parse_rate(spec: str) -> Rate:
