@@ -88,8 +88,8 @@ _AccountRate = Annotated[
     str | None,
     typer.Option(
         "--account-rate",
-        help="How often one account may read GET /v1/account (default 60/minute). "
-        "[MLINVERT_ACCOUNT_RATE]",
+        help="How often one account may read GET /v1/account (default 60/minute; shared "
+        "through Redis with --redis). [MLINVERT_ACCOUNT_RATE]",
     ),
 ]
 _MaxBatch = Annotated[int | None, typer.Option("--max-batch", help="Largest batch (default 256).")]

@@ -83,7 +83,9 @@ class ServiceSettings:
     The query log keeps ``log_max_age_days`` days (default 90) and at most
     ``log_max_rows`` entries (default 10 million, about 1-2 GB); requests without a
     valid key are counted in ``/metrics``, not logged. ``GET /v1/account`` answers each
-    account at most ``account_rate`` (default 60/minute, per service process).
+    account at most ``account_rate`` (default 60/minute; with ``redis_url`` one limit
+    shared by every process on that Redis, refused as predictions are when Redis cannot
+    be reached or lost its data).
 
     ``protocol``: ``mlinvert`` (default) serves the ``/v1`` routes; ``v2`` serves the
     Open Inference Protocol's ``/v2`` routes as well (beside, not instead of, ``/v1``:
