@@ -124,6 +124,15 @@ _IdleTimeout = Annotated[
         "[MLINVERT_IDLE_TIMEOUT]",
     ),
 ]
+_HeaderTimeout = Annotated[
+    float | None,
+    typer.Option(
+        "--header-timeout",
+        help="Seconds a request's headers may take to arrive, from the connection's opening "
+        "or the request's first byte; then 408 and the connection is closed (default 10). "
+        "[MLINVERT_HEADER_TIMEOUT]",
+    ),
+]
 _LogSynchronous = Annotated[
     bool | None,
     typer.Option(
@@ -164,6 +173,7 @@ def serve_command(
     body_budget: _BodyBudget = None,
     body_timeout: _BodyTimeout = None,
     idle_timeout: _IdleTimeout = None,
+    header_timeout: _HeaderTimeout = None,
     log_synchronous: _LogSynchronous = None,
     protocol: _Protocol = None,
     log_level: _LogLevel = "warning",
@@ -191,6 +201,7 @@ def serve_command(
         body_budget_bytes=body_budget,
         body_timeout=body_timeout,
         idle_timeout=idle_timeout,
+        header_timeout=header_timeout,
         log_synchronous=None
         if log_synchronous is None
         else ("FULL" if log_synchronous else "NORMAL"),
