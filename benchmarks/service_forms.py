@@ -17,7 +17,9 @@ reported apart.
 "transport floor" posts the raw and the JSON body with the same client to a no-op app
 (``benchmarks/noop_asgi.py``) under uvicorn with the service's HTTP parser and event loop:
 the cost of moving the body with no work done on it, which no change to the service can
-remove (the raw path's remainder: raw p50 - floor p50 - in-process p50).
+remove (the raw path's remainder: raw p50 - floor p50 - in-process p50); "raw, socket
+client" posts the raw body there through a plain socket (HTTP/1.1 written by hand), to
+tell the client library's share of the floor.
 
 ``--before SRC`` also serves the same model from another checkout's ``src`` folder
 (e.g. one made by ``git archive COMMIT src | tar -x -C DIR``), measured in the same
@@ -36,6 +38,8 @@ import hashlib
 import json
 import os
 import platform
+import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -62,7 +66,7 @@ from service_throughput import BATCHES, ONE_THREAD
 
 FORMS = ("JSON", "JSON, orjson client", "base64", "raw")
 #: The bodies posted to the no-op app (the transport floor).
-FLOOR_FORMS = ("raw", "JSON")
+FLOOR_FORMS = ("raw", "JSON", "raw, socket client")
 
 
 @contextmanager
@@ -121,6 +125,32 @@ def poster(client: httpx.Client, url: str, x: np.ndarray, form: str) -> Callable
         r = client.post(url, content=body, headers=headers, params=params)
         if r.status_code != 200:
             raise SystemExit(f"{form} batch {x.shape[0]}: HTTP {r.status_code}: {r.text[:300]}")
+
+    return post
+
+
+def socket_poster(url: str, x: np.ndarray, stack: ExitStack) -> Callable[[], None]:
+    """The raw body of ``x`` posted to ``url`` through one plain keep-alive socket, the
+    HTTP/1.1 written and read by hand (closed with ``stack``)."""
+    where = httpx.URL(url)
+    sock = stack.enter_context(socket.create_connection((where.host, where.port)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    body, _, _ = request(x, "raw")
+    head = b"POST / HTTP/1.1\r\nHost: bench\r\nContent-Type: application/octet-stream\r\n"
+    head += b"Content-Length: %d\r\n\r\n" % len(body)
+
+    def post() -> None:
+        sock.sendall(head)
+        sock.sendall(body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        status, _, rest = data.partition(b"\r\n\r\n")
+        length = re.search(rb"content-length: *(\d+)", status, re.I)
+        if not status.startswith(b"HTTP/1.1 200") or length is None:
+            raise SystemExit(f"socket client: {status[:300]!r}")
+        while len(rest) < int(length.group(1)):
+            rest += sock.recv(65536)
 
     return post
 
@@ -242,7 +272,11 @@ def main() -> None:
         floor_client = stack.enter_context(httpx.Client(timeout=120.0))
         for form in FLOOR_FORMS:
             for b in BATCHES:
-                calls["transport floor", form, b] = poster(floor_client, floor, inputs[b], form)
+                calls["transport floor", form, b] = (
+                    socket_poster(floor, inputs[b], stack)
+                    if form == "raw, socket client"
+                    else poster(floor_client, floor, inputs[b], form)
+                )
         versions_and_floor = [*versions, "transport floor"]
         for _ in range(args.repeats):
             for b in BATCHES:
@@ -303,11 +337,13 @@ def main() -> None:
             + f" | {ratio:.2f} |"
         )
     for b in BATCHES:
-        floor, raw = medians["transport floor"]["raw"][b][1], medians["current"]["raw"][b][1]
-        alone = medians["in-process"]["-"][b][1]
+        floors = medians["transport floor"]
+        floor, by_socket = floors["raw"][b][1], floors["raw, socket client"][b][1]
+        raw, alone = medians["current"]["raw"][b][1], medians["in-process"]["-"][b][1]
         print(
             f"batch {b}: raw p50 {raw:.1f} ms = in process {alone:.1f} + transport floor "
-            f"{floor:.1f} + the rest {raw - alone - floor:.1f}"
+            f"{floor:.1f} (with a socket client {by_socket:.1f}) + the rest "
+            f"{raw - alone - floor:.1f}"
         )
     for name, seconds in doc["client_encode_seconds_batch_64"].items():
         print(f"client encoding of a batch of 64 with {name}: {seconds * 1000:.0f} ms")
