@@ -76,6 +76,7 @@ def transport_floor() -> Iterator[str]:
     port = free_port()
     args = ["-m", "uvicorn", "noop_asgi:app", "--app-dir", str(Path(__file__).parent)]
     args += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    args += ["--timeout-keep-alive", "3600"]  # the socket client keeps one connection
     process = subprocess.Popen([sys.executable, *args], env={**os.environ, **ONE_THREAD})
     url = f"http://127.0.0.1:{port}/"
     try:
