@@ -137,11 +137,13 @@ def input_digests(x: np.ndarray) -> tuple[str, ...]:
     hash (xxHash's XXH3-128 is 0.1 ms for a batch of 64 AT&T faces) it could craft two
     different inputs that the log shows as one, or an input the log shows as someone
     else's. BLAKE3 is collision-resistant like SHA-256 (truncated to 128 bits: about
-    2^64 work for a collision, as before) and about 3x faster here (0.6 vs 2.0 ms for
+    2^64 work for a collision, as before) and 2.5-3x faster here (0.6-0.8 vs 2.0 ms for
     64 AT&T faces, 41 KB each, with SHA-256 on the CPU's SHA extensions; BENCHMARKS.md,
-    "Prediction service"). Rows are hashed through slices of one memoryview (no copy per
-    row). Rows logged before BLAKE3 keep their SHA-256/128 digests
-    (``QueryRecord.digest`` says which).
+    "Issue 21, last pass"). They are computed on the request's thread, before the log
+    commit and the answer: hashing on a second thread during the prediction would hide
+    under a millisecond, and only while a core is idle. Rows are hashed through slices of
+    one memoryview (no copy per row). Rows logged before BLAKE3 keep their SHA-256/128
+    digests (``QueryRecord.digest`` says which).
     """
     if x.ndim == 0 or x.shape[0] == 0:
         return ()
