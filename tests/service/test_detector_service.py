@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import threading
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 import typer
+from processes import started
 from typer.testing import CliRunner
 
 from mlinvert.cli import keys as keys_cli
@@ -121,23 +121,6 @@ def _first_refusal(oracles: list[HttpOracle] | list[QueryDetector], batches: lis
     return len(batches)
 
 
-def _started(*services: ServiceProcess) -> ExitStack:
-    """Start the services at once (each takes a few seconds); stopped when the stack closes."""
-    stack = ExitStack()
-    threads = [threading.Thread(target=s.start) for s in services]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for s in services:
-        stack.callback(s.stop)
-    for s in services:
-        if s.process is None or s.process.poll() is not None:
-            stack.close()
-            raise AssertionError(f"a service did not start: {s.log()[-2000:]}")
-    return stack
-
-
 @pytest.mark.redis
 def test_two_processes_on_one_redis_flag_an_attacker_as_one_process_would(
     tmp_path: Path, model_dir: tuple[Path, Any], redis_url: str
@@ -162,7 +145,7 @@ def test_two_processes_on_one_redis_flag_an_attacker_as_one_process_would(
             ServiceProcess([f"faces={folder}"], db=db, detector=spec, **redis) for _ in range(2)
         ]
     found = {}
-    with _started(*services[True], *services[False]), ExitStack() as clients:
+    with started(*services[True], *services[False]), ExitStack() as clients:
         for shared, pair in services.items():
             oracles = [
                 clients.enter_context(HttpOracle(s.model_url("faces"), keys[shared])) for s in pair

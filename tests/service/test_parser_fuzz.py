@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import simdjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
@@ -18,7 +19,7 @@ from toys import ToySoftmax, ToyTabular
 
 from mlinvert.defenses import Predictor, parse_policy
 from mlinvert.errors import MlinvertError
-from mlinvert.service import Store
+from mlinvert.service import Store, bodies
 from mlinvert.service.bodies import (
     decode_json,
     decode_raw,
@@ -227,3 +228,21 @@ def test_the_route_never_answers_5xx(
     run()
     assert {400, 401, 404, 415, 422} <= seen, seen  # every refusal was reached
     assert "mlinvert_server_errors_total{" not in client.get("/metrics").text
+
+
+def test_the_kept_parser_is_reused_and_a_busy_one_is_not_waited_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: list[object] = []
+    real = simdjson.Parser
+    monkeypatch.setattr(simdjson, "Parser", lambda: made.append(1) or real())
+    body = json.dumps({"inputs": [[0.25, 0.5], [1, 0]]}).encode()
+    for bad in (b'{"inputs": [[0.1, [0.2]]]}', b"{", body):  # declined, broken, read
+        inputs_array(bad, FACES.max_batch)
+    fast = inputs_array(body, FACES.max_batch)
+    assert fast is not None and fast.tolist() == [[0.25, 0.5], [1.0, 0.0]]
+    assert made == []  # every body above went through the one kept parser
+    _, lock = bodies._PARSER
+    with lock:  # another request is parsing: this one does not wait, it makes its own
+        busy = inputs_array(body, FACES.max_batch)
+    assert busy is not None and busy.tolist() == fast.tolist() and made == [1]

@@ -1,5 +1,6 @@
 """The query log: retention by age and size, the answered counter (and its backfill
-from an older database), long names cut short, and GET /v1/account's own limit."""
+from an older database), the digests (and an older log's), long names cut short, and
+GET /v1/account's own limit."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 import warnings
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pytest
 from toys import ToySoftmax
@@ -61,6 +63,30 @@ def test_a_database_from_before_the_counter_is_counted_once(tmp_path: Path) -> N
     assert (reopened.answered("alice"), reopened.answered("bob")) == (6, 0)
     reopened.close()
     assert Store(path).answered("alice") == 6  # counted once, not at every opening
+
+
+def test_digests_are_blake3_and_an_older_log_says_its_rows_are_sha256(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).random((3, 6, 5), dtype=np.float32)
+    expected = tuple(blake3.blake3(row.tobytes()).hexdigest()[:32] for row in x)
+    assert store_module.input_digests(x) == expected
+    assert store_module.input_digests(x.astype(np.float64)) == expected  # as float32 bytes
+    path = tmp_path / "old.db"
+    Store(path).close()
+    with sqlite3.connect(path) as conn:  # a log written before BLAKE3: no digest column
+        conn.execute("ALTER TABLE queries DROP COLUMN digest")
+        conn.execute(
+            "INSERT INTO queries(ts, account, model, n_inputs, outcome, status, detail, "
+            "digests) VALUES (1, 'alice', 'faces', 1, 'ok', 200, '', 'ab')"
+        )
+    store = Store(path)
+    store.log_query(
+        account="alice", model="faces", n_inputs=3, outcome="ok", status=200, digests=expected
+    )
+    old, new = store.queries()
+    assert (old.digest, old.digests) == ("sha256/128", ("ab",))
+    assert (new.digest, new.digests) == ("blake3/128", expected)
+    store.close()
+    assert [q.digest for q in Store(path).queries()] == ["sha256/128", "blake3/128"]
 
 
 def test_long_model_names_are_cut_short_in_the_log_and_the_answer(

@@ -9,18 +9,21 @@ import os
 import signal
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import redis
+from processes import started
 from toys import ToySoftmax
 from typer.testing import CliRunner
 
 from mlinvert.defenses.ratelimit import Rate, RedisBuckets, redis_client, redis_deadline
 from mlinvert.errors import ConfigError, RateLimited
 from mlinvert.service import ServiceSettings, Store, build_predictors, create_app
-from mlinvert.service.runner import RedisServer, free_port
+from mlinvert.service.runner import RedisServer, ServiceProcess, free_port
 from mlinvert.service.server import check_redis
 
 with warnings.catch_warnings():
@@ -119,6 +122,8 @@ def test_refuse_mode_refuses_a_redis_that_lost_its_data_until_an_operator_accept
     r = predict(client, api_key)
     assert r.status_code == 503 and r.headers["Retry-After"] == "60"
     assert "lost the budgets" in r.json()["error"]["message"]
+    account = client.get("/v1/account", headers={"X-API-Key": api_key})
+    assert account.status_code == 503 and "lost the budgets" in account.text
     assert "lost its data" in client.get("/readyz").json()["checks"]["redis"]
     with caplog.at_level(logging.WARNING):
         check_redis(ServiceSettings(db=store.path, **settings), store)  # a service restart
@@ -131,6 +136,38 @@ def test_refuse_mode_refuses_a_redis_that_lost_its_data_until_an_operator_accept
     assert result.exit_code == 0, result.output
     assert predict(client, api_key).status_code == 200
     assert client.get("/readyz").status_code == 200
+
+
+def test_two_processes_on_one_redis_share_the_account_read_limit(
+    server: RedisServer, store: Store, api_key: str, model_dir: tuple[Path, Any]
+) -> None:
+    """GET /v1/account's limit is one per account across the processes behind one Redis
+    (3/minute: the 4th read is refused, whichever process gets it), and a frozen Redis
+    refuses the read (fail closed) instead of answering it unmetered."""
+    folder, _ = model_dir
+    pair = [
+        ServiceProcess(
+            [f"faces={folder}"], db=store.path, redis_url=server.url, account_rate="3/minute"
+        )
+        for _ in range(2)
+    ]
+    headers = {"X-API-Key": api_key}
+    with started(*pair), httpx.Client(timeout=30.0, headers=headers) as http:
+        reads = [http.get(f"{pair[i % 2].url}/v1/account") for i in range(4)]
+        assert [r.status_code for r in reads] == [200, 200, 200, 429]
+        assert "at most 3/minute" in reads[3].json()["error"]["message"]
+        other, _ = store.create_key("bob")
+        bobs = http.get(f"{pair[1].url}/v1/account", headers={"X-API-Key": other})
+        assert bobs.status_code == 200  # the limit is per account
+    client = client_for(store, redis_url=server.url, redis_timeout=0.3)
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        frozen = client.get("/v1/account", headers={"X-API-Key": other})
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+    assert frozen.status_code == 429 and frozen.headers["Retry-After"] == "1"
+    assert "store is unreachable (TimeoutError); the request was refused" in frozen.text
 
 
 def test_reset_mode_warns_of_no_persistence_and_accepts_a_loss(

@@ -88,8 +88,8 @@ _AccountRate = Annotated[
     str | None,
     typer.Option(
         "--account-rate",
-        help="How often one account may read GET /v1/account (default 60/minute). "
-        "[MLINVERT_ACCOUNT_RATE]",
+        help="How often one account may read GET /v1/account (default 60/minute; shared "
+        "through Redis with --redis). [MLINVERT_ACCOUNT_RATE]",
     ),
 ]
 _MaxBatch = Annotated[int | None, typer.Option("--max-batch", help="Largest batch (default 256).")]
@@ -122,6 +122,15 @@ _IdleTimeout = Annotated[
         "--idle-timeout",
         help="Seconds a body may pause, and an idle connection stay open (default 10). "
         "[MLINVERT_IDLE_TIMEOUT]",
+    ),
+]
+_HeaderTimeout = Annotated[
+    float | None,
+    typer.Option(
+        "--header-timeout",
+        help="Seconds a request's headers may take to arrive, from the connection's opening "
+        "or the request's first byte; then 408 and the connection is closed (default 10). "
+        "[MLINVERT_HEADER_TIMEOUT]",
     ),
 ]
 _LogSynchronous = Annotated[
@@ -164,6 +173,7 @@ def serve_command(
     body_budget: _BodyBudget = None,
     body_timeout: _BodyTimeout = None,
     idle_timeout: _IdleTimeout = None,
+    header_timeout: _HeaderTimeout = None,
     log_synchronous: _LogSynchronous = None,
     protocol: _Protocol = None,
     log_level: _LogLevel = "warning",
@@ -191,6 +201,7 @@ def serve_command(
         body_budget_bytes=body_budget,
         body_timeout=body_timeout,
         idle_timeout=idle_timeout,
+        header_timeout=header_timeout,
         log_synchronous=None
         if log_synchronous is None
         else ("FULL" if log_synchronous else "NORMAL"),

@@ -386,7 +386,7 @@ class RedisBuckets:
                 ],
             )
         except redis.RedisError as exc:
-            raise self._unreachable(exc, "the batch was refused, ") from None
+            raise self._unreachable(exc, "the request was refused, ") from None
         if int(allowed) == -1:
             raise self._lost()
         return Admission(bool(int(allowed)), float(remaining), float(retry))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import partial
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,7 +26,13 @@ from starlette.responses import JSONResponse, Response
 
 from mlinvert import __version__
 from mlinvert.defenses.predictor import Predictor
-from mlinvert.defenses.ratelimit import MemoryBuckets, parse_rate, redis_client
+from mlinvert.defenses.ratelimit import (
+    BucketStore,
+    MemoryBuckets,
+    RedisBuckets,
+    parse_rate,
+    redis_client,
+)
 from mlinvert.errors import ConfigError, MlinvertError
 from mlinvert.service.errors import error_body, error_response
 from mlinvert.service.handler import BodyBudget, PredictHandler
@@ -67,6 +74,11 @@ def create_app(
         )
     store = store if store is not None else settings.open_store()
     metrics = metrics if metrics is not None else Metrics()
+    client = (
+        redis_client(settings.redis_url, timeout=settings.redis_timeout)
+        if settings.redis_url
+        else None
+    )
     app = FastAPI(
         docs_url=None,  # Swagger UI and ReDoc load their scripts from a CDN: blank offline
         redoc_url=None,
@@ -88,12 +100,8 @@ def create_app(
         v2_handler=V2Handler(predictors, store, metrics, settings),
         bodies=BodyBudget(settings.body_budget_bytes),
         account_rate=parse_rate(settings.account_rate),
-        account_reads=MemoryBuckets(),
-        ready_client=(
-            redis_client(settings.redis_url, timeout=settings.redis_timeout)
-            if settings.redis_url
-            else None
-        ),
+        account_reads=account_reads(settings, client),
+        ready_client=client,
     )
     _add_error_handlers(app, settings)
     app.add_middleware(ServerErrors, metrics=metrics)
@@ -103,6 +111,21 @@ def create_app(
         app.include_router(v2.router)
     app.openapi = partial(openapi_document, app)  # type: ignore[method-assign]
     return app
+
+
+def account_reads(settings: ServiceSettings, client: Any) -> BucketStore:
+    """Where ``GET /v1/account``'s per-account limit keeps its buckets: in Redis when
+    the service has one (every process behind it shares the limit, and refuses, as the
+    prediction budgets do, when Redis cannot be reached or lost its data under
+    ``--redis-loss refuse``), else in this process."""
+    if client is None or settings.redis_url is None:
+        return MemoryBuckets()
+    return RedisBuckets(
+        settings.redis_url,
+        prefix="mlinvert:account-reads:",
+        client=client,
+        refuse_lost=settings.redis_loss == "refuse",
+    )
 
 
 def _add_error_handlers(app: FastAPI, settings: ServiceSettings) -> None:

@@ -40,6 +40,7 @@ class Metrics:
         self.inputs: Counter[str] = Counter()
         self.rejections: Counter[str] = Counter()
         self.server_errors: Counter[str] = Counter()
+        self.header_timeouts = 0
         self._buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self._sum = 0.0
         self._count = 0
@@ -62,6 +63,13 @@ class Metrics:
         """Record one 5xx answer (an internal error) on ``route`` (its path template)."""
         with self._lock:
             self.server_errors[route] += 1
+
+    def header_timeout(self) -> int:
+        """Record one connection closed because its request headers came too slowly;
+        how many so far."""
+        with self._lock:
+            self.header_timeouts += 1
+            return self.header_timeouts
 
     def render(self) -> str:
         """The metrics in the Prometheus text exposition format (version 0.0.4)."""
@@ -91,6 +99,10 @@ class Metrics:
             for route, n in sorted(self.server_errors.items()):
                 lines.append(f"mlinvert_server_errors_total{_labels(route=route)} {n}")
             lines += [
+                "# HELP mlinvert_header_timeouts_total Connections closed because their "
+                "request headers were not complete in time.",
+                "# TYPE mlinvert_header_timeouts_total counter",
+                f"mlinvert_header_timeouts_total {self.header_timeouts}",
                 "# HELP mlinvert_request_latency_seconds Prediction request latency.",
                 "# TYPE mlinvert_request_latency_seconds histogram",
             ]

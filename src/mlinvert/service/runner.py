@@ -51,6 +51,8 @@ class ServiceProcess:
         max_batch: int | None = None,
         max_body_bytes: int | None = None,
         protocol: str | None = None,
+        account_rate: str | None = None,
+        header_timeout: float | None = None,
         host: str = "127.0.0.1",
         port: int | None = None,
         env: Mapping[str, str] | None = None,
@@ -78,6 +80,10 @@ class ServiceProcess:
             args += ["--max-body", str(max_body_bytes)]
         if protocol is not None:
             args += ["--protocol", protocol]
+        if account_rate is not None:
+            args += ["--account-rate", account_rate]
+        if header_timeout is not None:
+            args += ["--header-timeout", str(header_timeout)]
         self.args = args
         self.env = {**os.environ, **(env or {})}
         self.log_path = Path(tempfile.mkstemp(prefix="mlinvert-serve-", suffix=".log")[1])

@@ -20,6 +20,7 @@ from mlinvert.defenses.ratelimit import (
 from mlinvert.errors import ConfigError
 from mlinvert.service.app import create_app
 from mlinvert.service.predictors import build_predictors
+from mlinvert.service.protocol import header_deadline_protocol
 from mlinvert.service.settings import ServiceSettings
 from mlinvert.service.store import REDIS_EPOCH, Store
 from mlinvert.targets.base import Target
@@ -169,6 +170,7 @@ def serve(settings: ServiceSettings, *, log_level: str = "warning") -> None:
     )
     uvicorn.run(
         app,
+        http=header_deadline_protocol(settings.header_timeout, app.state.metrics),
         host=settings.host,
         port=settings.port,
         log_level=log_level,

@@ -34,6 +34,7 @@ _NUMBERS: dict[str, type[int] | type[float]] = {
     "port": int,
     "body_timeout": float,
     "idle_timeout": float,
+    "header_timeout": float,
     "redis_timeout": float,
     "log_max_age_days": float,
     "log_max_rows": int,
@@ -47,7 +48,8 @@ class ServiceSettings:
     Environment names are ``MLINVERT_`` + the upper-cased field: ``MLINVERT_DB``,
     ``MLINVERT_POLICY``, ``MLINVERT_RATE_LIMIT``, ``MLINVERT_DETECTOR``, ``MLINVERT_REDIS_URL``,
     ``MLINVERT_MAX_BATCH``, ``MLINVERT_MAX_BODY_BYTES``, ``MLINVERT_BODY_BUDGET_BYTES``,
-    ``MLINVERT_BODY_TIMEOUT``, ``MLINVERT_IDLE_TIMEOUT``, ``MLINVERT_REDIS_TIMEOUT``,
+    ``MLINVERT_BODY_TIMEOUT``, ``MLINVERT_IDLE_TIMEOUT``, ``MLINVERT_HEADER_TIMEOUT``,
+    ``MLINVERT_REDIS_TIMEOUT``,
     ``MLINVERT_REDIS_LOSS``, ``MLINVERT_LOG_MAX_AGE_DAYS``, ``MLINVERT_LOG_MAX_ROWS``,
     ``MLINVERT_ACCOUNT_RATE``, ``MLINVERT_HOST``,
     ``MLINVERT_PORT``, ``MLINVERT_LOG_SYNCHRONOUS``, ``MLINVERT_PROTOCOL``,
@@ -71,7 +73,10 @@ class ServiceSettings:
     Retry-After, unread); a body must arrive within ``body_timeout``
     seconds with no pause over ``idle_timeout`` seconds (408 otherwise; a pause is caught
     within the timeout's last quarter, see ``read_body``), and an idle
-    keep-alive connection is closed after ``idle_timeout`` seconds.
+    keep-alive connection is closed after ``idle_timeout`` seconds. A connection whose
+    request headers are not complete ``header_timeout`` seconds after it opened (or
+    after a later request's first byte) is answered 408 and closed (slowloris; counted
+    in ``/metrics``).
 
     Redis: every Redis call of one request shares one deadline, ``redis_timeout``
     seconds (a frozen Redis refuses a request after it, never per call). A Redis
@@ -83,7 +88,9 @@ class ServiceSettings:
     The query log keeps ``log_max_age_days`` days (default 90) and at most
     ``log_max_rows`` entries (default 10 million, about 1-2 GB); requests without a
     valid key are counted in ``/metrics``, not logged. ``GET /v1/account`` answers each
-    account at most ``account_rate`` (default 60/minute, per service process).
+    account at most ``account_rate`` (default 60/minute; with ``redis_url`` one limit
+    shared by every process on that Redis, refused as predictions are when Redis cannot
+    be reached or lost its data).
 
     ``protocol``: ``mlinvert`` (default) serves the ``/v1`` routes; ``v2`` serves the
     Open Inference Protocol's ``/v2`` routes as well (beside, not instead of, ``/v1``:
@@ -100,6 +107,7 @@ class ServiceSettings:
     body_budget_bytes: int = 48 * 2**20
     body_timeout: float = 30.0
     idle_timeout: float = 10.0
+    header_timeout: float = 10.0
     redis_timeout: float = 2.0
     redis_loss: str = "reset"
     log_max_age_days: float = 90.0
@@ -155,7 +163,13 @@ class ServiceSettings:
                 f"redis_loss must be 'reset' (budgets start full again after Redis loses its "
                 f"data) or 'refuse' (refuse queries until it is restored), got {self.redis_loss!r}"
             )
-        for name in ("body_timeout", "idle_timeout", "redis_timeout", "log_max_age_days"):
+        for name in (
+            "body_timeout",
+            "idle_timeout",
+            "header_timeout",
+            "redis_timeout",
+            "log_max_age_days",
+        ):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a number of seconds > 0, got {value!r}")

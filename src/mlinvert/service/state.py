@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from mlinvert.defenses.predictor import Predictor
-from mlinvert.defenses.ratelimit import MemoryBuckets, Rate
+from mlinvert.defenses.ratelimit import BucketStore, Rate
 from mlinvert.service.handler import BodyBudget, PredictHandler
 from mlinvert.service.metrics import Metrics
 from mlinvert.service.settings import ServiceSettings
@@ -20,9 +20,10 @@ from mlinvert.service.store import Store
 @dataclass(frozen=True)
 class ServiceState:
     """One app's shared parts. ``account_reads`` meters ``GET /v1/account`` per account
-    at ``account_rate``; ``ready_client`` is the Redis client ``/readyz`` asks (None
-    without Redis); ``handler`` answers the mlinvert predictions, ``v2_handler`` the
-    Open Inference Protocol's."""
+    at ``account_rate`` (in Redis when the service has one, shared by its processes);
+    ``ready_client`` is the Redis client ``/readyz`` asks (None without Redis);
+    ``handler`` answers the mlinvert predictions, ``v2_handler`` the Open Inference
+    Protocol's."""
 
     settings: ServiceSettings
     store: Store
@@ -32,7 +33,7 @@ class ServiceState:
     v2_handler: PredictHandler
     bodies: BodyBudget
     account_rate: Rate
-    account_reads: MemoryBuckets
+    account_reads: BucketStore
     ready_client: Any
 
 

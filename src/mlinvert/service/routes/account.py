@@ -20,27 +20,30 @@ router = APIRouter(tags=["account"])
 @router.get(
     "/v1/account",
     response_model=AccountInfo,
-    responses={code: ERRORS[code] for code in (401, 429)},
+    responses={code: ERRORS[code] for code in (401, 429, 503)},
 )
 def account(key: ApiKey, service: Service) -> AccountInfo:
     """The calling account: its rate limit and what it may still send, the inputs
     answered so far, and whether the query detector blocks it.
 
     Not a query: nothing is spent, logged or shown to the detector. 401 for a
-    missing, malformed, unknown or revoked key, as for a prediction; 429 only when
-    the rate limiter's store cannot be read.
+    missing, malformed, unknown or revoked key, as for a prediction; 429 past
+    ``--account-rate`` (shared by every process on one Redis) or when the rate
+    limiter's store cannot be read; 503 when Redis lost its data under
+    ``--redis-loss refuse``.
     """
     account = service.store.authenticate(key.require())
     account_rate = service.account_rate
-    asked = service.account_reads.take(account, 1, account_rate, time.monotonic())
-    if not asked.allowed:
-        raise RateLimited(
-            f"GET /v1/account answers an account at most {account_rate}; retry after "
-            f"{asked.retry_after:.1f} s (predictions carry the same fields in their "
-            "RateLimit headers)",
-            retry_after=asked.retry_after,
-        )
+    # one deadline for the limit's bucket and the budget read (both in Redis, if used)
     with redis_deadline(service.settings.redis_timeout):
+        asked = service.account_reads.take(account, 1, account_rate, time.time())
+        if not asked.allowed:
+            raise RateLimited(
+                f"GET /v1/account answers an account at most {account_rate}; retry after "
+                f"{asked.retry_after:.1f} s (predictions carry the same fields in their "
+                "RateLimit headers)",
+                retry_after=asked.retry_after,
+            )
         return account_info(service, account)
 
 
