@@ -167,7 +167,7 @@ def main() -> None:
     model_file = repo / "faces" / "model.joblib"
     local = LocalOracle(Predictor(load_file(model_file, input_shape=SHAPE), name="faces"))
     wire = WireConfig(protocol="v2", input_shape=SHAPE, class_names=local.info.class_names)
-    rows = []
+    rows: list[dict[str, Any]] = []
     with mlserver_box.serve(repo, "faces", root / "mlserver.log") as server:
         remote = HttpOracle(server.url, wire=wire)
         for kind in ("blackbox", "label-only"):

@@ -406,23 +406,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.what == "whitebox":
             wb = WhiteBoxOracle(Predictor(model, name=kind))
             for start in ("zero", "grey") if args.paper_labels else ():
+
+                def paper_pixel(lab: int, start: str = start) -> MIFace:
+                    return MIFace(MIFaceConfig.paper(start=start), gradient=Exact(), space=Pixel())
+
                 results[f"paper (pixel, GD on 1-p, x0={start})"] = run_labels(
-                    lambda lab, start=start: MIFace(  # type: ignore[misc]
-                        MIFaceConfig.paper(start=start), gradient=Exact(), space=Pixel()
-                    ),
-                    wb,
-                    labels[: args.paper_labels],
-                    None,
+                    paper_pixel, wb, labels[: args.paper_labels], None
                 )
             if kind == "dae" and args.paper_labels:
                 code_space = DAECode(model)
+
+                def paper_code(lab: int, sp: DAECode = code_space) -> MIFace:
+                    return MIFace(MIFaceConfig.paper(), gradient=Exact(), space=sp)
+
                 results["paper (DAE code space + Process)"] = run_labels(
-                    lambda lab, sp=code_space: MIFace(  # type: ignore[misc]
-                        MIFaceConfig.paper(), gradient=Exact(), space=sp
-                    ),
-                    wb,
-                    labels[: args.paper_labels],
-                    None,
+                    paper_code, wb, labels[: args.paper_labels], None
                 )
             results["improved (PCA prior ball, Adam)"] = improved_whitebox(ds, model, kind, labels)
         elif args.what == "blackbox":
@@ -458,15 +456,16 @@ def main(argv: list[str] | None = None) -> int:
                 None,
             )
             for central, per_iter in ((False, "forward, d+1"), (True, "central, 2d")):
-                results[f"FD in PCA prior ({per_iter} q/iter)"] = run_labels(
-                    lambda lab, central=central: MIFace(  # type: ignore[misc]
+
+                def fd_prior(lab: int, central: bool = central) -> MIFace:
+                    return MIFace(
                         MIFaceConfig.improved(max_iter=500),
                         gradient=FiniteDifferences(step=0.5, central=central),
                         space=aux_prior(ds, lab),
-                    ),
-                    oracle,
-                    labels,
-                    args.budget,
+                    )
+
+                results[f"FD in PCA prior ({per_iter} q/iter)"] = run_labels(
+                    fd_prior, oracle, labels, args.budget
                 )
         elif args.what == "rounding":
             for policy, shown in [
@@ -479,18 +478,17 @@ def main(argv: list[str] | None = None) -> int:
                 oracle = LocalOracle(Predictor(model, name=kind, policy=parse_policy(policy)))
                 gamma = None if args.no_confidence_stop else 1.0
                 row_name = f"{args.gradient}/PCA ({args.objective}, gamma {gamma}), r={shown}"
-                results[row_name] = run_labels(
-                    lambda lab, gamma=gamma: MIFace(  # type: ignore[misc]
+
+                def rounded(lab: int, gamma: float | None = gamma) -> MIFace:
+                    return MIFace(
                         MIFaceConfig.improved(
                             max_iter=args.iters, objective=args.objective, target_confidence=gamma
                         ),
                         gradient=source(args),
                         space=aux_prior(ds, lab),
-                    ),
-                    oracle,
-                    labels,
-                    args.budget,
-                )
+                    )
+
+                results[row_name] = run_labels(rounded, oracle, labels, args.budget)
         kind_rows: dict[str, dict[str, Any]] = {}
         for name, res in results.items():
             s = summarise(judge, res)

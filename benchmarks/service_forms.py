@@ -189,7 +189,7 @@ def server_parts(predictor: Predictor, x: np.ndarray, db: Path, repeats: int = 2
     the body, in this process: the prediction, the query log's digests (BLAKE3 now;
     SHA-256 cut to 128 bits, as before, for comparison) and the log commit."""
     store = Store(db)
-    rows = memoryview(np.ascontiguousarray(x, dtype="<f4").reshape(len(x), -1)).cast("B")
+    rows = np.ascontiguousarray(x, dtype="<f4").reshape(len(x), -1).data.cast("B")
     step = rows.nbytes // len(x)
     ways: dict[str, Callable[[], object]] = {
         "Predictor.predict": partial(predictor.predict, x, account="bench"),
@@ -281,7 +281,9 @@ def main() -> None:
         versions_and_floor = [*versions, "transport floor"]
         for _ in range(args.repeats):
             for b in BATCHES:
-                cells = {("in-process", "-"): partial(local.query, inputs[b])}
+                cells: dict[tuple[str, str], Callable[[], object]] = {
+                    ("in-process", "-"): partial(local.query, inputs[b])
+                }
                 cells |= {
                     (v, f): calls[v, f, b]
                     for v in versions_and_floor
@@ -330,11 +332,11 @@ def main() -> None:
     print("|---:" * (len(columns) + 3) + "|")
     for b in BATCHES:
         ceiling = medians["in-process"]["-"][b]
-        cells = [f"{medians[v][f][b][0]:,.0f} ({medians[v][f][b][1]:.1f})" for v, f in columns]
+        row = [f"{medians[v][f][b][0]:,.0f} ({medians[v][f][b][1]:.1f})" for v, f in columns]
         ratio = medians["current"]["raw"][b][0] / ceiling[0]
         print(
             f"| {b} | {ceiling[0]:,.0f} ({ceiling[1]:.1f}) | "
-            + " | ".join(cells)
+            + " | ".join(row)
             + f" | {ratio:.2f} |"
         )
     for b in BATCHES:

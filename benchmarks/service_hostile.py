@@ -211,7 +211,7 @@ def main() -> None:
                     }
                 )
                 print(rows[-1], flush=True)
-    doc = {
+    doc: dict[str, Any] = {
         "model": f"AT&T softmax {tuple(model.input_shape_)}",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "load_before": load_before,
@@ -241,10 +241,10 @@ def main() -> None:
     )
     print("|---|---|---:|---:|---:|---:|")
     for r in rows:
-        answers = ", ".join(f"{n}× {status}" for status, n in sorted(r["answers"].items()))
+        answered = ", ".join(f"{n}× {status}" for status, n in sorted(r["answers"].items()))
         sent = r["sent_mb"]
         print(
-            f"| {r['scenario']} | {answers} | {sent[0]:.1f}–{sent[-1]:.1f} | {r['seconds']:.1f} "
+            f"| {r['scenario']} | {answered} | {sent[0]:.1f}–{sent[-1]:.1f} | {r['seconds']:.1f} "
             f"| {r['peak_above_idle_mb']:+.0f} MB (idle {r['idle_rss_mb']:.0f} MB) "
             f"| {r['other_p50_ms']:.1f} / {r['other_p99_ms']:.1f} |"
         )

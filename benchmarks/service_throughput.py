@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -96,7 +96,11 @@ def measure_clients(
 
 
 Row = tuple[str, int]  # (path, batch)
-ENCODINGS = (("json", "HTTP JSON"), ("base64", "HTTP base64"), ("binary", "HTTP raw binary"))
+ENCODINGS: tuple[tuple[Literal["json", "base64", "binary"], str], ...] = (
+    ("json", "HTTP JSON"),
+    ("base64", "HTTP base64"),
+    ("binary", "HTTP raw binary"),
+)
 
 
 def main() -> None:
@@ -150,7 +154,7 @@ def main() -> None:
             )
             urls[label] = service.model_url("att")
         oracles = {
-            (label, encoding): stack.enter_context(HttpOracle(urls[label], key, encoding=encoding))  # type: ignore[arg-type]
+            (label, encoding): stack.enter_context(HttpOracle(urls[label], key, encoding=encoding))
             for label in defences
             for encoding, _ in ENCODINGS
         }

@@ -30,6 +30,7 @@ import tempfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 import numpy as np
@@ -72,8 +73,14 @@ def poster(
     return post
 
 
+class Closable(Protocol):
+    """A client to close at the end (httpx's, tritonclient's)."""
+
+    def close(self) -> None: ...
+
+
 def cells_for(
-    service: ServiceProcess, key: str, x: np.ndarray, stack: list[object]
+    service: ServiceProcess, key: str, x: np.ndarray, stack: list[Closable]
 ) -> dict[tuple[str, str], Callable[[], object]]:
     """One call per cell, each sending ``x`` once."""
     client = httpx.Client(timeout=120.0, headers={"X-API-Key": key})
@@ -119,7 +126,7 @@ def main() -> None:
     local = LocalOracle(Predictor(model, name="digits", policy=parse_policy("full"), max_batch=64))
     runs: dict[str, list[list[float]]] = {}
     load_before = os.getloadavg()
-    opened: list[object] = []
+    opened: list[Closable] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "digits-softmax"
         save(model, folder, card=trained.card)
@@ -128,13 +135,15 @@ def main() -> None:
         with ServiceProcess(
             [f"digits={folder}"], db=db, max_batch=64, protocol="v2", env=ONE_THREAD
         ) as service:
-            cells = {("in-process", "-"): partial(local.query, x)}
+            cells: dict[tuple[str, str], Callable[[], object]] = {
+                ("in-process", "-"): partial(local.query, x)
+            }
             cells |= cells_for(service, key, x, opened)
             for _ in range(args.repeats):
                 for (name, _), stats in round_robin(cells, BATCH, args.seconds).items():
                     runs.setdefault(name, []).append(list(stats))
             for thing in opened:
-                thing.close()  # type: ignore[attr-defined]
+                thing.close()
     load_after = os.getloadavg()
     medians = {name: np.median(np.array(r), axis=0).tolist() for name, r in runs.items()}
     doc = {

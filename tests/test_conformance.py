@@ -37,6 +37,7 @@ from mlinvert.attacks.tree_inversion import (
 from mlinvert.core import OracleInfo, Response
 from mlinvert.data import load
 from mlinvert.data.base import ImageDataset
+from mlinvert.data.surveys import SurveyDataset
 from mlinvert.defenses import Predictor, parse_policy
 from mlinvert.defenses.policies import Chain, LabelsOnly, Round, RoundTo, TopK
 from mlinvert.errors import (
@@ -124,6 +125,7 @@ def world(digits: ImageDataset, tmp_path_factory: pytest.TempPathFactory) -> Ite
         model_policies=names,
     ) as service:
         fair = load("fair", seed=0)
+        assert isinstance(fair, SurveyDataset)
         tree, _ = train_tree(fair, seed=0, quick=True)
         yield World(
             model=load_model(root / "softmax"),
@@ -261,7 +263,7 @@ def test_oracle_answers_and_counts(
         check_response(again, 5, spec, info)
     x = _inputs(2, 3)
     if has_gradient(oracle):
-        grad = oracle.class_gradient(x, np.asarray([LABEL, 0]))  # type: ignore[attr-defined]
+        grad = oracle.class_gradient(x, np.asarray([LABEL, 0]))
         assert grad.shape == x.shape and np.isfinite(grad).all()
         assert oracle.n_queries - before == sent + 2  # one model evaluation per input
     elif hasattr(oracle, "class_gradient"):

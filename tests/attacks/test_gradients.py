@@ -7,8 +7,18 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mlinvert.attacks.gradients import NES, SPSA, Broyden, Exact, FiniteDifferences, Objective
+from mlinvert.attacks.gradients import (
+    NES,
+    SPSA,
+    Broyden,
+    Exact,
+    FiniteDifferences,
+    GradientSource,
+    Objective,
+    ObjectiveKind,
+)
 from mlinvert.attacks.spaces import DCT, LowRes, PCAPrior, Pixel, Space
+from mlinvert.data.base import ImageDataset
 from mlinvert.defenses import Predictor, parse_policy
 from mlinvert.errors import GradientUnavailable
 from mlinvert.oracle import LocalOracle, WhiteBoxOracle
@@ -37,19 +47,19 @@ def _autograd(model: TorchToy, space: Space, z: np.ndarray, label: int) -> np.nd
 )
 @pytest.mark.parametrize("space", [Pixel(), DCT(4)])
 def test_estimators_agree_with_autograd(
-    toy_mlp: TorchToy, source: object, threshold: float, space: Space
+    toy_mlp: TorchToy, source: GradientSource, threshold: float, space: Space
 ) -> None:
     oracle = LocalOracle(Predictor(toy_mlp, name="mlp"))
     bound = space.bind(toy_mlp.input_shape_)
     z = bound.encode(np.full((1, 8, 8), 0.4))[0]
     label = 3
-    est = source.estimate(  # type: ignore[attr-defined]
+    est = source.estimate(
         oracle, bound, z, Objective(kind="prob", label=label), np.random.default_rng(0), {}, 512
     )
     ref = _autograd(toy_mlp, bound, z, label)
     assert _cos(est.grad, ref) >= threshold
     # counting is exact: the estimate reports what the oracle counted, as documented
-    assert est.n_queries == oracle.n_queries == source.queries_per_step(bound.dim)  # type: ignore[attr-defined]
+    assert est.n_queries == oracle.n_queries == source.queries_per_step(bound.dim)
     assert est.probs[label] == pytest.approx(toy_mlp.predict_proba(bound.decode(z[None]))[0, label])
 
 
@@ -68,13 +78,13 @@ def test_exact_matches_autograd_for_log_and_margin(toy_mlp: TorchToy) -> None:
 
 @pytest.mark.parametrize("kind", ["prob", "log", "margin"])
 def test_broyden_estimates_every_score_once_then_one_query_per_step(
-    toy_mlp: TorchToy, toy_softmax: TorchToy, kind: str
+    toy_mlp: TorchToy, toy_softmax: TorchToy, kind: ObjectiveKind
 ) -> None:
     """First step: d + 1 queries, gradient = autograd's for any objective. Later steps: one
     query each; on the linear softmax the updated Jacobian stays exact far from the start
     (the model is extracted), on the MLP it tracks the gradient along the path."""
     space = LowRes(4, 4).bind((8, 8))
-    obj = Objective(kind=kind, label=5)  # type: ignore[arg-type]
+    obj = Objective(kind=kind, label=5)
     rng = np.random.default_rng(0)
     exact_fd = FiniteDifferences(step=1e-4, central=True)
     for model, floor in ((toy_softmax, 0.999), (toy_mlp, 0.9)):
@@ -123,10 +133,10 @@ def test_exact_without_gradient_names_the_fix(toy_mlp: TorchToy) -> None:
         )
 
 
-def test_nes_adapts_sigma_to_rounded_scores(toy_mlp: TorchToy, digits: object) -> None:
+def test_nes_adapts_sigma_to_rounded_scores(toy_mlp: TorchToy, digits: ImageDataset) -> None:
     """With scores rounded to 2 decimals a tiny sigma sees only zeros; adaptation fixes it."""
     oracle = LocalOracle(Predictor(toy_mlp, name="mlp", policy=parse_policy("round:2")))
-    space = PCAPrior(digits.images[digits.labels != 3][:300], 12).bind((8, 8))  # type: ignore[attr-defined]
+    space = PCAPrior(digits.images[digits.labels != 3][:300], 12).bind((8, 8))
     z = np.zeros(space.dim)
     nes = NES(samples=100, sigma=1e-4)
     state: dict[str, float] = {}

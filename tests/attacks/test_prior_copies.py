@@ -27,12 +27,15 @@ def test_copies_of_private_photos_are_dropped_and_counted(
     assert coincident(aux, private).tolist() == [False] * 3 + [True] + [False] * 3 + [True]
     with caplog.at_level(logging.WARNING):
         space = PCAPrior(aux, 4, private=private, source="held-out photos").bind((12, 10))
+    assert isinstance(space, PCAPrior)
     assert space.dropped == 2 and space.to_dict()["n_aux_dropped"] == 2
     assert space.to_dict()["n_aux"] == 8
     assert "dropped 2 of 8 auxiliary images (held-out photos)" in caplog.text
     # the prior is built from the six other photos alone: its mean face is theirs
+    assert space._offset is not None
     np.testing.assert_allclose(space._offset, others.reshape(6, -1).mean(axis=0))
-    assert PCAPrior(others, 4, private=private).bind((12, 10)).dropped == 0
+    bound = PCAPrior(others, 4, private=private).bind((12, 10))
+    assert isinstance(bound, PCAPrior) and bound.dropped == 0
 
 
 def test_too_few_photos_left_is_one_clear_error() -> None:

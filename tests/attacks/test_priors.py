@@ -22,6 +22,7 @@ from mlinvert.attacks.priors import (
     load_prior,
     train_prior,
 )
+from mlinvert.attacks.priors.nets import LinearDecoder
 from mlinvert.cli.main import build_app, main
 from mlinvert.defenses import Predictor
 from mlinvert.errors import ConfigError, ModelError
@@ -225,6 +226,7 @@ def test_finetune_the_mean_only_keeps_the_public_basis_and_stops_on_held_out_peo
     domain, groups = x_test[y_test >= 5][:60], y_test[y_test >= 5][:60]
     config = FinetuneConfig(steps=40, lr=1e-2, mirror=False, train=("mean",))
     tuned = finetune_prior(prior, domain, config, source="5-9")
+    assert isinstance(tuned.decoder, LinearDecoder) and isinstance(prior.decoder, LinearDecoder)
     np.testing.assert_array_equal(tuned.decoder.basis.numpy(), prior.decoder.basis.numpy())
     assert not np.array_equal(tuned.decoder.mean.numpy(), prior.decoder.mean.numpy())
     stopped = dataclasses.replace(config, holdout=0.4, check_every=5)

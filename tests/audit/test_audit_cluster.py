@@ -11,8 +11,9 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import httpx
 import pytest
@@ -38,6 +39,29 @@ ARGS = [*PEOPLE, "--targets", "softmax", "--defenses", f"none,round:2+rate:{RATE
 ARGS += ["--lanes", "1"]
 
 
+class _Api(TypedDict):
+    """AuditConfig's keywords of an --api audit."""
+
+    api_keys: tuple[str, ...]
+    data: str
+    attacks: tuple[str, ...]
+
+
+class _Plan(TypedDict):
+    """plan_tasks' keywords besides the defence's."""
+
+    lanes: int
+    group_size: int
+
+
+class _Served(TypedDict):
+    """ServiceProcess's keywords shared by the two replicas."""
+
+    db: Path
+    policy: str
+    env: Mapping[str, str]
+
+
 def test_cluster_specs_and_what_they_cannot_be_combined_with(tmp_path: Path) -> None:
     assert parse_cluster("local:2") == ("local", 2)
     assert parse_cluster("tcp://10.0.0.5:8786") == ("tcp", "tcp://10.0.0.5:8786")
@@ -50,7 +74,7 @@ def test_cluster_specs_and_what_they_cannot_be_combined_with(tmp_path: Path) -> 
         AuditConfig(out=tmp_path, cluster="local:2", replicas=0)
     with pytest.raises(ConfigError, match="drop --in-process"):
         AuditConfig(out=tmp_path, cluster="local:2", in_process=True)
-    api = {"api_keys": ("k",), "data": "digits", "attacks": ("blackbox",)}
+    api: _Api = {"api_keys": ("k",), "data": "digits", "attacks": ("blackbox",)}
     one, other = "http://127.0.0.1:1/v1/models/m", "http://127.0.0.1:2/v1/models/m"
     on_cluster = AuditConfig(out=tmp_path, cluster="local:2", api=f"{one}, {other}", **api)
     assert on_cluster.api_urls == (one, other)
@@ -79,10 +103,12 @@ def test_tasks_split_people_only_where_the_defence_keeps_no_account_state() -> N
     assert split_people(people, size=3, lanes=4, split=True) == [(0, 1, 2, 3, 4), (5, 6, 7, 8, 9)]
     assert split_people(people, size=3, lanes=8, split=True) == [people]
     assert split_people(people, size=3, lanes=1, split=False) == [people]
-    todo = [(a, "t", (0, 1, 2, 3)) for a in ("blackbox", "label-only", "whitebox")]
+    todo: list[tuple[str, str, tuple[int, ...]]] = [
+        (a, "t", (0, 1, 2, 3)) for a in ("blackbox", "label-only", "whitebox")
+    ]
     whole = [("t", ((a, (0, 1, 2, 3)),)) for a in ("blackbox", "label-only")]
     halves = [("t", (("whitebox", (0, 1)),)), ("t", (("whitebox", (2, 3)),))]
-    plan = {"lanes": 2, "group_size": 2}
+    plan: _Plan = {"lanes": 2, "group_size": 2}
     # a rate limit or detector: an API attack's people stay with its account(s)
     assert plan_tasks(todo, stateful=True, shared_keys=False, **plan) == [
         *whole,
@@ -186,7 +212,7 @@ def test_an_api_audit_spread_over_two_replicas_gives_the_records_of_one_machine(
     store = Store(db)
     keys = {who: store.create_key(who)[0] for who in ("one-machine", "cluster")}
     store.close()
-    served = {"db": db, "policy": "round:2", "env": ONE_THREAD_ENV}
+    served: _Served = {"db": db, "policy": "round:2", "env": ONE_THREAD_ENV}
     with (
         RedisServer() as redis,
         ServiceProcess([f"digits={model}"], redis_url=redis.url, **served) as first,

@@ -15,7 +15,7 @@ import pytest
 from mlinvert.audit.config import AuditConfig
 from mlinvert.audit.runner import run_audit
 from mlinvert.data import load
-from mlinvert.data.base import Split
+from mlinvert.data.base import ImageDataset, Split
 from mlinvert.targets.io import read_card
 
 ATT = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "att_faces"
@@ -67,6 +67,7 @@ def test_an_audit_of_a_folder_with_copied_photos_attacks_every_person(tmp_path: 
     card = read_card(Path(doc["targets"]["softmax"]["model_dir"]))
     split = Split.from_dict(card["split"])
     ds = load(card["dataset"])
+    assert isinstance(ds, ImageDataset)
     assert card["dataset"] == f"{data}&fit=crop"
     assert "10 copies of another photo kept on its side" in split.rule
     train = set(split.train.tolist())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,9 @@ class _Stop:
 
     def __init__(self, after: int | None) -> None:
         self.after = after
-        self.records: list[dict[str, Any]] = []
+        self.records: list[Mapping[str, Any]] = []
 
-    def __call__(self, kind: str, data: dict[str, Any]) -> None:
+    def __call__(self, kind: str, data: Mapping[str, Any]) -> None:
         if kind == "record":
             self.records.append(data)
             if self.after is not None and len(self.records) >= self.after:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlinvert.audit.config import AuditConfig, resolve_defenses
-from mlinvert.audit.results import ResultsFile
+from mlinvert.audit.results import Record, ResultsFile
 from mlinvert.core import Response
 from mlinvert.errors import ConfigError
 from mlinvert.evaluation.utility import expected_calibration_error, served_utility
@@ -62,7 +62,7 @@ def test_ece_and_utility() -> None:
     assert labels["carries"] == "label" and labels["ece"] == pytest.approx(2 / 3)
 
 
-def _record(label: int) -> dict:
+def _record(label: int) -> Record:
     return {
         "attack": "blackbox",
         "defense": "none",

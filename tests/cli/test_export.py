@@ -50,7 +50,7 @@ def test_export_to_a_path_it_cannot_write_is_one_clear_line(
     model, card = train_tree(steak, seed=0, quick=True)
     io.save(model, tmp_path / "tree", card=card)
     (tmp_path / "folder").mkdir()
-    card = (tmp_path / "tree" / "model.json").read_text()
+    card_text = (tmp_path / "tree" / "model.json").read_text()
     target = tmp_path / out if not out.startswith("/") else Path(out)
     with pytest.raises(SystemExit) as stop:
         main(["export", "--model", str(tmp_path / "tree"), "--out", str(target)])
@@ -58,4 +58,4 @@ def test_export_to_a_path_it_cannot_write_is_one_clear_line(
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
     assert message in err and "Traceback" not in err
     assert not list(tmp_path.glob("**/*.tmp"))  # no temporary file left behind
-    assert (tmp_path / "tree" / "model.json").read_text() == card
+    assert (tmp_path / "tree" / "model.json").read_text() == card_text

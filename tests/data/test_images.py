@@ -10,14 +10,21 @@ import pytest
 from PIL import Image
 
 from mlinvert.data import load
-from mlinvert.data.base import close_pairs, copy_groups, per_class_split
+from mlinvert.data.base import ImageDataset, close_pairs, copy_groups, per_class_split
 from mlinvert.errors import DataError
 
 from .conftest import write_image
 
 
+def load_images(spec: str, *, seed: int = 0, size: tuple[int, int] | None = None) -> ImageDataset:
+    """``load`` for a spec that names an image set (a survey here is a failed test)."""
+    ds = load(spec, seed=seed, size=size)
+    assert isinstance(ds, ImageDataset), spec
+    return ds
+
+
 def test_att_shapes_names_and_split(att_path: Path) -> None:
-    ds = load(f"att:{att_path}", seed=0)
+    ds = load_images(f"att:{att_path}", seed=0)
     assert ds.images.shape == (400, 112, 92)
     assert ds.images.dtype == np.float32 and ds.labels.dtype == np.int64
     assert ds.images.min() >= 0.0 and ds.images.max() <= 1.0 and ds.images.std() > 0.1
@@ -31,7 +38,7 @@ def test_att_shapes_names_and_split(att_path: Path) -> None:
 
 
 def test_att_split_is_deterministic_per_seed(att_path: Path) -> None:
-    a, b, c = (load(f"att:{att_path}", seed=s) for s in (3, 3, 4))
+    a, b, c = (load_images(f"att:{att_path}", seed=s) for s in (3, 3, 4))
     assert np.array_equal(a.split.train, b.split.train)
     assert np.array_equal(a.split.test, b.split.test)
     assert not np.array_equal(a.split.train, c.split.train)
@@ -39,7 +46,7 @@ def test_att_split_is_deterministic_per_seed(att_path: Path) -> None:
 
 
 def test_fake_att_and_subset(fake_att: Path) -> None:
-    ds = load(f"att:{fake_att}", seed=1)
+    ds = load_images(f"att:{fake_att}", seed=1)
     assert ds.images.shape == (30, 112, 92) and ds.n_classes == 3
     sub = ds.subset(2)
     assert sub.n_classes == 2 and set(sub.labels.tolist()) == {0, 1}
@@ -48,7 +55,7 @@ def test_fake_att_and_subset(fake_att: Path) -> None:
 
 
 def test_folder_converts_and_resizes(fake_folder: Path) -> None:
-    ds = load(f"folder:{fake_folder}", seed=0, size=(32, 24))
+    ds = load_images(f"folder:{fake_folder}", seed=0, size=(32, 24))
     assert ds.images.shape == (8, 32, 24) and ds.class_names == ("alice", "bob")
     assert ds.images.dtype == np.float32 and ds.images.max() <= 1.0
     assert ds.split.train.size + ds.split.test.size == 8
@@ -56,10 +63,10 @@ def test_folder_converts_and_resizes(fake_folder: Path) -> None:
 
 
 def test_digits_is_embedded() -> None:
-    ds = load("digits", seed=0)
+    ds = load_images("digits", seed=0)
     assert ds.images.shape == (1797, 8, 8) and ds.n_classes == 10
     assert ds.class_names == tuple(str(i) for i in range(10))
-    other = load("digits", seed=1)
+    other = load_images("digits", seed=1)
     assert not np.array_equal(ds.split.train, other.split.train)
 
 
@@ -149,7 +156,7 @@ def test_hidden_and_other_files_are_skipped(fake_folder: Path) -> None:
     (fake_folder / "bob" / "notes.txt").write_text("photographed 2019")
     (fake_folder / ".cache").mkdir()
     write_image(fake_folder / ".cache" / "0.png", (10, 10))
-    ds = load(f"folder:{fake_folder}")
+    ds = load_images(f"folder:{fake_folder}")
     assert ds.class_names == ("alice", "bob") and ds.images.shape[0] == 8
     assert ds.meta["ignored_files"] == 1
 
@@ -169,10 +176,10 @@ def test_folder_fits_other_sizes_by_the_stated_policy(tmp_path: Path) -> None:
             Image.fromarray(px, mode="L").save(tmp_path / name / f"{k}.png")
     got = {}
     for fit in ("crop", "pad", "stretch"):
-        ds = load(f"folder:{tmp_path}?size=20,20&fit={fit}")
+        ds = load_images(f"folder:{tmp_path}?size=20,20&fit={fit}")
         assert ds.spec == f"folder:{tmp_path}?size=20,20&fit={fit}"
         assert ds.meta["fit"] == fit and ds.meta["size"] == [20, 20]
-        assert np.array_equal(load(ds.spec).images, ds.images)
+        assert np.array_equal(load_images(ds.spec).images, ds.images)
         got[fit] = ds.images[0]
     crop, pad, stretch = got["crop"], got["pad"], got["stretch"]
     assert crop[10, 2] == 1.0 and crop[10, 17] == 0.0  # the middle 20 columns
@@ -203,7 +210,7 @@ def test_folder_reads_colour_transparency_16_bit_and_animations(tmp_path: Path) 
     Image.new("P", (8, 8), 0).save(person / "pal.bmp")
     write_image(tmp_path / "q" / "0.pgm", (8, 8), seed=1)
     write_image(tmp_path / "q" / "1.pgm", (8, 8), seed=2)
-    ds = load(f"folder:{tmp_path}?size=8,8")
+    ds = load_images(f"folder:{tmp_path}?size=8,8")
     by_file = dict(zip(sorted(f.name for f in person.iterdir()), ds.images[:5], strict=True))
     assert by_file["red.jpg"].mean() == pytest.approx(76 / 255, abs=3 / 255)  # luma of red
     assert by_file["clear.png"].min() == 1.0
@@ -221,7 +228,7 @@ def test_copies_are_found_reported_and_kept_on_one_side(fake_att: Path) -> None:
     noise = np.random.default_rng(0).integers(-3, 4, size=px.shape)
     Image.fromarray(np.clip(px + noise, 0, 255).astype(np.uint8)).save(fake_att / "s2" / "12.pgm")
     for seed in range(6):
-        ds = load(f"att:{fake_att}", seed=seed)
+        ds = load_images(f"att:{fake_att}", seed=seed)
         copies = ds.meta["copies"]
         assert [c["files"] for c in copies] == [
             ["s1/3.pgm", "s1/11.pgm"],
@@ -236,7 +243,7 @@ def test_copies_are_found_reported_and_kept_on_one_side(fake_att: Path) -> None:
 
 
 def test_split_without_copies_is_the_plain_row_split(att_path: Path) -> None:
-    ds = load(f"att:{att_path}", seed=3)
+    ds = load_images(f"att:{att_path}", seed=3)
     assert "copies" not in ds.meta  # AT&T's 400 photos are all distinct
     plain = per_class_split(ds.labels, 7, 3)
     assert np.array_equal(plain.train, ds.split.train) and plain.rule == ds.split.rule

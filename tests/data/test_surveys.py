@@ -78,7 +78,8 @@ def test_fair_embedded(fair: SurveyDataset) -> None:
 
 
 def test_dispatcher_and_bad_paths(tmp_path: Path, steak_path: Path) -> None:
-    assert load(f"steak:{steak_path}").name == "steak"
+    steak = load(f"steak:{steak_path}")
+    assert isinstance(steak, SurveyDataset) and steak.name == "steak"
     with pytest.raises(DataError, match="not found"):
         load(f"steak:{tmp_path / 'nope.csv'}")
     bad = tmp_path / "steak-risk-survey.csv"

@@ -164,7 +164,8 @@ def test_history_forgets_old_inputs_and_bounds_memory(monkeypatch: pytest.Monkey
     assert det.status("a")["near_duplicates"] == 1
     for i in range(8, 12):  # one at a time: the store is compacted as inputs age out
         det.check("a", photos[i : i + 1], 0.0)
-    state = det.history._accounts["a"]  # type: ignore[attr-defined]
+    assert isinstance(det.history, MemoryHistory)
+    state = det.history._accounts["a"]
     assert state.inputs == 13 and state.ids.min() >= 13 - 5 - 1
     assert len(state.keys) == len(state.ids) <= 6 * 50
     assert np.all(np.diff(state.keys.astype(np.float64)) >= 0)  # still sorted
@@ -226,9 +227,9 @@ def _synthetic(seed: int, n: int = 240) -> tuple[DetectorConfig, list[np.ndarray
         hashes=size,
     )
     prints = [np.sort(rng.choice(alphabet, size=size, replace=False)) for _ in range(n)]
-    sizes = []
+    sizes: list[int] = []
     while sum(sizes) < n:
-        sizes.append(int(min(n - sum(sizes), rng.integers(1, 40))))
+        sizes.append(min(n - sum(sizes), int(rng.integers(1, 40))))
     return config, prints, sizes, int(rng.integers(1, size + 1))
 
 
@@ -306,7 +307,8 @@ def test_redis_history_flags_a_probe_attack_where_memory_does(
         counts.append((memory.status("eve"), shared.status("eve")))
         flags.append((memory.flags.flagged("eve"), shared.flags.flagged("eve")))
         for det in (memory, shared):
-            det.flags.unflag("eve")  # type: ignore[attr-defined]
+            assert isinstance(det.flags, MemoryFlags)
+            det.flags.unflag("eve")
     assert [m for m, _ in counts] == [r for _, r in counts]
     assert [m for m, _ in flags] == [r for _, r in flags]
     assert sum(m is not None for m, _ in flags) >= 3  # the attack is flagged again and again
@@ -350,7 +352,7 @@ def test_redis_history_forgets_old_inputs_and_expires(redis_url: str) -> None:
         det.check("a", photos[i : i + 3], 0.0)
     client = redis.Redis.from_url(redis_url)
     counters, ring, buckets = history.keys("a", config)
-    bucket_keys = list(client.scan_iter(match=buckets + "*"))
+    bucket_keys: list[str | bytes] = list(client.scan_iter(match=buckets + "*"))
     remembered = sum(client.hlen(k) for k in bucket_keys)
     assert 5 * 40 <= remembered <= 6 * 50  # the latest 6 inputs' hashes, no more
     assert client.llen(ring) == 6

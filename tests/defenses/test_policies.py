@@ -62,7 +62,8 @@ def test_top_k_keeps_exactly_the_k_largest(probs: np.ndarray) -> None:
     kept = out > 0
     assert np.array_equal(out[kept], probs[kept])
     assert np.array_equal(out.argmax(axis=1), probs.argmax(axis=1))
-    assert TopK(k=50)(probs) is not None and np.array_equal(TopK(k=50)(probs), probs)
+    wide = TopK(k=50)(probs)
+    assert wide is not None and np.array_equal(wide, probs)
 
 
 def test_labels_only_withholds_scores(probs: np.ndarray) -> None:
@@ -98,8 +99,11 @@ def test_chain_composes_left_to_right(probs: np.ndarray) -> None:
     policy = parse_policy("top:3+round:2")
     assert isinstance(policy, Chain)
     assert policy.carries == "top-k"
-    expected = Round(decimals=2)(TopK(k=3)(probs))  # type: ignore[arg-type]
-    assert np.array_equal(policy(probs), expected)  # type: ignore[arg-type]
+    top = TopK(k=3)(probs)
+    assert top is not None
+    expected = Round(decimals=2)(top)
+    out = policy(probs)
+    assert out is not None and expected is not None and np.array_equal(out, expected)
     assert parse_policy("round:2+labels")(probs) is None
     assert parse_policy("round:2+labels").carries == "label"
 

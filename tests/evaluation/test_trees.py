@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from mlinvert.data.surveys import SurveyDataset
@@ -40,12 +41,12 @@ def _get(records: list[dict[str, Any]], **where: Any) -> dict[str, Any]:
 
 
 def test_binary_metrics_numbers() -> None:
-    m = binary_metrics([1, 1, 0, 0, 0], [1, 0, 1, 0, 0])
+    m = binary_metrics(np.array([1, 1, 0, 0, 0]), np.array([1, 0, 1, 0, 0]))
     assert m["accuracy"] == pytest.approx(0.6)
     assert m["precision"] == pytest.approx(0.5) and m["recall"] == pytest.approx(0.5)
     assert m["mcc"] == pytest.approx((1 * 2 - 1 * 1) / (2 * 2 * 3 * 3) ** 0.5)
     assert m["gmean"] == pytest.approx((0.5 * 2 / 3) ** 0.5)
-    none = binary_metrics([1, 0], [0, 0])
+    none = binary_metrics(np.array([1, 0]), np.array([0, 0]))
     assert none["precision"] == 0.0 and none["mcc"] == 0.0
 
 

@@ -7,6 +7,7 @@ import json
 import warnings
 from pathlib import Path
 from types import ModuleType
+from typing import Literal, TypedDict, Unpack
 
 import httpx
 import numpy as np
@@ -28,6 +29,18 @@ from mlinvert.errors import (
 from mlinvert.oracle import HttpOracle, LocalOracle, Oracle
 from mlinvert.service import ServiceSettings, Store, build_predictors, create_app
 
+#: The wire forms HttpOracle can send.
+Encoding = Literal["binary", "base64", "json"]
+
+
+class _Options(TypedDict, total=False):
+    """The HttpOracle keywords a mock-transport test sets."""
+
+    encoding: Encoding
+    max_retries: int
+    max_wait: float
+
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient
@@ -48,10 +61,10 @@ def in_process(tmp_path: Path, toys: ModuleType, policy: str) -> tuple[TestClien
 @pytest.mark.parametrize("encoding", ["binary", "base64", "json"])
 @pytest.mark.parametrize("policy", ["full", "top:3+round:3", "labels"])
 def test_parity_and_batching_in_process(
-    tmp_path: Path, toys: ModuleType, policy: str, encoding: str
+    tmp_path: Path, toys: ModuleType, policy: str, encoding: Encoding
 ) -> None:
     client, key = in_process(tmp_path, toys, policy)
-    oracle = HttpOracle("http://testserver/v1/models/faces", key, client=client, encoding=encoding)  # type: ignore[arg-type]
+    oracle = HttpOracle("http://testserver/v1/models/faces", key, client=client, encoding=encoding)
     assert isinstance(oracle, Oracle)
     local = LocalOracle(Predictor(toys.ToySoftmax(), name="faces", policy=parse_policy(policy)))
     assert dataclasses.replace(oracle.info, extra={}) == local.info
@@ -61,14 +74,17 @@ def test_parity_and_batching_in_process(
     if policy == "labels":
         assert got.probs is None
     else:
-        assert np.array_equal(got.probs, np.concatenate([w.probs for w in want]))  # type: ignore[misc]
-    assert got.label_names == sum((w.label_names for w in want), ())  # type: ignore[misc]
+        parts = [w.probs for w in want if w.probs is not None]
+        assert got.probs is not None and len(parts) == len(want)
+        assert np.array_equal(got.probs, np.concatenate(parts))
+    names = [w.label_names for w in want if w.label_names is not None]
+    assert len(names) == len(want) and got.label_names == sum(names, ())
     assert oracle.n_queries == local.n_queries == 70
     assert oracle.info.extra["max_batch"] == 32
 
 
 def mock_oracle(
-    responses: list[httpx.Response | Exception], name: str = "m", **kwargs: object
+    responses: list[httpx.Response | Exception], name: str = "m", **options: Unpack[_Options]
 ) -> tuple[HttpOracle, list[float], list[httpx.Request]]:
     seen: list[httpx.Request] = []
     listing = {
@@ -101,8 +117,8 @@ def mock_oracle(
         "k",
         client=httpx.Client(transport=httpx.MockTransport(handler)),
         sleep=sleeps.append,
-        **kwargs,
-    )  # type: ignore[arg-type]
+        **options,
+    )
     return oracle, sleeps, seen
 
 
@@ -138,7 +154,7 @@ def test_retries_transient_failures_with_backoff() -> None:
     response = oracle.query(np.zeros((2, 2)))
     assert sleeps == [0.2, 0.4, 0.8]
     assert len(seen) == 4 and oracle.n_queries == 2
-    assert np.array_equal(response.probs, [[0.25, 0.75]] * 2)  # type: ignore[arg-type]
+    assert response.probs is not None and np.array_equal(response.probs, [[0.25, 0.75]] * 2)
     body = json.loads(seen[-1].content)
     assert body["binary"]["shape"] == [2, 2]
     assert seen[-1].headers["Authorization"] == "Bearer k"
@@ -213,7 +229,7 @@ def test_account_and_check_key_spend_no_query(tmp_path: Path, toys: ModuleType) 
     predictors = build_predictors({"faces": toys.ToySoftmax()}, settings, flags=store)
     client = TestClient(create_app(settings, predictors, store=store))
     url = "http://testserver/v1/models/faces"
-    oracle = HttpOracle(url, alice, client=client)  # type: ignore[arg-type]
+    oracle = HttpOracle(url, alice, client=client)
     oracle.query(X[:10])
     oracle.check_key()
     account = oracle.account()
@@ -224,13 +240,13 @@ def test_account_and_check_key_spend_no_query(tmp_path: Path, toys: ModuleType) 
     assert [q.n_inputs for q in store.queries()] == [10]  # nothing logged either
     # a blocked account's key is valid: check_key passes, account() says blocked
     store.flag(Flag(account="mallory", at=0.0, near_duplicates=60, inputs=60, detail="why"))
-    blocked = HttpOracle(url, mallory, client=client)  # type: ignore[arg-type]
+    blocked = HttpOracle(url, mallory, client=client)
     blocked.check_key()
     assert blocked.account().blocked
     with pytest.raises(Blocked):
         blocked.query(X[:1])
     for key, words in ((gone, "was revoked"), ("mli_" + "x" * 43, "unknown API key")):
-        refused = HttpOracle(url, key, client=client)  # type: ignore[arg-type]
+        refused = HttpOracle(url, key, client=client)
         with pytest.raises(Unauthorized, match=words):
             refused.check_key()
 
@@ -242,7 +258,12 @@ def test_account_from_a_service_without_the_route_or_a_strange_answer() -> None:
     oracle, _, _ = mock_oracle([httpx.Response(200, json={"account": "x"})])
     with pytest.raises(OracleError, match="not an account"):
         oracle.account()
-    unlimited = {"account": "x", "blocked_models": [], "rate_limit": None, "inputs_answered": 3}
+    unlimited: dict[str, object] = {
+        "account": "x",
+        "blocked_models": [],
+        "rate_limit": None,
+        "inputs_answered": 3,
+    }
     oracle, _, seen = mock_oracle([httpx.Response(200, json=unlimited)])
     account = oracle.account()
     assert (account.rate_limit, account.remaining, account.reset_in) == (None, None, None)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -139,7 +139,7 @@ def test_a_stalled_body_gets_408(store: Store, api_key: str) -> None:
 def test_a_client_that_leaves_mid_body_is_no_internal_error(
     store: Store, api_key: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    messages = iter(
+    messages: Iterator[dict[str, Any]] = iter(
         [
             {"type": "http.request", "body": ROW[:20], "more_body": True},
             {"type": "http.disconnect"},

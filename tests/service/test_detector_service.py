@@ -140,9 +140,10 @@ def test_two_processes_on_one_redis_flag_an_attacker_as_one_process_would(
     for shared in (True, False):  # one database per pair; all four processes start at once
         db = tmp_path / f"service-{shared}.db"
         keys[shared] = Store(db).create_key("mallory")[0]
-        redis = {"redis_url": redis_url} if shared else {}
+        url = redis_url if shared else None
         services[shared] = [
-            ServiceProcess([f"faces={folder}"], db=db, detector=spec, **redis) for _ in range(2)
+            ServiceProcess([f"faces={folder}"], db=db, detector=spec, redis_url=url)
+            for _ in range(2)
         ]
     found = {}
     with started(*services[True], *services[False]), ExitStack() as clients:

@@ -235,7 +235,12 @@ def test_the_kept_parser_is_reused_and_a_busy_one_is_not_waited_for(
 ) -> None:
     made: list[object] = []
     real = simdjson.Parser
-    monkeypatch.setattr(simdjson, "Parser", lambda: made.append(1) or real())
+
+    def counted() -> simdjson.Parser:
+        made.append(1)
+        return real()
+
+    monkeypatch.setattr(simdjson, "Parser", counted)
     body = json.dumps({"inputs": [[0.25, 0.5], [1, 0]]}).encode()
     for bad in (b'{"inputs": [[0.1, [0.2]]]}', b"{", body):  # declined, broken, read
         inputs_array(bad, FACES.max_batch)

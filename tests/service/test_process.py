@@ -89,7 +89,7 @@ def test_real_service_parity_budget_and_limits(tmp_path: Path, model_dir: tuple[
                 )
             )
             for encoding in ("binary", "json"):
-                with HttpOracle(service.model_url(name), keys[name], encoding=encoding) as oracle:  # type: ignore[arg-type]
+                with HttpOracle(service.model_url(name), keys[name], encoding=encoding) as oracle:
                     assert oracle.info.policy == local.info.policy == parse_policy(policy).name
                     assert oracle.info.class_names == local.info.class_names
                     for seed, n in ((1, 1), (2, 32), (3, 7)):

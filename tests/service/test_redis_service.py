@@ -10,7 +10,7 @@ import signal
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import httpx
 import numpy as np
@@ -48,6 +48,11 @@ def server() -> Iterator[RedisServer]:
         pytest.skip(f"redis-server binary absent: {exc}")
     with server:
         yield server
+
+
+class _RedisSettings(TypedDict):
+    redis_url: str
+    redis_loss: str
 
 
 def client_for(store: Store, **settings: Any) -> TestClient:
@@ -114,7 +119,7 @@ def test_refuse_mode_refuses_a_redis_that_lost_its_data_until_an_operator_accept
 ) -> None:
     from mlinvert.cli import keys
 
-    settings = dict(redis_url=server.url, redis_loss="refuse")
+    settings: _RedisSettings = {"redis_url": server.url, "redis_loss": "refuse"}
     check_redis(ServiceSettings(db=store.path, **settings), store)  # the first start marks
     client = client_for(store, **settings)
     assert predict(client, api_key).status_code == 200

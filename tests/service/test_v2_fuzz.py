@@ -19,6 +19,7 @@ from mlinvert.defenses import Predictor, parse_policy
 from mlinvert.errors import MlinvertError
 from mlinvert.service import ServiceSettings, Store, build_predictors, create_app
 from mlinvert.service.v2 import parse_infer
+from mlinvert.targets.base import Target
 
 with warnings.catch_warnings():  # starlette warns that its TestClient will move to httpx2
     warnings.simplefilter("ignore")
@@ -123,7 +124,7 @@ def test_the_infer_route_never_answers_5xx(store: Store, api_key: str) -> None:
     config = ServiceSettings(
         db=store.path, protocol="v2", max_batch=8, max_body_bytes=4096, rate_limit="50/minute"
     )
-    models = {"faces": ToySoftmax(), "survey": ToyTabular()}
+    models: dict[str, Target] = {"faces": ToySoftmax(), "survey": ToyTabular()}
     client = TestClient(create_app(config, build_predictors(models, config), store=store))
     seen: set[int] = set()
 

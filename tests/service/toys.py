@@ -16,9 +16,9 @@ class ToySoftmax:
 
     def __init__(self, shape: tuple[int, int] = (6, 5), n_classes: int = 5, seed: int = 0):
         rng = np.random.default_rng(seed)
-        self.input_shape_ = shape
+        self.input_shape_: tuple[int, ...] = shape
         self.classes_ = np.arange(n_classes, dtype=np.int64)
-        self.class_names_ = tuple(f"s{i + 1}" for i in range(n_classes))
+        self.class_names_: tuple[str, ...] = tuple(f"s{i + 1}" for i in range(n_classes))
         self.W = rng.normal(0, 3.0, size=(int(np.prod(shape)), n_classes))
         self.b = rng.normal(0, 0.5, size=n_classes)
 
@@ -50,9 +50,9 @@ class ToyTabular:
 
     kind = "toy-tabular"
     feature_names_ = ("age", "color")
-    input_shape_ = (4,)
+    input_shape_: tuple[int, ...] = (4,)
     classes_ = np.array([0, 1], dtype=np.int64)
-    class_names_ = ("no", "yes")
+    class_names_: tuple[str, ...] = ("no", "yes")
 
     def encode_records(self, records: list[dict[str, Any]]) -> np.ndarray:
         """Encode records; QueryRejected names the field."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,11 +21,14 @@ def att_few(att_path: Path) -> ImageDataset:
     return ds.subset(6)
 
 
+#: The ``trained`` fixture: a kind -> its quick-trained TrainedTarget on digits.
+Trained = Callable[[str], TrainedTarget]
+
 _CACHE: dict[str, TrainedTarget] = {}
 
 
 @pytest.fixture(scope="session")
-def trained(digits: ImageDataset):  # type: ignore[no-untyped-def]
+def trained(digits: ImageDataset) -> Trained:
     """``trained(kind)`` -> a quick-trained TrainedTarget on digits (cached per session)."""
 
     def get(kind: str) -> TrainedTarget:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -71,7 +71,7 @@ def test_only_the_private_stage_spends_and_is_composed(digits: ImageDataset, pri
     assert spent.noise_multiplier == noise_for(4.0, spent.delta, q, steps)
     # normalised with the public faces' statistics
     net = model.net_
-    assert net is not None
+    assert isinstance(net, dae_module._DAENet)
     faces = public_faces("lfw", digits.image_shape)
     assert float(net.standardise.mean) == pytest.approx(float(faces.mean()))
     assert float(net.standardise.std) == pytest.approx(float(faces.std()))
@@ -127,7 +127,7 @@ def test_public_stages_see_only_public_faces_and_private_ones_only_private_image
     if private == "head":  # the private codes under the public encoder; the head alone moves
         assert moved == {"head"}
         net = model.net_
-        assert net is not None
+        assert isinstance(net, dae_module._DAENet)
         with torch.no_grad():
             codes = net.encode(torch.from_numpy(x))
         torch.testing.assert_close(X_dp, codes)
@@ -202,10 +202,11 @@ def test_a_plain_dae_card_has_no_public_fields(digits: ImageDataset) -> None:
         (lambda: PublicPretrain(data="imagenet"), r"unknown public face set 'imagenet'.*lfw"),
         (lambda: PublicPretrain(private="layer1"), r"private must be one of head, finetune"),
         (lambda: PublicPretrain(epochs=0), "epochs must be an int >= 1"),
-        (lambda: DAEConfig(public=3), "public must be a PublicPretrain"),
-        (lambda: DAEConfig(public={"data": "lfw", "bogus": 1}), "malformed public"),
+        # the forms a card's JSON or the CLI give (untyped): DAEConfig reads or refuses them
+        (lambda: DAEConfig(public=cast(Any, 3)), "public must be a PublicPretrain"),
+        (lambda: DAEConfig(public=cast(Any, {"data": "lfw", "bogus": 1})), "malformed public"),
         (
-            lambda: DAEConfig(public="lfw", dp=dp_config("dae", 8.0)),
+            lambda: DAEConfig(public=cast(Any, "lfw"), dp=dp_config("dae", 8.0)),
             r"unknown DP stage.*after public pre-training \(private='head'\).*DP stages are head",
         ),
         (
@@ -216,7 +217,7 @@ def test_a_plain_dae_card_has_no_public_fields(digits: ImageDataset) -> None:
         ),
         (
             lambda: DAEConfig(
-                public="lfw",
+                public=cast(Any, "lfw"),
                 dp=DPConfig(
                     epsilon=1.0, stages=(DPStage(name="head", epochs=0, batch_size=8, lr=0.1),)
                 ),

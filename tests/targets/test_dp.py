@@ -26,6 +26,8 @@ from mlinvert.targets.dp import DPConfig, default_delta, epsilon_spent, noise_fo
 from mlinvert.targets.dp_sgd import clipped_gradient_sum, dp_sgd
 from mlinvert.targets.training import dp_config, train_target
 
+from .conftest import Trained
+
 
 def _rdp(q: float, sigma: float, steps: int, orders: list[float]) -> np.ndarray:
     from opacus.accountants.analysis.rdp import compute_rdp
@@ -299,7 +301,7 @@ def test_dp_training_is_seeded(digits: ImageDataset) -> None:
     assert not np.array_equal(a.predict_proba(x), c.predict_proba(x))
 
 
-def test_training_without_dp_writes_no_privacy_fields(trained) -> None:  # type: ignore[no-untyped-def]
+def test_training_without_dp_writes_no_privacy_fields(trained: Trained) -> None:
     card = trained("softmax").card
     assert "privacy" not in card and "dp" not in card["config"]
     _, params = trained("softmax").model.get_state()

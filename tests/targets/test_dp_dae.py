@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -17,7 +17,7 @@ from mlinvert.data.base import ImageDataset
 from mlinvert.errors import ConfigError
 from mlinvert.targets import dp_sgd as dp_sgd_module
 from mlinvert.targets import load, save
-from mlinvert.targets.dae import DP_STAGES, DAEConfig, StackedDAE
+from mlinvert.targets.dae import DP_STAGES, DAEConfig, StackedDAE, _DAENet
 from mlinvert.targets.dp import (
     PUBLIC_PIXEL_STATS,
     DPConfig,
@@ -122,7 +122,7 @@ def test_dp_dae_spends_the_composition_of_its_four_stages(digits: ImageDataset) 
     assert sigma > noise_for(4.0, delta, *schedule[2])
     # public normalisation, not the private set's pixel statistics
     net = model.net_
-    assert net is not None
+    assert isinstance(net, _DAENet)
     assert float(net.standardise.mean) == PUBLIC_PIXEL_STATS[0]
     assert float(net.standardise.std) == PUBLIC_PIXEL_STATS[1]
 
@@ -169,7 +169,7 @@ def test_every_stage_is_dp_sgd_on_its_own_layers_and_the_ridge_refit_is_not_used
     assert {c[2] for c in calls} == {model.privacy_.noise_multiplier}
     # the model's final pixel layer is the one the last DP-SGD stage produced
     net = model.net_
-    assert net is not None
+    assert isinstance(net, _DAENet)
     assert not torch.equal(net.dec1.weight, calls[3][3]["dec1.weight"])
 
 
@@ -207,7 +207,10 @@ def test_dp_dae_card_and_folder_round_trip(digits: ImageDataset, tmp_path: Path)
             lambda: DAEConfig(
                 dp=DPConfig(
                     epsilon=1.0,
-                    stages=({"name": "layer3", "epochs": 1, "batch_size": 8, "lr": 0.1},),
+                    # a stage as a card's JSON gives it (a dict): DPConfig reads it
+                    stages=cast(
+                        Any, ({"name": "layer3", "epochs": 1, "batch_size": 8, "lr": 0.1},)
+                    ),
                 )
             ),
             r"unknown DP stage.*layer3.*layer1, layer2, finetune, decoder",
@@ -231,7 +234,10 @@ def test_dp_dae_card_and_folder_round_trip(digits: ImageDataset, tmp_path: Path)
             ),
             "named once each",
         ),
-        (lambda: DPConfig(epsilon=1.0, stages=({"name": "layer1"},)), "malformed DP stage"),
+        (
+            lambda: DPConfig(epsilon=1.0, stages=cast(Any, ({"name": "layer1"},))),
+            "malformed DP stage",
+        ),
         (lambda: DPStage(name="layer1", epochs=-1, batch_size=8, lr=0.1), "epochs must be"),
         (lambda: DPStage(name="", epochs=1, batch_size=8, lr=0.1), "needs a name"),
         (lambda: DPStage(name="decoder", epochs=1, batch_size=8, lr=0.1, clip=0.0), "clip"),

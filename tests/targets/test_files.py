@@ -179,9 +179,11 @@ def test_a_scikit_learn_tree_on_survey_codes_answers_as_the_estimator(tmp_path: 
     import skops.io as sio
     from sklearn.tree import DecisionTreeClassifier
 
+    from mlinvert.data.surveys import SurveyDataset
     from mlinvert.targets.files import load_survey_tree
 
     fair = load("fair", seed=0)
+    assert isinstance(fair, SurveyDataset)
     x, y = fair.members()
     estimator = DecisionTreeClassifier(max_depth=7, random_state=0).fit(x, y)
     sio.dump(estimator, tmp_path / "tree.skops")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +12,8 @@ from safetensors.numpy import load_file, save_file
 from mlinvert.errors import ModelError
 from mlinvert.targets import io, load, save
 from mlinvert.targets.files import file_sha256
-from mlinvert.targets.training import TrainedTarget
 
-Trained = Callable[[str], TrainedTarget]
+from .conftest import Trained
 
 
 @pytest.fixture
@@ -141,6 +139,7 @@ def test_save_refuses_objects_without_state(tmp_path: Path) -> None:
 
 def test_tree_kind_routes_to_the_tree_target(tmp_path: Path) -> None:
     from mlinvert.data import load as load_data
+    from mlinvert.data.surveys import SurveyDataset
     from mlinvert.errors import ConfigError
     from mlinvert.targets.training import train_target
 
@@ -148,7 +147,8 @@ def test_tree_kind_routes_to_the_tree_target(tmp_path: Path) -> None:
     t = train_target(ds, "tree", seed=0, quick=True)
     assert t.model.kind == "tree" and t.card["train_seconds"] >= 0
     again = load(save(t.model, tmp_path / "tree", card=t.card))
-    x, _ = ds.nonmembers()  # type: ignore[union-attr]
+    assert isinstance(ds, SurveyDataset)
+    x, _ = ds.nonmembers()
     assert np.array_equal(again.predict_proba(x), t.model.predict_proba(x))
     with pytest.raises(ConfigError, match="needs an image data set"):
         train_target(ds, "softmax", seed=0)

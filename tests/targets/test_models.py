@@ -22,9 +22,10 @@ from mlinvert.targets.torch_models import (
     SoftmaxConfig,
     SoftmaxRegression,
 )
-from mlinvert.targets.training import FACE_KINDS, TrainedTarget, train_target
+from mlinvert.targets.training import FACE_KINDS, train_target
 
-Trained = Callable[[str], TrainedTarget]
+from .conftest import Trained
+
 #: digits test accuracy each quick model must reach (chance is 0.1)
 FLOOR = {"softmax": 0.9, "mlp": 0.9, "dae": 0.8, "cnn": 0.8, "evaluation": 0.8}
 
@@ -170,11 +171,15 @@ def test_train_target_rejects_mismatches(digits: ImageDataset) -> None:
 
 def test_mlp_trains_in_the_span_of_a_few_att_faces(att_few: ImageDataset) -> None:
     """42 images of 10304 pixels: the first layer trains in the span of the images."""
+    from torch import nn
+
     x, y = att_few.train()
     xt, yt = att_few.test()
     m = MLP(MLPConfig(hidden=64, max_iter=100)).fit(x, y, class_names=att_few.class_names)
     assert m.class_names_ == att_few.class_names
+    assert isinstance(m.net_, nn.Sequential)
     first = m.net_[2]  # an ordinary Linear(10304, 64) again
+    assert isinstance(first, nn.Linear)
     assert tuple(first.weight.shape) == (64, 112 * 92)
     assert m.score(xt, yt) >= 0.8  # chance is 1/6
 
