@@ -3,7 +3,8 @@ runtime, serving a face classifier trained on AT&T, attacked and audited through
 
 Every input the attacks send is counted, and the count equals what MLServer reports
 in its own Prometheus metrics. MLServer runs in its own virtual environment, built once
-into a cache folder and reused (tests/interop/mlserver_box.py).
+into a cache folder and reused (tests/interop/mlserver_box.py); without the package
+index the module is skipped.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 from mlinvert.cli.main import main
 from mlinvert.data import load
 
-from . import mlserver_box
+from . import box, mlserver_box
 
 ATT = "att:../shared/data/att_faces"
 NAME = "faces"
@@ -43,6 +44,10 @@ def face_classifier(seed: int = 1) -> Any:
 def mlserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     if not Path(ATT.partition(":")[2]).is_dir():
         pytest.skip("the AT&T faces are not in ../shared/data/att_faces")
+    try:
+        mlserver_box.environment()
+    except box.IndexUnreachable as exc:
+        pytest.skip(str(exc))
     root = tmp_path_factory.mktemp("mlserver")
     estimator = face_classifier()
     repo = mlserver_box.write_repository(root / "repo", NAME, estimator)
