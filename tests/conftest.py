@@ -5,6 +5,7 @@ real redis-server."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +17,25 @@ from mlinvert.data import load
 from mlinvert.data.base import ImageDataset
 from mlinvert.data.surveys import SurveyDataset, load_fair, load_gss, load_steak
 from mlinvert.errors import ConfigError
+from mlinvert.evaluation.descriptors import CACHE_ENV
 from mlinvert.service.runner import RedisServer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ATT = SHARED / "att_faces"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def descriptor_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The judge's face descriptors cached for this session only: the AT&T audits and the
+    judge tests enrol the same private photos (about 35 s each time without it)."""
+    folder = tmp_path_factory.mktemp("descriptors")
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(folder)  # the audits' subprocesses inherit it
+    yield folder
+    if before is None:
+        del os.environ[CACHE_ENV]
+    else:
+        os.environ[CACHE_ENV] = before
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ KServe's REST server binds 0.0.0.0; this one binds 127.0.0.1.
 """
 
 import argparse
+from typing import Any
 
 import joblib
 from kserve import Model, ModelServer, model_server
@@ -28,7 +29,7 @@ INPUTS = Counter("mlinvert_inputs", "rows of the input tensors predicted", ["mod
 class LoopbackRESTServer(model_server.RESTServer):
     """KServe's REST server on 127.0.0.1 instead of every interface."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.config.host = "127.0.0.1"
 
@@ -36,25 +37,25 @@ class LoopbackRESTServer(model_server.RESTServer):
 class CountingSKLearnModel(Model):
     """A scikit-learn classifier answering labels, or probabilities if ``proba``."""
 
-    def __init__(self, name, path, proba):
+    def __init__(self, name: str, path: str, proba: bool) -> None:
         super().__init__(name)
         self.path = path
         self.proba = proba
-        self.estimator = None
+        self.estimator: Any = None
 
-    def load(self):
+    def load(self) -> bool:
         self.estimator = joblib.load(self.path)
         self.ready = True
-        return self.ready
+        return bool(self.ready)
 
-    def predict(self, payload, headers=None):
+    def predict(self, payload: Any, headers: Any = None) -> Any:
         x = get_predict_input(payload)
         answer = self.estimator.predict_proba(x) if self.proba else self.estimator.predict(x)
         INPUTS.labels(model_name=self.name).inc(len(x))
         return get_predict_response(payload, answer, self.name)
 
 
-def main():
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--proba", action="append", default=[], metavar="NAME=FILE")
     parser.add_argument("--labels", action="append", default=[], metavar="NAME=FILE")
