@@ -201,6 +201,13 @@ def server_parts(predictor: Predictor, x: np.ndarray, db: Path, repeats: int = 2
             account="bench", model="att", n_inputs=len(x), outcome="ok", status=200
         ),
     }
+    out = median_seconds(ways, repeats)
+    store.close()
+    return out
+
+
+def median_seconds(ways: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Each way's median wall-clock seconds over ``repeats`` calls."""
     out = {}
     for name, way in ways.items():
         times = []
@@ -209,7 +216,6 @@ def server_parts(predictor: Predictor, x: np.ndarray, db: Path, repeats: int = 2
             way()
             times.append(time.perf_counter() - t)
         out[name] = float(np.median(times))
-    store.close()
     return out
 
 
@@ -221,15 +227,7 @@ def encode_seconds(x: np.ndarray, repeats: int = 5) -> dict[str, float]:
             {"inputs": x}, option=orjson.OPT_SERIALIZE_NUMPY
         ),
     }
-    out = {}
-    for name, way in ways.items():
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            way()
-            times.append(time.perf_counter() - t)
-        out[name] = float(np.median(times))
-    return out
+    return median_seconds(ways, repeats)
 
 
 def main() -> None:
