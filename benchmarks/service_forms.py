@@ -44,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
@@ -206,7 +206,7 @@ def server_parts(predictor: Predictor, x: np.ndarray, db: Path, repeats: int = 2
     return out
 
 
-def median_seconds(ways: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+def median_seconds(ways: Mapping[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Each way's median wall-clock seconds over ``repeats`` calls."""
     out = {}
     for name, way in ways.items():
