@@ -201,6 +201,7 @@ def test_a_lane_that_computes_long_never_splits_a_request() -> None:
 
     assert _in_threads([partial(work, i, lane) for i, lane in enumerate(lanes)]) == [steps] * 4
     assert inner.batches == [4] * steps and co.stalls == 0
+    assert all(lane.stalled == 0 for lane in lanes)
 
 
 def test_the_others_go_on_without_a_lane_blocked_on_something_else() -> None:
@@ -225,6 +226,8 @@ def test_the_others_go_on_without_a_lane_blocked_on_something_else() -> None:
     out = _in_threads([partial(work, i, lane) for i, lane in enumerate(lanes)])
     assert out == [[0, 5], [100, 105], [200, 205]]
     assert co.stalls >= 1 and sum(inner.batches) == 6
+    # every lane open at a stalled request knows it: the waiting ones and the absent one
+    assert [lane.stalled for lane in lanes] == [co.stalls] * 3
 
 
 def test_an_interrupt_in_the_caller_stops_the_running_lanes_at_once(

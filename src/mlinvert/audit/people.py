@@ -15,7 +15,7 @@ from mlinvert.attacks.base import AttackResult, ProgressEvent
 from mlinvert.attacks.lockstep import LabelAttack
 from mlinvert.errors import MlinvertError
 from mlinvert.oracle.base import Oracle
-from mlinvert.oracle.lockstep import map_lanes
+from mlinvert.oracle.lockstep import Lane, map_lanes
 from mlinvert.oracle.wrappers import Blinded, largest_blinding
 
 Adapt = Callable[[int, Oracle], Oracle]
@@ -26,13 +26,15 @@ Progress = Callable[[ProgressEvent], None]
 class Outcome:
     """What one person's attack gave, before it is judged: its result (or the error it
     raised), how many people it ran beside, the API accounts the attacker had opened
-    (None: white-box) and the largest blinding noise its probes carried."""
+    (None: white-box), the largest blinding noise its probes carried, and how many
+    shared requests went without a lane while it ran (lockstep's stall valve)."""
 
     label: int
     outcome: AttackResult | MlinvertError
     lanes: int
     accounts: int | None = None
     blinded_up_to: float | None = None
+    stalled: int = 0
 
 
 def blinded_per_person(amplitude: float | None, seed: int) -> Adapt:
@@ -90,15 +92,19 @@ def run_people(
         return
     lanes = min(lanes, len(runnable))
     adapted: dict[int, Oracle] = {}
+    lanes_of: dict[int, Lane] = {}
 
-    def work(label: int, lane: Oracle) -> AttackResult | MlinvertError:
+    def work(label: int, lane: Lane) -> AttackResult | MlinvertError:
+        lanes_of[label] = lane
         adapted[label] = adapt(label, lane)
         return _run(runnable[label], adapted[label], label, seed, budget, progress)
 
     def finished(label: int, future: Future[AttackResult | MlinvertError]) -> None:
         blinded = largest_blinding(base if shared_blinding else adapted.get(label))
         accounts = getattr(base, "accounts_used", 1)
-        done(Outcome(label, future.result(), lanes, accounts, blinded))
+        lane = lanes_of.get(label)
+        stalled = 0 if lane is None else lane.stalled
+        done(Outcome(label, future.result(), lanes, accounts, blinded, stalled))
 
     map_lanes(work, list(runnable), base, lanes=lanes, on_done=finished)
 

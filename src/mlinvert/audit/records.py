@@ -90,6 +90,7 @@ def judged_record(
     lanes: int,
     accounts: int | None = None,
     blinded_up_to: float | None = None,
+    stalled: int = 0,
 ) -> Record:
     """Judge an attack's result (or record its error): one record.
 
@@ -98,6 +99,8 @@ def judged_record(
     ``accounts``: API accounts the attacker had opened when it ended (None: white-box).
     ``blinded_up_to``: the largest blinding noise its probes carried (``blinded`` is
     the amplitude it started with; larger after the service blocked an account).
+    ``stalled``: shared requests sent without a lane while this attack ran (recorded
+    only when there were some: a seeded re-run may then differ in the last bits).
     """
     record = _base(ctx, attack, defense, target, label)
     record.update(
@@ -109,6 +112,8 @@ def judged_record(
             accounts=accounts,
         )
     )
+    if stalled:
+        record["lanes_stalled"] = stalled
     util = ctx.results.doc["utility"][target.name][defense.name]
     if isinstance(outcome, MlinvertError):
         record.update(_failed(ctx, attack, outcome, util))
@@ -223,6 +228,7 @@ def record_outcome(
         lanes=o.lanes,
         accounts=o.accounts,
         blinded_up_to=o.blinded_up_to,
+        stalled=o.stalled,
     )
     ctx.results.add(record)
     ctx.events("record", record)

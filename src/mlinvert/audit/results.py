@@ -50,6 +50,7 @@ class Record(TypedDict, total=False):
     seed: int
     channel: str
     lanes: int
+    lanes_stalled: int
     blinded: float | None
     blinded_up_to: float | None
     accounts: int | None

@@ -11,7 +11,8 @@ how many requests a run sends depends on the attacks alone, never on thread sche
 or on how long a lane computes between its queries. The one exception is a lane blocked
 on something else than its next query: after ``max_wait`` seconds (counted from the
 later of the oldest waiting batch's arrival and the end of the last request) the waiting
-batches go without it, and a warning says so. An
+batches go without it, a warning says so, and every lane open then counts it in its
+``stalled`` (the audit's records: ``lanes_stalled``). An
 error of the combined request (Blocked, OracleError, ...) is raised in every lane whose
 inputs it carried; a batch refused as bad input (QueryRejected) or by a rate limit it
 overdraws (RateLimited) is re-sent lane by lane, so only the lane that sent the bad input
@@ -108,7 +109,8 @@ class Coalescer:
     A request goes when every open lane waits with its batch. ``max_wait`` (seconds;
     None: forever) bounds how long the waiting batches are held for a lane that has not
     asked yet, which only a lane blocked on something else than its queries reaches;
-    ``stalls`` counts the requests sent without such a lane. ``max_batch`` caps the
+    ``stalls`` counts the requests sent without such a lane, and every lane open at
+    such a request counts it in its own ``stalled``. ``max_batch`` caps the
     inputs of one combined request (default: what :func:`batch_limit` finds): the
     waiting batches, in lane order, are then sent in as many requests as they need (a
     single batch larger than that is passed on whole, for the oracle to split or refuse
@@ -138,6 +140,7 @@ class Coalescer:
         self.requests = 0
         self.inputs = 0
         self.stalls = 0
+        self._live: set[Lane] = set()  # the open lanes
         self._cond = threading.Condition()
         self._queue: list[_Item] = []
         self._open = 0
@@ -164,6 +167,7 @@ class Coalescer:
                 raise OracleError("this Coalescer is closed; create a new one")
             if replacing is not None and not replacing._closed:
                 replacing._closed = True
+                self._live.discard(replacing)
             elif self._open >= self.lanes:
                 raise ConfigError(
                     f"all {self.lanes} lanes are open; close one first or create the "
@@ -172,7 +176,9 @@ class Coalescer:
             else:
                 self._open += 1
             self._opened += 1
-            return Lane(self, self._opened if order is None else order)
+            lane = Lane(self, self._opened if order is None else order)
+            self._live.add(lane)
+            return lane
 
     def close(self) -> None:
         """Refuse new lanes and abort every waiting batch (OracleError in its lane)."""
@@ -189,6 +195,7 @@ class Coalescer:
         with self._cond:
             if not lane._closed:
                 lane._closed = True
+                self._live.discard(lane)
                 self._open -= 1
                 self._cond.notify_all()
 
@@ -201,6 +208,8 @@ class Coalescer:
         if deadline is None or now < deadline:
             return False
         self.stalls += 1
+        for lane in self._live:  # the requests' make-up now differs for every open lane
+            lane.stalled += 1
         log.warning(
             "%d of %d lanes did not ask for %.1f s; sending the other lanes' batches without them",
             self._open - len(self._queue),
@@ -325,11 +334,16 @@ class Coalescer:
 class Lane:
     """One attack's view of a :class:`Coalescer`: an Oracle counting its own inputs.
 
-    ``order`` places its batches within a combined request."""
+    ``order`` places its batches within a combined request. ``stalled`` counts the
+    requests sent without some lane while this one was open (the stall valve): this
+    lane's later requests then carried other rows than in a run where every lane kept
+    pace, and a model whose scores depend on the batch (float rounding in a batched
+    forward) may answer it in other last bits, so a seeded re-run may differ."""
 
     def __init__(self, coalescer: Coalescer, order: int) -> None:
         self._coalescer = coalescer
         self.order = order
+        self.stalled = 0
         self._n = 0
         self._closed = False
 
@@ -376,7 +390,7 @@ class Lane:
 
 
 def map_lanes(
-    fn: Callable[[T, Oracle], R],
+    fn: Callable[[T, Lane], R],
     items: Iterable[T],
     oracle: Oracle,
     *,
