@@ -82,8 +82,10 @@ _Aux = Annotated[
     typer.Option(
         "--aux",
         help=(
-            "Auxiliary public faces of OTHER people: lfw, a data spec, or heldout (--model only: "
-            "per person, the card's held-out photos of everyone else)."
+            "Auxiliary public faces of OTHER people: lfw (scikit-image's 100 small LFW crops, "
+            "shipped offline), a data spec such as lfw:PATH (a full LFW folder) or folder:PATH, "
+            "or heldout (--model only: per person, the card's held-out photos of everyone "
+            "else)."
         ),
     ),
 ]
