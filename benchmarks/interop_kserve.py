@@ -29,7 +29,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 from interop import kserve_box, mlserver_box  # noqa: E402
 from interop.test_mlserver import face_classifier  # noqa: E402
-from interop_mlserver import audit, without_clock  # noqa: E402
+from interop_mlserver import audit, print_audit, without_clock  # noqa: E402
 
 
 def main() -> None:
@@ -52,10 +52,7 @@ def main() -> None:
         ml = audit(mlserver.url, root / "mlserver", args.labels, args.budget)
         ml_counts = mlserver.counts()
     for name, doc in (("KServe", ks), ("MLServer", ml)):
-        print(f"{name}: {doc['deployment']['description']}")
-        print(f"  {doc['bench_seconds']:.0f} s, answered {doc['deployment']['answered']}")
-        for r in doc["records"]:
-            print(f"  {r['attack']} {r['label']}: {r['status']}, {r['n_queries']} queries")
+        print_audit(f"{name}: {doc['deployment']['description']}", doc)
     own = {key: after[key] - before[key] for key in after}
     print(json.dumps({"kserve_own": own, "mlserver_own": ml_counts}))
     same = {

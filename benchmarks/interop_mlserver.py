@@ -100,6 +100,14 @@ def audit(url: str, out: Path, labels: int, budget: int, **wire: Any) -> dict[st
     return dict(done)
 
 
+def print_audit(title: str, doc: dict[str, Any]) -> None:
+    """One audit's time, answered counts and records, under ``title``."""
+    print(title)
+    print(f"  {doc['bench_seconds']:.0f} s, answered {doc['deployment']['answered']}")
+    for r in doc["records"]:
+        print(f"  {r['attack']} {r['label']}: {r['status']}, {r['n_queries']} queries")
+
+
 def without_clock(value: Any) -> Any:
     """``value`` with the wall-clock fields dropped, at any depth."""
     if isinstance(value, dict):
@@ -129,10 +137,7 @@ def compare_audits(labels: int, budget: int) -> None:
         mine = audit(served, root / "serve", labels, budget, output="probabilities", keys=[key])
         counts = server.counts()
     for name, doc in (("MLServer", theirs), ("mlinvert serve --protocol v2", mine)):
-        print(f"{name}: {doc['deployment']}")
-        print(f"  {doc['bench_seconds']:.0f} s, answered {doc['deployment']['answered']}")
-        for r in doc["records"]:
-            print(f"  {r['attack']} {r['label']}: {r['status']}, {r['n_queries']} queries")
+        print_audit(f"{name}: {doc['deployment']}", doc)
     print(json.dumps({"mlserver_inputs": counts["inputs"]}))
     same = {
         "records": without_clock(theirs["records"]) == without_clock(mine["records"]),
